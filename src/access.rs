@@ -1,0 +1,275 @@
+//! Who may reach the upstream from where, and for what: client-IP resolution (trusted proxies and
+//! `X-Forwarded-For`), global allow/deny lists, per-key allowlists and per-key scopes.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use http::Method;
+use ipnet::IpNet;
+
+/// A list of networks. IPv4-mapped IPv6 addresses are matched as IPv4.
+#[derive(Debug, Clone, Default)]
+pub struct IpList(Vec<IpNet>);
+
+impl IpList {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        IpList(nets)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// The global `[access]` rules.
+#[derive(Debug, Clone, Default)]
+pub struct AccessRules {
+    allow: IpList,
+    deny: IpList,
+    trusted_proxies: IpList,
+}
+
+impl AccessRules {
+    pub fn new(allow: IpList, deny: IpList, trusted_proxies: IpList) -> Self {
+        AccessRules {
+            allow,
+            deny,
+            trusted_proxies,
+        }
+    }
+
+    /// Deny wins; an empty allow list admits everyone.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        !self.deny.contains(ip) && (self.allow.is_empty() || self.allow.contains(ip))
+    }
+
+    /// With no trusted proxies the TCP peer is the client, so the decision is made at accept,
+    /// before any TLS work. Otherwise the peer is (maybe) a proxy and the decision waits for the
+    /// request's `X-Forwarded-For`.
+    pub fn decide_at_accept(&self) -> bool {
+        self.trusted_proxies.is_empty()
+    }
+
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.contains(ip)
+    }
+
+    /// SPEC §5: the TCP peer, unless it is a trusted proxy; then the right-most address in
+    /// `X-Forwarded-For` that is not a trusted proxy. An unparsable hop stops the walk (it cannot
+    /// be trusted further) and the last trusted hop is used.
+    pub fn client_ip<'a>(
+        &self,
+        peer: IpAddr,
+        xff: impl DoubleEndedIterator<Item = &'a [u8]>,
+    ) -> IpAddr {
+        let peer = peer.to_canonical();
+        if !self.is_trusted_proxy(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for header in xff.rev() {
+            let Ok(text) = std::str::from_utf8(header) else {
+                return client;
+            };
+            for hop in text.rsplit(',') {
+                let Some(ip) = parse_hop(hop) else {
+                    return client;
+                };
+                client = ip;
+                if !self.is_trusted_proxy(ip) {
+                    return ip;
+                }
+            }
+        }
+        client
+    }
+}
+
+/// One `X-Forwarded-For` element: an address, optionally `[v6]`, `v4:port` or `[v6]:port`.
+pub fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sa) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip().to_canonical());
+    }
+    let inner = hop.strip_prefix('[')?.strip_suffix(']')?;
+    inner.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+/// A key's scope: allowed methods and path prefixes. `None` means unrestricted.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    methods: Option<Vec<Method>>,
+    paths: Option<Vec<String>>,
+}
+
+impl Scope {
+    pub fn new(methods: Option<Vec<Method>>, paths: Option<Vec<String>>) -> Self {
+        Scope { methods, paths }
+    }
+
+    pub fn permits(&self, method: &Method, path: &str) -> bool {
+        if let Some(ms) = &self.methods {
+            if !ms.contains(method) {
+                return false;
+            }
+        }
+        let Some(prefixes) = &self.paths else {
+            return true;
+        };
+        let Some(path) = normalize_path(path) else {
+            return false;
+        };
+        prefixes.iter().any(|p| path_has_prefix(&path, p))
+    }
+}
+
+/// Segment-aware prefix match: `/v1` matches `/v1` and `/v1/x`, not `/v1admin`.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
+}
+
+/// The path as an upstream would resolve it: percent-decoded once, `\` read as `/`, repeated
+/// slashes folded, and dot-segments removed (RFC 3986 §5.2.4). `None` if it decodes to
+/// something no sane path holds (NUL, invalid UTF-8, a bad escape). Used only to decide scope;
+/// the request is forwarded unchanged.
+pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
+    let needs_work = raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b'.'))
+        || raw.contains("//")
+        || !raw.starts_with('/');
+    if !needs_work {
+        return Some(Cow::Borrowed(raw));
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len() + 1);
+    if !raw.starts_with('/') {
+        decoded.push(b'/');
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            decoded.push(v);
+            i += 3;
+        } else {
+            decoded.push(b);
+            i += 1;
+        }
+    }
+    if decoded.contains(&0) {
+        return None;
+    }
+    let text = String::from_utf8(decoded).ok()?.replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    let ends_with_slash = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
+    for seg in text.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut result = String::with_capacity(text.len());
+    for s in &out {
+        result.push('/');
+        result.push_str(s);
+    }
+    if result.is_empty() || (ends_with_slash && !out.is_empty()) {
+        result.push('/');
+    }
+    Some(Cow::Owned(result))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(allow: &[&str], deny: &[&str], trusted: &[&str]) -> AccessRules {
+        let l = |v: &[&str]| IpList::new(v.iter().map(|s| s.parse().unwrap()).collect());
+        AccessRules::new(l(allow), l(deny), l(trusted))
+    }
+
+    #[test]
+    fn allow_deny_and_mapped_addresses() {
+        let r = rules(&["10.0.0.0/8", "2001:db8::/32"], &["10.9.0.0/16"], &[]);
+        assert!(r.admits("10.1.2.3".parse().unwrap()));
+        assert!(r.admits("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!r.admits("10.9.2.3".parse().unwrap()));
+        assert!(!r.admits("::ffff:10.9.2.3".parse().unwrap()));
+        assert!(r.admits("2001:db8::1".parse().unwrap()));
+        assert!(!r.admits("192.168.1.1".parse().unwrap()));
+        assert!(rules(&[], &[], &[]).admits("192.168.1.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn client_ip_walks_trusted_hops_right_to_left() {
+        let r = rules(&[], &[], &["10.0.0.0/8"]);
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let xff = |v: &[&'static str]| v.iter().map(|s| s.as_bytes()).collect::<Vec<_>>();
+        assert_eq!(
+            r.client_ip(peer, xff(&["1.1.1.1, 2.2.2.2, 10.0.0.5"]).into_iter()),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            r.client_ip(peer, xff(&["1.1.1.1", "10.0.0.7"]).into_iter()),
+            "1.1.1.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(r.client_ip(peer, xff(&[]).into_iter()), peer);
+        assert_eq!(
+            r.client_ip(peer, xff(&["garbage, 10.0.0.9"]).into_iter()),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            r.client_ip(peer, xff(&["[2001:db8::1]:443"]).into_iter()),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        // An untrusted peer's header is ignored.
+        let outsider: IpAddr = "8.8.8.8".parse().unwrap();
+        assert_eq!(
+            r.client_ip(outsider, xff(&["1.1.1.1"]).into_iter()),
+            outsider
+        );
+    }
+
+    #[test]
+    fn path_normalisation_blocks_escapes() {
+        let s = Scope::new(None, Some(vec!["/v1/".into()]));
+        assert!(s.permits(&Method::GET, "/v1/docs"));
+        for escape in [
+            "/v1/../admin",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E%2E/admin",
+            "/v1/..%2fadmin",
+            "/v1%2f..%2fadmin",
+            "/v1/..\\admin",
+            "/admin",
+            "/v1",
+            "/v1/%00",
+            "/v1/%zz",
+        ] {
+            assert!(!s.permits(&Method::GET, escape), "{escape}");
+        }
+        assert!(s.permits(&Method::GET, "/v1/./a/../b"));
+        let s = Scope::new(Some(vec![Method::GET]), Some(vec!["/v1".into()]));
+        assert!(s.permits(&Method::GET, "/v1"));
+        assert!(s.permits(&Method::GET, "/v1/x"));
+        assert!(!s.permits(&Method::GET, "/v1admin"));
+        assert!(!s.permits(&Method::POST, "/v1/x"));
+        assert_eq!(normalize_path("/a//b/./c/..").unwrap(), "/a/b/");
+        assert_eq!(normalize_path("/../..").unwrap(), "/");
+    }
+}

@@ -1,0 +1,160 @@
+//! Authentication: the token format (`token`), argon2id hashes, and verification with the
+//! verified-key cache (`verify`).
+
+pub mod token;
+pub mod verify;
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use argon2::password_hash::phc::PasswordHash;
+use argon2::{Algorithm, Argon2, Params, Version};
+use sha2::{Digest as _, Sha256};
+
+use crate::access::{IpList, Scope};
+use crate::limits::KeyLimiter;
+
+pub use token::{NewToken, Token, TokenError};
+pub use verify::{Digest, Verifier};
+
+/// A parsed argon2id PHC string. Parsed once at config load; `Debug` never shows it.
+#[derive(Clone)]
+pub struct PhcHash {
+    inner: PasswordHash,
+    fingerprint: [u8; 32],
+}
+
+/// OWASP's minimum for argon2id (2023 cheat sheet): m=19 MiB, t=2, p=1.
+pub const OWASP_M_COST: u32 = 19_456;
+pub const OWASP_T_COST: u32 = 2;
+
+impl PhcHash {
+    /// Accepts only `$argon2id$v=19$…` with a salt and an output. The error never quotes the
+    /// value, which could be a plaintext token pasted by mistake.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let not_phc = || {
+            "not an argon2id PHC hash ($argon2id$v=19$m=…,t=…,p=…$salt$hash); make one with `keygate hash` or `keygate keygen`".to_string()
+        };
+        if !s.starts_with("$argon2id$") {
+            return Err(not_phc());
+        }
+        let inner = PasswordHash::new(s).map_err(|_| not_phc())?;
+        if inner.algorithm.as_str() != "argon2id" || inner.salt.is_none() || inner.hash.is_none() {
+            return Err(not_phc());
+        }
+        if inner.version.is_some_and(|v| v != 0x13) {
+            return Err("argon2id version must be 19 (v=19)".to_string());
+        }
+        Params::try_from(&inner).map_err(|_| "argon2id parameters out of range".to_string())?;
+        Ok(PhcHash {
+            fingerprint: Sha256::digest(s.as_bytes()).into(),
+            inner,
+        })
+    }
+
+    /// Identifies the hash without revealing it (for carrying cache entries over a reload).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// A warning if the parameters are below OWASP's minimum.
+    pub fn weakness(&self) -> Option<String> {
+        let p = Params::try_from(&self.inner).ok()?;
+        (p.m_cost() < OWASP_M_COST || p.t_cost() < OWASP_T_COST).then(|| {
+            format!(
+                "argon2id parameters m={},t={} are below OWASP's minimum (m={OWASP_M_COST},t={OWASP_T_COST}); re-hash with `keygate hash`",
+                p.m_cost(),
+                p.t_cost()
+            )
+        })
+    }
+
+    /// Slow on purpose (tens of milliseconds). Never call on an async worker.
+    pub fn verify_blocking(&self, token: &[u8]) -> bool {
+        use argon2::password_hash::PasswordVerifier;
+        Argon2::default()
+            .verify_password(token, &self.inner)
+            .is_ok()
+    }
+}
+
+impl fmt::Debug for PhcHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PhcHash(<redacted>)")
+    }
+}
+
+/// Hashes a token with argon2id at OWASP's parameters (m=19456 KiB, t=2, p=1) and a random salt.
+pub fn hash_token(token: &[u8]) -> String {
+    hash_token_with(token, OWASP_M_COST, OWASP_T_COST)
+}
+
+/// Same with explicit costs (tests use cheap ones).
+pub fn hash_token_with(token: &[u8], m_cost: u32, t_cost: u32) -> String {
+    use argon2::password_hash::PasswordHasher;
+    let params = Params::new(m_cost, t_cost, 1, None).expect("valid argon2 parameters");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password(token)
+        .expect("argon2 hashing with a random salt")
+        .to_string()
+}
+
+/// A configured API key, as the request path needs it.
+#[derive(Debug)]
+pub struct Key {
+    pub id: Arc<str>,
+    /// The id as the identity header's value, made once.
+    pub id_header: http::HeaderValue,
+    pub hash: PhcHash,
+    /// The keyed digest of the one token known to match `hash`, once verified. Shared with the
+    /// next snapshot when the hash is unchanged; a removed key takes its entry with it.
+    pub verified: Arc<OnceLock<Digest>>,
+    pub limiter: Option<Arc<KeyLimiter>>,
+    pub allow: Option<IpList>,
+    pub scope: Scope,
+    pub expires: Option<jiff::Timestamp>,
+    pub created: Option<jiff::Timestamp>,
+    pub disabled: bool,
+}
+
+impl Key {
+    pub fn is_expired(&self, now: jiff::Timestamp) -> bool {
+        self.expires.is_some_and(|e| now >= e)
+    }
+}
+
+impl fmt::Debug for KeyLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyLimiter({:?}, burst {})", self.rate(), self.burst())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_roundtrip_and_rejections() {
+        let h = hash_token_with(b"kg_a_secret", 64, 1);
+        let p = PhcHash::parse(&h).unwrap();
+        assert!(p.verify_blocking(b"kg_a_secret"));
+        assert!(!p.verify_blocking(b"kg_a_secreT"));
+        assert!(p.weakness().is_some());
+        assert!(format!("{p:?}").contains("redacted"));
+        for bad in [
+            "kg_a_secret",
+            "$argon2i$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaA",
+            "$2b$12$abc",
+            "",
+        ] {
+            let e = PhcHash::parse(bad).unwrap_err();
+            assert!(!e.contains(bad) || bad.is_empty(), "{e}");
+        }
+        let strong = hash_token(b"x");
+        assert!(
+            strong.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{strong}"
+        );
+        assert!(PhcHash::parse(&strong).unwrap().weakness().is_none());
+    }
+}

@@ -1,0 +1,777 @@
+//! Raw TOML → validated [`Snapshot`]. Collects every problem, each with its TOML path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+
+use super::raw::{Hsts, RawConfig, RawKey};
+use super::{
+    AuthSettings, ConfigError, ConfigErrors, LogSettings, ServerSettings, Snapshot, StateSettings,
+};
+use crate::access::{AccessRules, IpList, Scope};
+use crate::auth::{Key, PhcHash};
+use crate::forward::Upstream;
+use crate::limits::{FailedAuthThrottle, KeyLimiter, Rate};
+use crate::tls;
+
+/// Query parameters always redacted in logged paths (SPEC §6).
+pub const BUILTIN_REDACTED_PARAMS: &[&str] = &[
+    "api_key",
+    "apikey",
+    "key",
+    "token",
+    "access_token",
+    "signature",
+    "sig",
+    "secret",
+    "password",
+];
+
+/// Where the TLS certificate comes from: files named in the config, or memory (`keygate demo`).
+#[derive(Clone)]
+pub enum TlsSource {
+    Pem { cert: Vec<u8>, key: Vec<u8> },
+}
+
+/// What a build needs besides the file itself.
+#[derive(Default)]
+pub struct BuildContext<'a> {
+    /// Relative paths in the file are relative to this directory (the config file's).
+    pub base_dir: PathBuf,
+    /// Replaces `[tls] cert`/`key` (the in-memory demo certificate).
+    pub tls_override: Option<TlsSource>,
+    /// The snapshot being replaced: per-key rate-limit state, verified-key cache entries and the
+    /// per-IP failed-auth state are carried over from it for keys that stay the same.
+    pub previous: Option<&'a Snapshot>,
+}
+
+/// Reads and deserializes a config file. Structural errors (unknown fields, wrong types) are
+/// reported with their TOML path; they stop the parse, so they come one at a time.
+pub fn load_file(path: &Path) -> Result<RawConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors::one(
+            "",
+            format!("cannot read config file {}: {e}", path.display()),
+        )
+    })?;
+    parse_str(&text)
+}
+
+pub fn parse_str(text: &str) -> Result<RawConfig, ConfigErrors> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let de = toml::de::Deserializer::parse(text).map_err(|e| {
+        // The message only, never the snippet of the file (it may hold a hash).
+        let line = line_of(e.span())
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        ConfigErrors::one(
+            "",
+            format!("TOML syntax error: {}{line}", e.message().trim()),
+        )
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let line = line_of(inner.span())
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        let path = if path == "." { String::new() } else { path };
+        ConfigErrors::one(path, format!("{}{line}", inner.message().trim()))
+    })
+}
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// `"500ms"`, `"10s"`, `"5m"`, `"1h"`, `"90d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("invalid duration {s:?} (use e.g. \"500ms\", \"10s\", \"5m\", \"1h\")")
+    })
+}
+
+/// `"N/s"`, `"N/min"`, `"N/h"` (also `"N/m"` for minutes).
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let bad = || format!("invalid rate {s:?} (use \"N/s\", \"N/min\" or \"N/h\" with N ≥ 1)");
+    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let count: u32 = n.trim().parse().map_err(|_| bad())?;
+    if count == 0 {
+        return Err(bad());
+    }
+    let period = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    Ok(Rate { count, period })
+}
+
+fn parse_instant(s: &str) -> Result<jiff::Timestamp, String> {
+    if let Ok(ts) = s.parse::<jiff::Timestamp>() {
+        return Ok(ts);
+    }
+    // A bare date means the start of that day, UTC.
+    if s.len() == 10
+        && let Ok(d) = s.parse::<jiff::civil::Date>()
+    {
+        if let Ok(z) = d.to_zoned(jiff::tz::TimeZone::UTC) {
+            return Ok(z.timestamp());
+        }
+    }
+    Err(format!(
+        "invalid instant {s:?} (use an RFC 3339 time with offset, e.g. 2027-01-31T00:00:00Z, or a date)"
+    ))
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    // A bare address is a /32 or /128.
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!("invalid CIDR {s:?}"))
+}
+
+fn cidr_list(list: &[String], path: &str, errs: &mut Errors) -> IpList {
+    let mut nets = Vec::with_capacity(list.len());
+    for (i, s) in list.iter().enumerate() {
+        match parse_cidr(s) {
+            Ok(n) => nets.push(n),
+            Err(m) => errs.push(format!("{path}[{i}]"), m),
+        }
+    }
+    IpList::new(nets)
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn duration_or(v: &Option<String>, default: &str, path: &str, errs: &mut Errors) -> Duration {
+    let s = v.as_deref().unwrap_or(default);
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => {
+            errs.push(path, "must be greater than zero");
+            Duration::from_secs(1)
+        }
+        Ok(d) => d,
+        Err(m) => {
+            errs.push(path, m);
+            Duration::from_secs(1)
+        }
+    }
+}
+
+fn header_name(
+    v: &Option<String>,
+    default: &'static str,
+    path: &str,
+    errs: &mut Errors,
+) -> HeaderName {
+    let s = v.as_deref().unwrap_or(default);
+    match HeaderName::from_bytes(s.as_bytes()) {
+        Ok(h) => h,
+        Err(_) => {
+            errs.push(path, format!("invalid header name {s:?}"));
+            HeaderName::from_static(default_lower(default))
+        }
+    }
+}
+
+fn default_lower(s: &'static str) -> &'static str {
+    match s {
+        "X-API-Key" => "x-api-key",
+        _ => "x-keygate-key-id",
+    }
+}
+
+/// Builds and validates a snapshot. On error, nothing is returned: the caller keeps what it had.
+pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigErrors> {
+    let mut errs = Errors(Vec::new());
+    let mut warnings = Vec::new();
+    let base = &ctx.base_dir;
+
+    // [server]
+    let s = &raw.server;
+    let listen_text = s.listen.as_deref().unwrap_or("0.0.0.0:8443");
+    let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
+        errs.push(
+            "server.listen",
+            format!("invalid socket address {listen_text:?}"),
+        );
+        SocketAddr::from(([0, 0, 0, 0], 8443))
+    });
+    if s.workers == Some(0) {
+        errs.push("server.workers", "must be at least 1");
+    }
+    let max_header_bytes = s.max_header_bytes.unwrap_or(16 * 1024);
+    if max_header_bytes < 1024 {
+        errs.push("server.max_header_bytes", "must be at least 1024");
+    }
+    let max_connections = s.max_connections.unwrap_or(4096);
+    if max_connections == 0 {
+        errs.push("server.max_connections", "must be at least 1");
+    }
+    let h2_streams = s.h2_max_concurrent_streams.unwrap_or(100);
+    if h2_streams == 0 {
+        errs.push("server.h2_max_concurrent_streams", "must be at least 1");
+    }
+    let hsts = match &s.hsts {
+        None | Some(Hsts::Enabled(true)) => Some(HeaderValue::from_static("max-age=31536000")),
+        Some(Hsts::Enabled(false)) => None,
+        Some(Hsts::Value(v)) => match HeaderValue::from_str(v) {
+            Ok(h) if v.starts_with("max-age=") => Some(h),
+            _ => {
+                errs.push(
+                    "server.hsts",
+                    "must be false or a value starting with \"max-age=\"",
+                );
+                None
+            }
+        },
+    };
+    let server = ServerSettings {
+        listen,
+        workers: s.workers,
+        max_body_bytes: s.max_body_bytes.unwrap_or(256 * 1024 * 1024),
+        max_header_bytes,
+        header_read_timeout: duration_or(
+            &s.header_read_timeout,
+            "10s",
+            "server.header_read_timeout",
+            &mut errs,
+        ),
+        tls_handshake_timeout: duration_or(
+            &s.tls_handshake_timeout,
+            "10s",
+            "server.tls_handshake_timeout",
+            &mut errs,
+        ),
+        idle_timeout: duration_or(&s.idle_timeout, "60s", "server.idle_timeout", &mut errs),
+        max_connections,
+        shutdown_grace: duration_or(&s.shutdown_grace, "30s", "server.shutdown_grace", &mut errs),
+        h2_max_concurrent_streams: h2_streams,
+        hsts,
+    };
+
+    // [tls]
+    let raw_tls = raw.tls.unwrap_or_default();
+    let min_version = match raw_tls.min_version.as_deref().unwrap_or("1.2") {
+        "1.2" => tls::MinVersion::Tls12,
+        "1.3" => tls::MinVersion::Tls13,
+        other => {
+            errs.push(
+                "tls.min_version",
+                format!("must be \"1.2\" or \"1.3\", not {other:?}"),
+            );
+            tls::MinVersion::Tls12
+        }
+    };
+    let client_ca = raw_tls.client_ca.as_deref().map(|p| resolve(base, p));
+    let pem = match &ctx.tls_override {
+        Some(TlsSource::Pem { cert, key }) => Some((cert.clone(), key.clone())),
+        None => {
+            let mut read = |field: &str, v: &Option<String>| -> Option<Vec<u8>> {
+                let Some(p) = v else {
+                    errs.push(format!("tls.{field}"), "missing (path to a PEM file)");
+                    return None;
+                };
+                let p = resolve(base, p);
+                match std::fs::read(&p) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        errs.push(
+                            format!("tls.{field}"),
+                            format!("cannot read {}: {e}", p.display()),
+                        );
+                        None
+                    }
+                }
+            };
+            let cert = read("cert", &raw_tls.cert);
+            let key = read("key", &raw_tls.key);
+            cert.zip(key)
+        }
+    };
+    let mut tls_config = None;
+    let mut cert_not_after = None;
+    if let Some((cert, key)) = pem {
+        let ca = match &client_ca {
+            Some(p) => match std::fs::read(p) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    errs.push("tls.client_ca", format!("cannot read {}: {e}", p.display()));
+                    None
+                }
+            },
+            None => None,
+        };
+        match tls::server_config(&cert, &key, min_version, ca.as_deref()) {
+            Ok((cfg, not_after)) => {
+                tls_config = Some(cfg);
+                cert_not_after = not_after;
+            }
+            Err(e) => errs.push(e.path(), e.to_string()),
+        }
+    }
+
+    // [upstream]
+    let u = &raw.upstream;
+    let upstream_url = u.url.as_deref().unwrap_or("http://127.0.0.1:8000");
+    let connect_timeout = duration_or(
+        &u.connect_timeout,
+        "5s",
+        "upstream.connect_timeout",
+        &mut errs,
+    );
+    let request_timeout = duration_or(
+        &u.request_timeout,
+        "60s",
+        "upstream.request_timeout",
+        &mut errs,
+    );
+    let upstream_ca = match &u.ca {
+        Some(p) => {
+            let p = resolve(base, p);
+            match std::fs::read(&p) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    errs.push("upstream.ca", format!("cannot read {}: {e}", p.display()));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let upstream = match Upstream::new(
+        upstream_url,
+        connect_timeout,
+        request_timeout,
+        upstream_ca.as_deref(),
+    ) {
+        Ok(up) => Some(up),
+        Err(e) => {
+            let path = if e.starts_with("ca:") {
+                "upstream.ca"
+            } else {
+                "upstream.url"
+            };
+            errs.push(path, e.trim_start_matches("ca:").trim().to_string());
+            None
+        }
+    };
+
+    // [auth]
+    let a = &raw.auth;
+    let header = header_name(&a.header, "X-API-Key", "auth.header", &mut errs);
+    let identity_header = header_name(
+        &a.identity_header,
+        "X-Keygate-Key-Id",
+        "auth.identity_header",
+        &mut errs,
+    );
+    if header == http::header::AUTHORIZATION {
+        errs.push(
+            "auth.header",
+            "Authorization is always accepted as Bearer; choose another header",
+        );
+    }
+    for (name, path) in [
+        (&header, "auth.header"),
+        (&identity_header, "auth.identity_header"),
+    ] {
+        if crate::forward::is_hop_by_hop(name) || name == http::header::HOST {
+            errs.push(path, format!("{name} cannot be used here"));
+        }
+    }
+    if header == identity_header {
+        errs.push("auth.identity_header", "must differ from auth.header");
+    }
+    let failed_rate = match parse_rate(a.failed_auth_limit.as_deref().unwrap_or("20/min")) {
+        Ok(r) => r,
+        Err(m) => {
+            errs.push("auth.failed_auth_limit", m);
+            Rate {
+                count: 20,
+                period: Duration::from_secs(60),
+            }
+        }
+    };
+    let default_rate = a
+        .default_rate_limit
+        .as_deref()
+        .and_then(|s| match parse_rate(s) {
+            Ok(r) => Some(r),
+            Err(m) => {
+                errs.push("auth.default_rate_limit", m);
+                None
+            }
+        });
+    let verify_concurrency = match a.verify_concurrency {
+        Some(0) => {
+            errs.push("auth.verify_concurrency", "must be at least 1");
+            1
+        }
+        Some(n) => n,
+        None => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1),
+    };
+    let failed_auth = match ctx.previous {
+        Some(prev) if prev.auth.failed_auth.rate() == failed_rate => prev.auth.failed_auth.clone(),
+        _ => Arc::new(FailedAuthThrottle::new(failed_rate)),
+    };
+
+    // [access]
+    let access = AccessRules::new(
+        cidr_list(&raw.access.allow, "access.allow", &mut errs),
+        cidr_list(&raw.access.deny, "access.deny", &mut errs),
+        cidr_list(
+            &raw.access.trusted_proxies,
+            "access.trusted_proxies",
+            &mut errs,
+        ),
+    );
+
+    // [[keys]]
+    let mut keys: HashMap<Box<str>, Arc<Key>> = HashMap::with_capacity(raw.keys.len());
+    for (i, k) in raw.keys.iter().enumerate() {
+        if let Some(key) = build_key(i, k, default_rate, ctx.previous, &mut errs, &mut warnings) {
+            if keys.contains_key(&*key.id) {
+                errs.push(
+                    format!("keys[{i}].id"),
+                    format!("duplicate key id {:?}", key.id),
+                );
+            } else {
+                keys.insert(Box::from(&*key.id), Arc::new(key));
+            }
+        }
+    }
+    if keys.is_empty() && errs.0.is_empty() {
+        warnings.push("no [[keys]] configured: every request will get 401".to_string());
+    }
+
+    // [log]
+    let l = &raw.log;
+    let json = match l.format.as_deref().unwrap_or("json") {
+        "json" => true,
+        "text" => false,
+        other => {
+            errs.push(
+                "log.format",
+                format!("must be \"json\" or \"text\", not {other:?}"),
+            );
+            true
+        }
+    };
+    let level = match l
+        .level
+        .as_deref()
+        .unwrap_or("info")
+        .parse::<tracing::Level>()
+    {
+        Ok(l) => l,
+        Err(_) => {
+            errs.push(
+                "log.level",
+                "must be one of error, warn, info, debug, trace",
+            );
+            tracing::Level::INFO
+        }
+    };
+    let mut redact: Vec<String> = BUILTIN_REDACTED_PARAMS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (i, p) in l.redact_query_params.iter().enumerate() {
+        if p.is_empty() {
+            errs.push(format!("log.redact_query_params[{i}]"), "must not be empty");
+        } else {
+            let p = p.to_ascii_lowercase();
+            if !redact.contains(&p) {
+                redact.push(p);
+            }
+        }
+    }
+
+    // [admin]
+    let admin = raw.admin.as_ref().map(|a| {
+        let text = a.listen.as_deref().unwrap_or("127.0.0.1:9901");
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => {
+                if addr == listen
+                    || (addr.port() == listen.port()
+                        && (addr.ip().is_unspecified() || listen.ip().is_unspecified()))
+                {
+                    errs.push("admin.listen", "must not be the public listener's address");
+                }
+                addr
+            }
+            Err(_) => {
+                errs.push("admin.listen", format!("invalid socket address {text:?}"));
+                SocketAddr::from(([127, 0, 0, 1], 9901))
+            }
+        }
+    });
+
+    // [state]
+    let state = raw.state.as_ref().and_then(|st| {
+        let rotation_period = duration_or(
+            &st.rotation_period,
+            "90d",
+            "state.rotation_period",
+            &mut errs,
+        );
+        match &st.path {
+            Some(p) => Some(StateSettings {
+                path: resolve(base, p),
+                rotation_period,
+            }),
+            None => {
+                errs.push("state.path", "missing");
+                None
+            }
+        }
+    });
+
+    if !errs.0.is_empty() {
+        return Err(ConfigErrors(errs.0));
+    }
+    let (Some(tls), Some(upstream)) = (tls_config, upstream) else {
+        return Err(ConfigErrors::one("", "internal: incomplete snapshot"));
+    };
+    Ok(Snapshot {
+        server,
+        tls,
+        cert_not_after,
+        upstream,
+        auth: AuthSettings {
+            header,
+            identity_header,
+            failed_auth,
+            verify_concurrency,
+        },
+        access,
+        keys,
+        log: LogSettings {
+            json,
+            level,
+            redact_query_params: redact,
+        },
+        admin,
+        state,
+        warnings,
+    })
+}
+
+fn build_key(
+    i: usize,
+    k: &RawKey,
+    default_rate: Option<Rate>,
+    previous: Option<&Snapshot>,
+    errs: &mut Errors,
+    warnings: &mut Vec<String>,
+) -> Option<Key> {
+    let before = errs.0.len();
+    let p = |f: &str| format!("keys[{i}].{f}");
+    if !crate::auth::token::is_valid_id(&k.id) {
+        errs.push(
+            p("id"),
+            format!(
+                "invalid key id {:?} (use [a-z0-9-], 1 to 32 characters)",
+                k.id
+            ),
+        );
+    }
+    // Never echo the value: it may be a plaintext token pasted by mistake.
+    let hash = match PhcHash::parse(&k.hash) {
+        Ok(h) => {
+            if let Some(w) = h.weakness() {
+                warnings.push(format!("{}: {w}", p("hash")));
+            }
+            Some(h)
+        }
+        Err(m) => {
+            errs.push(p("hash"), m);
+            None
+        }
+    };
+    let rate = match &k.rate_limit {
+        Some(s) => match parse_rate(s) {
+            Ok(r) => Some(r),
+            Err(m) => {
+                errs.push(p("rate_limit"), m);
+                None
+            }
+        },
+        None => default_rate,
+    };
+    if k.burst == Some(0) {
+        errs.push(p("burst"), "must be at least 1");
+    }
+    if k.burst.is_some() && rate.is_none() {
+        errs.push(p("burst"), "needs rate_limit (or auth.default_rate_limit)");
+    }
+    let allow = k.allow.as_ref().map(|l| cidr_list(l, &p("allow"), errs));
+    let methods = k.methods.as_ref().map(|ms| {
+        ms.iter()
+            .enumerate()
+            .filter_map(|(j, m)| {
+                match Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        errs.push(
+                            format!("keys[{i}].methods[{j}]"),
+                            format!("invalid method {m:?}"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let paths = k.paths.as_ref().map(|ps| {
+        ps.iter()
+            .enumerate()
+            .filter_map(|(j, s)| {
+                if !s.starts_with('/') {
+                    errs.push(
+                        format!("keys[{i}].paths[{j}]"),
+                        format!("path prefix {s:?} must start with '/'"),
+                    );
+                    return None;
+                }
+                match crate::access::normalize_path(s) {
+                    Some(n) => Some(n.into_owned()),
+                    None => {
+                        errs.push(
+                            format!("keys[{i}].paths[{j}]"),
+                            format!("invalid path prefix {s:?}"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let expires = k
+        .expires
+        .as_ref()
+        .and_then(|e| match parse_instant(&e.as_text()) {
+            Ok(t) => Some(t),
+            Err(m) => {
+                errs.push(p("expires"), m);
+                None
+            }
+        });
+    let created = k
+        .created
+        .as_ref()
+        .and_then(|e| match parse_instant(&e.as_text()) {
+            Ok(t) => Some(t),
+            Err(m) => {
+                errs.push(p("created"), m);
+                None
+            }
+        });
+    if errs.0.len() != before {
+        return None;
+    }
+    let hash = hash?;
+    let old = previous.and_then(|s| s.keys.get(k.id.as_str()));
+    // Carry over what must survive a reload: the verified cache (only if the hash is the same)
+    // and the rate-limit bucket (only if the quota is the same).
+    let verified = match old {
+        Some(o) if o.hash.fingerprint() == hash.fingerprint() => o.verified.clone(),
+        _ => Default::default(),
+    };
+    let limiter = rate.map(|r| {
+        let burst = k.burst.unwrap_or(r.count);
+        match old.and_then(|o| o.limiter.as_ref()) {
+            Some(l) if l.rate() == r && l.burst() == burst => l.clone(),
+            _ => Arc::new(KeyLimiter::new(r, burst)),
+        }
+    });
+    Some(Key {
+        id: k.id.as_str().into(),
+        id_header: http::HeaderValue::from_str(&k.id).ok()?,
+        hash,
+        verified,
+        limiter,
+        allow,
+        scope: Scope::new(methods, paths),
+        expires,
+        created,
+        disabled: k.disabled,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_durations() {
+        assert_eq!(
+            parse_rate("100/s").unwrap(),
+            Rate {
+                count: 100,
+                period: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            parse_rate("20/min").unwrap().period,
+            Duration::from_secs(60)
+        );
+        assert_eq!(parse_rate("5/h").unwrap().period, Duration::from_secs(3600));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("10/day").is_err());
+        assert!(parse_rate("ten/s").is_err());
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn instants() {
+        assert!(parse_instant("2027-01-31T00:00:00Z").is_ok());
+        assert!(parse_instant("2027-01-31T00:00:00+02:00").is_ok());
+        assert!(parse_instant("2027-01-31").is_ok());
+        assert!(parse_instant("2027-01-31T00:00:00").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_named_by_path() {
+        let e = parse_str("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("server.lisen: unknown field `lisen`"),
+            "{e}"
+        );
+        let e = parse_str("[[keys]]\nid = \"a\"\nhash = \"x\"\n[[keys]]\nid = \"b\"\nhash = 3\n")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("keys[1].hash:"), "{e}");
+    }
+}

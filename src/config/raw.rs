@@ -1,0 +1,145 @@
+//! The TOML file as written by the operator: plain serde types, no interpretation.
+//!
+//! Everything that needs parsing (CIDRs, durations, rates, hashes, instants) stays a string here
+//! and is parsed in `build.rs`, so that *every* problem can be reported at once with its TOML
+//! path, instead of serde stopping at the first.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub access: RawAccess,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+    #[serde(default)]
+    pub log: RawLog,
+    pub admin: Option<RawAdmin>,
+    pub state: Option<RawState>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub workers: Option<usize>,
+    pub max_body_bytes: Option<u64>,
+    pub max_header_bytes: Option<usize>,
+    pub header_read_timeout: Option<String>,
+    pub tls_handshake_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub shutdown_grace: Option<String>,
+    pub h2_max_concurrent_streams: Option<u32>,
+    pub hsts: Option<Hsts>,
+}
+
+/// `hsts = "max-age=…"` or `hsts = false`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Hsts {
+    Enabled(bool),
+    Value(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub min_version: Option<String>,
+    pub client_ca: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub ca: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub header: Option<String>,
+    pub identity_header: Option<String>,
+    pub failed_auth_limit: Option<String>,
+    pub default_rate_limit: Option<String>,
+    pub verify_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: String,
+    pub hash: String,
+    pub rate_limit: Option<String>,
+    pub burst: Option<u32>,
+    pub allow: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub expires: Option<Instant>,
+    pub created: Option<Instant>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// A TOML datetime or an RFC 3339 string; both are normalised to text and parsed in build.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Instant {
+    Datetime(toml::value::Datetime),
+    Text(String),
+}
+
+impl Instant {
+    pub fn as_text(&self) -> String {
+        match self {
+            Instant::Datetime(d) => d.to_string(),
+            Instant::Text(s) => s.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+    #[serde(default)]
+    pub redact_query_params: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub path: Option<String>,
+    pub rotation_period: Option<String>,
+}

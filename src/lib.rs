@@ -1,0 +1,23 @@
+//! keygate: an authenticating TLS reverse proxy.
+//!
+//! A request's path through the code, top to bottom:
+//! [`server`] (accept, IP gate, TLS, HTTP) → [`pipeline`] (request id, credential, key status,
+//! key IP, scope, rate limit) → [`forward`] (upstream) → [`body`] (streaming, access log).
+//! Configuration is parsed once into an immutable [`config::Snapshot`] and swapped on reload.
+
+pub mod access;
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod forward;
+pub mod keys_report;
+pub mod limits;
+pub mod log;
+pub mod metrics;
+pub mod pipeline;
+pub mod reject;
+pub mod server;
+pub mod tls;
+pub mod usage;

@@ -1,0 +1,473 @@
+//! One request, one straight path (SPEC §3):
+//!
+//! ```text
+//! request id → client IP → global allow/deny (behind trusted proxies) → header size
+//!   → credential → key status → key IP allowlist → scope → rate limit → forward → access log
+//! ```
+//!
+//! Each stage returns `Result<_, Reject>`; [`handle`] turns a `Reject` into the JSON error via
+//! `reject.rs` and attaches the access record to whatever response goes out.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::auth::verify::Outcome;
+use crate::auth::{Key, Token, TokenError, Verifier};
+use crate::body::{RequestBody, RequestStats, ResponseBody};
+use crate::config::Snapshot;
+use crate::forward::{
+    ForwardInfo, UpstreamError, X_FORWARDED_FOR, X_REQUEST_ID, rewrite_request_headers,
+    strip_hop_by_hop,
+};
+use crate::limits::RateInfo;
+use crate::log::{AccessRecord, request_id_str};
+use crate::metrics;
+use crate::reject::Reject;
+use crate::usage::Usage;
+
+static RATELIMIT_LIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: header::HeaderName =
+    header::HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: header::HeaderName = header::HeaderName::from_static("ratelimit-reset");
+
+/// State shared by every connection for the life of the process.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub verifier: Verifier,
+    pub usage: Usage,
+}
+
+/// Per-connection state: who is on the other end, and whether it is busy (for idle timeout).
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub in_flight: AtomicU32,
+    /// Milliseconds since `opened` at which the last request finished.
+    pub last_active_ms: AtomicU64,
+    pub opened: Instant,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr) -> Self {
+        Conn {
+            peer,
+            in_flight: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+}
+
+/// Marks a request in flight on its connection until the response body is done.
+pub struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn new(conn: &Arc<Conn>) -> Self {
+        conn.in_flight.fetch_add(1, Relaxed);
+        InFlight(conn.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .last_active_ms
+            .store(self.0.opened.elapsed().as_millis() as u64, Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Why authentication failed, as logged (`auth_failed.reason`). Never sent to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthFailure {
+    Missing,
+    Malformed,
+    UnknownKey,
+    BadSecret,
+    Disabled,
+    Expired,
+}
+
+impl AuthFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::BadSecret => "bad_secret",
+            AuthFailure::Disabled => "disabled",
+            AuthFailure::Expired => "expired",
+        }
+    }
+
+    /// Failures that count towards the per-IP throttle: guessing, not a stale but real key.
+    fn counts_as_guess(self) -> bool {
+        matches!(
+            self,
+            AuthFailure::Malformed | AuthFailure::UnknownKey | AuthFailure::BadSecret
+        )
+    }
+}
+
+/// What the stages learn about the request, for the response headers and the access log.
+struct Ctx<'a> {
+    snap: &'a Arc<Snapshot>,
+    shared: &'a Shared,
+    conn: &'a Conn,
+    request_id: &'a HeaderValue,
+    client_ip: IpAddr,
+    key: Option<Arc<Key>>,
+    rate: Option<RateInfo>,
+    upstream_status: Option<u16>,
+    stats: Option<Arc<RequestStats>>,
+}
+
+/// The hyper service body: never fails, every outcome is a response.
+pub async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+    let start = Instant::now();
+    let in_flight = InFlight::new(&conn);
+    let snap = shared.snapshot.load_full();
+    let request_id = request_id(&req);
+    let client_ip = snap.access.client_ip(
+        conn.peer.ip(),
+        req.headers()
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes()),
+    );
+    let method = req.method().clone();
+    let path = req.uri().path_and_query().cloned();
+
+    let mut ctx = Ctx {
+        snap: &snap,
+        shared: &shared,
+        conn: &conn,
+        request_id: &request_id,
+        client_ip,
+        key: None,
+        rate: None,
+        upstream_status: None,
+        stats: None,
+    };
+    let mut resp = match pipeline(req, &mut ctx).await {
+        Ok(r) => r,
+        Err(reject) => reject.into_response(&request_id),
+    };
+    finish_headers(&mut resp, &ctx);
+    let record = AccessRecord {
+        start,
+        request_id: request_id.clone(),
+        client_ip,
+        method,
+        path,
+        status: resp.status().as_u16(),
+        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
+        upstream_status: ctx.upstream_status,
+        bytes_in: ctx.stats.take(),
+        bytes_out: 0,
+        snapshot: snap.clone(),
+    };
+    Ok(resp.map(|b| b.with_record(record).with_in_flight(in_flight)))
+}
+
+/// `X-Request-Id` from the client if well-formed (1–128 of `A-Za-z0-9._-`), else a new one.
+fn request_id<B>(req: &Request<B>) -> HeaderValue {
+    if let Some(v) = req.headers().get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if (1..=128).contains(&b.len())
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        {
+            return v.clone();
+        }
+    }
+    new_request_id()
+}
+
+/// 128 random bits as 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
+    let n: u128 = rand::random();
+    let mut buf = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, slot) in buf.iter_mut().enumerate() {
+        *slot = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+async fn pipeline(
+    req: Request<Incoming>,
+    ctx: &mut Ctx<'_>,
+) -> Result<Response<ResponseBody>, Reject> {
+    let snap = ctx.snap;
+    // Behind trusted proxies the allow/deny decision could not be made at accept.
+    if !snap.access.decide_at_accept() && !snap.access.admits(ctx.client_ip) {
+        metrics::global().ip_denied();
+        tracing::warn!(event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
+        return Err(Reject::Forbidden);
+    }
+    check_header_size(&req, snap.server.max_header_bytes)?;
+
+    let key = authenticate(&req, ctx).await?;
+    ctx.key = Some(key.clone());
+    ctx.shared.usage.touch(&key.id, ctx.client_ip);
+
+    if let Some(allow) = &key.allow {
+        if !allow.contains(ctx.client_ip) {
+            metrics::global().ip_denied();
+            tracing::warn!(event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, scope = "key");
+            return Err(Reject::Forbidden);
+        }
+    }
+    if !key.scope.permits(req.method(), req.uri().path()) {
+        metrics::global().scope_denied(&key.id);
+        tracing::warn!(event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = req.uri().path());
+        return Err(Reject::Forbidden);
+    }
+    if let Some(limiter) = &key.limiter {
+        let info = limiter.check();
+        ctx.rate = Some(info);
+        if let Some(retry_after) = info.retry_after {
+            metrics::global().rate_limited(&key.id);
+            tracing::warn!(event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
+            return Err(Reject::RateLimited { retry_after });
+        }
+    }
+
+    // Announced bodies over the limit never reach the upstream.
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > snap.server.max_body_bytes {
+            tracing::warn!(
+                request_id = request_id_str(ctx.request_id),
+                key_id = &*key.id,
+                content_length = len,
+                "request body over max_body_bytes"
+            );
+            return Err(Reject::PayloadTooLarge);
+        }
+    }
+    forward(req, key, ctx).await
+}
+
+/// Request line + headers, as on the wire (name + ": " + value + CRLF).
+fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), Reject> {
+    let mut size = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 16;
+    for (name, value) in req.headers() {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    if size > max {
+        Err(Reject::HeadersTooLarge)
+    } else {
+        Ok(())
+    }
+}
+
+/// The credential from `[auth] header` or `Authorization: Bearer`. More than one is malformed.
+fn credential<'r, B>(
+    req: &'r Request<B>,
+    header: &header::HeaderName,
+) -> Result<&'r str, AuthFailure> {
+    let mut found: Option<&[u8]> = None;
+    for v in req.headers().get_all(header) {
+        if found.replace(v.as_bytes()).is_some() {
+            return Err(AuthFailure::Malformed);
+        }
+    }
+    for v in req.headers().get_all(header::AUTHORIZATION) {
+        let b = v.as_bytes();
+        if b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ") {
+            let token = b[7..].trim_ascii();
+            match found {
+                Some(prev) if prev == token => {}
+                Some(_) => return Err(AuthFailure::Malformed),
+                None => found = Some(token),
+            }
+        }
+    }
+    let raw = found.ok_or(AuthFailure::Missing)?;
+    std::str::from_utf8(raw.trim_ascii()).map_err(|_| AuthFailure::Malformed)
+}
+
+/// credential → key → secret (cache or argon2) → status.
+async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, Reject> {
+    let snap = ctx.snap;
+    let throttle = &snap.auth.failed_auth;
+    let fail = |reason: AuthFailure, key_id: Option<&str>| {
+        metrics::global().auth_failed(reason.as_str());
+        tracing::warn!(event = "auth_failed", reason = reason.as_str(), request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id);
+        if reason.counts_as_guess() && throttle.record_failure(ctx.client_ip) {
+            tracing::warn!(event = "auth_throttled", client_ip = %ctx.client_ip, limit = throttle.rate().count, "client IP exceeded failed_auth_limit");
+        }
+        Reject::Unauthorized
+    };
+
+    let text = credential(req, &snap.auth.header).map_err(|r| fail(r, None))?;
+    let token = Token::parse(text).map_err(|e| match e {
+        TokenError::Form | TokenError::Checksum => fail(AuthFailure::Malformed, None),
+    })?;
+    let Some(key) = snap.keys.get(token.id()) else {
+        return Err(fail(AuthFailure::UnknownKey, Some(token.id())));
+    };
+    let digest = ctx.shared.verifier.digest(token.expose());
+    if !Verifier::is_cached(key, &digest) {
+        // Not verified before: this costs argon2 work, which a throttled IP does not get.
+        if let Some(retry_after) = throttle.throttled(ctx.client_ip) {
+            metrics::global().auth_throttled();
+            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
+            return Err(Reject::Throttled { retry_after });
+        }
+        if ctx.shared.verifier.is_known_bad(&digest) {
+            return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
+        }
+        if ctx
+            .shared
+            .verifier
+            .verify(key, token.expose(), digest)
+            .await
+            != Outcome::Valid
+        {
+            return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
+        }
+    }
+    if key.disabled {
+        return Err(fail(AuthFailure::Disabled, Some(&key.id)));
+    }
+    if key.is_expired(jiff::Timestamp::now()) {
+        return Err(fail(AuthFailure::Expired, Some(&key.id)));
+    }
+    Ok(key.clone())
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    key: Arc<Key>,
+    ctx: &mut Ctx<'_>,
+) -> Result<Response<ResponseBody>, Reject> {
+    let snap = ctx.snap;
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    // h2 requests carry the host in :authority; give the upstream a Host-equivalent.
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(auth) = req.uri().authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    let peer = ctx.conn.peer.ip().to_canonical();
+    rewrite_request_headers(
+        req.headers_mut(),
+        &ForwardInfo {
+            peer,
+            peer_is_trusted_proxy: snap.access.is_trusted_proxy(peer),
+            request_id: ctx.request_id,
+            identity_header: &snap.auth.identity_header,
+            key_id: &key.id_header,
+            credential_header: &snap.auth.header,
+            upgrade,
+        },
+    );
+    let stats = Arc::new(RequestStats::default());
+    ctx.stats = Some(stats.clone());
+    let (parts, body) = req.into_parts();
+    let mut up = Request::from_parts(
+        parts,
+        RequestBody::new(body, snap.server.max_body_bytes, stats.clone()),
+    );
+    *up.uri_mut() = snap.upstream.uri_for(up.uri().path_and_query());
+    *up.version_mut() = http::Version::HTTP_11;
+
+    let mut resp = match snap.upstream.send(up, &stats).await {
+        Ok(r) => r,
+        Err(UpstreamError::BodyTooLarge) => {
+            tracing::warn!(
+                request_id = request_id_str(ctx.request_id),
+                key_id = &*key.id,
+                bytes = stats.bytes(),
+                "streamed request body crossed max_body_bytes; upstream request aborted"
+            );
+            return Err(Reject::PayloadTooLarge);
+        }
+        Err(e) => {
+            metrics::global().upstream_error(e.kind());
+            // The detail is for the operator only.
+            tracing::error!(event = "upstream_error", kind = e.kind(), request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e);
+            return Err(match e {
+                UpstreamError::Timeout => Reject::GatewayTimeout,
+                _ => Reject::BadGateway,
+            });
+        }
+    };
+    ctx.upstream_status = Some(resp.status().as_u16());
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let request_id = ctx.request_id.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client, upstream)) => {
+                        let mut client = hyper_util::rt::TokioIo::new(client);
+                        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                        if let Err(e) =
+                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                        {
+                            tracing::debug!(request_id = request_id_str(&request_id), error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
+                    }
+                }
+            });
+            strip_hop_by_hop(resp.headers_mut(), true);
+            return Ok(resp.map(ResponseBody::upstream));
+        }
+    }
+    strip_hop_by_hop(resp.headers_mut(), false);
+    Ok(resp.map(ResponseBody::upstream))
+}
+
+/// Headers every response gets: request id, HSTS, and the key's rate-limit state.
+fn finish_headers(resp: &mut Response<ResponseBody>, ctx: &Ctx<'_>) {
+    let h = resp.headers_mut();
+    h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    if let Some(hsts) = &ctx.snap.server.hsts {
+        if !h.contains_key(header::STRICT_TRANSPORT_SECURITY) {
+            h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+    }
+    if let Some(r) = ctx.rate {
+        h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(r.limit));
+        h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(r.remaining));
+        h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(r.reset_secs));
+    }
+}

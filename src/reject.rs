@@ -1,0 +1,95 @@
+//! The one place where a refusal becomes an HTTP response (SPEC §3).
+//!
+//! Every stage of the pipeline returns `Result<_, Reject>`; nothing else writes error responses.
+//! The body is always `{"error": "<generic reason>", "request_id": "<id>"}`: no addresses, error
+//! chains or key ids. The detail goes to the log, at the place the refusal was decided.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Missing, malformed, unknown, wrong, disabled or expired credential: all look the same.
+    Unauthorized,
+    /// IP not allowed, or outside the key's scope.
+    Forbidden,
+    /// A key's rate limit; `Retry-After` in whole seconds.
+    RateLimited {
+        retry_after: u64,
+    },
+    /// Too many failed authentications from this client IP.
+    Throttled {
+        retry_after: u64,
+    },
+    PayloadTooLarge,
+    HeadersTooLarge,
+    BadRequest,
+    BadGateway,
+    GatewayTimeout,
+    Internal,
+}
+
+pub static X_CONTENT_TYPE_OPTIONS: http::HeaderName =
+    http::HeaderName::from_static("x-content-type-options");
+
+impl Reject {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Reject::Unauthorized => StatusCode::UNAUTHORIZED,
+            Reject::Forbidden => StatusCode::FORBIDDEN,
+            Reject::RateLimited { .. } | Reject::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reject::BadRequest => StatusCode::BAD_REQUEST,
+            Reject::BadGateway => StatusCode::BAD_GATEWAY,
+            Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Short and generic on purpose.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Reject::Unauthorized => "unauthorized",
+            Reject::Forbidden => "forbidden",
+            Reject::RateLimited { .. } | Reject::Throttled { .. } => "too many requests",
+            Reject::PayloadTooLarge => "request body too large",
+            Reject::HeadersTooLarge => "request headers too large",
+            Reject::BadRequest => "bad request",
+            Reject::BadGateway => "bad gateway",
+            Reject::GatewayTimeout => "gateway timeout",
+            Reject::Internal => "internal error",
+        }
+    }
+
+    pub fn into_response(self, request_id: &HeaderValue) -> Response<ResponseBody> {
+        // Request ids are [A-Za-z0-9._-] (validated or generated): no JSON escaping needed.
+        let id = crate::log::request_id_str(request_id);
+        let body = format!(
+            "{{\"error\":\"{}\",\"request_id\":\"{id}\"}}",
+            self.reason()
+        );
+        let mut resp = Response::new(ResponseBody::full(Bytes::from(body)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            X_CONTENT_TYPE_OPTIONS.clone(),
+            HeaderValue::from_static("nosniff"),
+        );
+        match self {
+            Reject::Unauthorized => {
+                h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Reject::RateLimited { retry_after } | Reject::Throttled { retry_after } => {
+                h.insert(RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+            }
+            _ => {}
+        }
+        resp
+    }
+}

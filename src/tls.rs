@@ -1,0 +1,231 @@
+//! TLS termination: PEM loading (rustls-pki-types `PemObject`), the rustls `ServerConfig`.
+//!
+//! A `ServerConfig` is part of the config snapshot: a reload builds a new one and new
+//! handshakes use it, while established connections keep the one they started with.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinVersion {
+    Tls12,
+    Tls13,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("no PEM certificate found")]
+    NoCertificate,
+    #[error("unreadable PEM certificate: {0}")]
+    BadCertificate(String),
+    #[error("no usable private key found (PKCS#8, SEC1 or PKCS#1 PEM expected)")]
+    BadKey,
+    #[error("private key is not supported: {0}")]
+    UnsupportedKey(String),
+    #[error("private key does not match the certificate")]
+    KeyMismatch,
+    #[error("client CA: {0}")]
+    ClientCa(String),
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+impl TlsError {
+    /// The config path the problem belongs to.
+    pub fn path(&self) -> &'static str {
+        match self {
+            TlsError::NoCertificate | TlsError::BadCertificate(_) => "tls.cert",
+            TlsError::BadKey | TlsError::UnsupportedKey(_) | TlsError::KeyMismatch => "tls.key",
+            TlsError::ClientCa(_) => "tls.client_ca",
+            TlsError::Rustls(_) => "tls",
+        }
+    }
+}
+
+/// The one crypto provider keygate uses (ring). Installed as the process default at start-up
+/// so that nothing can pick another one implicitly.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
+    Ok(certs)
+}
+
+/// Builds the server config: TLS 1.3 (+ 1.2 unless `min` is 1.3), the provider's AEAD-only
+/// suites in its order (strongest first) with server preference, ALPN h2 + http/1.1, rotating
+/// session-ticket keys. Returns the leaf's expiry (unix seconds) when it can be read.
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    min: MinVersion,
+    client_ca_pem: Option<&[u8]>,
+) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
+    let provider = provider();
+    let chain = parse_certs(cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::BadKey)?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::UnsupportedKey(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(TlsError::KeyMismatch);
+        }
+        // Unknown: the key type cannot report its public key; the handshake will tell.
+        Err(_) => {}
+    }
+    let not_after = certified.cert.first().and_then(|c| cert_not_after(c));
+
+    let versions: &[&rustls::SupportedProtocolVersion] = match min {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder =
+        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
+    let builder = match client_ca_pem {
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for c in parse_certs(pem).map_err(|e| TlsError::ClientCa(e.to_string()))? {
+                roots
+                    .add(c)
+                    .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(OneCert(Arc::new(certified))));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.ignore_client_order = true;
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok((Arc::new(cfg), not_after))
+}
+
+#[derive(Debug)]
+struct OneCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for OneCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Reads `notAfter` from an X.509 certificate (unix seconds). A minimal DER walk over the
+/// fixed prefix of `TBSCertificate`; returns `None` on anything unexpected.
+pub fn cert_not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = b.split_first()?;
+        let (&l0, rest) = rest.split_first()?;
+        let (len, rest) = if l0 < 0x80 {
+            (l0 as usize, rest)
+        } else {
+            let n = (l0 & 0x7f) as usize;
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some((tag, &rest[..len], &rest[len..]))
+    }
+    let (_, cert_body, _) = tlv(cert.as_ref())?;
+    let (_, mut tbs, _) = tlv(cert_body)?;
+    let (tag, _, rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest; // explicit version
+        let (_, _, rest) = tlv(tbs)?; // serial
+        tbs = rest;
+    } else {
+        tbs = rest; // that was the serial
+    }
+    let (_, _, rest) = tlv(tbs)?; // signature algorithm
+    let (_, _, rest) = tlv(rest)?; // issuer
+    let (_, validity, _) = tlv(rest)?;
+    let (_, _, rest) = tlv(validity)?; // notBefore
+    let (tag, t, _) = tlv(rest)?;
+    let t = std::str::from_utf8(t).ok()?;
+    let (year, rest) = match tag {
+        0x17 => {
+            let yy: i16 = t.get(0..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, t.get(2..)?)
+        }
+        0x18 => (t.get(0..4)?.parse().ok()?, t.get(4..)?),
+        _ => return None,
+    };
+    let n = |r: std::ops::Range<usize>| rest.get(r).and_then(|s| s.parse::<i8>().ok());
+    let dt = jiff::civil::DateTime::new(year, n(0..2)?, n(2..4)?, n(4..6)?, n(6..8)?, n(8..10)?, 0)
+        .ok()?;
+    Some(
+        dt.to_zoned(jiff::tz::TimeZone::UTC)
+            .ok()?
+            .timestamp()
+            .as_second(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_rcgen_cert_and_detects_mismatch() {
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cfg, not_after) = server_config(
+            a.cert.pem().as_bytes(),
+            a.signing_key.serialize_pem().as_bytes(),
+            MinVersion::Tls12,
+            None,
+        )
+        .unwrap();
+        assert_eq!(cfg.alpn_protocols.len(), 2);
+        // rcgen's default validity ends in 4096.
+        assert_eq!(
+            not_after,
+            Some(
+                jiff::civil::date(4096, 1, 1)
+                    .to_zoned(jiff::tz::TimeZone::UTC)
+                    .unwrap()
+                    .timestamp()
+                    .as_second()
+            )
+        );
+        let err = server_config(
+            a.cert.pem().as_bytes(),
+            b.signing_key.serialize_pem().as_bytes(),
+            MinVersion::Tls12,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, TlsError::KeyMismatch), "{err}");
+        assert!(matches!(
+            server_config(b"", b"", MinVersion::Tls13, None),
+            Err(TlsError::NoCertificate)
+        ));
+    }
+}
