@@ -159,9 +159,15 @@ pub async fn handle(
         upstream_status: None,
         stats: None,
     };
-    let mut resp = match pipeline(req, &mut ctx).await {
-        Ok(r) => r,
-        Err(reject) => reject.into_response(&request_id),
+    let mut resp = match admit(&req, &mut ctx).await {
+        Ok(key) => match forward(req, key, &mut ctx).await {
+            Ok(r) => r,
+            Err(reject) => reject.into_response(&request_id),
+        },
+        Err(reject) => {
+            linger(req.into_body());
+            reject.into_response(&request_id)
+        }
     };
     finish_headers(&mut resp, &ctx);
     let record = AccessRecord {
@@ -205,10 +211,35 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
-async fn pipeline(
-    req: Request<Incoming>,
-    ctx: &mut Ctx<'_>,
-) -> Result<Response<ResponseBody>, Reject> {
+/// Lingering close, as nginx does it: a refused request's unread body is read and discarded in
+/// the background, up to a bound, so that closing the connection with unread data (a TCP RST)
+/// does not destroy the error response before the client has read it.
+fn linger(body: Incoming) {
+    use http_body::Body as _;
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        use http_body_util::BodyExt as _;
+        let mut body = body;
+        let mut left: i64 = LINGER_BYTES;
+        let drain = async {
+            while left > 0 {
+                match body.frame().await {
+                    Some(Ok(f)) => left -= f.data_ref().map_or(0, |d| d.len() as i64),
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
+}
+
+const LINGER_BYTES: i64 = 1 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Every check before forwarding, in SPEC order. Returns the authenticated key.
+async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, Reject> {
     let snap = ctx.snap;
     // Behind trusted proxies the allow/deny decision could not be made at accept.
     if !snap.access.decide_at_accept() && !snap.access.admits(ctx.client_ip) {
@@ -216,9 +247,9 @@ async fn pipeline(
         tracing::warn!(event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
         return Err(Reject::Forbidden);
     }
-    check_header_size(&req, snap.server.max_header_bytes)?;
+    check_header_size(req, snap.server.max_header_bytes)?;
 
-    let key = authenticate(&req, ctx).await?;
+    let key = authenticate(req, ctx).await?;
     ctx.key = Some(key.clone());
     ctx.shared.usage.touch(&key.id, ctx.client_ip);
 
@@ -261,7 +292,7 @@ async fn pipeline(
             return Err(Reject::PayloadTooLarge);
         }
     }
-    forward(req, key, ctx).await
+    Ok(key)
 }
 
 /// Request line + headers, as on the wire (name + ": " + value + CRLF).
