@@ -19,19 +19,27 @@ fn bench(c: &mut Criterion) {
     for i in 0..999 {
         text.push_str(&format!("[[keys]]\nid = \"k{i}\"\nhash = \"{hash}\"\n"));
     }
-    text.push_str(&format!("[[keys]]\nid = \"bench-key\"\nhash = \"{hash}\"\n"));
+    text.push_str(&format!(
+        "[[keys]]\nid = \"bench-key\"\nhash = \"{hash}\"\n"
+    ));
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let snap = build(
         raw_from_str(&text).unwrap(),
         &BuildContext {
-            tls_override: Some(TlsSource::Pem { cert: ck.cert.pem().into_bytes(), key: ck.signing_key.serialize_pem().into_bytes() }),
+            tls_override: Some(TlsSource::Pem {
+                cert: ck.cert.pem().into_bytes(),
+                key: ck.signing_key.serialize_pem().into_bytes(),
+            }),
             ..Default::default()
         },
     )
     .unwrap();
     let verifier = Verifier::new(1);
     let key: Arc<_> = snap.keys["bench-key"].clone();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let presented = token.reveal().to_string();
     let d = verifier.digest(presented.as_bytes());
     // Warm the cache the way the first request does (one real argon2 verification).

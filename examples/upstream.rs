@@ -30,7 +30,10 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                 async move {
                     (left > 0).then(|| {
                         let take = left.min(chunk.len() as u64);
-                        (Ok::<_, Infallible>(Frame::data(chunk.slice(..take as usize))), left - take)
+                        (
+                            Ok::<_, Infallible>(Frame::data(chunk.slice(..take as usize))),
+                            left - take,
+                        )
                     })
                 }
             });
@@ -45,19 +48,27 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             while let Some(Ok(f)) = body.frame().await {
                 len += f.data_ref().map_or(0, |d| d.len() as u64);
             }
-            Ok(Response::new(Full::new(Bytes::from(len.to_string())).boxed()))
+            Ok(Response::new(
+                Full::new(Bytes::from(len.to_string())).boxed(),
+            ))
         }
-        _ => Ok(Response::new(Full::new(Bytes::from_static(b"ok\n")).boxed())),
+        _ => Ok(Response::new(
+            Full::new(Bytes::from_static(b"ok\n")).boxed(),
+        )),
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8000".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
     eprintln!("upstream listening on {addr}");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()

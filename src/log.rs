@@ -41,7 +41,10 @@ pub fn init(json: bool, level: tracing::Level) -> LogGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(64 * 1024)
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     let (filter, handle) = reload::Layer::new(LevelFilter::from_level(level));
     let registry = tracing_subscriber::registry().with(filter);
     if json {

@@ -9,12 +9,25 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn keygate(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn openssl(args: &[&str]) {
-    let ok = Command::new("openssl").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("openssl is installed").success();
+    let ok = Command::new("openssl")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed")
+        .success();
     assert!(ok, "openssl {args:?}");
 }
 
@@ -41,7 +54,10 @@ fn keygen_json_and_hash_roundtrip() {
     assert_eq!(v["id"], "ci-prod");
     let parsed = keygate::auth::Token::parse(token).unwrap();
     assert_eq!(parsed.id(), "ci-prod");
-    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "OWASP parameters: {hash}");
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "OWASP parameters: {hash}"
+    );
     let phc = keygate::auth::PhcHash::parse(hash).unwrap();
     assert!(phc.verify_blocking(token.as_bytes()));
 
@@ -49,23 +65,42 @@ fn keygen_json_and_hash_roundtrip() {
     let (code, out, _) = keygate(&["keygen", "--id", "app"]);
     assert_eq!(code, 0);
     assert!(out.contains("[[keys]]\nid = \"app\"\nhash = \"$argon2id$"));
-    assert_eq!(out.matches("kg_app_").count(), 1, "token printed once: {out}");
+    assert_eq!(
+        out.matches("kg_app_").count(),
+        1,
+        "token printed once: {out}"
+    );
 
     let (code, _, err) = keygate(&["keygen", "--id", "Bad_Id"]);
     assert_eq!(code, 1);
     assert!(err.contains("invalid key id"));
 
     // `hash` reads a token on stdin.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate")).arg("hash").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("hash")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let h2 = String::from_utf8(out.stdout).unwrap();
     assert_ne!(h2.trim(), hash, "fresh salt");
-    assert!(keygate::auth::PhcHash::parse(h2.trim()).unwrap().verify_blocking(token.as_bytes()));
+    assert!(
+        keygate::auth::PhcHash::parse(h2.trim())
+            .unwrap()
+            .verify_blocking(token.as_bytes())
+    );
 
     // Not a token: refused, and not echoed.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate")).arg("hash").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("hash")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     writeln!(child.stdin.take().unwrap(), "hunter2-password").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
@@ -103,7 +138,10 @@ fn check_names_every_problem_by_toml_path() {
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
-    assert!(!err.contains("SECRETSECRET"), "a plaintext token pasted as a hash is never echoed");
+    assert!(
+        !err.contains("SECRETSECRET"),
+        "a plaintext token pasted as a hash is never echoed"
+    );
     assert!(!err.contains(&hash));
 
     // Unknown fields are errors, named by path.
@@ -118,13 +156,39 @@ fn check_names_every_problem_by_toml_path() {
 fn key_formats_and_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &d("sec1.pem")]);
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &d("sec1.pem"),
+    ]);
     openssl(&["genrsa", "-traditional", "-out", &d("pkcs1.pem"), "2048"]);
     openssl(&["genpkey", "-algorithm", "ed25519", "-out", &d("pkcs8.pem")]);
     for k in ["sec1", "pkcs1", "pkcs8"] {
-        openssl(&["req", "-x509", "-key", &d(&format!("{k}.pem")), "-subj", "/CN=localhost", "-days", "2", "-out", &d(&format!("{k}.crt"))]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-key",
+            &d(&format!("{k}.pem")),
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "2",
+            "-out",
+            &d(&format!("{k}.crt")),
+        ]);
     }
-    let first_line = |p: &str| std::fs::read_to_string(d(p)).unwrap().lines().next().unwrap().to_string();
+    let first_line = |p: &str| {
+        std::fs::read_to_string(d(p))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(first_line("sec1.pem"), "-----BEGIN EC PRIVATE KEY-----");
     assert_eq!(first_line("pkcs1.pem"), "-----BEGIN RSA PRIVATE KEY-----");
     assert_eq!(first_line("pkcs8.pem"), "-----BEGIN PRIVATE KEY-----");
@@ -135,21 +199,35 @@ fn key_formats_and_mismatch() {
         p
     };
     for k in ["sec1", "pkcs1", "pkcs8"] {
-        let (code, out, err) = keygate(&["check", "-c", &write_cfg(&format!("{k}.crt"), &format!("{k}.pem"))]);
+        let (code, out, err) = keygate(&[
+            "check",
+            "-c",
+            &write_cfg(&format!("{k}.crt"), &format!("{k}.pem")),
+        ]);
         assert_eq!((code, out.trim()), (0, "ok"), "{k}: {err}");
     }
     let (code, _, err) = keygate(&["check", "-c", &write_cfg("sec1.crt", "pkcs1.pem")]);
     assert_eq!(code, 1);
-    assert!(err.contains("tls.key: private key does not match the certificate"), "{err}");
+    assert!(
+        err.contains("tls.key: private key does not match the certificate"),
+        "{err}"
+    );
 }
 
 /// Reads the child's stdout until `pred` finds what it needs.
-fn read_until(reader: &mut impl BufRead, what: &str, pred: impl Fn(&str) -> Option<String>) -> String {
+fn read_until(
+    reader: &mut impl BufRead,
+    what: &str,
+    pred: impl Fn(&str) -> Option<String>,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "stdout closed before {what}");
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stdout closed before {what}"
+        );
         if let Some(v) = pred(&line) {
             return v;
         }
@@ -158,11 +236,17 @@ fn read_until(reader: &mut impl BufRead, what: &str, pred: impl Fn(&str) -> Opti
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn token_in(line: &str) -> Option<String> {
-    line.split_whitespace().find(|w| w.starts_with("kg_")).map(|w| w.trim_matches('\'').to_string())
+    line.split_whitespace()
+        .find(|w| w.starts_with("kg_"))
+        .map(|w| w.trim_matches('\'').to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,21 +254,37 @@ async fn demo_is_the_first_run_path() {
     let up = Upstream::start().await;
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &up.url()])
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &up.url(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let banner = read_until(&mut out, "warning", |l| l.contains("NOT FOR PRODUCTION").then(|| l.to_string()));
+    let banner = read_until(&mut out, "warning", |l| {
+        l.contains("NOT FOR PRODUCTION").then(|| l.to_string())
+    });
     assert!(banner.contains("NOT FOR PRODUCTION"));
-    let token = read_until(&mut out, "token", |l| l.contains("API key").then(|| token_in(l)).flatten());
-    let curl_line = read_until(&mut out, "curl command", |l| l.contains("curl ").then(|| l.to_string()));
+    let token = read_until(&mut out, "token", |l| {
+        l.contains("API key").then(|| token_in(l)).flatten()
+    });
+    let curl_line = read_until(&mut out, "curl command", |l| {
+        l.contains("curl ").then(|| l.to_string())
+    });
     assert!(curl_line.contains(&token));
-    read_until(&mut out, "listening", |l| l.contains("listening").then(String::new));
+    read_until(&mut out, "listening", |l| {
+        l.contains("listening").then(String::new)
+    });
     let url = format!("https://localhost:{port}/demo");
     let hdr = format!("X-API-Key: {token}");
-    let (code, body, err) = tokio::task::spawn_blocking(move || curl(&["-sSk", "-H", &hdr, &url])).await.unwrap();
+    let (code, body, err) = tokio::task::spawn_blocking(move || curl(&["-sSk", "-H", &hdr, &url]))
+        .await
+        .unwrap();
     assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
     assert_eq!(up.requests()[0].header("x-keygate-key-id"), Some("demo"));
     child.kill().unwrap();
@@ -200,7 +300,10 @@ async fn init_writes_files_that_run_serves() {
     assert_eq!(code, 0, "{err}");
     let token = out.lines().find_map(token_in).expect("token printed");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(kdir.join("key.pem")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(kdir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "private key is private");
     let cfg = kdir.join("keygate.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -211,17 +314,39 @@ async fn init_writes_files_that_run_serves() {
     // Run it on free ports (the file says 8443/9901; point them elsewhere for the test).
     let port = free_port();
     let admin = free_port();
-    std::fs::write(&cfg, text.replace("127.0.0.1:8443", &format!("127.0.0.1:{port}")).replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))).unwrap();
-    assert_eq!(keygate(&["check", "-c", cfg.to_str().unwrap()]).1.trim(), "ok");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate")).args(["run", "-c", cfg.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+            .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}")),
+    )
+    .unwrap();
+    assert_eq!(
+        keygate(&["check", "-c", cfg.to_str().unwrap()]).1.trim(),
+        "ok"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["run", "-c", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    read_until(&mut out, "listening", |l| l.contains("\"msg\":\"listening\"").then(String::new));
+    read_until(&mut out, "listening", |l| {
+        l.contains("\"msg\":\"listening\"").then(String::new)
+    });
     let cacert = kdir.join("cert.pem").to_str().unwrap().to_string();
     let url = format!("https://localhost:{port}/x");
     let hdr = format!("Authorization: Bearer {token}");
-    let (code, body, err) = tokio::task::spawn_blocking(move || curl(&["-sS", "--cacert", &cacert, "-H", &hdr, &url])).await.unwrap();
+    let (code, body, err) =
+        tokio::task::spawn_blocking(move || curl(&["-sS", "--cacert", &cacert, "-H", &hdr, &url]))
+            .await
+            .unwrap();
     assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
-    let (code, body, _) = tokio::task::spawn_blocking(move || curl(&["-sS", &format!("http://127.0.0.1:{admin}/healthz")])).await.unwrap();
+    let (code, body, _) = tokio::task::spawn_blocking(move || {
+        curl(&["-sS", &format!("http://127.0.0.1:{admin}/healthz")])
+    })
+    .await
+    .unwrap();
     assert_eq!((code, body.trim()), (0, "ok"));
     child.kill().unwrap();
     child.wait().unwrap();
