@@ -143,8 +143,13 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 /// slashes folded, and dot-segments removed (RFC 3986 §5.2.4). `None` if it decodes to
 /// something no sane path holds (NUL, invalid UTF-8, a bad escape). Used only to decide scope;
 /// the request is forwarded unchanged.
+///
+/// A literal `%` in the result (from `%25`) is written back as `%25`, so the result is a fixed
+/// point: normalising it again gives it unchanged, and `%252e%252e` can never turn into `..`
+/// by a second pass (found by the `path` fuzz target).
 pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
-    let needs_work = raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b'.'))
+    // NUL goes the slow way too, to be refused there (found by the `path` fuzz target).
+    let needs_work = raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b'.' | 0))
         || raw.contains("//")
         || !raw.starts_with('/');
     if !needs_work {
@@ -159,9 +164,11 @@ pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-            decoded.push(v);
+            let &[hi, lo] = bytes.get(i + 1..i + 3)? else {
+                return None;
+            };
+            // Two hex digits exactly: `u8::from_str_radix` would also take `+f` as 0x0f.
+            decoded.push((hex_val(hi)? << 4) | hex_val(lo)?);
             i += 3;
         } else {
             decoded.push(b);
@@ -186,12 +193,26 @@ pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
     let mut result = String::with_capacity(text.len());
     for s in &out {
         result.push('/');
-        result.push_str(s);
+        for (j, part) in s.split('%').enumerate() {
+            if j > 0 {
+                result.push_str("%25");
+            }
+            result.push_str(part);
+        }
     }
     if result.is_empty() || (ends_with_slash && !out.is_empty()) {
         result.push('/');
     }
     Some(Cow::Owned(result))
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -271,5 +292,34 @@ mod tests {
         assert!(!s.permits(&Method::POST, "/v1/x"));
         assert_eq!(normalize_path("/a//b/./c/..").unwrap(), "/a/b/");
         assert_eq!(normalize_path("/../..").unwrap(), "/");
+    }
+
+    /// Regressions from the `path` fuzz target: the result must be a fixed point, and only two
+    /// hex digits make an escape.
+    #[test]
+    fn normalised_paths_are_fixed_points() {
+        for raw in [
+            "/%252f",
+            "/v1/%252e%252e/admin",
+            "/a%25b/",
+            "/100%25",
+            "/%2525",
+        ] {
+            let once = normalize_path(raw).unwrap().into_owned();
+            assert_eq!(normalize_path(&once).unwrap(), once, "{raw}");
+        }
+        assert_eq!(normalize_path("/%252f").unwrap(), "/%252f");
+        assert_eq!(
+            normalize_path("/v1/%252e%252e/x").unwrap(),
+            "/v1/%252e%252e/x"
+        );
+        let s = Scope::new(None, Some(vec!["/v1/".into()]));
+        assert!(s.permits(&Method::GET, "/v1/%252e%252e/x"));
+        assert!(!s.permits(&Method::GET, "/v1/%252e%252e/../../admin"));
+        for bad in [
+            "/v1/%+f", "/v1/%-1", "/v1/% f", "/v1/%f", "/v1/%", "/\0", "/v1/a\0b",
+        ] {
+            assert!(normalize_path(bad).is_none(), "{bad}");
+        }
     }
 }

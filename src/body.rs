@@ -24,6 +24,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct RequestStats {
     bytes: AtomicU64,
     over_limit: AtomicBool,
+    client_failed: AtomicBool,
 }
 
 impl RequestStats {
@@ -32,6 +33,11 @@ impl RequestStats {
     }
     pub fn over_limit(&self) -> bool {
         self.over_limit.load(Relaxed)
+    }
+    /// The client's side of the body failed (malformed chunked framing, reset, aborted upload):
+    /// the upstream request fails because of the client, not the upstream.
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Relaxed)
     }
 }
 
@@ -78,7 +84,10 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.stats.client_failed.store(true, Relaxed);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             other => other.map(|_| None),
         }
     }

@@ -109,6 +109,7 @@ fn run(path: &Path) -> ExitCode {
         Err(e) => return fail(format!("invalid config {}:\n{e}", path.display())),
     };
     let log = crate::log::init(snapshot.log.json, snapshot.log.level);
+    install_panic_hook();
     match crate::server::run(
         crate::server::Source::File(path.to_path_buf()),
         snapshot,
@@ -117,6 +118,27 @@ fn run(path: &Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// For the serving commands. A panic in a connection or request task is caught by tokio: that
+/// connection closes, the process and every other connection carry on (release builds keep
+/// `panic = "unwind"` for this). But the default hook would print the panic message to stderr,
+/// and a message can hold request data (an `unwrap` on an error that quotes a header value).
+/// This hook logs where it happened, never what: `event="panic"` with the source location.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let (file, line) = info
+            .location()
+            .map_or(("<unknown>", 0), |l| (l.file(), l.line()));
+        let thread = std::thread::current();
+        tracing::error!(
+            event = "panic",
+            file,
+            line,
+            thread = thread.name().unwrap_or("<unnamed>"),
+            "a task panicked; its connection was closed (message withheld: it may hold request data)"
+        );
+    }));
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -278,6 +300,7 @@ fn demo(listen: &str, upstream: &str, admin: Option<&str>) -> ExitCode {
     let _ = std::io::stdout().flush();
     drop(token);
     let log = crate::log::init(snapshot.log.json, snapshot.log.level);
+    install_panic_hook();
     match crate::server::run(crate::server::Source::InMemory, snapshot, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),

@@ -93,6 +93,8 @@ pub enum UpstreamError {
     Timeout,
     #[error("request body over the limit")]
     BodyTooLarge,
+    #[error("the client's request body failed (malformed framing or aborted)")]
+    ClientBody,
     #[error("cannot connect to upstream: {0}")]
     Connect(String),
     #[error("upstream request failed: {0}")]
@@ -104,7 +106,9 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout => "timeout",
             UpstreamError::Connect(_) => "connect",
-            UpstreamError::BodyTooLarge | UpstreamError::Other(_) => "other",
+            UpstreamError::BodyTooLarge | UpstreamError::ClientBody | UpstreamError::Other(_) => {
+                "other"
+            }
         }
     }
 }
@@ -132,6 +136,16 @@ impl Upstream {
         request_timeout: Duration,
         extra_ca: Option<&[u8]>,
     ) -> Result<Self, String> {
+        // Checked before parsing so that an unparsable URL with a password is not echoed.
+        let authority_part = url
+            .split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or_default();
+        if authority_part.contains('@') {
+            return Err("URL must not contain credentials (user:password@)".to_string());
+        }
         let uri: Uri = url.parse().map_err(|_| format!("invalid URL {url:?}"))?;
         let scheme = uri
             .scheme()
@@ -234,6 +248,8 @@ impl Upstream {
                     return res.map_err(|e| {
                         if stats.over_limit() {
                             UpstreamError::BodyTooLarge
+                        } else if stats.client_failed() {
+                            UpstreamError::ClientBody
                         } else if e.is_connect() {
                             UpstreamError::Connect(Chain(&e).to_string())
                         } else {
@@ -273,6 +289,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     h.remove(info.credential_header);
     h.remove(header::AUTHORIZATION);
     h.remove(info.identity_header);
+    remove_underscore_lookalikes(h, &[info.identity_header, info.credential_header]);
     h.insert(info.identity_header.clone(), info.key_id.clone());
     // Host is set by the client from the upstream URI.
     h.remove(header::HOST);
@@ -309,6 +326,29 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         }
     }
     h.insert(X_REQUEST_ID.clone(), info.request_id.clone());
+}
+
+/// Removes headers whose names equal one of `names` once `_` is read as `-`
+/// (`X_Keygate_Key_Id`). CGI-style upstreams (WSGI, PHP, Rack) turn both spellings into the
+/// same variable (`HTTP_X_KEYGATE_KEY_ID`), so a client's copy could stand in for keygate's
+/// identity header, or carry a credential past its removal. nginx drops such names by default
+/// (`underscores_in_headers off`) for the same reason. No allocation unless one is present.
+fn remove_underscore_lookalikes(h: &mut HeaderMap, names: &[&HeaderName]) {
+    let same = |n: &HeaderName| {
+        let n = n.as_str().as_bytes();
+        n.contains(&b'_')
+            && names.iter().any(|m| {
+                let m = m.as_str().as_bytes();
+                m.len() == n.len()
+                    && m.iter()
+                        .zip(n)
+                        .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
+            })
+    };
+    let found: Vec<HeaderName> = h.keys().filter(|n| same(n)).cloned().collect();
+    for n in found {
+        h.remove(n);
+    }
 }
 
 impl Upstream {

@@ -125,10 +125,6 @@ impl Metrics {
         }
         .fetch_add(1, Relaxed);
     }
-    /// Makes both reload series exist (at 0) from start-up, so alerts can use `increase()`.
-    pub fn reloaded_init(&self) {
-        self.reloads_ok.fetch_add(0, Relaxed);
-    }
     pub fn set_cert_not_after(&self, unix: Option<i64>) {
         self.cert_not_after.store(unix.unwrap_or(0), Relaxed);
     }
@@ -240,6 +236,8 @@ impl Metrics {
                 c.load(Relaxed)
             );
         }
+        // Both results are always exposed (from 0), so alerts can use `increase()` from the
+        // first failure on.
         o.push_str("# HELP keygate_config_reloads_total Config reloads, by result.\n# TYPE keygate_config_reloads_total counter\n");
         let _ = writeln!(
             o,

@@ -342,25 +342,39 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         metrics::global().auth_failed(reason.as_str());
         tracing::warn!(event = "auth_failed", reason = reason.as_str(), request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id);
         if reason.counts_as_guess() && throttle.record_failure(ctx.client_ip) {
-            tracing::warn!(event = "auth_throttled", client_ip = %ctx.client_ip, limit = throttle.rate().count, "client IP exceeded failed_auth_limit");
+            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, limit = throttle.rate().count, "client IP reached failed_auth_limit: its unverified tokens are refused for now");
         }
         Reject::Unauthorized
     };
+    // A throttled client gets 429 for every token not in the verified cache, whatever is wrong
+    // with it (a 401 for unknown ids only would tell it which ids exist), and it is not counted.
+    let throttled = |key_id: Option<&str>| {
+        throttle.throttled(ctx.client_ip).map(|retry_after| {
+            metrics::global().auth_throttled();
+            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id, retry_after);
+            Reject::Throttled { retry_after }
+        })
+    };
+    let guess = |reason: AuthFailure, key_id: Option<&str>| {
+        if reason.counts_as_guess() {
+            throttled(key_id).unwrap_or_else(|| fail(reason, key_id))
+        } else {
+            fail(reason, key_id)
+        }
+    };
 
-    let text = credential(req, &snap.auth.header).map_err(|r| fail(r, None))?;
+    let text = credential(req, &snap.auth.header).map_err(|r| guess(r, None))?;
     let token = Token::parse(text).map_err(|e| match e {
-        TokenError::Form | TokenError::Checksum => fail(AuthFailure::Malformed, None),
+        TokenError::Form | TokenError::Checksum => guess(AuthFailure::Malformed, None),
     })?;
     let Some(key) = snap.keys.get(token.id()) else {
-        return Err(fail(AuthFailure::UnknownKey, Some(token.id())));
+        return Err(guess(AuthFailure::UnknownKey, Some(token.id())));
     };
     let digest = ctx.shared.verifier.digest(token.expose());
     if !Verifier::is_cached(key, &digest) {
         // Not verified before: this costs argon2 work, which a throttled IP does not get.
-        if let Some(retry_after) = throttle.throttled(ctx.client_ip) {
-            metrics::global().auth_throttled();
-            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
-            return Err(Reject::Throttled { retry_after });
+        if let Some(refused) = throttled(Some(&key.id)) {
+            return Err(refused);
         }
         if ctx.shared.verifier.is_known_bad(&digest) {
             return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
@@ -446,6 +460,17 @@ async fn forward(
                 "streamed request body crossed max_body_bytes; upstream request aborted"
             );
             return Err(Reject::PayloadTooLarge);
+        }
+        // Not the upstream's fault: no upstream_error event or metric for a client's bad
+        // chunked framing or aborted upload.
+        Err(UpstreamError::ClientBody) => {
+            tracing::info!(
+                request_id = request_id_str(ctx.request_id),
+                key_id = &*key.id,
+                bytes = stats.bytes(),
+                "the client's request body failed (malformed framing or aborted); upstream request aborted"
+            );
+            return Err(Reject::BadRequest);
         }
         Err(e) => {
             metrics::global().upstream_error(e.kind());

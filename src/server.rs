@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
@@ -43,6 +44,12 @@ pub fn run(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Result
 }
 
 async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Result<()> {
+    // Signal handlers go in before anything is announced: once systemd has READY=1 it may send
+    // SIGHUP (`systemctl reload`), and SIGHUP's default action would kill the process.
+    let signals = Signals::install()?;
+    // Shared with the reload task (log level); kept here so that the last lines ("stopped")
+    // are still written and flushed after the reload task is gone.
+    let log = Arc::new(log);
     let listener = TcpListener::bind(snapshot.server.listen)
         .await
         .map_err(|e| {
@@ -61,7 +68,6 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
         tracing::warn!(warning = %w, "config warning");
     }
     metrics::global().set_cert_not_after(snapshot.cert_not_after);
-    metrics::global().reloaded_init();
     let max_connections = snapshot.server.max_connections;
     let admin = snapshot.admin;
     let shared = Arc::new(Shared {
@@ -79,14 +85,22 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
         tokio::spawn(crate::admin::serve(l, shared.clone()));
     }
     tracing::info!(addr = %local, version = env!("CARGO_PKG_VERSION"), "listening");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    notify_ready(&format!(
+        "serving on {local} with {} keys",
+        shared.snapshot.load().keys.len()
+    ));
 
     tokio::spawn(housekeeping(shared.clone()));
     let (drain_tx, drain_rx) = watch::channel(false);
-    let reload_task = tokio::spawn(reload_on_sighup(source, shared.clone(), log));
+    let reload_task = tokio::spawn(reload_on_sighup(
+        signals.hup,
+        source,
+        shared.clone(),
+        log.clone(),
+    ));
 
     let permits = Arc::new(Semaphore::new(max_connections));
-    let shutdown = shutdown_signal();
+    let shutdown = shutdown_signal(signals.term, signals.int);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -107,16 +121,29 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
             continue;
         };
         let snap = shared.snapshot.load_full();
-        if snap.access.decide_at_accept() && !snap.access.admits(peer.ip()) {
-            metrics::global().ip_denied();
-            tracing::warn!(event = "ip_denied", client_ip = %peer.ip().to_canonical(), scope = "global", "connection closed before TLS");
+        if snap.server.proxy_protocol {
+            // Only the load balancers may say who the client is; nobody else gets a byte read.
+            if !snap.access.is_trusted_proxy(peer.ip()) {
+                metrics::global().ip_denied();
+                tracing::warn!(event = "ip_denied", client_ip = %peer.ip().to_canonical(), scope = "proxy_protocol", "connection from a peer not in access.trusted_proxies closed (server.proxy_protocol is on)");
+                continue;
+            }
+        } else if !admitted_at_accept(&snap, peer, false) {
             continue;
         }
         let shared = shared.clone();
         let drain = drain_rx.clone();
         tokio::spawn(async move {
             metrics::global().connection_opened();
-            serve_connection(stream, peer, snap, shared, drain).await;
+            let mut stream = stream;
+            let peer = if snap.server.proxy_protocol {
+                proxied_peer(&mut stream, peer, &snap).await
+            } else {
+                Some(peer)
+            };
+            if let Some(peer) = peer {
+                serve_connection(stream, peer, snap, shared, drain).await;
+            }
             metrics::global().connection_closed();
             drop(permit);
         });
@@ -125,7 +152,10 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
     // Drain: stop accepting, let in-flight requests finish within shutdown_grace.
     drop(listener);
     reload_task.abort();
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: draining open connections"),
+    ]);
     let grace = shared.snapshot.load().server.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs_f64(),
@@ -145,7 +175,49 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
     }
     save_state(&shared, true);
     tracing::info!("stopped");
+    drop(log);
     Ok(())
+}
+
+/// The client-IP gate at accept (SPEC §3). With no trusted proxies the TCP peer is the client,
+/// so a refused one is closed before any TLS work. Behind the PROXY protocol the header's source
+/// is the peer (`proxied`), decided here as well unless it is itself a trusted proxy (then the
+/// request's `X-Forwarded-For` names the client, and the pipeline decides).
+fn admitted_at_accept(snap: &Snapshot, peer: SocketAddr, proxied: bool) -> bool {
+    let ip = peer.ip().to_canonical();
+    let decide_now =
+        snap.access.decide_at_accept() || (proxied && !snap.access.is_trusted_proxy(ip));
+    if decide_now && !snap.access.admits(ip) {
+        metrics::global().ip_denied();
+        tracing::warn!(event = "ip_denied", client_ip = %ip, scope = "global", "connection closed before TLS");
+        return false;
+    }
+    true
+}
+
+/// Reads the PROXY protocol header a trusted balancer sends first (within
+/// `tls_handshake_timeout`) and applies the IP gate to the address it carries. `None`: close.
+async fn proxied_peer(
+    stream: &mut TcpStream,
+    balancer: SocketAddr,
+    snap: &Snapshot,
+) -> Option<SocketAddr> {
+    let timeout = snap.server.tls_handshake_timeout;
+    let peer = match crate::proxy_protocol::read_header(stream, timeout).await {
+        Ok(Some(source)) => SocketAddr::new(source.ip().to_canonical(), source.port()),
+        // LOCAL / UNKNOWN: the balancer's own connection (health checks).
+        Ok(None) => balancer,
+        // A balancer's TCP health check connects and closes without a header: not worth a warning.
+        Err(e @ crate::proxy_protocol::ProxyError::NotReceived(_)) => {
+            tracing::debug!(peer = %balancer, error = %e, "connection closed");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(peer = %balancer, error = %e, "connection closed: check the load balancer's PROXY protocol setting");
+            return None;
+        }
+    };
+    admitted_at_accept(snap, peer, true).then_some(peer)
 }
 
 async fn serve_connection(
@@ -174,34 +246,66 @@ async fn serve_connection(
         }
     };
 
+    // Explicit limits against hostile clients (tests/hostile.rs, docs/hardening.md).
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
+        // hyper starts this clock when it waits for a request head: at the first byte of the
+        // first request, and right after each response on a kept-alive connection (so it is
+        // also HTTP/1.1's keep-alive idle limit). The wait before the first byte is covered by
+        // `first_request` below.
         .header_read_timeout(s.header_read_timeout)
-        // hyper answers 431 (without a body) past its buffer; below that, the pipeline checks
-        // `max_header_bytes` exactly and answers with the JSON error.
+        // hyper answers 431 (without a body) past its buffer or past 100 header lines; below
+        // that, the pipeline checks `max_header_bytes` exactly and answers with the JSON error.
         .max_buf_size((s.max_header_bytes * 2).max(8192))
+        .max_headers(100)
         .keep_alive(true);
+    // The same two tiers for HTTP/2: h2 counts 32 bytes more per field than the wire does
+    // (pseudo-headers included), so twice `max_header_bytes` lets the pipeline answer the JSON
+    // 431 exactly; h2 answers a bare 431 above that, and ends the connection (GOAWAY) for a
+    // block too large to decode or a CONTINUATION flood.
+    let h2_header_list = u32::try_from((s.max_header_bytes * 2).max(8192)).unwrap_or(u32::MAX);
     builder
         .http2()
         .timer(TokioTimer::new())
+        // Streams over the limit are refused (RST_STREAM REFUSED_STREAM); refusals count
+        // towards the local-reset cap below.
         .max_concurrent_streams(s.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(h2_header_list)
+        // Rapid reset (CVE-2023-44487): streams the client resets before keygate has accepted
+        // them; more than 20 pending at once is GOAWAY ENHANCE_YOUR_CALM.
         .max_pending_accept_reset_streams(Some(20))
+        // "MadeYouReset" (CVE-2025-8671): streams keygate had to reset for the client's
+        // protocol errors; past 1024 on one connection, GOAWAY ENHANCE_YOUR_CALM.
         .max_local_error_reset_streams(Some(1024))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let idle = s.idle_timeout;
+    let header_read_timeout = s.header_read_timeout;
     let conn = Arc::new(Conn::new(peer));
+    // Set when the first request's head is complete and reaches the pipeline.
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = {
         let conn = conn.clone();
-        hyper::service::service_fn(move |req| pipeline::handle(req, shared.clone(), conn.clone()))
+        let started = started.clone();
+        hyper::service::service_fn(move |req| {
+            started.store(true, Relaxed);
+            pipeline::handle(req, shared.clone(), conn.clone())
+        })
     };
     let http = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(http);
     let mut closing = false;
     let mut idle_deadline = tokio::time::Instant::now() + idle;
+    // Slowloris before the first byte: hyper's header clock only starts once the protocol is
+    // known (the first bytes of HTTP/1, a complete HTTP/2 preface), so a client that finishes
+    // the TLS handshake and then sends nothing, or a preface a byte at a time, would be held
+    // until idle_timeout. As with nginx's client_header_timeout, the first request's head must
+    // arrive within header_read_timeout of the handshake: past that the connection is shut
+    // down (HTTP/2: GOAWAY), and one header_read_timeout later closed if still no request.
+    let mut first_request = Some(tokio::time::Instant::now() + header_read_timeout);
+    let mut shut_for_no_request = false;
     loop {
         tokio::select! {
             res = http.as_mut() => {
@@ -223,40 +327,79 @@ async fn serve_connection(
                     idle_deadline = tokio::time::Instant::from_std(last.max(std::time::Instant::now() - idle / 2)) + idle;
                 }
             }
+            () = tokio::time::sleep_until(first_request.unwrap_or_else(tokio::time::Instant::now)), if first_request.is_some() => {
+                if started.load(Relaxed) {
+                    first_request = None;
+                } else if !shut_for_no_request {
+                    tracing::debug!(peer = %peer, "no request within header_read_timeout of the TLS handshake; closing");
+                    http.as_mut().graceful_shutdown();
+                    closing = true;
+                    shut_for_no_request = true;
+                    first_request = Some(tokio::time::Instant::now() + header_read_timeout);
+                } else {
+                    return;
+                }
+            }
         }
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
+/// The process signals keygate acts on, registered once at start-up.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+async fn shutdown_signal(mut term: Signal, mut int: Signal) {
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "stop requested"),
         _ = int.recv() => tracing::info!(signal = "SIGINT", "stop requested"),
     }
 }
 
-async fn reload_on_sighup(source: Source, shared: Arc<Shared>, log: LogGuard) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+/// `READY=1` with a `STATUS=` line for `systemctl status`. Outside systemd (no
+/// `NOTIFY_SOCKET`) this does nothing.
+fn notify_ready(status: &str) {
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
+}
+
+/// SIGHUP: build a complete new snapshot off to the side (files read on a blocking thread),
+/// then swap it in with one atomic store. Nothing is mutated in place, so a failure at any
+/// point leaves the running configuration untouched. Connections already open keep the TLS
+/// session they have; every request after the swap sees the new keys.
+///
+/// systemd (`Type=notify`) is told `RELOADING=1` with `MONOTONIC_USEC` (required by
+/// `Type=notify-reload`) before, and `READY=1` after, whatever the outcome.
+async fn reload_on_sighup(
+    mut hup: Signal,
+    source: Source,
+    shared: Arc<Shared>,
+    log: Arc<LogGuard>,
+) {
     while hup.recv().await.is_some() {
         let Source::File(path) = &source else {
             tracing::info!("SIGHUP: nothing to reload (in-memory demo config)");
             continue;
         };
-        let _ = sd_notify::notify(&[
-            sd_notify::NotifyState::Reloading,
-            sd_notify::NotifyState::monotonic_usec_now()
-                .unwrap_or(sd_notify::NotifyState::Reloading),
-        ]);
+        let mut reloading = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            reloading.push(now);
+        }
+        let _ = sd_notify::notify(&reloading);
         let prev = shared.snapshot.load_full();
         let path = path.clone();
         let prev_for_build = prev.clone();
@@ -273,57 +416,103 @@ async fn reload_on_sighup(source: Source, shared: Arc<Shared>, log: LogGuard) {
             )
         })
         .await;
-        match built {
+        let error = match built {
             Ok(Ok(mut new)) => {
-                let mut restart_needed = Vec::new();
-                if new.server.listen != prev.server.listen {
-                    restart_needed.push("server.listen");
-                    new.server.listen = prev.server.listen;
-                }
-                if new.admin != prev.admin {
-                    restart_needed.push("admin.listen");
-                    new.admin = prev.admin;
-                }
-                for (changed, name) in [
-                    (new.server.workers != prev.server.workers, "server.workers"),
-                    (
-                        new.server.max_connections != prev.server.max_connections,
-                        "server.max_connections",
-                    ),
-                    (
-                        new.auth.verify_concurrency != prev.auth.verify_concurrency,
-                        "auth.verify_concurrency",
-                    ),
-                    (new.log.json != prev.log.json, "log.format"),
-                ] {
-                    if changed {
-                        restart_needed.push(name);
-                    }
-                }
+                let restart_needed = keep_restart_only_settings(&mut new, &prev);
                 for w in &new.warnings {
                     tracing::warn!(warning = %w, "config warning");
                 }
                 log.set_level(new.log.level);
                 metrics::global().set_cert_not_after(new.cert_not_after);
                 let keys = new.keys.len();
+                let not_after = new.cert_not_after;
                 shared.snapshot.store(Arc::new(new));
+                shared.verifier.forget_bad();
                 metrics::global().reloaded(true);
                 if restart_needed.is_empty() {
                     tracing::info!(event = "config_reloaded", keys, "configuration reloaded");
+                    notify_ready(&format!("reloaded: {keys} keys"));
                 } else {
-                    tracing::warn!(event = "config_reloaded", keys, restart_needed = %restart_needed.join(", "), "configuration reloaded; these settings keep their old values until a restart");
+                    let restart_needed = restart_needed.join(", ");
+                    tracing::warn!(event = "config_reloaded", keys, restart_needed = %restart_needed, "configuration reloaded; these settings keep their old values until a restart");
+                    notify_ready(&format!(
+                        "reloaded: {keys} keys; restart needed to apply {restart_needed}"
+                    ));
                 }
+                warn_if_cert_expiring(not_after);
+                continue;
             }
-            Ok(Err(errors)) => {
-                metrics::global().reloaded(false);
-                tracing::error!(event = "config_reload_failed", error = %errors.to_string().replace('\n', "; "), "reload failed; still serving the previous configuration");
-            }
-            Err(e) => {
-                metrics::global().reloaded(false);
-                tracing::error!(event = "config_reload_failed", error = %e, "reload failed; still serving the previous configuration");
-            }
+            // Every problem with its TOML path, on one line. Messages never quote secrets.
+            Ok(Err(errors)) => errors.to_string().replace('\n', "; "),
+            Err(e) => e.to_string(),
+        };
+        metrics::global().reloaded(false);
+        tracing::error!(event = "config_reload_failed", error = %error, "reload failed; still serving the previous configuration");
+        notify_ready(&format!(
+            "last reload failed, still serving the previous configuration: {error}"
+        ));
+    }
+}
+
+/// Settings a running process cannot change: the listeners are bound, the runtime, the
+/// connection cap and the argon2 pool are sized, and the log format is fixed at start-up.
+/// The new snapshot keeps the running values, so it describes what is really in effect (and a
+/// later reload compares against that, and keeps reporting the change until a restart); the
+/// names of the changed settings are returned. Everything else in the reload is applied.
+fn keep_restart_only_settings(new: &mut Snapshot, running: &Snapshot) -> Vec<&'static str> {
+    fn keep<T: PartialEq + Copy>(
+        new: &mut T,
+        running: T,
+        name: &'static str,
+        changed: &mut Vec<&'static str>,
+    ) {
+        if *new != running {
+            changed.push(name);
+            *new = running;
         }
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
+    let mut changed = Vec::new();
+    let c = &mut changed;
+    keep(
+        &mut new.server.listen,
+        running.server.listen,
+        "server.listen",
+        c,
+    );
+    keep(&mut new.admin, running.admin, "admin.listen", c);
+    keep(
+        &mut new.server.workers,
+        running.server.workers,
+        "server.workers",
+        c,
+    );
+    keep(
+        &mut new.server.max_connections,
+        running.server.max_connections,
+        "server.max_connections",
+        c,
+    );
+    keep(
+        &mut new.auth.verify_concurrency,
+        running.auth.verify_concurrency,
+        "auth.verify_concurrency",
+        c,
+    );
+    keep(&mut new.log.json, running.log.json, "log.format", c);
+    changed
+}
+
+/// Logs `cert_expiring` when the served certificate has less than 14 days left.
+fn warn_if_cert_expiring(not_after: Option<i64>) {
+    let Some(not_after) = not_after else { return };
+    let left = not_after - jiff::Timestamp::now().as_second();
+    if left < 14 * 86_400 {
+        tracing::warn!(
+            event = "cert_expiring",
+            days_left = left / 86_400,
+            not_after,
+            "the TLS certificate expires soon; renew it and send SIGHUP"
+        );
     }
 }
 
@@ -336,17 +525,7 @@ async fn housekeeping(shared: Arc<Shared>) {
         tick.tick().await;
         let snap = shared.snapshot.load_full();
         if minutes % (24 * 60) == 0 {
-            if let Some(not_after) = snap.cert_not_after {
-                let left = not_after - jiff::Timestamp::now().as_second();
-                if left < 14 * 86_400 {
-                    tracing::warn!(
-                        event = "cert_expiring",
-                        days_left = left / 86_400,
-                        not_after,
-                        "the TLS certificate expires soon; renew it and send SIGHUP"
-                    );
-                }
-            }
+            warn_if_cert_expiring(snap.cert_not_after);
         }
         if minutes > 0 {
             save_state(&shared, false);

@@ -204,6 +204,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.alpn_protocols.len(), 2);
+        // What bench/testssl.sh checks, kept from regressing without a scan (docs/tls.md):
+        // server cipher order, no 0-RTT (replayable), session tickets with rotating keys,
+        // AEAD + forward-secret suites only.
+        assert!(cfg.ignore_client_order);
+        assert_eq!(cfg.max_early_data_size, 0);
+        assert!(cfg.ticketer.enabled());
+        assert!(cfg.ticketer.lifetime() <= 24 * 3600);
+        for suite in &cfg.crypto_provider().cipher_suites {
+            let name = format!("{:?}", suite.suite());
+            assert!(
+                name.starts_with("TLS13_") || name.starts_with("TLS_ECDHE_"),
+                "{name}"
+            );
+            assert!(
+                name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"),
+                "{name}"
+            );
+        }
         // rcgen's default validity ends in 4096.
         assert_eq!(
             not_after,

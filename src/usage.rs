@@ -72,11 +72,18 @@ impl Usage {
         })
     }
 
-    /// Writes the state file if anything changed since the last save (or `force`).
+    /// Writes the state file if anything changed since the last save (or `force`). A failed
+    /// write leaves the state dirty, so the next periodic save tries again.
     pub fn save(&self, path: &Path, force: bool) -> std::io::Result<()> {
-        if !force && !self.dirty.swap(false, Relaxed) {
+        let was_dirty = self.dirty.swap(false, Relaxed);
+        if !force && !was_dirty {
             return Ok(());
         }
+        self.write(path)
+            .inspect_err(|_| self.dirty.store(true, Relaxed))
+    }
+
+    fn write(&self, path: &Path) -> std::io::Result<()> {
         let keys: BTreeMap<String, KeyUsage> = {
             let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             e.iter()
@@ -109,7 +116,12 @@ impl Usage {
         }
         std::fs::rename(&tmp, path).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
-        })
+        })?;
+        // Make the rename itself durable (best effort: not every file system allows it).
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     }
 }
 
@@ -147,5 +159,21 @@ mod tests {
         );
         std::fs::write(&path, "{not json").unwrap();
         assert!(Usage::load(&path).is_err());
+    }
+
+    #[test]
+    fn a_failed_save_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = Usage::default();
+        u.touch("alpha", "192.0.2.7".parse().unwrap());
+        let nowhere = dir.path().join("missing-dir").join("state.json");
+        assert!(u.save(&nowhere, false).is_err());
+        let path = dir.path().join("state.json");
+        u.save(&path, false).unwrap();
+        assert!(Usage::load(&path).unwrap().get("alpha").is_some());
+        // Nothing new since: no write.
+        std::fs::remove_file(&path).unwrap();
+        u.save(&path, false).unwrap();
+        assert!(!path.exists());
     }
 }

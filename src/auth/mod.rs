@@ -24,6 +24,9 @@ pub struct PhcHash {
     fingerprint: [u8; 32],
 }
 
+/// The PHC form keygate names in its errors (config errors mask every other `$argon2…` text).
+pub const PHC_FORMAT_HINT: &str = "$argon2id$v=19$m=…,t=…,p=…$salt$hash";
+
 /// OWASP's minimum for argon2id (2023 cheat sheet): m=19 MiB, t=2, p=1.
 pub const OWASP_M_COST: u32 = 19_456;
 pub const OWASP_T_COST: u32 = 2;
@@ -33,7 +36,9 @@ impl PhcHash {
     /// value, which could be a plaintext token pasted by mistake.
     pub fn parse(s: &str) -> Result<Self, String> {
         let not_phc = || {
-            "not an argon2id PHC hash ($argon2id$v=19$m=…,t=…,p=…$salt$hash); make one with `keygate hash` or `keygate keygen`".to_string()
+            format!(
+                "not an argon2id PHC hash ({PHC_FORMAT_HINT}); make one with `keygate hash` or `keygate keygen`"
+            )
         };
         if !s.starts_with("$argon2id$") {
             return Err(not_phc());

@@ -95,6 +95,15 @@ impl Verifier {
         }
     }
 
+    /// Forgets every remembered wrong token. Called when a reload is swapped in: a token that
+    /// was wrong for the old hash may be right for a key's new one (a hash replaced in place).
+    pub fn forget_bad(&self) {
+        self.negative
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn remember_bad(&self, digest: Digest) {
         let mut neg = self.negative.lock().unwrap_or_else(|p| p.into_inner());
         if neg.len() >= NEGATIVE_CAP {

@@ -83,18 +83,48 @@ pub fn parse_str(text: &str) -> Result<RawConfig, ConfigErrors> {
             .map(|l| format!(" (line {l})"))
             .unwrap_or_default();
         let path = if path == "." { String::new() } else { path };
-        ConfigErrors::one(path, format!("{}{line}", inner.message().trim()))
+        ConfigErrors::one(
+            path,
+            format!("{}{line}", without_string_values(inner.message().trim())),
+        )
     })
+}
+
+/// serde quotes an offending string value (`invalid type: string "…", expected u64`). A value
+/// in the wrong place may be a secret pasted into the wrong field, so it is not repeated:
+/// `invalid type: a string, expected u64`.
+fn without_string_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i]);
+        out.push_str("a string");
+        // Skip the Debug-quoted value, escapes included.
+        let value = &rest[i + "string \"".len()..];
+        let mut escaped = false;
+        let mut end = value.len();
+        for (j, c) in value.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    end = j + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 struct Errors(Vec<ConfigError>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigError {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.0.push(ConfigError::new(path, message));
     }
 }
 
@@ -276,6 +306,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         shutdown_grace: duration_or(&s.shutdown_grace, "30s", "server.shutdown_grace", &mut errs),
         h2_max_concurrent_streams: h2_streams,
         hsts,
+        proxy_protocol: s.proxy_protocol.unwrap_or(false),
     };
 
     // [tls]
@@ -455,6 +486,13 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         ),
     );
 
+    if server.proxy_protocol && raw.access.trusted_proxies.is_empty() {
+        errs.push(
+            "server.proxy_protocol",
+            "needs access.trusted_proxies: only those peers may send a PROXY protocol header",
+        );
+    }
+
     // [[keys]]
     let mut keys: HashMap<Box<str>, Arc<Key>> = HashMap::with_capacity(raw.keys.len());
     for (i, k) in raw.keys.iter().enumerate() {
@@ -521,9 +559,12 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         let text = a.listen.as_deref().unwrap_or("127.0.0.1:9901");
         match text.parse::<SocketAddr>() {
             Ok(addr) => {
-                if addr == listen
-                    || (addr.port() == listen.port()
-                        && (addr.ip().is_unspecified() || listen.ip().is_unspecified()))
+                // Port 0 is "any free port": two of them never collide.
+                if addr.port() != 0
+                    && addr.port() == listen.port()
+                    && (addr.ip() == listen.ip()
+                        || addr.ip().is_unspecified()
+                        || listen.ip().is_unspecified())
                 {
                     errs.push("admin.listen", "must not be the public listener's address");
                 }
@@ -597,12 +638,15 @@ fn build_key(
     let before = errs.0.len();
     let p = |f: &str| format!("keys[{i}].{f}");
     if !crate::auth::token::is_valid_id(&k.id) {
+        // Echoed only when too short to be a token (≥ 43 characters) pasted into the wrong field.
+        let shown = if k.id.chars().count() <= 32 {
+            format!("{:?} ", k.id)
+        } else {
+            String::new()
+        };
         errs.push(
             p("id"),
-            format!(
-                "invalid key id {:?} (use [a-z0-9-], 1 to 32 characters)",
-                k.id
-            ),
+            format!("invalid key id {shown}(use [a-z0-9-], 1 to 32 characters)"),
         );
     }
     // Never echo the value: it may be a plaintext token pasted by mistake.
@@ -773,5 +817,10 @@ mod tests {
         let e = parse_str("[[keys]]\nid = \"a\"\nhash = \"x\"\n[[keys]]\nid = \"b\"\nhash = 3\n")
             .unwrap_err();
         assert!(e.to_string().starts_with("keys[1].hash:"), "{e}");
+        let e = parse_str("[server]\nmax_body_bytes = \"s3cr\\\"et\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "server.max_body_bytes: invalid type: a string, expected u64 (line 2)"
+        );
     }
 }

@@ -59,11 +59,65 @@ impl std::fmt::Display for ConfigErrors {
 
 impl ConfigErrors {
     pub fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigErrors(vec![ConfigError {
-            path: path.into(),
-            message: message.into(),
-        }])
+        ConfigErrors(vec![ConfigError::new(path, message)])
     }
+}
+
+impl ConfigError {
+    /// Messages quote what the operator wrote, and that may be a secret pasted into the wrong
+    /// field (`id = "$argon2id$…"` with `id` and `hash` swapped, a plaintext token as an id).
+    /// Every error is made here, so such text is masked before `check`, a reload log or anyone
+    /// else can print it. Found by the `config` fuzz target.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: scrub_secrets(&path.into()),
+            message: scrub_secrets(&message.into()),
+        }
+    }
+}
+
+/// Masks argon2 PHC strings (`$argon2…` up to the end of the PHC characters) and the secret
+/// part of `kg_<id>_<secret>` tokens. keygate's own PHC format hint is left as it is.
+pub fn scrub_secrets(text: &str) -> String {
+    let hint = crate::auth::PHC_FORMAT_HINT;
+    text.split(hint)
+        .map(scrub_piece)
+        .collect::<Vec<_>>()
+        .join(hint)
+}
+
+fn scrub_piece(s: &str) -> String {
+    let is_phc = |c: &u8| c.is_ascii_alphanumeric() || b"$=,+/.-".contains(c);
+    let is_id = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while let Some(rest) = s.get(i..).filter(|r| !r.is_empty()) {
+        if rest.starts_with("$argon2") {
+            out.push_str("<argon2 hash>");
+            i += rest.bytes().take_while(is_phc).count();
+        } else if let Some(after) = rest.strip_prefix("kg_") {
+            let id = after.bytes().take_while(is_id).count();
+            if id > 0 && after.as_bytes().get(id) == Some(&b'_') {
+                let secret = after[id + 1..]
+                    .bytes()
+                    .take_while(u8::is_ascii_alphanumeric)
+                    .count();
+                out.push_str(&rest[..4 + id]);
+                if secret > 0 {
+                    out.push_str("<redacted>");
+                }
+                i += 4 + id + secret;
+            } else {
+                out.push_str("kg_");
+                i += 3;
+            }
+        } else {
+            let c = rest.chars().next().unwrap_or_default();
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
 }
 
 /// Everything keygate needs to serve, validated. Immutable once built.
@@ -95,6 +149,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     pub h2_max_concurrent_streams: u32,
     pub hsts: Option<HeaderValue>,
+    /// Expect a PROXY protocol v1/v2 header first on every connection (from trusted proxies).
+    pub proxy_protocol: bool,
 }
 
 pub struct AuthSettings {
@@ -114,4 +170,69 @@ pub struct LogSettings {
 pub struct StateSettings {
     pub path: PathBuf,
     pub rotation_period: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$rpOzTdKtPv0ip5Ycqi4f8A$lQjtTMd0u13ExI6UsfbpTGMLpJOuiquPYBcLGidnkrA";
+    const TOKEN: &str = "kg_demo_0123456789ABCDEFGHIJKLMNOPQRSTUV0qxrDd";
+
+    fn errors_of(toml: &str) -> String {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let ctx = BuildContext {
+            tls_override: Some(TlsSource::Pem {
+                cert: ck.cert.pem().into_bytes(),
+                key: ck.signing_key.serialize_pem().into_bytes(),
+            }),
+            ..Default::default()
+        };
+        match raw_from_str(toml) {
+            Ok(raw) => build(raw, &ctx)
+                .err()
+                .expect("config has errors")
+                .to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Regression from the `config` fuzz target: a hash or token in the wrong field was quoted
+    /// back in the error.
+    #[test]
+    fn errors_never_quote_hashes_or_tokens() {
+        let swapped = errors_of(&format!("[[keys]]\nid = \"{HASH}\"\nhash = \"demo\"\n"));
+        assert!(swapped.contains("keys[0].id: invalid key id"), "{swapped}");
+        assert!(swapped.contains(crate::auth::PHC_FORMAT_HINT), "{swapped}");
+        assert!(!swapped.contains("rpOzTdKt"), "{swapped}");
+
+        let token_as_id = errors_of(&format!("[[keys]]\nid = \"{TOKEN}\"\nhash = \"{HASH}\"\n"));
+        assert!(
+            token_as_id.contains("keys[0].id: invalid key id"),
+            "{token_as_id}"
+        );
+        assert!(!token_as_id.contains("0123456789"), "{token_as_id}");
+
+        let wrong_type = errors_of(&format!("[server]\nworkers = \"{HASH}\"\n"));
+        assert!(wrong_type.starts_with("server.workers:"), "{wrong_type}");
+        assert!(!wrong_type.contains("$argon2id$"), "{wrong_type}");
+
+        let truncated = errors_of("[access]\nallow = [\"$argon2id$v=19cLGidnkrA\"]\n");
+        assert!(!truncated.contains("cLGidnkrA"), "{truncated}");
+    }
+
+    #[test]
+    fn scrubbing_leaves_ordinary_text_alone() {
+        for plain in [
+            "invalid CIDR \"10.0.0.300/8\"",
+            "kg_",
+            "kg_demo",
+            "a $ sign",
+            "é kg_x",
+        ] {
+            assert_eq!(scrub_secrets(plain), plain);
+        }
+        assert_eq!(scrub_secrets("x kg_a-1_Zz9 y"), "x kg_a-1_<redacted> y");
+        assert_eq!(scrub_secrets("\"$argon2i$v=19$m=8\""), "\"<argon2 hash>\"");
+    }
 }

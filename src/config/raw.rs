@@ -40,6 +40,7 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub hsts: Option<Hsts>,
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `hsts = "max-age=…"` or `hsts = false`.

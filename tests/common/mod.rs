@@ -686,3 +686,102 @@ pub fn assert_no_secrets(haystack: &str, secrets: &[&str]) {
         );
     }
 }
+
+// --- Start-up variants (tests/ops.rs): extra environment, own certificate, restart. ---
+
+impl KeygateBuilder {
+    /// Like [`start`](Self::start), with extra environment variables for the process (e.g.
+    /// `NOTIFY_SOCKET`) and, when given, this certificate `(cert PEM, key PEM, cert DER)`
+    /// instead of a fresh one.
+    pub fn start_with(
+        self,
+        env: &[(&str, &str)],
+        cert: Option<(String, String, CertificateDer<'static>)>,
+    ) -> Keygate {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, der) = cert.unwrap_or_else(test_cert);
+        std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &key).unwrap();
+        let config = dir.path().join("keygate.toml");
+        std::fs::write(&config, self.config_text()).unwrap();
+        Keygate::spawn_env(dir, config, der, self.admin, env)
+    }
+}
+
+impl Keygate {
+    /// Starts a new process on the same directory (config, certificate, state file) once this
+    /// one has exited (it is killed if it has not). Listeners get new ephemeral ports.
+    pub fn restart(mut self, env: &[(&str, &str)]) -> Keygate {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let admin = self.admin.is_some();
+        Keygate::spawn_env(dir, self.config.clone(), self.ca.clone(), admin, env)
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables.
+    fn spawn_env(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        ca: CertificateDer<'static>,
+        admin: bool,
+        env: &[(&str, &str)],
+    ) -> Keygate {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .arg("run")
+            .arg("-c")
+            .arg(&config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start keygate");
+        let output: Arc<Mutex<String>> = Arc::default();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let out = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut o = out.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        let mut kg = Keygate {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            admin: None,
+            dir,
+            config,
+            ca,
+            output,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = kg.logs();
+            let addr_of = |msg: &str| {
+                logs.lines().find_map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                    (v["msg"] == msg).then(|| v["addr"].as_str()?.parse::<SocketAddr>().ok())?
+                })
+            };
+            if let Some(a) = addr_of("listening") {
+                kg.addr = a;
+                if admin {
+                    kg.admin = addr_of("admin listening");
+                }
+                break;
+            }
+            if let Ok(Some(status)) = kg.child.try_wait() {
+                panic!("keygate exited with {status} before listening:\n{logs}");
+            }
+            assert!(Instant::now() < deadline, "keygate did not start:\n{logs}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kg
+    }
+}

@@ -1,0 +1,506 @@
+//! Load generator for `bench/flood.sh` and `bench/memory_ips.sh` (not part of keygate).
+//!
+//! ```text
+//! flood upstream ADDR                         a tiny HTTP/1.1 upstream answering 200 "ok"
+//! flood run --addr A --ca PEM --token T --key-id ID --pid PID [--requests N] [--secs S]
+//!           [--conns C] [--attack-secs S]     the whole flood benchmark, Markdown on stdout
+//! flood attack --addr A --ca PEM --key-id ID --conns C --secs S --xff none|one|many
+//!                                             wrong-secret tokens as fast as answered
+//! flood ips --addr A --ca PEM --count N [--conns C] [--offset K]
+//!                                             one failed auth from each of N addresses (XFF)
+//! ```
+//!
+//! Every loop is bounded in count and in time, and only loopback addresses are used. keygate is
+//! expected to trust 127.0.0.1 as a proxy (`trusted_proxies = ["127.0.0.1/32"]`), so that
+//! `X-Forwarded-For` can stand for many client addresses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::Request;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(args: &[String]) -> Args {
+        let mut m = HashMap::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let name = a.strip_prefix("--").unwrap_or_else(|| usage(a));
+            let v = it.next().unwrap_or_else(|| usage(a));
+            m.insert(name.to_string(), v.clone());
+        }
+        Args(m)
+    }
+    fn get(&self, name: &str) -> &str {
+        self.0.get(name).map_or_else(|| usage(name), |s| s.as_str())
+    }
+    fn num(&self, name: &str, default: u64) -> u64 {
+        self.0
+            .get(name)
+            .map_or(default, |s| s.parse().unwrap_or_else(|_| usage(name)))
+    }
+}
+
+fn usage(what: &str) -> ! {
+    eprintln!("flood: bad or missing argument {what:?}; see the header of examples/flood.rs");
+    std::process::exit(2)
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first() else {
+        usage("command")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match cmd.as_str() {
+        "upstream" => rt.block_on(upstream(argv.get(1).map_or("127.0.0.1:8000", |s| s))),
+        "run" => rt.block_on(run(Args::parse(&argv[1..]))),
+        "attack" => rt.block_on(attack(Args::parse(&argv[1..]))),
+        "ips" => rt.block_on(ips(Args::parse(&argv[1..]))),
+        other => usage(other),
+    }
+}
+
+async fn upstream(addr: &str) {
+    let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    eprintln!("upstream listening on {addr}");
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    Bytes::from_static(b"ok\n"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+fn tls_config(ca_path: &str) -> Arc<rustls::ClientConfig> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_path).expect("read CA PEM") {
+        roots.add(c.expect("CA PEM")).expect("CA certificate");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// One keep-alive HTTP/1.1 connection over TLS.
+async fn connect(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<SendRequest<Empty<Bytes>>, Error> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let s = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+async fn get(send: &mut SendRequest<Empty<Bytes>>, headers: &[(&str, &str)]) -> Result<u16, Error> {
+    send.ready().await?;
+    let mut b = Request::get("/").header("host", "localhost");
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    let resp = send.send_request(b.body(Empty::new())?).await?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await?;
+    Ok(status)
+}
+
+/// Sequential requests on one keep-alive connection; latencies in microseconds, sorted.
+async fn measure(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    token: &str,
+    requests: u64,
+    secs: u64,
+) -> (Vec<u64>, u64) {
+    let mut send = connect(addr, tls)
+        .await
+        .expect("legitimate client connects");
+    let mut lat = Vec::with_capacity(requests as usize);
+    let mut not_ok = 0;
+    let end = Instant::now() + Duration::from_secs(secs);
+    for _ in 0..requests {
+        if Instant::now() > end {
+            break;
+        }
+        let t = Instant::now();
+        match get(&mut send, &[("x-api-key", token)]).await {
+            Ok(200) => lat.push(t.elapsed().as_micros() as u64),
+            Ok(_) => not_ok += 1,
+            Err(_) => {
+                not_ok += 1;
+                send = connect(addr, tls).await.expect("reconnect");
+            }
+        }
+    }
+    lat.sort_unstable();
+    (lat, not_ok)
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
+/// CPU ticks (utime + stime) of a process, and of each of its threads by name.
+fn cpu_ticks(pid: u32) -> (u64, Vec<(String, u64)>) {
+    fn parse(stat: &str) -> Option<(String, u64)> {
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // Fields 14 and 15 of stat(5); f[0] is field 3.
+        Some((
+            name,
+            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+        ))
+    }
+    let total = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse(&s))
+        .map_or(0, |(_, t)| t);
+    let mut threads = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in dir.flatten() {
+            if let Some((name, t)) = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| parse(&s))
+            {
+                threads.push((format!("{}#{}", name, e.file_name().to_string_lossy()), t));
+            }
+        }
+    }
+    (total, threads)
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Phase {
+    name: String,
+    p50: f64,
+    p99: f64,
+    n: usize,
+    not_ok: u64,
+    cpu_pct: f64,
+    busiest_threads: String,
+    attack: String,
+}
+
+async fn run(a: Args) {
+    let addr: SocketAddr = a.get("addr").parse().unwrap_or_else(|_| usage("addr"));
+    let ca = a.get("ca").to_string();
+    let token = a.get("token").to_string();
+    let key_id = a.get("key-id").to_string();
+    let pid: u32 = a.get("pid").parse().unwrap_or_else(|_| usage("pid"));
+    let requests = a.num("requests", 3000);
+    let secs = a.num("secs", 20);
+    let conns = a.num("conns", 8);
+    let tls = tls_config(&ca);
+    let tck = clk_tck();
+    let me = std::env::current_exe().expect("own path");
+
+    // Warm-up: the key gets into the verified cache, connections and caches get warm.
+    let _ = measure(addr, &tls, &token, 200, 10).await;
+
+    let mut phases = Vec::new();
+    for mode in ["quiet", "one", "many", "none"] {
+        let mut attacker = (mode != "quiet").then(|| {
+            Command::new(&me)
+                .args(["attack", "--addr", &addr.to_string(), "--ca", &ca])
+                .args(["--key-id", &key_id, "--conns", &conns.to_string()])
+                .args(["--secs", &(secs + 15).to_string(), "--xff", mode])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("start the attacker")
+        });
+        if attacker.is_some() {
+            // Let the flood reach its steady state (queues full, throttles engaged).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let (t0, threads0) = cpu_ticks(pid);
+        let w0 = Instant::now();
+        let (lat, not_ok) = measure(addr, &tls, &token, requests, secs).await;
+        let wall = w0.elapsed().as_secs_f64();
+        let (t1, threads1) = cpu_ticks(pid);
+        let mut per_thread: Vec<(String, f64)> = threads1
+            .iter()
+            .map(|(n, t)| {
+                let before = threads0.iter().find(|(m, _)| m == n).map_or(0, |x| x.1);
+                (n.clone(), (t - before) as f64 / tck / wall * 100.0)
+            })
+            .filter(|(_, p)| *p >= 1.0)
+            .collect();
+        per_thread.sort_by(|x, y| y.1.total_cmp(&x.1));
+        let busiest = per_thread
+            .iter()
+            .take(4)
+            .map(|(n, p)| format!("{} {p:.0}%", n.split('#').next().unwrap_or(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let attack = match attacker.take() {
+            Some(mut child) => {
+                let _ = child.kill();
+                let out = child
+                    .wait_with_output()
+                    .map(|o| o.stdout)
+                    .unwrap_or_default();
+                String::from_utf8_lossy(&out).trim().to_string()
+            }
+            None => String::new(),
+        };
+        phases.push(Phase {
+            name: match mode {
+                "quiet" => "quiet (no attacker)".into(),
+                "one" => format!("flood, {conns} conns, one IP (XFF 198.51.100.1)"),
+                "many" => format!("flood, {conns} conns, a new IP per request (XFF)"),
+                _ => format!("flood, {conns} conns, the legitimate client's own IP"),
+            },
+            p50: pct(&lat, 0.50),
+            p99: pct(&lat, 0.99),
+            n: lat.len(),
+            not_ok,
+            cpu_pct: (t1 - t0) as f64 / tck / wall * 100.0,
+            busiest_threads: busiest,
+            attack,
+        });
+        // Let keygate's queues drain between phases.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    let quiet = &phases[0];
+    println!(
+        "| phase | legit requests (non-200) | p50 ms | p99 ms | p50 ratio | p99 ratio | keygate CPU % | busiest keygate threads | attacker (per second) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for p in &phases {
+        println!(
+            "| {} | {} ({}) | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.0} | {} | {} |",
+            p.name,
+            p.n,
+            p.not_ok,
+            p.p50,
+            p.p99,
+            p.p50 / quiet.p50,
+            p.p99 / quiet.p99,
+            p.cpu_pct,
+            p.busiest_threads,
+            p.attack
+        );
+    }
+}
+
+/// Wrong-secret tokens for `key-id` (valid checksum, a new secret each time) as fast as keygate
+/// answers, on `conns` connections, for `secs` seconds at most. Prints the statuses per second.
+async fn attack(a: Args) {
+    let addr: SocketAddr = a.get("addr").parse().unwrap_or_else(|_| usage("addr"));
+    let tls = tls_config(a.get("ca"));
+    let key_id = a.get("key-id").to_string();
+    let conns = a.num("conns", 8);
+    let secs = a.num("secs", 30);
+    let mode = a.get("xff").to_string();
+    let max_requests = a.num("max-requests", 2_000_000);
+    let end = Instant::now() + Duration::from_secs(secs);
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (tls, key_id, mode, counts, sent) = (
+            tls.clone(),
+            key_id.clone(),
+            mode.clone(),
+            counts.clone(),
+            sent.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut send = None;
+            let mut i: u64 = c << 32;
+            while Instant::now() < end && sent.fetch_add(1, Relaxed) < max_requests {
+                if send.is_none() {
+                    send = connect(addr, &tls).await.ok();
+                    if send.is_none() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
+                i += 1;
+                let token = keygate::auth::NewToken::generate(&key_id);
+                let xff = match mode.as_str() {
+                    "one" => Some("198.51.100.1".to_string()),
+                    // 100.64.0.0/10 (CGNAT space), a different address per request.
+                    "many" => {
+                        let n = (i.wrapping_mul(2_654_435_761) ^ c) & 0x3f_ffff;
+                        Some(format!(
+                            "100.{}.{}.{}",
+                            64 + (n >> 16),
+                            (n >> 8) & 0xff,
+                            n & 0xff
+                        ))
+                    }
+                    _ => None,
+                };
+                let mut h = vec![("x-api-key", token.reveal())];
+                if let Some(x) = &xff {
+                    h.push(("x-forwarded-for", x));
+                }
+                let r = tokio::time::timeout(
+                    end.saturating_duration_since(Instant::now()) + Duration::from_secs(1),
+                    get(send.as_mut().expect("connected"), &h),
+                )
+                .await;
+                let slot = match r {
+                    Ok(Ok(401)) => 0,
+                    Ok(Ok(429)) => 1,
+                    Ok(Ok(_)) => 2,
+                    _ => {
+                        send = None;
+                        3
+                    }
+                };
+                counts[slot].fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let per = |i: usize| counts[i].load(Relaxed) as f64 / wall;
+    println!(
+        "401 {:.0}/s, 429 {:.0}/s, other {:.0}/s, errors {:.0}/s",
+        per(0),
+        per(1),
+        per(2),
+        per(3)
+    );
+}
+
+/// One failed authentication (an unknown key id: a guess, no hashing) from each of `count`
+/// addresses, sent as `X-Forwarded-For` through `conns` connections. `offset` shifts the address
+/// range so a second run uses new addresses. Prints what came back and the rate.
+async fn ips(a: Args) {
+    let addr: SocketAddr = a.get("addr").parse().unwrap_or_else(|_| usage("addr"));
+    let tls = tls_config(a.get("ca"));
+    let count = a.num("count", 100_000);
+    let conns = a.num("conns", 8);
+    let offset = a.num("offset", 0);
+    let max_secs = a.num("secs", 600);
+    let next = Arc::new(AtomicU64::new(0));
+    let statuses: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    let start = Instant::now();
+    let end = start + Duration::from_secs(max_secs);
+    let token = keygate::auth::NewToken::generate("nobody-here");
+    let token: Arc<str> = token.reveal().into();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (tls, next, statuses, token) =
+            (tls.clone(), next.clone(), statuses.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut send = None;
+            loop {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= count || Instant::now() > end {
+                    break;
+                }
+                if send.is_none() {
+                    send = match connect(addr, &tls).await {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            if statuses[2].load(Relaxed) == 0 {
+                                eprintln!("flood: cannot connect: {e}");
+                            }
+                            None
+                        }
+                    };
+                }
+                let Some(s) = send.as_mut() else {
+                    statuses[2].fetch_add(1, Relaxed);
+                    continue;
+                };
+                // 10.0.0.0/8 holds 16.7 million addresses: plenty, all distinct.
+                let n = (i + offset) & 0xff_ffff;
+                let xff = format!("10.{}.{}.{}", n >> 16, (n >> 8) & 0xff, n & 0xff);
+                match get(s, &[("x-api-key", &token), ("x-forwarded-for", &xff)]).await {
+                    Ok(401) => statuses[0].fetch_add(1, Relaxed),
+                    Ok(_) => statuses[1].fetch_add(1, Relaxed),
+                    Err(e) => {
+                        if statuses[2].load(Relaxed) == 0 {
+                            eprintln!("flood: request failed: {e}");
+                        }
+                        send = None;
+                        statuses[2].fetch_add(1, Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let [u, o, e] = &*statuses;
+    println!(
+        "{} addresses in {wall:.1}s ({:.0}/s): 401 {}, other status {}, errors {}",
+        count,
+        count as f64 / wall,
+        u.load(Relaxed),
+        o.load(Relaxed),
+        e.load(Relaxed)
+    );
+    if let Some(pid) = a.0.get("pid").and_then(|p| p.parse().ok()) {
+        println!("keygate VmRSS {} KiB", rss_kib(pid));
+    }
+}
