@@ -3,12 +3,13 @@
 # after failed authentications from MEM_IPS distinct client addresses (trusted-proxy
 # X-Forwarded-For, 10.0.0.0/8; unknown-key tokens, which count towards failed_auth_limit like any
 # guess but cost no argon2 work), after the periodic prune (the housekeeping task runs every
-# 60 s), and after a second round of MEM_IPS *new* addresses (memory is reused, not grown).
+# 60 s), and the same again for each further round of MEM_IPS *new* addresses (memory is reused,
+# not grown).
 #
-# Usage: bash bench/memory_ips.sh   (env: MEM_IPS=100000, MEM_CONNS=8, MEM_LIMIT="20/min" for
-#                                    failed_auth_limit, MEM_PORT, MEM_UPSTREAM_PORT, MEM_KEEP=1
-#                                    keeps the temp dir)
-# Takes about two and a half minutes (two prune waits). Loopback only, bounded loops.
+# Usage: bash bench/memory_ips.sh   (env: MEM_IPS=100000 per round, MEM_ROUNDS=3, MEM_CONNS=8,
+#                                    MEM_LIMIT="20/min" for failed_auth_limit, MEM_LOG_LEVEL=info,
+#                                    MEM_PORT, MEM_UPSTREAM_PORT, MEM_KEEP=1 keeps the temp dir)
+# Takes about a minute per round (each waits for a prune). Loopback only, bounded loops.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,6 +19,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${MEM_UPSTREAM_PORT:=18001}"
 : "${MEM_KEEP:=0}"
 : "${MEM_LIMIT:=20/min}"
+: "${MEM_ROUNDS:=3}"
+: "${MEM_LOG_LEVEL:=info}"
 
 log() { printf '[memory] %s\n' "$*" >&2; }
 die() { printf '[memory] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -63,7 +66,7 @@ trusted_proxies = ["127.0.0.1/32"]
 
 [log]
 format = "json"
-level = "info"
+level = "$MEM_LOG_LEVEL"
 
 [[keys]]
 id = "someone"
@@ -100,28 +103,25 @@ ROWS+=("| after start | $(rss) | $(cpu) |")
 "$FLOOD" ips --addr "127.0.0.1:$MEM_PORT" --ca "$WORK/cert.pem" --count 2000 --conns "$MEM_CONNS" \
     --offset 16000000 >/dev/null
 ROWS+=("| after 2 000 failed auths (TLS, buffers, log writer warm) | $(rss) | $(cpu) |")
-log "round 1: $MEM_IPS addresses"
-R1=$("$FLOOD" ips --addr "127.0.0.1:$MEM_PORT" --ca "$WORK/cert.pem" --count "$MEM_IPS" \
-    --conns "$MEM_CONNS" --offset 0)
-ROWS+=("| right after failed auths from $MEM_IPS distinct addresses | $(rss) | $(cpu) |")
-wait_prune
-ROWS+=("| after the periodic prune | $(rss) | $(cpu) |")
-log "round 2: $MEM_IPS new addresses"
-R2=$("$FLOOD" ips --addr "127.0.0.1:$MEM_PORT" --ca "$WORK/cert.pem" --count "$MEM_IPS" \
-    --conns "$MEM_CONNS" --offset "$MEM_IPS")
-ROWS+=("| right after $MEM_IPS more (new) addresses | $(rss) | $(cpu) |")
-wait_prune
-ROWS+=("| after the next prune | $(rss) | $(cpu) |")
+NOTES=()
+for round in $(seq "$MEM_ROUNDS"); do
+    log "round $round: $MEM_IPS new addresses"
+    R=$("$FLOOD" ips --addr "127.0.0.1:$MEM_PORT" --ca "$WORK/cert.pem" --count "$MEM_IPS" \
+        --conns "$MEM_CONNS" --offset $(((round - 1) * MEM_IPS)))
+    NOTES+=("- round $round: $R")
+    ROWS+=("| round $round: right after failed auths from $MEM_IPS new addresses | $(rss) | $(cpu) |")
+    wait_prune
+    ROWS+=("| round $round: after the periodic prune | $(rss) | $(cpu) |")
+done
 
 echo "## keygate memory: per-client-IP state"
 echo
-echo "keygate \`workers = 1\`, \`failed_auth_limit = \"$MEM_LIMIT\"\`, trusted proxy 127.0.0.1, one unknown-key token per client address (X-Forwarded-For), $MEM_CONNS keep-alive connections."
+echo "keygate \`workers = 1\`, \`failed_auth_limit = \"$MEM_LIMIT\"\`, log level $MEM_LOG_LEVEL, trusted proxy 127.0.0.1, one unknown-key token per client address (X-Forwarded-For), $MEM_CONNS keep-alive connections."
 echo
 echo "| moment | keygate VmRSS KiB | keygate CPU s (cumulative) |"
 echo "| --- | --- | --- |"
 printf '%s\n' "${ROWS[@]}"
 echo
-echo "- round 1: $R1"
-echo "- round 2: $R2"
+printf '%s\n' "${NOTES[@]}"
 echo "- peak RSS (VmHWM): $(awk '/VmHWM/ {print $2, $3}' "/proc/$KG_PID/status")"
 echo "- auth_throttled events: $(grep -c '"event":"auth_throttled"' "$WORK/keygate.log" || true); table-full warnings: $(grep -c 'failed-auth table full' "$WORK/keygate.log" || true)"

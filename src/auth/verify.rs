@@ -2,8 +2,10 @@
 //!
 //! * A keyed digest (HMAC-SHA256 with a per-process random key) of the token is what caches hold,
 //!   never the token. Steady state: one HMAC and a constant-time compare, no argon2.
-//! * argon2 runs on tokio's blocking pool, at most `verify_concurrency` at a time; waiting for a
-//!   permit is async, so a flood of bad tokens queues instead of starving the workers.
+//! * argon2 runs on `verify_concurrency` dedicated threads (`keygate-argon2`), never on the async
+//!   workers; waiting for a permit is async, so a flood of bad tokens queues instead of starving
+//!   the workers. The permit travels with the job and is released when the hash is done, so a
+//!   request abandoned mid-verification cannot let more hashes run at once than the bound.
 //! * A short negative cache remembers digests of wrong tokens, so the same bad token is not
 //!   hashed twice within a minute.
 
@@ -29,6 +31,43 @@ pub struct Verifier {
     mac: Hmac<Sha256>,
     permits: Arc<Semaphore>,
     negative: Mutex<HashMap<Digest, Instant>>,
+    argon2: Argon2Threads,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that run argon2. Why not tokio's blocking pool: it hands each job to whichever of
+/// its (up to 512) threads is idle, and glibc's malloc gives threads arenas of their own, so every
+/// thread that ever ran a verification kept its ~19 MiB of argon2 memory: under a flood of wrong
+/// tokens from many addresses keygate grew to ~430 MiB with `verify_concurrency = 1`
+/// (`bench/flood.sh`). A fixed set of threads caps that near `verify_concurrency` × m_cost, and
+/// shows argon2's CPU per thread (`top -H`). The threads end when the [`Verifier`] is dropped.
+struct Argon2Threads {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Argon2Threads {
+    fn new(n: usize) -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..n {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name("keygate-argon2".into())
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        // A panic in one verification must not shrink the pool.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+                .expect("cannot start the argon2 threads");
+        }
+        Argon2Threads { jobs }
+    }
 }
 
 /// The outcome of checking a token's secret.
@@ -48,6 +87,7 @@ impl Verifier {
             mac: Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length"),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             negative: Mutex::new(HashMap::new()),
+            argon2: Argon2Threads::new(concurrency.max(1)),
         }
     }
 
@@ -73,7 +113,7 @@ impl Verifier {
 
     /// Runs argon2 off the async workers, bounded. Remembers the result either way.
     pub async fn verify(&self, key: &Arc<Key>, token: &[u8], digest: Digest) -> Outcome {
-        let Ok(_permit) = self.permits.acquire().await else {
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
             return Outcome::Invalid;
         };
         // Re-check: another request with the same token may have verified it while we waited.
@@ -82,9 +122,16 @@ impl Verifier {
         }
         let secret = Zeroizing::new(token.to_vec());
         let k = key.clone();
-        let ok = tokio::task::spawn_blocking(move || k.hash.verify_blocking(&secret))
-            .await
-            .unwrap_or(false);
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let ok = k.hash.verify_blocking(&secret);
+            drop(permit);
+            let _ = done.send(ok);
+        });
+        if self.argon2.jobs.send(job).is_err() {
+            return Outcome::Invalid;
+        }
+        let ok = result.await.unwrap_or(false);
         if ok {
             // Only one token can match a hash, so a set-once slot is enough.
             let _ = key.verified.set(digest);
