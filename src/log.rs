@@ -19,21 +19,30 @@ use http::uri::PathAndQuery;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{Layer, filter::LevelFilter, reload};
+use tracing_subscriber::{Layer, reload};
 
 /// Keeps the log writer alive; drop it last (flushes buffered lines).
 pub struct LogGuard {
     _guard: WorkerGuard,
-    level: reload::Handle<LevelFilter, tracing_subscriber::Registry>,
+    level: reload::Handle<Targets, tracing_subscriber::Registry>,
 }
 
 impl LogGuard {
     /// Applies a new level from a reloaded config.
     pub fn set_level(&self, level: tracing::Level) {
-        let _ = self.level.modify(|f| *f = LevelFilter::from_level(level));
+        let _ = self.level.modify(|f| *f = filter_for(level));
     }
+}
+
+/// keygate's own events at the configured level; dependencies (hyper, h2, rustls, …) only at
+/// `warn` and above, so a verbose level never turns their internals into log volume. The `log`
+/// crate is deliberately not bridged: nothing reaches the log that keygate did not choose to say.
+fn filter_for(level: tracing::Level) -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::from_level(level).min(LevelFilter::WARN))
+        .with_target("keygate", level)
 }
 
 /// Installs the global subscriber. `json = false` gives compact human-readable text.
@@ -45,20 +54,19 @@ pub fn init(json: bool, level: tracing::Level) -> LogGuard {
             64 * 1024,
             std::io::stdout(),
         ));
-    let (filter, handle) = reload::Layer::new(LevelFilter::from_level(level));
+    let (filter, handle) = reload::Layer::new(filter_for(level));
     let registry = tracing_subscriber::registry().with(filter);
     if json {
-        let _ = registry.with(JsonLayer { writer }).try_init();
+        let _ = tracing::subscriber::set_global_default(registry.with(JsonLayer { writer }));
     } else {
-        let _ = registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(writer)
-                    .with_ansi(false)
-                    .with_target(false)
-                    .compact(),
-            )
-            .try_init();
+        let subscriber = registry.with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_ansi(false)
+                .with_target(false)
+                .compact(),
+        );
+        let _ = tracing::subscriber::set_global_default(subscriber);
     }
     LogGuard {
         _guard: guard,

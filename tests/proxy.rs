@@ -490,3 +490,32 @@ async fn sigterm_lets_in_flight_requests_finish() {
     // Not accepting any more.
     assert!(tokio::net::TcpStream::connect(code.1.addr).await.is_err());
 }
+
+/// Only keygate decides what is logged: a client sending an IP address as SNI (wrk does) made
+/// rustls's own `log` output appear once per connection, with build-machine paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_log_noise_stays_out_of_the_log() {
+    let up = Upstream::start().await;
+    let (_, hash) = new_key("n");
+    let kg = Keygate::builder().upstream(&up).key("n", &hash, "").start();
+    let addr = kg.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr, "-servername", "127.0.0.1"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed")
+    })
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("TLSv1.3"),
+        "handshake happened"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = kg.logs();
+    assert!(
+        !logs.contains("SNI") && !logs.contains("rustls") && !logs.contains(".cargo/registry"),
+        "{logs}"
+    );
+}

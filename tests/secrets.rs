@@ -434,7 +434,7 @@ fn panic_child() {
         });
         assert!(task.await.unwrap_err().is_panic());
         let still = tokio::spawn(async { 42 }).await.unwrap();
-        tracing::info!(still, "runtime still serving");
+        tracing::info!(target: "keygate::test", still, "runtime still serving");
     });
     drop(log);
 }
