@@ -134,7 +134,7 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
         let shared = shared.clone();
         let drain = drain_rx.clone();
         tokio::spawn(async move {
-            metrics::global().connection_opened();
+            let _open = OpenConnection::new();
             let mut stream = stream;
             let peer = if snap.server.proxy_protocol {
                 proxied_peer(&mut stream, peer, &snap).await
@@ -144,7 +144,6 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
             if let Some(peer) = peer {
                 serve_connection(stream, peer, snap, shared, drain).await;
             }
-            metrics::global().connection_closed();
             drop(permit);
         });
     }
@@ -218,6 +217,22 @@ async fn proxied_peer(
         }
     };
     admitted_at_accept(snap, peer, true).then_some(peer)
+}
+
+/// Counts an open client connection for the whole life of its task, panics included.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        metrics::global().connection_opened();
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::global().connection_closed();
+    }
 }
 
 async fn serve_connection(
