@@ -16,8 +16,10 @@
 # (utime+stime from /proc/PID/stat over the measurement, 100 % = one core) and its busiest
 # threads, and the attacker's answers per second (each 401 is one argon2 verification).
 #
-# Usage: bash bench/flood.sh     (env: FLOOD_REQUESTS, FLOOD_SECS, FLOOD_CONNS, FLOOD_PORT,
-#                                 FLOOD_UPSTREAM_PORT, FLOOD_KEEP=1 keeps the temp dir)
+# Each phase runs FLOOD_ROUNDS times, interleaved, and the medians are reported.
+#
+# Usage: bash bench/flood.sh     (env: FLOOD_REQUESTS, FLOOD_SECS, FLOOD_CONNS, FLOOD_ROUNDS,
+#                                 FLOOD_PORT, FLOOD_UPSTREAM_PORT, FLOOD_KEEP=1 keeps the temp dir)
 # Loopback only; every loop is bounded in count (FLOOD_REQUESTS) and time (FLOOD_SECS).
 set -euo pipefail
 
@@ -25,6 +27,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${FLOOD_REQUESTS:=3000}"     # legitimate requests per phase (at most)
 : "${FLOOD_SECS:=20}"           # seconds per phase (at most)
 : "${FLOOD_CONNS:=8}"           # attacker connections
+: "${FLOOD_ROUNDS:=5}"          # each phase this many times, interleaved; medians reported
 : "${FLOOD_PORT:=18443}"
 : "${FLOOD_UPSTREAM_PORT:=18000}"
 : "${FLOOD_KEEP:=0}"
@@ -96,15 +99,17 @@ for _ in $(seq 100); do
 done
 grep -q '"msg":"listening"' "$WORK/keygate.log" || die "keygate did not start"
 
-log "measuring: quiet, then three floods (${FLOOD_SECS}s at most each)"
+log "measuring: quiet and three floods, $FLOOD_ROUNDS rounds (${FLOOD_SECS}s at most each)"
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "## keygate flood benchmark"
 echo
 echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); keygate \`workers = 1\`, \`verify_concurrency = 1\`, argon2id m=19456 KiB t=2 p=1, \`failed_auth_limit = \"20/min\"\`; legitimate client: one keep-alive HTTP/1.1 connection, ${FLOOD_REQUESTS} sequential requests at most; attacker: ${FLOOD_CONNS} keep-alive connections."
 echo
 "$FLOOD" run --addr "127.0.0.1:$FLOOD_PORT" --ca "$WORK/cert.pem" --token "$TOKEN" \
     --key-id legit --pid "$KG_PID" --requests "$FLOOD_REQUESTS" --secs "$FLOOD_SECS" \
-    --conns "$FLOOD_CONNS"
+    --conns "$FLOOD_CONNS" --rounds "$FLOOD_ROUNDS"
 echo
+echo "Load average before/after (other work on the machine skews latency): $LOAD0 / $(cut -d' ' -f1-3 /proc/loadavg)."
 echo "keygate peak RSS: $(awk '/VmHWM/ {print $2, $3}' "/proc/$KG_PID/status")." \
     "argon2 verifications logged (bad_secret): $(grep -c '"reason":"bad_secret"' "$WORK/keygate.log" || true);" \
     "refused without hashing (auth_throttled): $(grep -c '"event":"auth_throttled"' "$WORK/keygate.log" || true)."

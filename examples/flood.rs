@@ -228,8 +228,8 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-struct Phase {
-    name: String,
+/// One measurement of the legitimate client, with or without an attacker.
+struct Sample {
     p50: f64,
     p99: f64,
     n: usize,
@@ -237,6 +237,12 @@ struct Phase {
     cpu_pct: f64,
     busiest_threads: String,
     attack: String,
+    rss_kib: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 async fn run(a: Args) {
@@ -248,6 +254,7 @@ async fn run(a: Args) {
     let requests = a.num("requests", 3000);
     let secs = a.num("secs", 20);
     let conns = a.num("conns", 8);
+    let rounds = a.num("rounds", 3).max(1);
     let tls = tls_config(&ca);
     let tck = clk_tck();
     let me = std::env::current_exe().expect("own path");
@@ -255,95 +262,116 @@ async fn run(a: Args) {
     // Warm-up: the key gets into the verified cache, connections and caches get warm.
     let _ = measure(addr, &tls, &token, 200, 10).await;
 
-    let mut phases = Vec::new();
-    for mode in ["quiet", "one", "many", "none"] {
-        let mut attacker = (mode != "quiet").then(|| {
-            Command::new(&me)
-                .args(["attack", "--addr", &addr.to_string(), "--ca", &ca])
-                .args(["--key-id", &key_id, "--conns", &conns.to_string()])
-                .args(["--secs", &(secs + 15).to_string(), "--xff", mode])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start the attacker")
-        });
-        if attacker.is_some() {
-            // Let the flood reach its steady state (queues full, throttles engaged).
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        }
-        let (t0, threads0) = cpu_ticks(pid);
-        let w0 = Instant::now();
-        let (lat, not_ok) = measure(addr, &tls, &token, requests, secs).await;
-        let wall = w0.elapsed().as_secs_f64();
-        let (t1, threads1) = cpu_ticks(pid);
-        let mut per_thread: Vec<(String, f64)> = threads1
-            .iter()
-            .map(|(n, t)| {
-                let before = threads0.iter().find(|(m, _)| m == n).map_or(0, |x| x.1);
-                (n.clone(), (t - before) as f64 / tck / wall * 100.0)
-            })
-            .filter(|(_, p)| *p >= 1.0)
-            .collect();
-        per_thread.sort_by(|x, y| y.1.total_cmp(&x.1));
-        let busiest = per_thread
-            .iter()
-            .take(4)
-            .map(|(n, p)| format!("{} {p:.0}%", n.split('#').next().unwrap_or(n)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let attack = match attacker.take() {
-            Some(mut child) => {
-                let _ = child.kill();
-                let out = child
-                    .wait_with_output()
-                    .map(|o| o.stdout)
-                    .unwrap_or_default();
-                String::from_utf8_lossy(&out).trim().to_string()
+    // The phases are interleaved and repeated, and medians reported, so that a burst of other
+    // work on the machine does not land on one phase only.
+    const MODES: [&str; 4] = ["quiet", "one", "many", "none"];
+    let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (m, mode) in MODES.iter().enumerate() {
+            eprintln!("[flood] round {}/{rounds}: {mode}", round + 1);
+            let mut attacker = (*mode != "quiet").then(|| {
+                Command::new(&me)
+                    .args(["attack", "--addr", &addr.to_string(), "--ca", &ca])
+                    .args(["--key-id", &key_id, "--conns", &conns.to_string()])
+                    .args(["--secs", &(secs + 15).to_string(), "--xff", mode])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("start the attacker")
+            });
+            if attacker.is_some() {
+                // Let the flood reach its steady state (queues full, throttles engaged).
+                tokio::time::sleep(Duration::from_secs(3)).await;
             }
-            None => String::new(),
-        };
-        phases.push(Phase {
-            name: match mode {
-                "quiet" => "quiet (no attacker)".into(),
-                "one" => format!("flood, {conns} conns, one IP (XFF 198.51.100.1)"),
-                "many" => format!("flood, {conns} conns, a new IP per request (XFF)"),
-                _ => format!("flood, {conns} conns, the legitimate client's own IP"),
-            },
-            p50: pct(&lat, 0.50),
-            p99: pct(&lat, 0.99),
-            n: lat.len(),
-            not_ok,
-            cpu_pct: (t1 - t0) as f64 / tck / wall * 100.0,
-            busiest_threads: busiest,
-            attack,
-        });
-        // Let keygate's queues drain between phases.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+            let (t0, threads0) = cpu_ticks(pid);
+            let w0 = Instant::now();
+            let (lat, not_ok) = measure(addr, &tls, &token, requests, secs).await;
+            let wall = w0.elapsed().as_secs_f64();
+            let (t1, threads1) = cpu_ticks(pid);
+            let mut per_thread: Vec<(String, f64)> = threads1
+                .iter()
+                .map(|(n, t)| {
+                    let before = threads0.iter().find(|(m, _)| m == n).map_or(0, |x| x.1);
+                    (n.clone(), (t - before) as f64 / tck / wall * 100.0)
+                })
+                .filter(|(_, p)| *p >= 1.0)
+                .collect();
+            per_thread.sort_by(|x, y| y.1.total_cmp(&x.1));
+            let busiest = per_thread
+                .iter()
+                .take(4)
+                .map(|(n, p)| format!("{} {p:.0}%", n.split('#').next().unwrap_or(n)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let attack = match attacker.take() {
+                Some(mut child) => {
+                    // Closing its stdin stops it (within one request); it then prints its counts.
+                    drop(child.stdin.take());
+                    let out = child
+                        .wait_with_output()
+                        .map(|o| o.stdout)
+                        .unwrap_or_default();
+                    String::from_utf8_lossy(&out).trim().to_string()
+                }
+                None => String::new(),
+            };
+            samples[m].push(Sample {
+                p50: pct(&lat, 0.50),
+                p99: pct(&lat, 0.99),
+                n: lat.len(),
+                not_ok,
+                cpu_pct: (t1 - t0) as f64 / tck / wall * 100.0,
+                busiest_threads: busiest,
+                attack,
+                rss_kib: rss_kib(pid),
+            });
+            // Let keygate's queues drain between phases.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     }
 
-    let quiet = &phases[0];
+    let p50 = |m: usize| median(samples[m].iter().map(|s| s.p50).collect());
+    let p99 = |m: usize| median(samples[m].iter().map(|s| s.p99).collect());
     println!(
-        "| phase | legit requests (non-200) | p50 ms | p99 ms | p50 ratio | p99 ratio | keygate CPU % | busiest keygate threads | attacker (per second) |"
+        "| phase (median of {rounds}) | legit requests (non-200) | p50 ms | p99 ms | p50 flood/quiet | p99 flood/quiet | keygate CPU % | busiest keygate threads (last round) | attacker's answers (last round) | keygate RSS MiB after |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for p in &phases {
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (m, mode) in MODES.iter().enumerate() {
+        let ss = &samples[m];
+        let last = ss.last().expect("at least one round");
         println!(
-            "| {} | {} ({}) | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.0} | {} | {} |",
-            p.name,
-            p.n,
-            p.not_ok,
-            p.p50,
-            p.p99,
-            p.p50 / quiet.p50,
-            p.p99 / quiet.p99,
-            p.cpu_pct,
-            p.busiest_threads,
-            p.attack
+            "| {} | {} ({}) | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.0} | {} | {} | {:.0} |",
+            match *mode {
+                "quiet" => "quiet (no attacker)".to_string(),
+                "one" => format!("flood: {conns} conns, one IP (XFF 198.51.100.1)"),
+                "many" => format!("flood: {conns} conns, a new IP per request (XFF)"),
+                _ => format!("flood: {conns} conns, the legitimate client's own IP"),
+            },
+            ss.iter().map(|s| s.n).sum::<usize>(),
+            ss.iter().map(|s| s.not_ok).sum::<u64>(),
+            p50(m),
+            p99(m),
+            p50(m) / p50(0),
+            p99(m) / p99(0),
+            median(ss.iter().map(|s| s.cpu_pct).collect()),
+            last.busiest_threads,
+            last.attack,
+            ss.iter().map(|s| s.rss_kib).max().unwrap_or(0) as f64 / 1024.0,
         );
+    }
+    println!();
+    for (m, mode) in MODES.iter().enumerate() {
+        let each: Vec<String> = samples[m]
+            .iter()
+            .map(|s| format!("{:.2}/{:.2}", s.p50, s.p99))
+            .collect();
+        println!("- {mode}: p50/p99 ms per round: {}", each.join(", "));
     }
 }
 
 /// Wrong-secret tokens for `key-id` (valid checksum, a new secret each time) as fast as keygate
-/// answers, on `conns` connections, for `secs` seconds at most. Prints the statuses per second.
+/// answers, on `conns` connections, for `secs` seconds at most or until stdin closes. Prints the
+/// statuses per second.
 async fn attack(a: Args) {
     let addr: SocketAddr = a.get("addr").parse().unwrap_or_else(|_| usage("addr"));
     let tls = tls_config(a.get("ca"));
@@ -356,19 +384,32 @@ async fn attack(a: Args) {
     let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
     let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+            stop.store(true, Relaxed);
+        });
+    }
     let mut tasks = Vec::new();
     for c in 0..conns {
-        let (tls, key_id, mode, counts, sent) = (
+        let (tls, key_id, mode, counts, sent, stop) = (
             tls.clone(),
             key_id.clone(),
             mode.clone(),
             counts.clone(),
             sent.clone(),
+            stop.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut send = None;
             let mut i: u64 = c << 32;
-            while Instant::now() < end && sent.fetch_add(1, Relaxed) < max_requests {
+            while Instant::now() < end
+                && !stop.load(Relaxed)
+                && sent.fetch_add(1, Relaxed) < max_requests
+            {
                 if send.is_none() {
                     send = connect(addr, &tls).await.ok();
                     if send.is_none() {
@@ -397,7 +438,7 @@ async fn attack(a: Args) {
                     h.push(("x-forwarded-for", x));
                 }
                 let r = tokio::time::timeout(
-                    end.saturating_duration_since(Instant::now()) + Duration::from_secs(1),
+                    Duration::from_secs(5),
                     get(send.as_mut().expect("connected"), &h),
                 )
                 .await;

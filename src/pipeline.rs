@@ -237,6 +237,8 @@ fn linger(body: Incoming) {
 
 const LINGER_BYTES: i64 = 1 << 20;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a 429 to a client over `failed_auth_limit` is held back (see `admit`).
+const THROTTLED_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Every check before forwarding, in SPEC order. Returns the authenticated key.
 async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, Reject> {
@@ -249,7 +251,17 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     }
     check_header_size(req, snap.server.max_header_bytes)?;
 
-    let key = authenticate(req, ctx).await?;
+    let key = match authenticate(req, ctx).await {
+        Ok(key) => key,
+        Err(throttled @ Reject::Throttled { .. }) => {
+            // Tarpit: a throttled client's 429 is cheap, so without a pause it can be asked for
+            // tens of thousands of times a second, and on few workers that volume alone slows
+            // everyone else. Held for a moment, each connection gets one attempt per pause.
+            tokio::time::sleep(THROTTLED_PAUSE).await;
+            return Err(throttled);
+        }
+        Err(reject) => return Err(reject),
+    };
     ctx.key = Some(key.clone());
     ctx.shared.usage.touch(&key.id, ctx.client_ip);
 

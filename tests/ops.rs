@@ -120,11 +120,18 @@ impl KeepAlive {
             .header("x-api-key", token)
             .body(empty())
             .unwrap();
+        // The previous response may be fully read while the connection task has not yet
+        // returned to idle; sending before it is ready fails with "connection was not ready".
+        // A connection keygate closed fails here instead, as it should.
+        self.sender
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("kept-alive connection closed before {path}: {e:?}"));
         let resp = self
             .sender
             .send_request(req)
             .await
-            .expect("request on kept-alive connection");
+            .unwrap_or_else(|e| panic!("request on kept-alive connection {path}: {e:?}"));
         let status = resp.status().as_u16();
         resp.into_body().collect().await.unwrap();
         status
