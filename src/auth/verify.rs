@@ -124,7 +124,7 @@ impl Verifier {
         let k = key.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let ok = k.hash.verify_blocking(&secret);
+            let ok = k.hash.verify_reusing_memory(&secret);
             drop(permit);
             let _ = done.send(ok);
         });
