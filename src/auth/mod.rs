@@ -81,9 +81,6 @@ impl PhcHash {
     /// threads only. Slow on purpose; never call on an async worker.
     pub fn verify_reusing_memory(&self, token: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        thread_local! {
-            static BLOCKS: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         let (Some(salt), Some(expected)) = (&self.inner.salt, &self.inner.hash) else {
             return false;
         };
@@ -102,6 +99,10 @@ impl PhcHash {
                 return false;
             };
             if blocks.len() < need {
+                if blocks.capacity() < need {
+                    // Only the `need` blocks argon2 fills become resident.
+                    *blocks = Vec::with_capacity(need.max(MIN_BUFFER_BLOCKS));
+                }
                 blocks.resize(need, argon2::Block::default());
             }
             argon2
@@ -118,6 +119,26 @@ impl PhcHash {
             .verify_password(token, &self.inner)
             .is_ok()
     }
+}
+
+thread_local! {
+    /// argon2's working memory on this (argon2) thread, reused while verifications keep coming.
+    static BLOCKS: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer is allocated with room for at least this many 1 KiB blocks: above glibc's largest
+/// dynamic mmap threshold (32 MiB), so it is always a mapping of its own and dropping it hands the
+/// memory back to the OS, rather than to an arena that keeps it.
+const MIN_BUFFER_BLOCKS: usize = 33 * 1024;
+
+/// Frees this thread's argon2 buffer (the argon2 threads call it when idle), so keygate's RSS
+/// returns to its base once a burst of verifications is over.
+pub fn release_verify_memory() {
+    BLOCKS.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            *b = Vec::new();
+        }
+    });
 }
 
 impl fmt::Debug for PhcHash {

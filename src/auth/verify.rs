@@ -42,6 +42,9 @@ type Job = Box<dyn FnOnce() + Send>;
 /// tokens from many addresses keygate grew to ~430 MiB with `verify_concurrency = 1`
 /// (`bench/flood.sh`). A fixed set of threads caps that near `verify_concurrency` × m_cost, and
 /// shows argon2's CPU per thread (`top -H`). The threads end when the [`Verifier`] is dropped.
+/// An argon2 thread idle this long frees its working memory.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 struct Argon2Threads {
     jobs: std::sync::mpsc::Sender<Job>,
 }
@@ -56,9 +59,18 @@ impl Argon2Threads {
                 .name("keygate-argon2".into())
                 .spawn(move || {
                     loop {
-                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        let next = rx
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .recv_timeout(IDLE_RELEASE);
+                        let job = match next {
                             Ok(job) => job,
-                            Err(_) => return,
+                            // Quiet for a second: give argon2's memory back.
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                super::release_verify_memory();
+                                continue;
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                         };
                         // A panic in one verification must not shrink the pool.
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
