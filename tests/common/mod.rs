@@ -404,61 +404,7 @@ impl Keygate {
         ca: CertificateDer<'static>,
         admin: bool,
     ) -> Keygate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .arg("run")
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start keygate");
-        let output: Arc<Mutex<String>> = Arc::default();
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let out = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    let mut o = out.lock().unwrap();
-                    o.push_str(&line);
-                    o.push('\n');
-                }
-            });
-        }
-        let mut kg = Keygate {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            admin: None,
-            dir,
-            config,
-            ca,
-            output,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let logs = kg.logs();
-            let addr_of = |msg: &str| {
-                logs.lines().find_map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                    (v["msg"] == msg).then(|| v["addr"].as_str()?.parse::<SocketAddr>().ok())?
-                })
-            };
-            if let Some(a) = addr_of("listening") {
-                kg.addr = a;
-                if admin {
-                    kg.admin = addr_of("admin listening");
-                }
-                break;
-            }
-            if let Ok(Some(status)) = kg.child.try_wait() {
-                panic!("keygate exited with {status} before listening:\n{logs}");
-            }
-            assert!(Instant::now() < deadline, "keygate did not start:\n{logs}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        kg
+        Self::spawn_env(dir, config, ca, admin, &[])
     }
 
     /// Everything keygate printed so far (stdout and stderr).
