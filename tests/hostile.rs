@@ -23,16 +23,7 @@ use tokio_rustls::client::TlsStream;
 
 /// A TLS connection with the given ALPN protocols.
 async fn tls_connect(kg: &Keygate, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-    let mut cfg = kg.tls_config();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(kg.addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap()
+    kg.tls_stream_alpn(alpn).await
 }
 
 /// Reads until the peer closes (EOF, TLS error or reset: `true`) or `quiet` passes without a

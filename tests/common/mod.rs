@@ -503,10 +503,18 @@ impl Keygate {
         TestClient::new(&self.ca, true)
     }
 
-    /// A raw TLS stream to keygate, for hand-written requests.
+    /// A raw TLS stream to keygate, for hand-written requests (ALPN http/1.1).
     pub async fn tls_stream(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        self.tls_stream_alpn(&[b"http/1.1"]).await
+    }
+
+    /// A raw TLS stream offering the given ALPN protocols.
+    pub async fn tls_stream_alpn(
+        &self,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let mut cfg = self.tls_config();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(

@@ -201,6 +201,19 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
+/// Reads a file the config names (relative paths: from the config's directory); a failure is
+/// recorded under the field's TOML path.
+fn read_file(base: &Path, file: &str, path: &str, errs: &mut Errors) -> Option<Vec<u8>> {
+    let p = resolve(base, file);
+    match std::fs::read(&p) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            errs.push(path, format!("cannot read {}: {e}", p.display()));
+            None
+        }
+    }
+}
+
 fn duration_or(v: &Option<String>, default: &str, path: &str, errs: &mut Errors) -> Duration {
     let s = v.as_deref().unwrap_or(default);
     match parse_duration(s) {
@@ -322,26 +335,16 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             tls::MinVersion::Tls12
         }
     };
-    let client_ca = raw_tls.client_ca.as_deref().map(|p| resolve(base, p));
     let pem = match &ctx.tls_override {
         Some(TlsSource::Pem { cert, key }) => Some((cert.clone(), key.clone())),
         None => {
             let mut read = |field: &str, v: &Option<String>| -> Option<Vec<u8>> {
+                let path = format!("tls.{field}");
                 let Some(p) = v else {
-                    errs.push(format!("tls.{field}"), "missing (path to a PEM file)");
+                    errs.push(path, "missing (path to a PEM file)");
                     return None;
                 };
-                let p = resolve(base, p);
-                match std::fs::read(&p) {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        errs.push(
-                            format!("tls.{field}"),
-                            format!("cannot read {}: {e}", p.display()),
-                        );
-                        None
-                    }
-                }
+                read_file(base, p, &path, &mut errs)
             };
             let cert = read("cert", &raw_tls.cert);
             let key = read("key", &raw_tls.key);
@@ -351,16 +354,10 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     let mut tls_config = None;
     let mut cert_not_after = None;
     if let Some((cert, key)) = pem {
-        let ca = match &client_ca {
-            Some(p) => match std::fs::read(p) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    errs.push("tls.client_ca", format!("cannot read {}: {e}", p.display()));
-                    None
-                }
-            },
-            None => None,
-        };
+        let ca = raw_tls
+            .client_ca
+            .as_deref()
+            .and_then(|p| read_file(base, p, "tls.client_ca", &mut errs));
         match tls::server_config(&cert, &key, min_version, ca.as_deref()) {
             Ok((cfg, not_after)) => {
                 tls_config = Some(cfg);
@@ -385,19 +382,9 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         "upstream.request_timeout",
         &mut errs,
     );
-    let upstream_ca = match &u.ca {
-        Some(p) => {
-            let p = resolve(base, p);
-            match std::fs::read(&p) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    errs.push("upstream.ca", format!("cannot read {}: {e}", p.display()));
-                    None
-                }
-            }
-        }
-        None => None,
-    };
+    let upstream_ca =
+        u.ca.as_deref()
+            .and_then(|p| read_file(base, p, "upstream.ca", &mut errs));
     let upstream = match Upstream::new(
         upstream_url,
         connect_timeout,
