@@ -3,6 +3,8 @@
 //! clients (hyper over rustls). Nothing is mocked.
 #![allow(dead_code)]
 
+pub mod python;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
