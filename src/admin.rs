@@ -51,7 +51,7 @@ async fn answer(
         }
         "/metrics" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::CONTENT_TYPE,
             Bytes::from(crate::metrics::global().render()),
         ),
         _ => (

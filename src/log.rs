@@ -301,7 +301,7 @@ impl AccessRecord {
         let duration = self.start.elapsed();
         let pq = self.path.as_ref().map_or("/", |p| p.as_str());
         let bytes_in = self.bytes_in.as_ref().map_or(0, |s| s.bytes());
-        crate::metrics::global().observe_request(self.status, self.key_id.as_deref(), duration);
+        crate::metrics::global().observe_request(self.status, self.key_id.as_ref(), duration);
         tracing::info!(
             target: "keygate::access",
             request_id = request_id_str(&self.request_id),

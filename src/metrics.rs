@@ -1,13 +1,31 @@
-//! Process-wide counters for the admin listener's `/metrics` (Prometheus text format).
+//! Process-wide metrics for the admin listener's `/metrics`, kept and rendered by the official
+//! Prometheus client (`prometheus-client`) in the Prometheus text exposition format 0.0.4.
 //!
-//! Labels are key ids, status classes and fixed reason words: nothing secret can become a label.
-//! Updates are atomics; the per-key table takes a read lock except the first time a key is seen.
+//! Labels are key ids of authenticated (so configured) keys, status classes and fixed reason
+//! words: nothing a client sends unauthenticated, and nothing secret, can become a label.
+//! Updates are atomics; a labelled family takes a read lock except the first time a label set
+//! is seen. The hot path does not allocate: key ids are the `Arc<str>` of the loaded key.
+//!
+//! Adding a metric: a field here, registered in [`Metrics::new`] under its name without the
+//! `_total` suffix for counters and with its help text without the final period (the encoder
+//! appends both), and a method that the rest of the code calls as
+//! `metrics::global().thing(...)`. Label sets with a fixed set of values are created at start
+//! so their series are exposed from 0 (alerts can use `increase()` from the first event on);
+//! a family labelled by key id appears in the output with its first series.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of what [`Metrics::render`] returns.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Upper bounds of the request-duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -22,233 +40,307 @@ pub const AUTH_REASONS: [&str; 6] = [
     "expired",
 ];
 pub const UPSTREAM_ERRORS: [&str; 3] = ["connect", "timeout", "other"];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    status_class: &'static str,
+    /// Empty when the request was not authenticated.
+    key_id: Option<Arc<str>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabel {
+    key_id: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
 pub struct Metrics {
-    /// key id ("" for none) → counts per status class 1xx..5xx.
-    requests: RwLock<BTreeMap<Arc<str>, Arc<[AtomicU64; 5]>>>,
-    duration_buckets: [AtomicU64; BUCKETS.len()],
-    duration_count: AtomicU64,
-    duration_sum_micros: AtomicU64,
-    auth_failures: [AtomicU64; AUTH_REASONS.len()],
-    rate_limited: RwLock<BTreeMap<Arc<str>, AtomicU64>>,
-    scope_denied: RwLock<BTreeMap<Arc<str>, AtomicU64>>,
-    auth_throttled: AtomicU64,
-    ip_denied: AtomicU64,
-    upstream_errors: [AtomicU64; UPSTREAM_ERRORS.len()],
-    open_connections: AtomicI64,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
-    cert_not_after: AtomicI64,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Histogram,
+    auth_failures: Family<ReasonLabel, Counter>,
+    rate_limited: Family<KeyLabel, Counter>,
+    scope_denied: Family<KeyLabel, Counter>,
+    auth_throttled: Counter,
+    ip_denied: Counter,
+    upstream_errors: Family<KindLabel, Counter>,
+    open_connections: Gauge<i64, AtomicI64>,
+    config_reloads: Family<ResultLabel, Counter>,
+    cert_not_after: Gauge<i64, AtomicI64>,
 }
 
 pub fn global() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(Metrics::default)
+    M.get_or_init(Metrics::new)
 }
 
-fn bump(map: &RwLock<BTreeMap<Arc<str>, AtomicU64>>, key: &str) {
-    if let Some(c) = map.read().unwrap_or_else(|p| p.into_inner()).get(key) {
-        c.fetch_add(1, Relaxed);
-        return;
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
-    map.write()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(Arc::from(key))
-        .or_default()
-        .fetch_add(1, Relaxed);
 }
 
 impl Metrics {
-    pub fn observe_request(&self, status: u16, key_id: Option<&str>, took: Duration) {
-        let class = usize::from((status / 100).clamp(1, 5)) - 1;
-        let key = key_id.unwrap_or("");
-        let found = self
-            .requests
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned();
-        let counts = match found {
-            Some(c) => c,
-            None => self
-                .requests
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(Arc::from(key))
-                .or_insert_with(|| Arc::new(Default::default()))
-                .clone(),
-        };
-        counts[class].fetch_add(1, Relaxed);
-        let secs = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.duration_buckets[i].fetch_add(1, Relaxed);
+    /// Every metric registered, fixed label sets created at 0, `keygate_up` at 1.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let up: Gauge<i64, AtomicI64> = Gauge::default();
+        up.set(1);
+        registry.register("keygate_up", "1 while keygate is serving", up);
+
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "keygate_requests",
+            "Requests answered, by status class and key id",
+            requests.clone(),
+        );
+        let request_duration = Histogram::new(BUCKETS);
+        registry.register(
+            "keygate_request_duration_seconds",
+            "Time from request head to end of response body",
+            request_duration.clone(),
+        );
+        let auth_failures = Family::<ReasonLabel, Counter>::default();
+        for reason in AUTH_REASONS {
+            auth_failures
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
         }
-        self.duration_count.fetch_add(1, Relaxed);
-        self.duration_sum_micros
-            .fetch_add(took.as_micros() as u64, Relaxed);
+        registry.register(
+            "keygate_auth_failures",
+            "Failed authentications, by reason",
+            auth_failures.clone(),
+        );
+        let rate_limited = Family::<KeyLabel, Counter>::default();
+        registry.register(
+            "keygate_rate_limited",
+            "Requests refused by a key's rate limit",
+            rate_limited.clone(),
+        );
+        let scope_denied = Family::<KeyLabel, Counter>::default();
+        registry.register(
+            "keygate_scope_denied",
+            "Requests outside a key's methods or paths",
+            scope_denied.clone(),
+        );
+        let auth_throttled = Counter::default();
+        registry.register(
+            "keygate_auth_throttled",
+            "Requests refused because their IP failed authentication too often",
+            auth_throttled.clone(),
+        );
+        let ip_denied = Counter::default();
+        registry.register(
+            "keygate_ip_denied",
+            "Connections or requests refused by the IP allow/deny lists",
+            ip_denied.clone(),
+        );
+        let open_connections: Gauge<i64, AtomicI64> = Gauge::default();
+        registry.register(
+            "keygate_open_connections",
+            "Client connections open now",
+            open_connections.clone(),
+        );
+        let cert_not_after: Gauge<i64, AtomicI64> = Gauge::default();
+        registry.register(
+            "keygate_certificate_not_after_seconds",
+            "Expiry of the served certificate (unix time)",
+            cert_not_after.clone(),
+        );
+        let upstream_errors = Family::<KindLabel, Counter>::default();
+        for kind in UPSTREAM_ERRORS {
+            upstream_errors.get_or_create(&KindLabel { kind }).inc_by(0);
+        }
+        registry.register(
+            "keygate_upstream_errors",
+            "Upstream failures, by kind",
+            upstream_errors.clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        for result in ["success", "failure"] {
+            config_reloads
+                .get_or_create(&ResultLabel { result })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_config_reloads",
+            "Config reloads, by result",
+            config_reloads.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            auth_failures,
+            rate_limited,
+            scope_denied,
+            auth_throttled,
+            ip_denied,
+            upstream_errors,
+            open_connections,
+            config_reloads,
+            cert_not_after,
+        }
     }
 
+    /// One answered request: `status` is the HTTP status sent, `key_id` the authenticated key
+    /// (None when there was none), `took` from request head to end of response body.
+    pub fn observe_request(&self, status: u16, key_id: Option<&Arc<str>>, took: Duration) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.requests
+            .get_or_create(&RequestLabels {
+                status_class: STATUS_CLASSES[class],
+                key_id: key_id.cloned(),
+            })
+            .inc();
+        self.request_duration.observe(took.as_secs_f64());
+    }
+
+    /// `reason` is one of [`AUTH_REASONS`]; anything else is not counted.
     pub fn auth_failed(&self, reason: &str) {
-        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
-            self.auth_failures[i].fetch_add(1, Relaxed);
+        if let Some(reason) = AUTH_REASONS.iter().find(|r| **r == reason) {
+            self.auth_failures
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
         }
     }
-    pub fn rate_limited(&self, key_id: &str) {
-        bump(&self.rate_limited, key_id);
+    /// `key_id` is the id of a configured key that authenticated.
+    pub fn rate_limited(&self, key_id: &Arc<str>) {
+        self.rate_limited
+            .get_or_create(&KeyLabel {
+                key_id: key_id.clone(),
+            })
+            .inc();
     }
-    pub fn scope_denied(&self, key_id: &str) {
-        bump(&self.scope_denied, key_id);
+    /// `key_id` is the id of a configured key that authenticated.
+    pub fn scope_denied(&self, key_id: &Arc<str>) {
+        self.scope_denied
+            .get_or_create(&KeyLabel {
+                key_id: key_id.clone(),
+            })
+            .inc();
     }
     pub fn auth_throttled(&self) {
-        self.auth_throttled.fetch_add(1, Relaxed);
+        self.auth_throttled.inc();
     }
     pub fn ip_denied(&self) {
-        self.ip_denied.fetch_add(1, Relaxed);
+        self.ip_denied.inc();
     }
+    /// `kind` is one of [`UPSTREAM_ERRORS`]; anything else is not counted.
     pub fn upstream_error(&self, kind: &str) {
-        if let Some(i) = UPSTREAM_ERRORS.iter().position(|r| *r == kind) {
-            self.upstream_errors[i].fetch_add(1, Relaxed);
+        if let Some(kind) = UPSTREAM_ERRORS.iter().find(|k| **k == kind) {
+            self.upstream_errors
+                .get_or_create(&KindLabel { kind })
+                .inc();
         }
     }
     pub fn connection_opened(&self) {
-        self.open_connections.fetch_add(1, Relaxed);
+        self.open_connections.inc();
     }
     pub fn connection_closed(&self) {
-        self.open_connections.fetch_sub(1, Relaxed);
+        self.open_connections.dec();
     }
     pub fn reloaded(&self, ok: bool) {
-        if ok {
-            &self.reloads_ok
-        } else {
-            &self.reloads_failed
-        }
-        .fetch_add(1, Relaxed);
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
+    /// Unix seconds of the served certificate's notAfter; None (unknown) exposes 0.
     pub fn set_cert_not_after(&self, unix: Option<i64>) {
-        self.cert_not_after.store(unix.unwrap_or(0), Relaxed);
+        self.cert_not_after.set(unix.unwrap_or(0));
     }
     pub fn open_connections(&self) -> i64 {
-        self.open_connections.load(Relaxed)
+        self.open_connections.get()
     }
 
-    /// Prometheus text exposition format 0.0.4.
+    /// Prometheus text exposition format 0.0.4 ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(4096);
-        o.push_str("# HELP keygate_up 1 while keygate is serving.\n# TYPE keygate_up gauge\nkeygate_up 1\n");
-        o.push_str("# HELP keygate_requests_total Requests answered, by status class and key id.\n# TYPE keygate_requests_total counter\n");
-        for (key, counts) in self
-            .requests
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            for (i, c) in counts.iter().enumerate() {
-                let n = c.load(Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        o,
-                        "keygate_requests_total{{status_class=\"{}xx\",key_id=\"{key}\"}} {n}",
-                        i + 1
-                    );
-                }
-            }
-        }
-        o.push_str("# HELP keygate_request_duration_seconds Time from request head to end of response body.\n# TYPE keygate_request_duration_seconds histogram\n");
-        let mut cumulative = 0;
-        for (b, c) in BUCKETS.iter().zip(&self.duration_buckets) {
-            cumulative += c.load(Relaxed);
-            let _ = writeln!(
-                o,
-                "keygate_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
-            );
-        }
-        let count = self.duration_count.load(Relaxed);
-        let _ = writeln!(
-            o,
-            "keygate_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            o,
-            "keygate_request_duration_seconds_sum {}",
-            self.duration_sum_micros.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(o, "keygate_request_duration_seconds_count {count}");
-        o.push_str("# HELP keygate_auth_failures_total Failed authentications, by reason.\n# TYPE keygate_auth_failures_total counter\n");
-        for (r, c) in AUTH_REASONS.iter().zip(&self.auth_failures) {
-            let _ = writeln!(
-                o,
-                "keygate_auth_failures_total{{reason=\"{r}\"}} {}",
-                c.load(Relaxed)
-            );
-        }
-        for (name, help, map) in [
-            (
-                "keygate_rate_limited_total",
-                "Requests refused by a key's rate limit.",
-                &self.rate_limited,
-            ),
-            (
-                "keygate_scope_denied_total",
-                "Requests outside a key's methods or paths.",
-                &self.scope_denied,
-            ),
-        ] {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (key, c) in map.read().unwrap_or_else(|p| p.into_inner()).iter() {
-                let _ = writeln!(o, "{name}{{key_id=\"{key}\"}} {}", c.load(Relaxed));
-            }
-        }
-        let simple = [
-            (
-                "keygate_auth_throttled_total",
-                "Requests refused because their IP failed authentication too often.",
-                "counter",
-                self.auth_throttled.load(Relaxed) as i64,
-            ),
-            (
-                "keygate_ip_denied_total",
-                "Connections or requests refused by the IP allow/deny lists.",
-                "counter",
-                self.ip_denied.load(Relaxed) as i64,
-            ),
-            (
-                "keygate_open_connections",
-                "Client connections open now.",
-                "gauge",
-                self.open_connections.load(Relaxed),
-            ),
-            (
-                "keygate_certificate_not_after_seconds",
-                "Expiry of the served certificate (unix time).",
-                "gauge",
-                self.cert_not_after.load(Relaxed),
-            ),
-        ];
-        for (name, help, kind, v) in simple {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        }
-        o.push_str("# HELP keygate_upstream_errors_total Upstream failures, by kind.\n# TYPE keygate_upstream_errors_total counter\n");
-        for (k, c) in UPSTREAM_ERRORS.iter().zip(&self.upstream_errors) {
-            let _ = writeln!(
-                o,
-                "keygate_upstream_errors_total{{kind=\"{k}\"}} {}",
-                c.load(Relaxed)
-            );
-        }
-        // Both results are always exposed (from 0), so alerts can use `increase()` from the
-        // first failure on.
-        o.push_str("# HELP keygate_config_reloads_total Config reloads, by result.\n# TYPE keygate_config_reloads_total counter\n");
-        let _ = writeln!(
-            o,
-            "keygate_config_reloads_total{{result=\"success\"}} {}",
-            self.reloads_ok.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "keygate_config_reloads_total{{result=\"failure\"}} {}",
-            self.reloads_failed.load(Relaxed)
-        );
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut o, &self.registry);
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_are_the_documented_ones() {
+        let m = Metrics::new();
+        let id: Arc<str> = Arc::from("metered");
+        m.observe_request(204, Some(&id), Duration::from_millis(3));
+        m.observe_request(401, None, Duration::from_millis(1));
+        m.rate_limited(&id);
+        m.scope_denied(&id);
+        m.auth_failed("bad_secret");
+        m.auth_failed("not-a-reason");
+        m.upstream_error("timeout");
+        m.reloaded(false);
+        m.set_cert_not_after(Some(1_900_000_000));
+        m.connection_opened();
+        let text = m.render();
+        for line in [
+            "# TYPE keygate_up gauge",
+            "keygate_up 1",
+            "# TYPE keygate_requests_total counter",
+            "keygate_requests_total{status_class=\"2xx\",key_id=\"metered\"} 1",
+            "keygate_requests_total{status_class=\"4xx\",key_id=\"\"} 1",
+            "# TYPE keygate_request_duration_seconds histogram",
+            "keygate_request_duration_seconds_bucket{le=\"0.001\"} 1",
+            "keygate_request_duration_seconds_bucket{le=\"0.005\"} 2",
+            "keygate_request_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "keygate_request_duration_seconds_count 2",
+            "keygate_rate_limited_total{key_id=\"metered\"} 1",
+            "keygate_scope_denied_total{key_id=\"metered\"} 1",
+            "keygate_auth_failures_total{reason=\"bad_secret\"} 1",
+            "keygate_auth_failures_total{reason=\"expired\"} 0",
+            "# TYPE keygate_auth_throttled_total counter",
+            "keygate_ip_denied_total 0",
+            "keygate_upstream_errors_total{kind=\"timeout\"} 1",
+            "keygate_upstream_errors_total{kind=\"connect\"} 0",
+            "keygate_config_reloads_total{result=\"failure\"} 1",
+            "keygate_config_reloads_total{result=\"success\"} 0",
+            "# TYPE keygate_open_connections gauge",
+            "keygate_open_connections 1",
+            "keygate_certificate_not_after_seconds 1900000000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(!text.contains("not-a-reason"), "{text}");
+        assert!(!text.contains("_total_total"), "{text}");
+        assert!(
+            !text.contains("..\n"),
+            "help text ends in one period:\n{text}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        let id: Arc<str> = Arc::from("a\"b\\c\nd");
+        m.rate_limited(&id);
+        let text = m.render();
+        assert!(
+            text.contains("keygate_rate_limited_total{key_id=\"a\\\"b\\\\c\\nd\"} 1"),
+            "{text}"
+        );
     }
 }
