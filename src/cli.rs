@@ -33,14 +33,19 @@ pub enum Command {
         #[arg(short, long, default_value = "/etc/keygate/keygate.toml")]
         config: PathBuf,
     },
-    /// Make a new API key: prints the token once and the [[keys]] snippet with its argon2id hash.
+    /// Make a new API key. stdout gets only the [[keys]] snippet (argon2id hash), so
+    /// `keygate keygen --id NAME >> keygate.toml` is safe; the token is printed once on stderr.
     Keygen {
         /// Key id: [a-z0-9-], 1 to 32 characters.
         #[arg(long)]
         id: String,
-        /// One JSON line: {"id":…,"token":…,"hash":…}
-        #[arg(long)]
+        /// One JSON line on stdout: {"id":…,"token":…,"hash":…}
+        #[arg(long, conflicts_with = "token_stdout")]
         json: bool,
+        /// The other way round: the token alone on stdout (for a secret store), the snippet on
+        /// stderr.
+        #[arg(long)]
+        token_stdout: bool,
     },
     /// Read a token from stdin, print its argon2id PHC hash.
     Hash,
@@ -60,13 +65,30 @@ pub enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
-    /// Write a starter config, self-signed certificate and one key into DIR, for `run`.
+    /// Write a starter config, a self-signed certificate (valid 90 days) and one key into DIR.
+    /// Run as root on /etc/keygate, the files are root:keygate 0640 and the state file goes to
+    /// /var/lib/keygate: ready for the systemd unit.
     Init {
         dir: PathBuf,
         /// Upstream URL to put in the config.
         #[arg(long, default_value = "http://127.0.0.1:8000")]
         upstream: String,
+        /// Public listener. The default accepts clients on every IPv4 address; "[::]:8443" adds
+        /// IPv6, "127.0.0.1:8443" allows local clients only.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: String,
+        /// Group that may read the files (the service's). Default: `keygate` when run as root
+        /// and that group exists, else the caller's own.
+        #[arg(long)]
+        group: Option<String>,
+        /// Key-usage state file. Default: /var/lib/keygate/state.json (the unit's
+        /// StateDirectory) when run as root, else state.json in DIR.
+        #[arg(long)]
+        state: Option<String>,
     },
+    /// Write the man pages and shell completions (bash, zsh, fish) into DIR (packaging).
+    #[command(hide = true)]
+    Assets { dir: PathBuf },
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -74,7 +96,11 @@ pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
-        Command::Keygen { id, json } => keygen(&id, json),
+        Command::Keygen {
+            id,
+            json,
+            token_stdout,
+        } => keygen(&id, json, token_stdout),
         Command::Hash => hash(),
         Command::Keys { config } => keys(&config),
         Command::Demo {
@@ -82,7 +108,20 @@ pub fn main(cli: Cli) -> ExitCode {
             upstream,
             admin,
         } => demo(&listen, &upstream, admin.as_deref()),
-        Command::Init { dir, upstream } => init(&dir, &upstream),
+        Command::Init {
+            dir,
+            upstream,
+            listen,
+            group,
+            state,
+        } => init(&InitOptions {
+            dir: &dir,
+            upstream: &upstream,
+            listen: &listen,
+            group: group.as_deref(),
+            state: state.as_deref(),
+        }),
+        Command::Assets { dir } => assets(&dir),
     }
 }
 
@@ -163,7 +202,9 @@ fn snippet(id: &str, hash: &str) -> String {
     format!("[[keys]]\nid = \"{id}\"\nhash = \"{hash}\"\ncreated = {created}\n")
 }
 
-fn keygen(id: &str, json: bool) -> ExitCode {
+/// stdout gets what belongs in a file (the snippet), stderr what a person reads once (the
+/// token), so `>> keygate.toml` never captures the token. `token_stdout` swaps the two.
+fn keygen(id: &str, json: bool, token_stdout: bool) -> ExitCode {
     if !is_valid_id(id) {
         return fail(format!(
             "invalid key id {id:?}: use [a-z0-9-], 1 to 32 characters"
@@ -171,20 +212,40 @@ fn keygen(id: &str, json: bool) -> ExitCode {
     }
     let token = NewToken::generate(id);
     let hash = hash_token(token.reveal().as_bytes());
-    if json {
-        println!(
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let written = if json {
+        writeln!(
+            out,
             "{}",
             serde_json::json!({"id": id, "token": token.reveal(), "hash": hash})
-        );
+        )
+    } else if token_stdout {
+        writeln!(out, "{}", token.reveal()).and_then(|()| {
+            write!(
+                err,
+                "# New API key {id:?}: the token went to stdout. Add this to the config, then \
+                 reload (systemctl reload keygate):\n{}",
+                snippet(id, &hash)
+            )
+        })
     } else {
-        println!(
-            "New API key {id:?}. The token is shown only this once; give it to the client now:\n"
-        );
-        println!("    {}\n", token.reveal());
-        println!("Add this to the config, then reload (systemctl reload keygate):\n");
-        print!("{}", snippet(id, &hash));
+        // A blank line first: appended to a file that does not end in a newline, it still parses.
+        write!(out, "\n{}", snippet(id, &hash)).and_then(|()| {
+            writeln!(
+                err,
+                "New API key {id:?}. The token is shown only this once (here, not on stdout); \
+                 give it to the client now:\n\n    {}\n\nstdout has the [[keys]] snippet: \
+                 `keygate keygen --id {id} >> /etc/keygate/keygate.toml`, then reload \
+                 (systemctl reload keygate).",
+                token.reveal()
+            )
+        })
+    };
+    match written.and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("cannot write the new key: {e}")),
     }
-    ExitCode::SUCCESS
 }
 
 fn hash() -> ExitCode {
@@ -242,28 +303,56 @@ fn keys(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn self_signed() -> Result<(Vec<u8>, Vec<u8>), String> {
-    let ck = rcgen::generate_simple_self_signed(vec![
+/// How long `init`'s self-signed certificate is valid. Short on purpose: it is for a first
+/// run, and a real certificate (certs/README.md) should replace it; `keygate_certificate_not_after_seconds`
+/// and the startup log show when it runs out.
+pub const INIT_CERT_DAYS: i64 = 90;
+
+/// A self-signed certificate for localhost, 127.0.0.1, ::1 and this host's name, valid from an
+/// hour ago (clock skew) for `days` days. Returns (certificate PEM, key PEM, not-after).
+fn self_signed(days: i64) -> Result<(Vec<u8>, Vec<u8>, jiff::Timestamp), String> {
+    let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
-    ])
-    .map_err(|e| e.to_string())?;
+    ];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() && h != "localhost" {
+            names.push(h.to_string());
+        }
+    }
+    let mut params = rcgen::CertificateParams::new(names).map_err(|e| e.to_string())?;
+    let now = jiff::Timestamp::now();
+    let day = |t: jiff::Timestamp| {
+        let d = t.to_zoned(jiff::tz::TimeZone::UTC).date();
+        rcgen::date_time_ymd(i32::from(d.year()), d.month() as u8, d.day() as u8)
+    };
+    // Whole days (UTC midnight): from yesterday, so a client with a slow clock accepts it.
+    let not_after = now
+        .checked_add(jiff::SignedDuration::from_hours(24 * days))
+        .map_err(|e| e.to_string())?;
+    params.not_before = day(now - jiff::SignedDuration::from_hours(24));
+    params.not_after = day(not_after);
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     Ok((
-        ck.cert.pem().into_bytes(),
-        ck.signing_key.serialize_pem().into_bytes(),
+        cert.pem().into_bytes(),
+        key.serialize_pem().into_bytes(),
+        not_after,
     ))
 }
 
 fn demo(listen: &str, upstream: &str, admin: Option<&str>) -> ExitCode {
-    let (cert, key) = match self_signed() {
+    let (cert, key, _) = match self_signed(1) {
         Ok(p) => p,
         Err(e) => return fail(format!("cannot make a certificate: {e}")),
     };
     let token = NewToken::generate("demo");
     let hash = hash_token(token.reveal().as_bytes());
+    // The log settings are `run`'s defaults: the demo logs exactly as the service will.
     let mut text = format!(
-        "[server]\nlisten = {listen:?}\n[upstream]\nurl = {upstream:?}\n[log]\nformat = \"text\"\n[[keys]]\nid = \"demo\"\nhash = \"{hash}\"\n"
+        "[server]\nlisten = {listen:?}\n[upstream]\nurl = {upstream:?}\n[[keys]]\nid = \"demo\"\nhash = \"{hash}\"\n"
     );
     if let Some(a) = admin {
         text.push_str(&format!("[admin]\nlisten = {a:?}\n"));
@@ -291,6 +380,10 @@ fn demo(listen: &str, upstream: &str, admin: Option<&str>) -> ExitCode {
     );
     println!("{stars}");
     println!("  Proxying https://{listen} -> {upstream}");
+    if let Some(why) = upstream_silent(upstream) {
+        println!("  WARNING: nothing answers at {upstream} ({why}): requests will get 502 until");
+        println!("  the upstream service runs there (or pass --upstream URL).");
+    }
     println!("  API key (shown once): {}", token.reveal());
     println!(
         "  Try:  curl -k -H 'X-API-Key: {}' https://localhost:{port}/",
@@ -307,7 +400,62 @@ fn demo(listen: &str, upstream: &str, admin: Option<&str>) -> ExitCode {
     }
 }
 
-fn init(dir: &Path, upstream: &str) -> ExitCode {
+/// Why nothing accepts a TCP connection at the upstream URL's host and port within 2 s, or
+/// None when something does.
+fn upstream_silent(url: &str) -> Option<String> {
+    use std::net::ToSocketAddrs as _;
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let addrs: Vec<_> = match (host, port).to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => return Some(format!("cannot resolve {host}: {e}")),
+    };
+    let mut last = String::from("no address");
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)) {
+            Ok(_) => return None,
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Some(last)
+}
+
+/// What `init` is asked to do.
+pub struct InitOptions<'a> {
+    pub dir: &'a Path,
+    pub upstream: &'a str,
+    pub listen: &'a str,
+    pub group: Option<&'a str>,
+    pub state: Option<&'a str>,
+}
+
+/// The effective uid of this process, from /proc (no libc call needed).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// The gid of a group named in /etc/group (system groups such as `keygate` live there).
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+fn init(o: &InitOptions<'_>) -> ExitCode {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = o.dir;
     let config_path = dir.join("keygate.toml");
     if config_path.exists() {
         return fail(format!(
@@ -315,52 +463,176 @@ fn init(dir: &Path, upstream: &str) -> ExitCode {
             config_path.display()
         ));
     }
+    if let Err(e) = o.listen.parse::<std::net::SocketAddr>() {
+        return fail(format!("--listen {:?}: {e}", o.listen));
+    }
+    let root = effective_uid() == Some(0);
+    // Who may read: the service's group when root sets up a system install.
+    let group = match o.group {
+        Some(g) => match group_id(g) {
+            Some(gid) => Some((g, gid)),
+            None => return fail(format!("--group {g:?}: no such group in /etc/group")),
+        },
+        None if root => group_id("keygate").map(|gid| ("keygate", gid)),
+        None => None,
+    };
+    if root && group.is_none() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: there is no group `keygate`, so only root can read these files and the \
+             systemd unit (User=keygate) cannot start. Install the package first (it creates \
+             the user), or: adduser --system --group --no-create-home keygate; then \
+             chgrp keygate {0} {0}/*; chmod g+r {0}/*",
+            dir.display()
+        );
+    }
+    let state = o.state.map(str::to_string).unwrap_or_else(|| {
+        if root {
+            "/var/lib/keygate/state.json".to_string()
+        } else {
+            "state.json".to_string()
+        }
+    });
+    let created_dir = !dir.exists();
     if let Err(e) = std::fs::create_dir_all(dir) {
         return fail(format!("cannot create {}: {e}", dir.display()));
     }
-    let (cert, key) = match self_signed() {
+    if created_dir && let Some((_, gid)) = group {
+        let r = std::os::unix::fs::chown(dir, None, Some(gid))
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)));
+        if let Err(e) = r {
+            return fail(format!("cannot give {} to its group: {e}", dir.display()));
+        }
+    }
+    let (cert, key, not_after) = match self_signed(INIT_CERT_DAYS) {
         Ok(p) => p,
         Err(e) => return fail(format!("cannot make a certificate: {e}")),
     };
+    let until = not_after.strftime("%Y-%m-%d");
     let token = NewToken::generate("first");
     let hash = hash_token(token.reveal().as_bytes());
+    let max_body = crate::config::DEFAULT_MAX_BODY_BYTES;
     let text = format!(
-        "# Written by `keygate init`. Every option: see config.example.toml.\n\
-         [server]\nlisten = \"127.0.0.1:8443\"\n\n\
-         [tls]\n# Self-signed for localhost: replace with a real certificate (see certs/README.md).\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
+        "# Written by `keygate init`. Every option: config.example.toml (packaged as\n\
+         # /etc/keygate/keygate.toml.example). Check: keygate check -c THIS_FILE\n\
+         [server]\n\
+         # Every IPv4 address: remote clients can connect. \"[::]:8443\" adds IPv6;\n\
+         # \"127.0.0.1:8443\" allows only this machine.\n\
+         listen = {listen:?}\n\
+         # Largest request body: {mib} MiB fits 300 MiB document uploads. Change it here\n\
+         # (bytes), then restart or reload.\n\
+         max_body_bytes = {max_body}\n\n\
+         [tls]\n\
+         # Self-signed, valid {days} days (until {until}): replace with a real certificate\n\
+         # (certs/README.md), then reload.\n\
+         cert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
          [upstream]\nurl = {upstream:?}\n\n\
          [admin]\nlisten = \"127.0.0.1:9901\"\n\n\
-         [state]\npath = \"state.json\"\n\n{}",
-        snippet("first", &hash)
+         [state]\n\
+         # Last-used times of keys (`keygate keys`); the systemd unit can write only\n\
+         # /var/lib/keygate (its StateDirectory).\n\
+         path = {state:?}\n\n{snippet}",
+        listen = o.listen,
+        mib = max_body / (1024 * 1024),
+        days = INIT_CERT_DAYS,
+        upstream = o.upstream,
+        snippet = snippet("first", &hash)
     );
+    // Readable by the group when there is one (the service's); key and config never by others.
+    let shared = if group.is_some() { 0o640 } else { 0o600 };
     let write = |name: &str, bytes: &[u8], mode: u32| -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(mode)
+            .mode(0o600)
             .open(dir.join(name))?;
+        if let Some((_, gid)) = group {
+            std::os::unix::fs::fchown(&f, None, Some(gid))?;
+        }
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)
     };
     for (name, bytes, mode) in [
-        ("key.pem", &key[..], 0o600),
+        ("key.pem", &key[..], shared),
         ("cert.pem", &cert[..], 0o644),
-        ("keygate.toml", text.as_bytes(), 0o640),
+        ("keygate.toml", text.as_bytes(), shared.max(0o640)),
     ] {
         if let Err(e) = write(name, bytes, mode) {
             return fail(format!("cannot write {}: {e}", dir.join(name).display()));
         }
     }
+    let readers = match group {
+        Some((g, _)) => format!("owner and group {g} (mode 0640)"),
+        None => "owner only for key.pem (0600)".to_string(),
+    };
     println!(
-        "Wrote {}, cert.pem and key.pem (self-signed for localhost).",
-        config_path.display()
+        "Wrote keygate.toml, cert.pem and key.pem in {}; readable by {readers}.",
+        dir.display()
+    );
+    println!(
+        "Certificate: self-signed for localhost and this host, valid {INIT_CERT_DAYS} days (until {until}); replace it with a real one."
+    );
+    println!(
+        "Listening on {} (change [server] listen); state file {state}; max_body_bytes {} MiB.",
+        o.listen,
+        max_body / (1024 * 1024)
     );
     println!("API key \"first\" (shown once): {}", token.reveal());
-    println!("Start:  keygate run -c {}", config_path.display());
+    println!("Check:  keygate check -c {}", config_path.display());
     println!(
-        "Try:    curl --cacert {} -H 'X-API-Key: {}' https://localhost:8443/",
+        "Start:  systemctl enable --now keygate   (or: keygate run -c {})",
+        config_path.display()
+    );
+    let port = o
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map_or(8443, |a| a.port());
+    println!(
+        "Try:    curl --cacert {} -H 'X-API-Key: {}' https://localhost:{port}/",
         dir.join("cert.pem").display(),
         token.reveal()
     );
     ExitCode::SUCCESS
+}
+
+/// Man pages (keygate.1 and one per subcommand, keygate-run.1 …) and completions for bash,
+/// zsh and fish, generated from the clap definitions, into `dir` (for the Debian package).
+fn assets(dir: &Path) -> ExitCode {
+    use clap::CommandFactory as _;
+    let result = (|| -> std::io::Result<Vec<PathBuf>> {
+        let man = dir.join("man");
+        let comp = dir.join("completions");
+        std::fs::create_dir_all(&man)?;
+        std::fs::create_dir_all(&comp)?;
+        let mut written = Vec::new();
+        let cmd = Cli::command();
+        clap_mangen::generate_to(cmd.clone(), &man)?;
+        for e in std::fs::read_dir(&man)? {
+            written.push(e?.path());
+        }
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            written.push(clap_complete::generate_to(
+                shell,
+                &mut cmd.clone(),
+                "keygate",
+                &comp,
+            )?);
+        }
+        written.sort();
+        Ok(written)
+    })();
+    match result {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("cannot write into {}: {e}", dir.display())),
+    }
 }

@@ -32,10 +32,7 @@ pub fn render(
         } else if key.is_expired(now) {
             "expired".to_string()
         } else if let Some(e) = key.expires {
-            format!(
-                "expires in {} days",
-                (e.as_second() - now.as_second()) / day
-            )
+            format!("expires in {}", time_left(e.as_second() - now.as_second()))
         } else {
             "active".to_string()
         };
@@ -89,5 +86,35 @@ pub fn render(
             warnings.join("; ")
         );
     }
+    out.push_str(FRESHNESS_NOTE);
     out
+}
+
+/// Printed under the table: a running keygate writes last-used times to the state file once a
+/// minute (and at stop), so the file read here can lag behind.
+pub const FRESHNESS_NOTE: &str = "LAST USED comes from the state file, which a running keygate writes every minute and at stop: it may be up to a minute old.\n";
+
+/// `secs` (> 0) as "N days" from a day on, "N hours" below it, "N minutes" below an hour.
+fn time_left(secs: i64) -> String {
+    let plural = |n: i64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+    match secs {
+        s if s >= 86_400 => plural(s / 86_400, "day"),
+        s if s >= 3_600 => plural(s / 3_600, "hour"),
+        s => plural((s / 60).max(1), "minute"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_left;
+
+    #[test]
+    fn below_a_day_in_hours_below_an_hour_in_minutes() {
+        assert_eq!(time_left(3 * 86_400 + 5), "3 days");
+        assert_eq!(time_left(86_400), "1 day");
+        assert_eq!(time_left(86_399), "23 hours");
+        assert_eq!(time_left(3_600), "1 hour");
+        assert_eq!(time_left(3_599), "59 minutes");
+        assert_eq!(time_left(20), "1 minute");
+    }
 }

@@ -66,14 +66,16 @@ fn keygen_json_and_hash_roundtrip() {
     let phc = keygate::auth::PhcHash::parse(hash).unwrap();
     assert!(phc.verify_blocking(token.as_bytes()));
 
-    // Human form: the token once, and a snippet that is valid TOML for [[keys]].
-    let (code, out, _) = keygate(&["keygen", "--id", "app"]);
+    // Human form: stdout holds only the snippet (valid TOML for [[keys]]), the token is
+    // printed once on stderr (tests/first_run.rs appends stdout to a config).
+    let (code, out, err) = keygate(&["keygen", "--id", "app"]);
     assert_eq!(code, 0);
     assert!(out.contains("[[keys]]\nid = \"app\"\nhash = \"$argon2id$"));
+    assert!(!out.contains("kg_app_"), "no token on stdout: {out}");
     assert_eq!(
-        out.matches("kg_app_").count(),
+        err.matches("kg_app_").count(),
         1,
-        "token printed once: {out}"
+        "token printed once: {err}"
     );
 
     let (code, _, err) = keygate(&["keygen", "--id", "Bad_Id"]);
@@ -136,10 +138,11 @@ fn check_names_every_problem_by_toml_path() {
         "tls.min_version:",
         "upstream.url:",
         "access.allow[1]: invalid CIDR \"10.0.0.300/8\"",
-        "keys[1].hash: not an argon2id PHC hash",
-        "keys[2].allow[0]: invalid CIDR \"1.2.3.4/99\"",
-        "keys[2].rate_limit:",
-        "keys[2].expires:",
+        // Errors under keys[N] name the key's id too.
+        "keys[1].hash (id \"plain\"): not an argon2id PHC hash",
+        "keys[2].allow[0] (id \"x\"): invalid CIDR \"1.2.3.4/99\"",
+        "keys[2].rate_limit (id \"x\"):",
+        "keys[2].expires (id \"x\"):",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
@@ -301,7 +304,15 @@ async fn init_writes_files_that_run_serves() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kdir = dir.path().join("etc");
-    let (code, out, err) = keygate(&["init", kdir.to_str().unwrap(), "--upstream", &up.url()]);
+    // A state file next to the config (root's default is /var/lib/keygate, tests/first_run.rs).
+    let (code, out, err) = keygate(&[
+        "init",
+        kdir.to_str().unwrap(),
+        "--upstream",
+        &up.url(),
+        "--state",
+        "state.json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let token = out.lines().find_map(token_in).expect("token printed");
     use std::os::unix::fs::PermissionsExt;
@@ -309,7 +320,15 @@ async fn init_writes_files_that_run_serves() {
         .unwrap()
         .permissions()
         .mode();
-    assert_eq!(mode & 0o777, 0o600, "private key is private");
+    // Owner only, or owner and the service's group when root made it and `keygate` exists.
+    assert!(
+        [0o600, 0o640].contains(&(mode & 0o777)),
+        "private key is private: {mode:o}"
+    );
+    assert!(
+        out.contains("0.0.0.0:8443"),
+        "the public address is stated: {out}"
+    );
     let cfg = kdir.join("keygate.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     assert!(!text.contains(&token), "only the hash is stored");
@@ -321,7 +340,7 @@ async fn init_writes_files_that_run_serves() {
     let admin = free_port();
     std::fs::write(
         &cfg,
-        text.replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+        text.replace("\"0.0.0.0:8443\"", &format!("\"127.0.0.1:{port}\""))
             .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}")),
     )
     .unwrap();

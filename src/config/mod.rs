@@ -24,6 +24,11 @@ use crate::auth::Key;
 use crate::forward::Upstream;
 use crate::limits::FailedAuthThrottle;
 
+/// `[server] max_body_bytes` when unset: 512 MiB. The model deployment takes 300 MiB documents,
+/// and a multipart upload of one (or base64 in JSON: +33 %, 400 MiB) must fit with room to
+/// spare. Larger bodies get 413 before the upstream is contacted.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 512 * 1024 * 1024;
+
 /// One problem in a config file, named by its TOML path (`keys[2].allow[0]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -176,7 +181,7 @@ pub struct StateSettings {
 mod tests {
     use super::*;
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$rpOzTdKtPv0ip5Ycqi4f8A$lQjtTMd0u13ExI6UsfbpTGMLpJOuiquPYBcLGidnkrA";
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$6T7zPc3amVFwVrfBQwII4g$yBncQ5qQWqiVb7sKhMn53BxW688GdmS5toDWReukc9I";
     const TOKEN: &str = "kg_demo_0123456789ABCDEFGHIJKLMNOPQRSTUV0qxrDd";
 
     fn errors_of(toml: &str) -> String {

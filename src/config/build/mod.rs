@@ -19,6 +19,9 @@ use crate::forward::Upstream;
 use crate::limits::{FailedAuthThrottle, KeyLimiter, Rate};
 use crate::tls;
 
+mod durations;
+mod key_ids;
+
 /// Query parameters always redacted in logged paths (SPEC §6).
 pub const BUILTIN_REDACTED_PARAMS: &[&str] = &[
     "api_key",
@@ -83,6 +86,7 @@ pub fn parse_str(text: &str) -> Result<RawConfig, ConfigErrors> {
             .map(|l| format!(" (line {l})"))
             .unwrap_or_default();
         let path = if path == "." { String::new() } else { path };
+        let path = key_ids::label(&path, |i| key_ids::id_in_text(text, i)).unwrap_or(path);
         ConfigErrors::one(
             path,
             format!("{}{line}", without_string_values(inner.message().trim())),
@@ -214,6 +218,8 @@ fn read_file(base: &Path, file: &str, path: &str, errs: &mut Errors) -> Option<V
     }
 }
 
+/// The duration at `path`, or `default`; zero and values outside the path's range
+/// ([`durations::bounds`]) are errors.
 fn duration_or(v: &Option<String>, default: &str, path: &str, errs: &mut Errors) -> Duration {
     let s = v.as_deref().unwrap_or(default);
     match parse_duration(s) {
@@ -221,7 +227,10 @@ fn duration_or(v: &Option<String>, default: &str, path: &str, errs: &mut Errors)
             errs.push(path, "must be greater than zero");
             Duration::from_secs(1)
         }
-        Ok(d) => d,
+        Ok(d) => durations::check(path, s, d).unwrap_or_else(|m| {
+            errs.push(path, m);
+            Duration::from_secs(1)
+        }),
         Err(m) => {
             errs.push(path, m);
             Duration::from_secs(1)
@@ -300,7 +309,9 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     let server = ServerSettings {
         listen,
         workers: s.workers,
-        max_body_bytes: s.max_body_bytes.unwrap_or(256 * 1024 * 1024),
+        max_body_bytes: s
+            .max_body_bytes
+            .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES),
         max_header_bytes,
         header_read_timeout: duration_or(
             &s.header_read_timeout,
@@ -584,6 +595,9 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         }
     });
 
+    key_ids::name_keys(&mut errs.0, &mut warnings, |i| {
+        raw.keys.get(i).map(|k| k.id.clone())
+    });
     if !errs.0.is_empty() {
         return Err(ConfigErrors(errs.0));
     }
@@ -803,7 +817,8 @@ mod tests {
         );
         let e = parse_str("[[keys]]\nid = \"a\"\nhash = \"x\"\n[[keys]]\nid = \"b\"\nhash = 3\n")
             .unwrap_err();
-        assert!(e.to_string().starts_with("keys[1].hash:"), "{e}");
+        // The key's id is named too, when it is a valid id.
+        assert!(e.to_string().starts_with("keys[1].hash (id \"b\"):"), "{e}");
         let e = parse_str("[server]\nmax_body_bytes = \"s3cr\\\"et\"\n").unwrap_err();
         assert_eq!(
             e.to_string(),
