@@ -458,7 +458,7 @@ async fn failed_reloads_keep_the_old_config_serving() {
         (
             "a token pasted instead of its hash",
             format!("{changed}\n[[keys]]\nid = \"gamma\"\nhash = \"{beta}\"\n"),
-            "keys[2].hash: not an argon2id PHC hash",
+            "keys[2].hash (id \"gamma\"): not an argon2id PHC hash",
         ),
         (
             "missing certificate file",
