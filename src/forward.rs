@@ -20,62 +20,7 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-}
-
-/// Removes hop-by-hop headers and any header the `Connection` header names.
-/// With `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is set.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            if !(keep_upgrade && n == header::UPGRADE) {
-                headers.remove(&n);
-            }
-        }
-    }
-    let upgrade = if keep_upgrade {
-        headers.remove(header::UPGRADE)
-    } else {
-        None
-    };
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(n);
-    }
-    if let Some(u) = upgrade {
-        headers.insert(header::UPGRADE, u);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
+pub use crate::proto::{is_hop_by_hop, strip_hop_by_hop};
 
 /// The protected service.
 pub struct Upstream {
@@ -277,14 +222,15 @@ pub struct ForwardInfo<'a> {
     pub identity_header: &'a HeaderName,
     pub key_id: &'a HeaderValue,
     pub credential_header: &'a HeaderName,
-    pub upgrade: bool,
+    /// The `Upgrade` value to forward (`proto::upgrade_offer`), if the request may upgrade.
+    pub upgrade: Option<HeaderValue>,
 }
 
 /// Rewrites a client request's headers for the upstream.
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     // The host the client asked for, for X-Forwarded-Host (h2: from :authority, set by caller).
     let host = h.get(header::HOST).cloned();
-    strip_hop_by_hop(h, info.upgrade);
+    strip_hop_by_hop(h, info.upgrade.clone());
     // Credentials never leave keygate; the identity header is ours alone.
     h.remove(info.credential_header);
     h.remove(header::AUTHORIZATION);

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;
+pub mod proto;
 pub mod proxy_protocol;
 pub mod reject;
 pub mod server;

@@ -39,7 +39,11 @@ pub const AUTH_REASONS: [&str; 6] = [
     "disabled",
     "expired",
 ];
-pub const UPSTREAM_ERRORS: [&str; 3] = ["connect", "timeout", "other"];
+/// `protocol`: the upstream broke an HTTP rule keygate relies on (a 101 it was not asked for).
+pub const UPSTREAM_ERRORS: [&str; 4] = ["connect", "timeout", "protocol", "other"];
+/// Labels of `keygate_upgrades_refused_total`: `h2c` apart (an attempted tunnel past the
+/// checks), everything else together, so a client cannot grow the label set.
+pub const UPGRADE_REFUSED: [&str; 2] = ["h2c", "other"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +69,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -79,6 +88,7 @@ pub struct Metrics {
     auth_throttled: Counter,
     ip_denied: Counter,
     upstream_errors: Family<KindLabel, Counter>,
+    upgrades_refused: Family<ProtocolLabel, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
     config_reloads: Family<ResultLabel, Counter>,
     cert_not_after: Gauge<i64, AtomicI64>,
@@ -171,6 +181,17 @@ impl Metrics {
             "Upstream failures, by kind",
             upstream_errors.clone(),
         );
+        let upgrades_refused = Family::<ProtocolLabel, Counter>::default();
+        for protocol in UPGRADE_REFUSED {
+            upgrades_refused
+                .get_or_create(&ProtocolLabel { protocol })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_upgrades_refused",
+            "Client Upgrade requests not forwarded (h2c, or a protocol not in upstream.upgrade_protocols)",
+            upgrades_refused.clone(),
+        );
         let config_reloads = Family::<ResultLabel, Counter>::default();
         for result in ["success", "failure"] {
             config_reloads
@@ -192,6 +213,7 @@ impl Metrics {
             auth_throttled,
             ip_denied,
             upstream_errors,
+            upgrades_refused,
             open_connections,
             config_reloads,
             cert_not_after,
@@ -248,6 +270,13 @@ impl Metrics {
                 .get_or_create(&KindLabel { kind })
                 .inc();
         }
+    }
+    /// A client's `Upgrade` that was not forwarded (`proto::upgrade_offer`).
+    pub fn upgrade_refused(&self, protocol: &str) {
+        let protocol = UPGRADE_REFUSED[usize::from(protocol != "h2c")];
+        self.upgrades_refused
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
     }
     pub fn connection_opened(&self) {
         self.open_connections.inc();

@@ -24,8 +24,8 @@ use crate::body::{RequestBody, RequestStats, ResponseBody};
 use crate::config::Snapshot;
 use crate::forward::{
     ForwardInfo, UpstreamError, X_FORWARDED_FOR, X_REQUEST_ID, rewrite_request_headers,
-    strip_hop_by_hop,
 };
+use crate::proto::{self, strip_hop_by_hop};
 use crate::limits::RateInfo;
 use crate::log::{AccessRecord, request_id_str};
 use crate::metrics;
@@ -410,26 +410,26 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
     Ok(key.clone())
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == http::Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
 async fn forward(
     mut req: Request<Incoming>,
     key: Arc<Key>,
     ctx: &mut Ctx<'_>,
 ) -> Result<Response<ResponseBody>, Reject> {
     let snap = ctx.snap;
-    let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Only allowed protocols pass, and only after every check above (SPEC §4, docs/access.md).
+    let offer = proto::upgrade_offer(
+        req.version(),
+        req.headers(),
+        &snap.forwarding.upgrade_protocols,
+    );
+    if let Some((protocol, reason)) = &offer.refused {
+        metrics::global().upgrade_refused(protocol);
+        tracing::warn!(event = "upgrade_refused", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, protocol = protocol.as_str(), reason = reason.as_str(), forwarded_upgrade = offer.forward.is_some());
+    }
+    let client_upgrade = offer
+        .forward
+        .is_some()
+        .then(|| hyper::upgrade::on(&mut req));
 
     // h2 requests carry the host in :authority; give the upstream a Host-equivalent.
     if !req.headers().contains_key(header::HOST) {
@@ -449,7 +449,7 @@ async fn forward(
             identity_header: &snap.auth.identity_header,
             key_id: &key.id_header,
             credential_header: &snap.auth.header,
-            upgrade,
+            upgrade: offer.forward.clone(),
         },
     );
     let stats = Arc::new(RequestStats::default());
@@ -497,30 +497,42 @@ async fn forward(
     ctx.upstream_status = Some(resp.status().as_u16());
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let request_id = ctx.request_id.clone();
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((client, upstream)) => {
-                        let mut client = hyper_util::rt::TokioIo::new(client);
-                        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-                        if let Err(e) =
-                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                        {
-                            tracing::debug!(request_id = request_id_str(&request_id), error = %e, "upgraded connection ended with an error");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
+        // Spliced only when the upstream switched to a protocol keygate forwarded; anything
+        // else would be a tunnel nobody allowed (an h2c answer to a plain request).
+        let checked = proto::check_switch(resp.headers(), offer.forward.as_ref());
+        let (Some(client_upgrade), Ok(())) = (client_upgrade, checked) else {
+            let error = checked.err().unwrap_or(proto::SwitchError::NotRequested);
+            let protocol = resp
+                .headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| proto::loggable_protocol(v.split('/').next().unwrap_or_default().trim()));
+            metrics::global().upstream_error("protocol");
+            tracing::error!(event = "upstream_error", kind = "protocol", request_id = request_id_str(ctx.request_id), key_id = &*key.id, protocol, error = %error);
+            return Err(Reject::BadGateway);
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let request_id = ctx.request_id.clone();
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = hyper_util::rt::TokioIo::new(client);
+                    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        tracing::debug!(request_id = request_id_str(&request_id), error = %e, "upgraded connection ended with an error");
                     }
                 }
-            });
-            strip_hop_by_hop(resp.headers_mut(), true);
-            return Ok(resp.map(ResponseBody::upstream));
-        }
+                Err(e) => {
+                    tracing::warn!(request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
+                }
+            }
+        });
+        let upgrade = resp.headers().get(header::UPGRADE).cloned();
+        strip_hop_by_hop(resp.headers_mut(), upgrade);
+        return Ok(resp.map(ResponseBody::upstream));
     }
-    strip_hop_by_hop(resp.headers_mut(), false);
+    strip_hop_by_hop(resp.headers_mut(), None);
     Ok(resp.map(ResponseBody::upstream))
 }
 

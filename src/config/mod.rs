@@ -132,6 +132,8 @@ pub struct Snapshot {
     /// The leaf certificate's expiry (unix seconds), when it could be read.
     pub cert_not_after: Option<i64>,
     pub upstream: Upstream,
+    /// Upgrade policy and `Host` choice for what the upstream receives.
+    pub forwarding: crate::proto::ForwardRules,
     pub auth: AuthSettings,
     pub access: AccessRules,
     pub keys: HashMap<Box<str>, Arc<Key>>,

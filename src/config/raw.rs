@@ -67,6 +67,9 @@ pub struct RawUpstream {
     pub connect_timeout: Option<String>,
     pub request_timeout: Option<String>,
     pub ca: Option<String>,
+    /// `"client"` (default) or `"upstream"`.
+    pub host: Option<String>,
+    pub upgrade_protocols: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,6 +3,7 @@
 //! clients (hyper over rustls). Nothing is mocked.
 #![allow(dead_code)]
 
+pub mod h2raw;
 pub mod python;
 
 use std::io::{BufRead, BufReader};

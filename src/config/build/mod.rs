@@ -20,6 +20,7 @@ use crate::limits::{FailedAuthThrottle, KeyLimiter, Rate};
 use crate::tls;
 
 mod durations;
+mod forwarding;
 mod key_ids;
 
 /// Query parameters always redacted in logged paths (SPEC §6).
@@ -413,6 +414,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             None
         }
     };
+    let forwarding = forwarding::rules(u, &mut errs);
 
     // [auth]
     let a = &raw.auth;
@@ -609,6 +611,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         tls,
         cert_not_after,
         upstream,
+        forwarding,
         auth: AuthSettings {
             header,
             identity_header,
