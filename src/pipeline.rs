@@ -25,10 +25,10 @@ use crate::config::Snapshot;
 use crate::forward::{
     ForwardInfo, UpstreamError, X_FORWARDED_FOR, X_REQUEST_ID, rewrite_request_headers,
 };
-use crate::proto::{self, strip_hop_by_hop};
 use crate::limits::RateInfo;
 use crate::log::{AccessRecord, request_id_str};
 use crate::metrics;
+use crate::proto::{self, strip_hop_by_hop};
 use crate::reject::Reject;
 use crate::usage::Usage;
 

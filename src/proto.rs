@@ -329,22 +329,118 @@ mod tests {
         );
         use UpgradeRefusal::*;
         let rows: &[Row] = &[
-            (Version::HTTP_11, "websocket", "Upgrade", Some("websocket"), None),
-            (Version::HTTP_11, "WebSocket", "keep-alive, UPGRADE", Some("WebSocket"), None),
-            (Version::HTTP_11, "h2c", "Upgrade, HTTP2-Settings", None, Some(("h2c", CarriesHttp))),
-            (Version::HTTP_11, "H2C", "upgrade", None, Some(("h2c", CarriesHttp))),
-            (Version::HTTP_11, "HTTP/2.0", "upgrade", None, Some(("http", CarriesHttp))),
-            (Version::HTTP_11, "TLS/1.2", "upgrade", None, Some(("tls", CarriesHttp))),
-            (Version::HTTP_11, "h2", "upgrade", None, Some(("h2", CarriesHttp))),
-            (Version::HTTP_11, "h2c, websocket", "upgrade", Some("websocket"), Some(("h2c", CarriesHttp))),
-            (Version::HTTP_11, "websocket, foo/2", "upgrade", Some("websocket, foo/2"), None),
-            (Version::HTTP_11, "irc/6.9", "upgrade", None, Some(("irc", NotAllowed))),
-            (Version::HTTP_11, "web socket", "upgrade", None, Some(("<invalid>", Invalid))),
-            (Version::HTTP_11, "websocket", "keep-alive", None, Some(("websocket", NoConnectionOption))),
-            (Version::HTTP_11, "websocket", "", None, Some(("websocket", NoConnectionOption))),
-            (Version::HTTP_10, "websocket", "upgrade", None, Some(("websocket", NotHttp11))),
-            (Version::HTTP_2, "websocket", "upgrade", None, Some(("websocket", NotHttp11))),
-            (Version::HTTP_11, &"a".repeat(100), "upgrade", None, Some((&"a".repeat(32), NotAllowed))),
+            (
+                Version::HTTP_11,
+                "websocket",
+                "Upgrade",
+                Some("websocket"),
+                None,
+            ),
+            (
+                Version::HTTP_11,
+                "WebSocket",
+                "keep-alive, UPGRADE",
+                Some("WebSocket"),
+                None,
+            ),
+            (
+                Version::HTTP_11,
+                "h2c",
+                "Upgrade, HTTP2-Settings",
+                None,
+                Some(("h2c", CarriesHttp)),
+            ),
+            (
+                Version::HTTP_11,
+                "H2C",
+                "upgrade",
+                None,
+                Some(("h2c", CarriesHttp)),
+            ),
+            (
+                Version::HTTP_11,
+                "HTTP/2.0",
+                "upgrade",
+                None,
+                Some(("http", CarriesHttp)),
+            ),
+            (
+                Version::HTTP_11,
+                "TLS/1.2",
+                "upgrade",
+                None,
+                Some(("tls", CarriesHttp)),
+            ),
+            (
+                Version::HTTP_11,
+                "h2",
+                "upgrade",
+                None,
+                Some(("h2", CarriesHttp)),
+            ),
+            (
+                Version::HTTP_11,
+                "h2c, websocket",
+                "upgrade",
+                Some("websocket"),
+                Some(("h2c", CarriesHttp)),
+            ),
+            (
+                Version::HTTP_11,
+                "websocket, foo/2",
+                "upgrade",
+                Some("websocket, foo/2"),
+                None,
+            ),
+            (
+                Version::HTTP_11,
+                "irc/6.9",
+                "upgrade",
+                None,
+                Some(("irc", NotAllowed)),
+            ),
+            (
+                Version::HTTP_11,
+                "web socket",
+                "upgrade",
+                None,
+                Some(("<invalid>", Invalid)),
+            ),
+            (
+                Version::HTTP_11,
+                "websocket",
+                "keep-alive",
+                None,
+                Some(("websocket", NoConnectionOption)),
+            ),
+            (
+                Version::HTTP_11,
+                "websocket",
+                "",
+                None,
+                Some(("websocket", NoConnectionOption)),
+            ),
+            (
+                Version::HTTP_10,
+                "websocket",
+                "upgrade",
+                None,
+                Some(("websocket", NotHttp11)),
+            ),
+            (
+                Version::HTTP_2,
+                "websocket",
+                "upgrade",
+                None,
+                Some(("websocket", NotHttp11)),
+            ),
+            (
+                Version::HTTP_11,
+                &"a".repeat(100),
+                "upgrade",
+                None,
+                Some((&"a".repeat(32), NotAllowed)),
+            ),
         ];
         for (version, upgrade, connection, fwd, refused) in rows {
             let mut pairs = vec![("upgrade", upgrade.to_string())];
@@ -372,14 +468,17 @@ mod tests {
             &h2c,
         );
         assert_eq!(offer.forward, None);
-        assert!(upgrade_offer(Version::HTTP_11, &HeaderMap::new(), &allowed) == UpgradeOffer::default());
+        assert!(
+            upgrade_offer(Version::HTTP_11, &HeaderMap::new(), &allowed) == UpgradeOffer::default()
+        );
     }
 
     #[test]
     fn switch_table() {
         use SwitchError::*;
         // (forwarded Upgrade, response Upgrade fields, outcome)
-        let rows: &[(Option<&str>, &[&str], Result<(), SwitchError>)] = &[
+        type Row<'a> = (Option<&'a str>, &'a [&'a str], Result<(), SwitchError>);
+        let rows: &[Row] = &[
             (Some("websocket"), &["websocket"], Ok(())),
             (Some("websocket"), &["WebSocket"], Ok(())),
             (Some("websocket, foo/2"), &["foo/2"], Ok(())),
@@ -388,13 +487,21 @@ mod tests {
             (Some("websocket"), &["h2c"], Err(NotOffered)),
             (Some("websocket"), &["irc"], Err(NotOffered)),
             (Some("websocket"), &[], Err(NoProtocol)),
-            (Some("websocket"), &["websocket", "websocket"], Err(NoProtocol)),
+            (
+                Some("websocket"),
+                &["websocket", "websocket"],
+                Err(NoProtocol),
+            ),
             (Some("websocket"), &["websocket, h2c"], Err(NoProtocol)),
         ];
         for (fwd, resp, want) in rows {
             let pairs: Vec<(&str, &str)> = resp.iter().map(|v| ("upgrade", *v)).collect();
             let fwd = fwd.map(HeaderValue::from_static);
-            assert_eq!(check_switch(&headers(&pairs), fwd.as_ref()), *want, "{fwd:?} {resp:?}");
+            assert_eq!(
+                check_switch(&headers(&pairs), fwd.as_ref()),
+                *want,
+                "{fwd:?} {resp:?}"
+            );
         }
     }
 

@@ -188,9 +188,11 @@ async fn admin_get(kg: &Keygate, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
         .await
         .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -240,7 +242,9 @@ async fn h2c_upgrade_smuggling_is_refused() {
         tokio::spawn(conn);
         let req = Request::post("http://localhost/admin/users")
             .header("x-keygate-key-id", "root")
-            .body(http_body_util::Full::new(Bytes::from_static(b"{\"role\":\"admin\"}")))
+            .body(http_body_util::Full::new(Bytes::from_static(
+                b"{\"role\":\"admin\"}",
+            )))
             .unwrap();
         let resp = sender.send_request(req).await?;
         let status = resp.status();
@@ -255,9 +259,15 @@ async fn h2c_upgrade_smuggling_is_refused() {
     let seen = up.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     let (version, method, path, headers) = &seen[0];
-    assert_eq!((version.as_str(), method.as_str(), path.as_str()), ("HTTP/1.1", "GET", "/public/ping"));
+    assert_eq!(
+        (version.as_str(), method.as_str(), path.as_str()),
+        ("HTTP/1.1", "GET", "/public/ping")
+    );
     for forbidden in ["upgrade", "http2-settings"] {
-        assert!(!has_header(headers, forbidden), "{forbidden} forwarded: {headers:?}");
+        assert!(
+            !has_header(headers, forbidden),
+            "{forbidden} forwarded: {headers:?}"
+        );
     }
     assert!(
         !seen.iter().any(|(_, _, p, _)| p.starts_with("/admin")),
@@ -311,7 +321,10 @@ async fn h2c_in_any_spelling_is_never_forwarded() {
         // The websocket alternative is forwarded alone, and the upstream switches to it.
         if upgrade.contains("websocket") {
             assert_eq!(status, 101, "{upgrade}: {head}");
-            assert!(head.to_ascii_lowercase().contains("upgrade: websocket/13"), "{head}");
+            assert!(
+                head.to_ascii_lowercase().contains("upgrade: websocket/13"),
+                "{head}"
+            );
             echo(&mut s, b"still websocket").await;
         } else {
             assert_eq!(status, 200, "{upgrade}: {head}");
@@ -320,14 +333,25 @@ async fn h2c_in_any_spelling_is_never_forwarded() {
     let seen = up.seen();
     assert_eq!(seen.len(), cases.len(), "{seen:?}");
     for (_, _, path, headers) in &seen {
-        assert!(!has_header(headers, "http2-settings"), "{path}: {headers:?}");
+        assert!(
+            !has_header(headers, "http2-settings"),
+            "{path}: {headers:?}"
+        );
         let upgrade: Vec<_> = headers.iter().filter(|(n, _)| n == "upgrade").collect();
         assert!(
             upgrade.iter().all(|(_, v)| v == "websocket/13"),
             "{path}: {headers:?}"
         );
     }
-    assert!(seen.iter().all(|(v, ..)| v == "HTTP/1.1"), "no h2c stream: {seen:?}");
+    assert!(
+        seen.iter().all(|(v, ..)| v == "HTTP/1.1"),
+        "no h2c stream: {seen:?}"
+    );
+    // Log lines reach the test through a pipe: wait for all of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kg.events("upgrade_refused").len() < cases.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(kg.events("upgrade_refused").len(), cases.len());
 }
 
@@ -352,7 +376,10 @@ async fn h2_requests_never_carry_an_upgrade() {
     ];
     let mut id = 1;
     for extra in [
-        &[("upgrade", "h2c"), ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")][..],
+        &[
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ][..],
         &[("connection", "upgrade"), ("upgrade", "websocket")][..],
     ] {
         let fields: Vec<_> = base.iter().chain(extra).copied().collect();
@@ -391,7 +418,10 @@ async fn unrequested_or_foreign_101_is_a_bad_gateway() {
     // A plain request (h1 and h2), and a websocket upgrade answered with h2c.
     let got = kg
         .client()
-        .get(&kg.url("/plain"), &[("x-api-key", &token), ("x-request-id", "plain-101")])
+        .get(
+            &kg.url("/plain"),
+            &[("x-api-key", &token), ("x-request-id", "plain-101")],
+        )
         .await;
     assert_eq!(got.status, 502, "{}", got.text());
     assert_eq!(got.json()["error"], "bad gateway");
@@ -416,7 +446,9 @@ async fn unrequested_or_foreign_101_is_a_bad_gateway() {
     assert!(String::from_utf8_lossy(&body).contains("\"request_id\":\"foreign-101\""));
 
     for id in ["plain-101", "foreign-101"] {
-        let ev = kg.wait_log(id, |v| v["event"] == "upstream_error" && v["request_id"] == id);
+        let ev = kg.wait_log(id, |v| {
+            v["event"] == "upstream_error" && v["request_id"] == id
+        });
         assert_eq!(ev["kind"], "protocol", "{ev}");
         assert_eq!(ev["level"], "ERROR", "{ev}");
         assert_eq!(ev["protocol"], "h2c", "{ev}");
@@ -497,15 +529,21 @@ async fn scopes_apply_to_the_upgrade_request_only() {
     };
     // Outside the scope, or without a valid key: no switch.
     let mut s = kg.tls_stream().await;
-    s.write_all(upgrade("/admin/ws", &token).as_bytes()).await.unwrap();
+    s.write_all(upgrade("/admin/ws", &token).as_bytes())
+        .await
+        .unwrap();
     assert_eq!(read_response(&mut s).await.0, 403);
     let mut s = kg.tls_stream().await;
-    s.write_all(upgrade("/ws", "kg_nobody_x").as_bytes()).await.unwrap();
+    s.write_all(upgrade("/ws", "kg_nobody_x").as_bytes())
+        .await
+        .unwrap();
     assert_eq!(read_response(&mut s).await.0, 401);
 
     // In scope: switched; what follows is not inspected, and costs no rate limit.
     let mut s = kg.tls_stream().await;
-    s.write_all(upgrade("/ws", &token).as_bytes()).await.unwrap();
+    s.write_all(upgrade("/ws", &token).as_bytes())
+        .await
+        .unwrap();
     assert_eq!(read_response(&mut s).await.0, 101);
     for _ in 0..3 {
         echo(
@@ -516,7 +554,9 @@ async fn scopes_apply_to_the_upgrade_request_only() {
     }
     // The key's single request is spent: a second upgrade is rate limited.
     let mut s2 = kg.tls_stream().await;
-    s2.write_all(upgrade("/ws", &token).as_bytes()).await.unwrap();
+    s2.write_all(upgrade("/ws", &token).as_bytes())
+        .await
+        .unwrap();
     assert_eq!(read_response(&mut s2).await.0, 429);
     echo(&mut s, b"the open tunnel carries on").await;
     assert_eq!(up.count(), 1, "one upgrade request reached the upstream");
@@ -540,9 +580,18 @@ fn check_refuses_h2c_in_upgrade_protocols() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("upstream.upgrade_protocols[1]: \"H2C\" would tunnel HTTP"), "{err}");
-    assert!(err.contains("upstream.upgrade_protocols[2]: \"bad proto\" is not a protocol name"), "{err}");
-    assert!(err.contains("upstream.host: must be \"client\" or \"upstream\""), "{err}");
+    assert!(
+        err.contains("upstream.upgrade_protocols[1]: \"H2C\" would tunnel HTTP"),
+        "{err}"
+    );
+    assert!(
+        err.contains("upstream.upgrade_protocols[2]: \"bad proto\" is not a protocol name"),
+        "{err}"
+    );
+    assert!(
+        err.contains("upstream.host: must be \"client\" or \"upstream\""),
+        "{err}"
+    );
 }
 
 /// Pingora CVE-2026-2833 ("premature Upgrade passthrough"): bytes pipelined after an upgrade
