@@ -115,6 +115,16 @@ impl Scope {
         Scope { methods, paths }
     }
 
+    /// The allowed methods (`None`: any).
+    pub fn methods(&self) -> Option<&[Method]> {
+        self.methods.as_deref()
+    }
+
+    /// The allowed path prefixes, normalised (`None`: any).
+    pub fn paths(&self) -> Option<&[String]> {
+        self.paths.as_deref()
+    }
+
     pub fn permits(&self, method: &Method, path: &str) -> bool {
         if let Some(ms) = &self.methods {
             if !ms.contains(method) {
@@ -132,7 +142,7 @@ impl Scope {
 }
 
 /// Segment-aware prefix match: `/v1` matches `/v1` and `/v1/x`, not `/v1admin`.
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     path.starts_with(prefix)
         && (prefix.ends_with('/')
             || path.len() == prefix.len()

@@ -31,6 +31,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Per-key quota use in the current window, for the 80 % alert (docs/alerts.yml). Read from
+/// the counters at scrape time, so they cost the request path nothing.
+fn set_quota_gauges(shared: &Shared) {
+    let snap = shared.snapshot.load();
+    let now = crate::clock::now();
+    let Some(local) = shared.state.quotas.local() else {
+        return;
+    };
+    crate::metrics::global().set_quotas(snap.keys.values().filter_map(|k| {
+        k.quota
+            .map(|q| (&k.id, q.period.as_str(), local.used(&k.id, q, now), q.limit))
+    }));
+}
+
 async fn answer(
     req: Request<Incoming>,
     shared: Arc<Shared>,
@@ -49,11 +63,10 @@ async fn answer(
                 )
             }
         }
-        "/metrics" => (
-            StatusCode::OK,
-            crate::metrics::CONTENT_TYPE,
-            Bytes::from(crate::metrics::global().render()),
-        ),
+        "/metrics" => (StatusCode::OK, crate::metrics::CONTENT_TYPE, {
+            set_quota_gauges(&shared);
+            Bytes::from(crate::metrics::global().render())
+        }),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

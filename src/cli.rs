@@ -186,6 +186,10 @@ fn check(path: &Path) -> ExitCode {
             for w in &s.warnings {
                 let _ = writeln!(std::io::stderr(), "warning: {w}");
             }
+            // Warnings only: the exit status says whether the file is valid.
+            for line in crate::exposure::check_report(&s.upstream_url) {
+                let _ = writeln!(std::io::stderr(), "{line}");
+            }
             println!("ok");
             ExitCode::SUCCESS
         }

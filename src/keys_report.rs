@@ -5,24 +5,29 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::config::Snapshot;
-use crate::usage::KeyUsage;
+use crate::usage::StateFile;
 
 const UNUSED_WARN_DAYS: i64 = 90;
 const EXPIRY_WARN_DAYS: i64 = 14;
 
+/// One line per key. `rotation` is `[state] rotation_period` (default 90 days), used for keys
+/// whose own or role's `rotation_period` is unset. NETWORKS counts the client networks in the
+/// key's history (`[key_networks]`); QUOTA is the use in the current window.
 pub fn render(
     snap: &Snapshot,
-    usage: &BTreeMap<String, KeyUsage>,
+    state: &StateFile,
     rotation: Duration,
     now: jiff::Timestamp,
 ) -> String {
+    let usage = &state.keys;
+    let networks = networks_in_history(snap, state, now);
     let mut ids: Vec<&str> = snap.keys.keys().map(|k| &**k).collect();
     ids.sort_unstable();
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<24} {:<22} {:<22} {:<26} WARNINGS",
-        "ID", "STATUS", "EXPIRES", "LAST USED"
+        "{:<24} {:<12} {:<22} {:<18} {:<8} {:<18} {:<26} WARNINGS",
+        "ID", "ROLE", "STATUS", "EXPIRES", "NETWORKS", "QUOTA", "LAST USED"
     );
     let day = 86_400;
     for id in ids {
@@ -63,6 +68,7 @@ pub fn render(
                 "never".to_string()
             }
         };
+        let rotation = key.rotation_period.unwrap_or(rotation);
         if let Some(c) = key.created {
             let age = now.as_second() - c.as_second();
             if age > rotation.as_secs() as i64 {
@@ -80,9 +86,23 @@ pub fn render(
                 warnings.push(format!("expires within {EXPIRY_WARN_DAYS} days"));
             }
         }
+        let role = key.role.as_deref().unwrap_or("-");
+        let nets = networks.get(id).copied().unwrap_or(0);
+        let quota = match key.quota {
+            Some(q) => {
+                let (start, _) = crate::quota::window(q.period, crate::clock::now());
+                let used = state
+                    .quotas
+                    .get(id)
+                    .filter(|r| r.period == q.period && r.window_start == start)
+                    .map_or(0, |r| r.used);
+                format!("{used}/{}/{}", q.limit, q.period.as_str())
+            }
+            None => "-".to_string(),
+        };
         let _ = writeln!(
             out,
-            "{id:<24} {status:<22} {expires:<22} {last_text:<26} {}",
+            "{id:<24} {role:<12} {status:<22} {expires:<18} {nets:<8} {quota:<18} {last_text:<26} {}",
             warnings.join("; ")
         );
     }
@@ -90,9 +110,28 @@ pub fn render(
     out
 }
 
-/// Printed under the table: a running keygate writes last-used times to the state file once a
-/// minute (and at stop), so the file read here can lag behind.
-pub const FRESHNESS_NOTE: &str = "LAST USED comes from the state file, which a running keygate writes every minute and at stop: it may be up to a minute old.\n";
+/// Networks per key id within `[key_networks] remember` of `now`.
+fn networks_in_history(
+    snap: &Snapshot,
+    state: &StateFile,
+    now: jiff::Timestamp,
+) -> BTreeMap<String, usize> {
+    let horizon = now.as_second() - snap.key_networks.remember_secs;
+    state
+        .networks
+        .iter()
+        .map(|(id, list)| {
+            (
+                id.clone(),
+                list.iter().filter(|r| r.last_seen >= horizon).count(),
+            )
+        })
+        .collect()
+}
+
+/// Printed under the table: a running keygate writes the state file behind the requests (at
+/// most every 5 seconds, and at stop), so the file read here can lag behind a little.
+pub const FRESHNESS_NOTE: &str = "LAST USED, NETWORKS and QUOTA come from the state file, which a running keygate writes every 5 seconds when something changed and at stop: they may be a few seconds old.\n";
 
 /// `secs` (> 0) as "N days" from a day on, "N hours" below it, "N minutes" below an hour.
 fn time_left(secs: i64) -> String {

@@ -59,6 +59,12 @@ struct KeyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    key_id: Arc<str>,
+    period: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -92,6 +98,11 @@ pub struct Metrics {
     open_connections: Gauge<i64, AtomicI64>,
     config_reloads: Family<ResultLabel, Counter>,
     cert_not_after: Gauge<i64, AtomicI64>,
+    quota_exceeded: Family<KeyLabel, Counter>,
+    key_new_network: Family<KeyLabel, Counter>,
+    upstream_exposed: Gauge<i64, AtomicI64>,
+    quota_used: Family<QuotaLabels, Gauge<i64, AtomicI64>>,
+    quota_limit: Family<QuotaLabels, Gauge<i64, AtomicI64>>,
 }
 
 pub fn global() -> &'static Metrics {
@@ -203,8 +214,43 @@ impl Metrics {
             "Config reloads, by result",
             config_reloads.clone(),
         );
+        let quota_exceeded = Family::<KeyLabel, Counter>::default();
+        registry.register(
+            "keygate_quota_exceeded",
+            "Requests refused because the key's quota for the current window is used up",
+            quota_exceeded.clone(),
+        );
+        let key_new_network = Family::<KeyLabel, Counter>::default();
+        registry.register(
+            "keygate_key_new_network",
+            "Authenticated requests from a client network outside the key's recent history",
+            key_new_network.clone(),
+        );
+        let upstream_exposed: Gauge<i64, AtomicI64> = Gauge::default();
+        registry.register(
+            "keygate_upstream_exposed",
+            "1 if the upstream's port accepted a connection on a host address other than loopback at the last check",
+            upstream_exposed.clone(),
+        );
+        let quota_used = Family::<QuotaLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "keygate_quota_used",
+            "Quota units used by the key in the current window (set at scrape time)",
+            quota_used.clone(),
+        );
+        let quota_limit = Family::<QuotaLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "keygate_quota_limit",
+            "The key's quota per window",
+            quota_limit.clone(),
+        );
         Self {
             registry,
+            quota_exceeded,
+            key_new_network,
+            upstream_exposed,
+            quota_used,
+            quota_limit,
             requests,
             request_duration,
             auth_failures,
@@ -259,6 +305,46 @@ impl Metrics {
     }
     pub fn auth_throttled(&self) {
         self.auth_throttled.inc();
+    }
+    /// A request refused because its key's quota is used up (`key_id`: a configured key).
+    pub fn quota_exceeded(&self, key_id: &Arc<str>) {
+        self.quota_exceeded
+            .get_or_create(&KeyLabel {
+                key_id: key_id.clone(),
+            })
+            .inc();
+    }
+    /// An authenticated request from a network outside its key's history.
+    pub fn key_new_network(&self, key_id: &Arc<str>) {
+        self.key_new_network
+            .get_or_create(&KeyLabel {
+                key_id: key_id.clone(),
+            })
+            .inc();
+    }
+    pub fn set_upstream_exposed(&self, exposed: bool) {
+        self.upstream_exposed.set(i64::from(exposed));
+    }
+    /// Replaces the per-key quota gauges: (key id, period, used, limit) for every key with a
+    /// quota in the running config. Called at scrape time.
+    pub fn set_quotas<'a>(
+        &self,
+        quotas: impl Iterator<Item = (&'a Arc<str>, &'static str, u64, u64)>,
+    ) {
+        self.quota_used.clear();
+        self.quota_limit.clear();
+        for (key_id, period, used, limit) in quotas {
+            let labels = QuotaLabels {
+                key_id: key_id.clone(),
+                period,
+            };
+            self.quota_used
+                .get_or_create(&labels)
+                .set(i64::try_from(used).unwrap_or(i64::MAX));
+            self.quota_limit
+                .get_or_create(&labels)
+                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
     }
     pub fn ip_denied(&self) {
         self.ip_denied.inc();

@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! request id → client IP → global allow/deny (behind trusted proxies) → header size
-//!   → credential → key status → key IP allowlist → scope → rate limit → forward → access log
+//!   → credential → key status → key IP allowlist → key networks → [introspection]
+//!   → scope → rate limit → quota → forward → access log
 //! ```
+//!
+//! The introspection endpoint (`[introspection] path`) is answered here, never forwarded: it
+//! skips scope and quota (it costs nothing) but not the key's IP allowlist or rate limit.
 //!
 //! Each stage returns `Result<_, Reject>`; [`handle`] turns a `Reject` into the JSON error via
 //! `reject.rs` and attaches the access record to whatever response goes out.
@@ -29,19 +33,23 @@ use crate::limits::RateInfo;
 use crate::log::{AccessRecord, request_id_str};
 use crate::metrics;
 use crate::proto::{self, strip_hop_by_hop};
+use crate::quota::QuotaState;
 use crate::reject::Reject;
-use crate::usage::Usage;
+use crate::usage::State;
 
 static RATELIMIT_LIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: header::HeaderName =
     header::HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: header::HeaderName = header::HeaderName::from_static("ratelimit-reset");
+static RATELIMIT_POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit");
 
 /// State shared by every connection for the life of the process.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub verifier: Verifier,
-    pub usage: Usage,
+    /// Last use, quota counters and network history (the state file).
+    pub state: State,
 }
 
 /// Per-connection state: who is on the other end, and whether it is busy (for idle timeout).
@@ -124,6 +132,9 @@ struct Ctx<'a> {
     client_ip: IpAddr,
     key: Option<Arc<Key>>,
     rate: Option<RateInfo>,
+    quota: Option<QuotaState>,
+    /// The request is for the introspection endpoint: answered by keygate.
+    introspect: bool,
     upstream_status: Option<u16>,
     stats: Option<Arc<RequestStats>>,
 }
@@ -156,10 +167,16 @@ pub async fn handle(
         client_ip,
         key: None,
         rate: None,
+        quota: None,
+        introspect: false,
         upstream_status: None,
         stats: None,
     };
     let mut resp = match admit(&req, &mut ctx).await {
+        Ok(key) if ctx.introspect => {
+            linger(req.into_body());
+            crate::introspection::answer(&key, ctx.rate, &ctx.shared.state).await
+        }
         Ok(key) => match forward(req, key, &mut ctx).await {
             Ok(r) => r,
             Err(reject) => reject.into_response(&request_id),
@@ -263,7 +280,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         Err(reject) => return Err(reject),
     };
     ctx.key = Some(key.clone());
-    ctx.shared.usage.touch(&key.id, ctx.client_ip);
+    ctx.shared.state.usage.touch(&key.id, ctx.client_ip);
 
     if let Some(allow) = &key.allow {
         if !allow.contains(ctx.client_ip) {
@@ -272,20 +289,23 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
             return Err(Reject::Forbidden);
         }
     }
+    track_network(&key, ctx).await;
+    if let Some(path) = &snap.introspection_path {
+        ctx.introspect = introspection_target(req, path)?;
+    }
+    if ctx.introspect {
+        // Keygate's own answer: no scope (it is not an upstream path), no quota (it is free),
+        // but the key's rate limit, like any request to keygate.
+        rate_limit(&key, ctx)?;
+        return Ok(key);
+    }
     if !key.scope.permits(req.method(), req.uri().path()) {
         metrics::global().scope_denied(&key.id);
         tracing::warn!(event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = req.uri().path());
         return Err(Reject::Forbidden);
     }
-    if let Some(limiter) = &key.limiter {
-        let info = limiter.check();
-        ctx.rate = Some(info);
-        if let Some(retry_after) = info.retry_after {
-            metrics::global().rate_limited(&key.id);
-            tracing::warn!(event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
-            return Err(Reject::RateLimited { retry_after });
-        }
-    }
+    rate_limit(&key, ctx)?;
+    charge_quota(req, &key, ctx).await?;
 
     // Announced bodies over the limit never reach the upstream.
     if let Some(len) = req
@@ -305,6 +325,107 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         }
     }
     Ok(key)
+}
+
+fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
+    if let Some(limiter) = &key.limiter {
+        let info = limiter.check();
+        ctx.rate = Some(info);
+        if let Some(retry_after) = info.retry_after {
+            metrics::global().rate_limited(&key.id);
+            tracing::warn!(event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
+            return Err(Reject::RateLimited { retry_after });
+        }
+    }
+    Ok(())
+}
+
+/// Quota (SPEC §9): the request's cost from `[quota_costs]` against the key's window. Refused:
+/// 429 with `Retry-After` until the window resets, `quota_exceeded` once per key and window.
+async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
+    let Some(quota) = key.quota else {
+        return Ok(());
+    };
+    let cost = ctx.snap.quota_costs.cost(req.method(), req.uri().path());
+    let state = ctx
+        .shared
+        .state
+        .quotas
+        .charge(&key.id, quota, cost, crate::clock::now())
+        .await;
+    ctx.quota = Some(state);
+    let Some(first) = state.refused else {
+        return Ok(());
+    };
+    metrics::global().quota_exceeded(&key.id);
+    if first {
+        tracing::warn!(event = "quota_exceeded", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, limit = quota.limit, period = quota.period.as_str(), used = state.used, cost, reset_secs = state.reset_secs, "quota used up for this window; requests that cost something get 429 until it resets");
+    } else {
+        tracing::debug!(
+            request_id = request_id_str(ctx.request_id),
+            key_id = &*key.id,
+            cost,
+            "over quota"
+        );
+    }
+    Err(Reject::QuotaExceeded {
+        retry_after: state.reset_secs,
+    })
+}
+
+/// Key networks (SPEC §9): `key_first_use` or `key_new_network` when this network is new.
+async fn track_network(key: &Key, ctx: &Ctx<'_>) {
+    let sighting = ctx
+        .shared
+        .state
+        .networks
+        .observe(
+            &key.id,
+            ctx.client_ip,
+            crate::clock::now(),
+            &ctx.snap.key_networks,
+        )
+        .await;
+    match sighting {
+        crate::networks::Sighting::Known => {}
+        crate::networks::Sighting::FirstUse => {
+            tracing::info!(event = "key_first_use", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, "first use of this key");
+        }
+        crate::networks::Sighting::NewNetwork { previous } => {
+            metrics::global().key_new_network(&key.id);
+            tracing::warn!(event = "key_new_network", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, previous_networks = previous, "key used from a network outside its recent history");
+        }
+    }
+}
+
+/// Whether the request is for the introspection endpoint at `path` (normalised, as scopes
+/// are, so no other spelling slips through to the upstream). Paths under it are keygate's
+/// too: 404, never forwarded. Other methods than GET/HEAD: 405.
+fn introspection_target<B>(req: &Request<B>, path: &str) -> Result<bool, Reject> {
+    let raw = req.uri().path();
+    // Only a path with an escape, a backslash or a dot/empty segment can normalise to
+    // something else; the common path is compared as it is, with no allocation.
+    let needs_normalising = raw.contains(['%', '\\']) || raw.contains("/.") || raw.contains("//");
+    let normalised;
+    let norm = if needs_normalising {
+        let Some(n) = crate::access::normalize_path(raw) else {
+            return Ok(false);
+        };
+        normalised = n;
+        normalised.as_ref()
+    } else {
+        raw
+    };
+    if norm.trim_end_matches('/') == path {
+        if req.method() == http::Method::GET || req.method() == http::Method::HEAD {
+            return Ok(true);
+        }
+        return Err(Reject::MethodNotAllowed { allow: "GET, HEAD" });
+    }
+    if crate::access::path_has_prefix(norm, path) {
+        return Err(Reject::NotFound);
+    }
+    Ok(false)
 }
 
 /// Request line + headers, as on the wire (name + ": " + value + CRLF).
@@ -550,4 +671,60 @@ fn finish_headers(resp: &mut Response<ResponseBody>, ctx: &Ctx<'_>) {
         h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(r.remaining));
         h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(r.reset_secs));
     }
+    let burst = ctx
+        .rate
+        .zip(ctx.key.as_ref().and_then(|k| k.limiter.as_ref()));
+    if burst.is_some() || ctx.quota.is_some() {
+        let (policy, current) = ratelimit_fields(burst.map(|(r, l)| (r, l.rate())), ctx.quota);
+        if let (Ok(p), Ok(c)) = (
+            HeaderValue::from_str(&policy),
+            HeaderValue::from_str(&current),
+        ) {
+            h.insert(RATELIMIT_POLICY.clone(), p);
+            h.insert(RATELIMIT.clone(), c);
+        }
+    }
+}
+
+/// `RateLimit-Policy` and `RateLimit` in the multi-policy form of the IETF httpapi draft
+/// "RateLimit header fields for HTTP", draft-ietf-httpapi-ratelimit-headers-10 (September
+/// 2025; -11 of May 2026 keeps this syntax): Structured-Field lists with one member per policy,
+/// a quoted policy name and parameters, `q` (quota units) and `w` (window, seconds) in the
+/// policy, `r` (remaining units) and `t` (seconds until reset) in the current state.
+///
+/// * `"burst"`: the per-key rate limit, a token bucket of `q` = burst cells that refills
+///   completely in `w` seconds (burst × period / count, rounded up, ≥ 1).
+/// * `"quota"`: the calendar quota, `q` = the limit, `w` = the window's length (86400 for a day,
+///   the month's length for a month); units are request costs from `[quota_costs]`.
+pub fn ratelimit_fields(
+    burst: Option<(RateInfo, crate::limits::Rate)>,
+    quota: Option<QuotaState>,
+) -> (String, String) {
+    use std::fmt::Write as _;
+    let mut policy = String::with_capacity(64);
+    let mut current = String::with_capacity(64);
+    if let Some((info, rate)) = burst {
+        let refill = rate.period.as_secs_f64() * f64::from(info.limit) / f64::from(rate.count);
+        let w = (refill.ceil() as u64).max(1);
+        let _ = write!(policy, "\"burst\";q={};w={w}", info.limit);
+        let _ = write!(
+            current,
+            "\"burst\";r={};t={}",
+            info.remaining, info.reset_secs
+        );
+    }
+    if let Some(q) = quota {
+        let sep = if policy.is_empty() { "" } else { ", " };
+        let _ = write!(
+            policy,
+            "{sep}\"quota\";q={};w={}",
+            q.quota.limit, q.window_secs
+        );
+        let _ = write!(
+            current,
+            "{sep}\"quota\";r={};t={}",
+            q.remaining, q.reset_secs
+        );
+    }
+    (policy, current)
 }

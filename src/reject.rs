@@ -24,6 +24,16 @@ pub enum Reject {
     Throttled {
         retry_after: u64,
     },
+    /// The key's quota for the current window is used up; `Retry-After` until it resets.
+    QuotaExceeded {
+        retry_after: u64,
+    },
+    /// A path keygate answers itself (introspection) asked with another method.
+    MethodNotAllowed {
+        allow: &'static str,
+    },
+    /// Under a path keygate answers itself, but not one it serves.
+    NotFound,
     PayloadTooLarge,
     HeadersTooLarge,
     BadRequest,
@@ -40,7 +50,11 @@ impl Reject {
         match self {
             Reject::Unauthorized => StatusCode::UNAUTHORIZED,
             Reject::Forbidden => StatusCode::FORBIDDEN,
-            Reject::RateLimited { .. } | Reject::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::RateLimited { .. }
+            | Reject::Throttled { .. }
+            | Reject::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::BadRequest => StatusCode::BAD_REQUEST,
@@ -56,6 +70,9 @@ impl Reject {
             Reject::Unauthorized => "unauthorized",
             Reject::Forbidden => "forbidden",
             Reject::RateLimited { .. } | Reject::Throttled { .. } => "too many requests",
+            Reject::QuotaExceeded { .. } => "quota exceeded",
+            Reject::MethodNotAllowed { .. } => "method not allowed",
+            Reject::NotFound => "not found",
             Reject::PayloadTooLarge => "request body too large",
             Reject::HeadersTooLarge => "request headers too large",
             Reject::BadRequest => "bad request",
@@ -85,8 +102,13 @@ impl Reject {
             Reject::Unauthorized => {
                 h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Reject::RateLimited { retry_after } | Reject::Throttled { retry_after } => {
+            Reject::RateLimited { retry_after }
+            | Reject::Throttled { retry_after }
+            | Reject::QuotaExceeded { retry_after } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+            }
+            Reject::MethodNotAllowed { allow } => {
+                h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
             }
             _ => {}
         }

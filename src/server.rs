@@ -22,7 +22,7 @@ use crate::config::{self, BuildContext, Snapshot};
 use crate::log::LogGuard;
 use crate::metrics;
 use crate::pipeline::{self, Conn, Shared};
-use crate::usage::Usage;
+use crate::usage::State;
 
 /// Where the running config came from, and so what SIGHUP re-reads.
 pub enum Source {
@@ -57,13 +57,15 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
             e
         })?;
     let local = listener.local_addr()?;
-    let usage = match &snapshot.state {
-        Some(st) => Usage::load(&st.path).unwrap_or_else(|e| {
+    crate::clock::init();
+    let state = match &snapshot.state {
+        Some(st) => State::load(&st.path, &snapshot.key_networks).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "starting with empty key-usage state");
-            Usage::default()
+            State::default()
         }),
-        None => Usage::default(),
+        None => State::default(),
     };
+    spawn_exposure_check(&snapshot.upstream_url);
     for w in &snapshot.warnings {
         tracing::warn!(warning = %w, "config warning");
     }
@@ -73,7 +75,7 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
     let shared = Arc::new(Shared {
         verifier: Verifier::new(snapshot.auth.verify_concurrency),
         snapshot: ArcSwap::from_pointee(snapshot),
-        usage,
+        state,
     });
 
     if let Some(addr) = admin {
@@ -91,6 +93,7 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
     ));
 
     tokio::spawn(housekeeping(shared.clone()));
+    tokio::spawn(write_state_behind(shared.clone()));
     let (drain_tx, drain_rx) = watch::channel(false);
     let reload_task = tokio::spawn(reload_on_sighup(
         signals.hup,
@@ -441,6 +444,7 @@ async fn reload_on_sighup(
                 metrics::global().set_cert_not_after(new.cert_not_after);
                 let keys = new.keys.len();
                 let not_after = new.cert_not_after;
+                spawn_exposure_check(&new.upstream_url);
                 shared.snapshot.store(Arc::new(new));
                 shared.verifier.forget_bad();
                 metrics::global().reloaded(true);
@@ -531,8 +535,8 @@ fn warn_if_cert_expiring(not_after: Option<i64>) {
     }
 }
 
-/// Periodic chores: state-file saves (every minute), per-IP state pruning, certificate expiry
-/// warnings (at start and daily).
+/// Periodic chores: per-IP state pruning, certificate-expiry and key-rotation warnings (at
+/// start and daily).
 async fn housekeeping(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     let mut minutes = 0u64;
@@ -541,18 +545,69 @@ async fn housekeeping(shared: Arc<Shared>) {
         let snap = shared.snapshot.load_full();
         if minutes % (24 * 60) == 0 {
             warn_if_cert_expiring(snap.cert_not_after);
+            warn_keys_due_for_rotation(&snap);
         }
         if minutes > 0 {
-            save_state(&shared, false);
             snap.auth.failed_auth.prune();
         }
         minutes += 1;
     }
 }
 
+/// Daily: `key_rotation_due` for each key older than its rotation period (the key's or its
+/// role's `rotation_period`, else `[state] rotation_period`, default 90 days).
+fn warn_keys_due_for_rotation(snap: &Snapshot) {
+    let now = jiff::Timestamp::now().as_second();
+    let fallback = snap
+        .state
+        .as_ref()
+        .map_or(Duration::from_secs(90 * 86_400), |s| s.rotation_period);
+    let mut due: Vec<_> = snap
+        .keys
+        .values()
+        .filter(|k| !k.disabled)
+        .filter_map(|k| {
+            let period = k.rotation_period.unwrap_or(fallback).as_secs() as i64;
+            let age = now - k.created?.as_second();
+            (age > period).then_some((k, age / 86_400, period / 86_400))
+        })
+        .collect();
+    due.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    for (k, age_days, period_days) in due {
+        tracing::warn!(
+            event = "key_rotation_due",
+            key_id = &*k.id,
+            role = k.role.as_deref(),
+            age_days,
+            rotation_period_days = period_days,
+            "key is older than its rotation period: issue a new key (keygate keygen) and retire this one"
+        );
+    }
+}
+
+/// The exposure check (`exposure.rs`) on a blocking thread: it makes TCP connections.
+fn spawn_exposure_check(url: &str) {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || crate::exposure::check_and_log(&url));
+}
+
+/// Writes the state file behind the requests: every `SAVE_EVERY` if something changed (so a
+/// crash loses at most that much), and at shutdown.
+async fn write_state_behind(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::usage::SAVE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let shared = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || save_state(&shared, false)).await;
+    }
+}
+
 fn save_state(shared: &Shared, force: bool) {
-    if let Some(st) = &shared.snapshot.load().state {
-        if let Err(e) = shared.usage.save(&st.path, force) {
+    let snap = shared.snapshot.load();
+    if let Some(st) = &snap.state {
+        if let Err(e) = shared.state.save(&st.path, force, &snap.key_networks) {
             tracing::warn!(path = %st.path.display(), error = %e, "cannot write the state file");
         }
     }

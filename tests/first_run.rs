@@ -350,5 +350,5 @@ fn keys_shows_hours_below_a_day_and_how_fresh_last_use_is() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("expires in 5 hours"), "{out}");
     assert!(!out.contains("0 days"), "{out}");
-    assert!(out.contains("up to a minute old"), "{out}");
+    assert!(out.contains("a few seconds old"), "{out}");
 }

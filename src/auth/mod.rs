@@ -178,6 +178,12 @@ pub struct Key {
     pub expires: Option<jiff::Timestamp>,
     pub created: Option<jiff::Timestamp>,
     pub disabled: bool,
+    /// The role it names (`role = "…"`), if any; its fields are already merged in.
+    pub role: Option<Arc<str>>,
+    /// Spend limit (its own or its role's).
+    pub quota: Option<crate::quota::Quota>,
+    /// Its own or its role's; `None`: `[state] rotation_period` applies.
+    pub rotation_period: Option<std::time::Duration>,
 }
 
 impl Key {

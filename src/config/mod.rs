@@ -140,6 +140,14 @@ pub struct Snapshot {
     pub log: LogSettings,
     pub admin: Option<SocketAddr>,
     pub state: Option<StateSettings>,
+    /// `[quota_costs]`.
+    pub quota_costs: crate::quota::CostTable,
+    /// `[key_networks]`.
+    pub key_networks: crate::networks::NetworkPolicy,
+    /// `[introspection]`: the path keygate answers itself, or `None` when turned off.
+    pub introspection_path: Option<String>,
+    /// The upstream URL as configured (for the exposure check; holds no credentials).
+    pub upstream_url: String,
     /// Non-fatal findings (weak argon2 parameters, …) for `check` and the start-up log.
     pub warnings: Vec<String>,
 }

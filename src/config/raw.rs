@@ -24,6 +24,15 @@ pub struct RawConfig {
     pub log: RawLog,
     pub admin: Option<RawAdmin>,
     pub state: Option<RawState>,
+    /// `[roles.NAME]`, in name order (so errors come out in a stable order).
+    #[serde(default)]
+    pub roles: std::collections::BTreeMap<String, RawRole>,
+    #[serde(default)]
+    pub quota_costs: RawQuotaCosts,
+    #[serde(default)]
+    pub key_networks: RawKeyNetworks,
+    #[serde(default)]
+    pub introspection: RawIntrospection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +107,9 @@ pub struct RawAccess {
 pub struct RawKey {
     pub id: String,
     pub hash: String,
+    pub role: Option<String>,
+    pub quota: Option<String>,
+    pub rotation_period: Option<String>,
     pub rate_limit: Option<String>,
     pub burst: Option<u32>,
     pub allow: Option<Vec<String>>,
@@ -146,4 +158,53 @@ pub struct RawAdmin {
 pub struct RawState {
     pub path: Option<String>,
     pub rotation_period: Option<String>,
+}
+
+/// `[roles.NAME]`: defaults for the keys that name the role (`role = "NAME"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRole {
+    pub methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub rate_limit: Option<String>,
+    pub burst: Option<u32>,
+    pub quota: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub rotation_period: Option<String>,
+}
+
+/// `[quota_costs]`: what a request costs against its key's quota.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuotaCosts {
+    pub default: Option<u64>,
+    #[serde(default)]
+    pub rules: Vec<RawCostRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCostRule {
+    /// Any method when absent.
+    pub methods: Option<Vec<String>>,
+    pub path: String,
+    pub cost: u64,
+}
+
+/// `[key_networks]`: the per-key history of client networks (`key_new_network`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyNetworks {
+    pub ipv4_prefix: Option<u8>,
+    pub ipv6_prefix: Option<u8>,
+    pub remember: Option<String>,
+    pub max_per_key: Option<usize>,
+}
+
+/// `[introspection]`: the key holder's own view (`GET /.well-known/keygate/key`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntrospection {
+    pub enabled: Option<bool>,
+    pub path: Option<String>,
 }

@@ -23,6 +23,8 @@ const BOUNDS: &[(&str, u64, u64)] = &[
     // Until response headers: a model service may think for minutes, not for hours.
     ("upstream.request_timeout", 100 * MS, H),
     ("state.rotation_period", D, 3650 * D),
+    // How long a key's client networks are remembered (`key_new_network`).
+    ("key_networks.remember", H, 3650 * D),
 ];
 
 /// For a duration not listed above (a new setting): more than zero, at most a day.

@@ -1,22 +1,25 @@
 //! Raw TOML → validated [`Snapshot`]. Collects every problem, each with its TOML path.
+//! Sections with rules of their own have their own file: `roles.rs`, `keys.rs`, `lifecycle.rs`.
 
-use std::collections::HashMap;
+mod keys;
+mod lifecycle;
+mod roles;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 
-use super::raw::{Hsts, RawConfig, RawKey};
+use super::raw::{Hsts, RawConfig};
 use super::{
     AuthSettings, ConfigError, ConfigErrors, LogSettings, ServerSettings, Snapshot, StateSettings,
 };
-use crate::access::{AccessRules, IpList, Scope};
-use crate::auth::{Key, PhcHash};
+use crate::access::{AccessRules, IpList};
 use crate::forward::Upstream;
-use crate::limits::{FailedAuthThrottle, KeyLimiter, Rate};
+use crate::limits::{FailedAuthThrottle, Rate};
 use crate::tls;
 
 mod durations;
@@ -493,20 +496,16 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         );
     }
 
-    // [[keys]]
-    let mut keys: HashMap<Box<str>, Arc<Key>> = HashMap::with_capacity(raw.keys.len());
-    for (i, k) in raw.keys.iter().enumerate() {
-        if let Some(key) = build_key(i, k, default_rate, ctx.previous, &mut errs, &mut warnings) {
-            if keys.contains_key(&*key.id) {
-                errs.push(
-                    format!("keys[{i}].id"),
-                    format!("duplicate key id {:?}", key.id),
-                );
-            } else {
-                keys.insert(Box::from(&*key.id), Arc::new(key));
-            }
-        }
-    }
+    // [roles.NAME], [[keys]]
+    let roles = roles::build_roles(&raw.roles, &mut errs);
+    let keys = keys::build_keys(
+        &raw.keys,
+        &roles,
+        default_rate,
+        ctx.previous,
+        &mut errs,
+        &mut warnings,
+    );
     if keys.is_empty() && errs.0.is_empty() {
         warnings.push("no [[keys]] configured: every request will get 401".to_string());
     }
@@ -597,6 +596,11 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         }
     });
 
+    // [quota_costs], [key_networks], [introspection]
+    let quota_costs = lifecycle::quota_costs(&raw.quota_costs, &mut errs);
+    let key_networks = lifecycle::key_networks(&raw.key_networks, &mut errs);
+    let introspection_path = lifecycle::introspection(&raw.introspection, &mut errs);
+
     key_ids::name_keys(&mut errs.0, &mut warnings, |i| {
         raw.keys.get(i).map(|k| k.id.clone())
     });
@@ -627,152 +631,11 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         },
         admin,
         state,
+        quota_costs,
+        key_networks,
+        introspection_path,
+        upstream_url: upstream_url.to_string(),
         warnings,
-    })
-}
-
-fn build_key(
-    i: usize,
-    k: &RawKey,
-    default_rate: Option<Rate>,
-    previous: Option<&Snapshot>,
-    errs: &mut Errors,
-    warnings: &mut Vec<String>,
-) -> Option<Key> {
-    let before = errs.0.len();
-    let p = |f: &str| format!("keys[{i}].{f}");
-    if !crate::auth::token::is_valid_id(&k.id) {
-        // Echoed only when too short to be a token (≥ 43 characters) pasted into the wrong field.
-        let shown = if k.id.chars().count() <= 32 {
-            format!("{:?} ", k.id)
-        } else {
-            String::new()
-        };
-        errs.push(
-            p("id"),
-            format!("invalid key id {shown}(use [a-z0-9-], 1 to 32 characters)"),
-        );
-    }
-    // Never echo the value: it may be a plaintext token pasted by mistake.
-    let hash = match PhcHash::parse(&k.hash) {
-        Ok(h) => {
-            if let Some(w) = h.weakness() {
-                warnings.push(format!("{}: {w}", p("hash")));
-            }
-            Some(h)
-        }
-        Err(m) => {
-            errs.push(p("hash"), m);
-            None
-        }
-    };
-    let rate = match &k.rate_limit {
-        Some(s) => match parse_rate(s) {
-            Ok(r) => Some(r),
-            Err(m) => {
-                errs.push(p("rate_limit"), m);
-                None
-            }
-        },
-        None => default_rate,
-    };
-    if k.burst == Some(0) {
-        errs.push(p("burst"), "must be at least 1");
-    }
-    if k.burst.is_some() && rate.is_none() {
-        errs.push(p("burst"), "needs rate_limit (or auth.default_rate_limit)");
-    }
-    let allow = k.allow.as_ref().map(|l| cidr_list(l, &p("allow"), errs));
-    let methods = k.methods.as_ref().map(|ms| {
-        ms.iter()
-            .enumerate()
-            .filter_map(|(j, m)| {
-                match Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
-                    Ok(m) => Some(m),
-                    Err(_) => {
-                        errs.push(
-                            format!("keys[{i}].methods[{j}]"),
-                            format!("invalid method {m:?}"),
-                        );
-                        None
-                    }
-                }
-            })
-            .collect::<Vec<_>>()
-    });
-    let paths = k.paths.as_ref().map(|ps| {
-        ps.iter()
-            .enumerate()
-            .filter_map(|(j, s)| {
-                if !s.starts_with('/') {
-                    errs.push(
-                        format!("keys[{i}].paths[{j}]"),
-                        format!("path prefix {s:?} must start with '/'"),
-                    );
-                    return None;
-                }
-                match crate::access::normalize_path(s) {
-                    Some(n) => Some(n.into_owned()),
-                    None => {
-                        errs.push(
-                            format!("keys[{i}].paths[{j}]"),
-                            format!("invalid path prefix {s:?}"),
-                        );
-                        None
-                    }
-                }
-            })
-            .collect::<Vec<_>>()
-    });
-    let expires = k
-        .expires
-        .as_ref()
-        .and_then(|e| match parse_instant(&e.as_text()) {
-            Ok(t) => Some(t),
-            Err(m) => {
-                errs.push(p("expires"), m);
-                None
-            }
-        });
-    let created = k
-        .created
-        .as_ref()
-        .and_then(|e| match parse_instant(&e.as_text()) {
-            Ok(t) => Some(t),
-            Err(m) => {
-                errs.push(p("created"), m);
-                None
-            }
-        });
-    if errs.0.len() != before {
-        return None;
-    }
-    let hash = hash?;
-    let old = previous.and_then(|s| s.keys.get(k.id.as_str()));
-    // Carry over what must survive a reload: the verified cache (only if the hash is the same)
-    // and the rate-limit bucket (only if the quota is the same).
-    let verified = match old {
-        Some(o) if o.hash.fingerprint() == hash.fingerprint() => o.verified.clone(),
-        _ => Default::default(),
-    };
-    let limiter = rate.map(|r| {
-        let burst = k.burst.unwrap_or(r.count);
-        match old.and_then(|o| o.limiter.as_ref()) {
-            Some(l) if l.rate() == r && l.burst() == burst => l.clone(),
-            _ => Arc::new(KeyLimiter::new(r, burst)),
-        }
-    });
-    Some(Key {
-        id: k.id.as_str().into(),
-        id_header: http::HeaderValue::from_str(&k.id).ok()?,
-        hash,
-        verified,
-        limiter,
-        allow,
-        scope: Scope::new(methods, paths),
-        expires,
-        created,
-        disabled: k.disabled,
     })
 }
 
