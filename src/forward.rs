@@ -1,16 +1,31 @@
-//! The upstream side: a pooled hyper-util client, header rewriting (SPEC §4), timeouts and
-//! protocol upgrades.
+//! The upstream side: a pooled hyper-util client, header rewriting (SPEC §4), timeouts,
+//! retries on reused connections and protocol upgrades.
+//!
+//! **Keep-alive races.** An upstream may close an idle keep-alive connection at the moment
+//! keygate picks it from the pool for the next request (uvicorn closes them after 5 s, gunicorn
+//! after 2 s, Node after 5 s). Two defences, as Go's `net/http` transport and nginx have them:
+//! the pool drops connections idle for `[upstream] pool_idle_timeout` (default 1 s, below every
+//! common upstream keep-alive), and a request that fails on a *reused* connection before any
+//! response byte arrived is sent once more on a new connection, when that is safe: its method is
+//! idempotent (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and it has no body (one
+//! that was streamed cannot be replayed). A POST is never sent twice; a failure on a connection
+//! opened for the request is not retried either (the upstream really is failing).
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::{RequestBody, RequestStats};
@@ -22,9 +37,13 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub use crate::proto::{is_hop_by_hop, strip_hop_by_hop};
 
+type Connector = Tracking<HttpsConnector<HttpConnector>>;
+
 /// The protected service.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    client: Client<Connector, RequestBody>,
+    /// No pool: every request gets a new connection (for the one retry).
+    fresh: Client<Connector, RequestBody>,
     scheme: Scheme,
     authority: Authority,
     /// Prefix from the configured URL's path, without trailing slash ("" for none).
@@ -38,6 +57,9 @@ pub enum UpstreamError {
     Timeout,
     #[error("request body over the limit")]
     BodyTooLarge,
+    /// The client stopped sending its body (`body_read_timeout`): the client's fault.
+    #[error("the client sent no request-body byte within body_read_timeout")]
+    ClientTimeout,
     #[error("the client's request body failed (malformed framing or aborted)")]
     ClientBody,
     #[error("cannot connect to upstream: {0}")]
@@ -51,9 +73,10 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout => "timeout",
             UpstreamError::Connect(_) => "connect",
-            UpstreamError::BodyTooLarge | UpstreamError::ClientBody | UpstreamError::Other(_) => {
-                "other"
-            }
+            UpstreamError::BodyTooLarge
+            | UpstreamError::ClientTimeout
+            | UpstreamError::ClientBody
+            | UpstreamError::Other(_) => "other",
         }
     }
 }
@@ -75,10 +98,12 @@ impl std::fmt::Display for Chain<'_> {
 
 impl Upstream {
     /// Errors are plain messages; a message starting with `ca:` belongs to `upstream.ca`.
+    /// `pool_idle_timeout`: how long an idle upstream connection is kept for reuse.
     pub fn new(
         url: &str,
         connect_timeout: Duration,
         request_timeout: Duration,
+        pool_idle_timeout: Duration,
         extra_ca: Option<&[u8]>,
     ) -> Result<Self, String> {
         // Checked before parsing so that an unparsable URL with a password is not echoed.
@@ -145,14 +170,20 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let connector = Tracking(connector);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(pool_idle_timeout)
             .pool_max_idle_per_host(1024)
             .pool_timer(hyper_util::rt::TokioTimer::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .build(connector.clone());
+        let fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
             .timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Ok(Upstream {
             client,
+            fresh,
             scheme,
             authority,
             base_path,
@@ -178,13 +209,16 @@ impl Upstream {
 
     /// Sends the request; waits for the response head. The deadline is `request_timeout` of
     /// upstream silence after the last request-body bytes went out, so a long upload is not
-    /// mistaken for a slow upstream.
+    /// mistaken for a slow upstream, and time spent waiting for a client that stalls its body is
+    /// the client's (`body_read_timeout`, [`UpstreamError::ClientTimeout`]). A request that may
+    /// be replayed is sent once more on a new connection when a reused one fails (module doc);
+    /// `stats.retried()` then says so.
     pub async fn send(
         &self,
         req: http::Request<RequestBody>,
         stats: &Arc<RequestStats>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
-        let fut = self.client.request(req);
+        let fut = self.send_or_retry(req, stats);
         tokio::pin!(fut);
         let mut seen = stats.bytes();
         loop {
@@ -193,6 +227,8 @@ impl Upstream {
                     return res.map_err(|e| {
                         if stats.over_limit() {
                             UpstreamError::BodyTooLarge
+                        } else if stats.client_timed_out() {
+                            UpstreamError::ClientTimeout
                         } else if stats.client_failed() {
                             UpstreamError::ClientBody
                         } else if e.is_connect() {
@@ -204,13 +240,186 @@ impl Upstream {
                 }
                 () = tokio::time::sleep(self.request_timeout) => {
                     let now = stats.bytes();
-                    if now == seen {
+                    if now == seen && !stats.waiting_on_client() {
                         return Err(UpstreamError::Timeout);
                     }
                     seen = now;
                 }
             }
         }
+    }
+
+    async fn send_or_retry(
+        &self,
+        req: http::Request<RequestBody>,
+        stats: &Arc<RequestStats>,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        use http_body::Body as _;
+        // Kept only for requests that may be replayed: one header-map copy per GET.
+        let replay = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
+            (
+                req.method().clone(),
+                req.uri().clone(),
+                req.headers().clone(),
+            )
+        });
+        match self.client.request(req).await {
+            Ok(resp) => {
+                ConnUses::count(resp.extensions());
+                Ok(resp)
+            }
+            Err(e) => match replay {
+                Some((method, uri, headers)) if failed_on_reused_connection(&e) => {
+                    stats.set_retried();
+                    let mut again = http::Request::new(RequestBody::empty(stats.clone()));
+                    *again.method_mut() = method;
+                    *again.uri_mut() = uri;
+                    *again.headers_mut() = headers;
+                    self.fresh.request(again).await
+                }
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+/// Safe to send twice (RFC 9110 §9.2.2).
+fn is_idempotent(m: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(m)
+}
+
+/// The request failed on a connection that had already carried a response, with the connection
+/// closed or reset under it (no response head arrived: the future resolved with an error).
+fn failed_on_reused_connection(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let Some(info) = e.connect_info() else {
+        return false;
+    };
+    let mut ext = http::Extensions::new();
+    info.get_extras(&mut ext);
+    let reused = ext.get::<ConnUses>().is_some_and(|u| u.0.load(Relaxed) > 0);
+    if !reused {
+        return false;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Responses carried by one upstream connection so far; attached to the connection by
+/// [`Tracking`] and read back from a response's or an error's connection info.
+#[derive(Clone, Default)]
+struct ConnUses(Arc<AtomicU32>);
+
+impl ConnUses {
+    fn count(ext: &http::Extensions) {
+        if let Some(u) = ext.get::<ConnUses>() {
+            u.0.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A connector that tags each new connection with its own [`ConnUses`], so that a failed
+/// request can tell a reused connection from one opened for it (hyper-util keeps that private).
+#[derive(Clone)]
+pub struct Tracking<C>(C);
+
+impl<C> tower_service::Service<Uri> for Tracking<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+{
+    type Response = Tracked<C::Response>;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, C::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            Ok(Tracked {
+                io: connecting.await?,
+                uses: ConnUses::default(),
+            })
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream connection with its [`ConnUses`].
+    pub struct Tracked<T> {
+        #[pin]
+        io: T,
+        uses: ConnUses,
+    }
+}
+
+impl<T: Connection> Connection for Tracked<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected().extra(self.uses.clone())
+    }
+}
+
+impl<T: hyper::rt::Read> hyper::rt::Read for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write> hyper::rt::Write for Tracked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
     }
 }
 

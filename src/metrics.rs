@@ -44,6 +44,8 @@ pub const UPSTREAM_ERRORS: [&str; 4] = ["connect", "timeout", "protocol", "other
 /// Labels of `keygate_upgrades_refused_total`: `h2c` apart (an attempted tunnel past the
 /// checks), everything else together, so a client cannot grow the label set.
 pub const UPGRADE_REFUSED: [&str; 2] = ["h2c", "other"];
+/// Where a client timed out: `body` (no request-body byte within `body_read_timeout`).
+pub const CLIENT_TIMEOUTS: [&str; 1] = ["body"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,6 +82,11 @@ struct ProtocolLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -95,6 +102,8 @@ pub struct Metrics {
     ip_denied: Counter,
     upstream_errors: Family<KindLabel, Counter>,
     upgrades_refused: Family<ProtocolLabel, Counter>,
+    upstream_retries: Counter,
+    client_timeouts: Family<PhaseLabel, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
     config_reloads: Family<ResultLabel, Counter>,
     cert_not_after: Gauge<i64, AtomicI64>,
@@ -203,6 +212,23 @@ impl Metrics {
             "Client Upgrade requests not forwarded (h2c, or a protocol not in upstream.upgrade_protocols)",
             upgrades_refused.clone(),
         );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "keygate_upstream_retries",
+            "Requests sent again on a new upstream connection after a reused one failed before answering",
+            upstream_retries.clone(),
+        );
+        let client_timeouts = Family::<PhaseLabel, Counter>::default();
+        for phase in CLIENT_TIMEOUTS {
+            client_timeouts
+                .get_or_create(&PhaseLabel { phase })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_client_timeouts",
+            "Requests answered 408 because the client stalled, by phase",
+            client_timeouts.clone(),
+        );
         let config_reloads = Family::<ResultLabel, Counter>::default();
         for result in ["success", "failure"] {
             config_reloads
@@ -260,6 +286,8 @@ impl Metrics {
             ip_denied,
             upstream_errors,
             upgrades_refused,
+            upstream_retries,
+            client_timeouts,
             open_connections,
             config_reloads,
             cert_not_after,
@@ -364,6 +392,18 @@ impl Metrics {
             .get_or_create(&ProtocolLabel { protocol })
             .inc();
     }
+    /// A request sent again on a new connection after a reused one failed (forward.rs).
+    pub fn upstream_retried(&self) {
+        self.upstream_retries.inc();
+    }
+    /// `phase` is one of [`CLIENT_TIMEOUTS`]; anything else is not counted.
+    pub fn client_timeout(&self, phase: &str) {
+        if let Some(phase) = CLIENT_TIMEOUTS.iter().find(|p| **p == phase) {
+            self.client_timeouts
+                .get_or_create(&PhaseLabel { phase })
+                .inc();
+        }
+    }
     pub fn connection_opened(&self) {
         self.open_connections.inc();
     }
@@ -408,6 +448,8 @@ mod tests {
         m.auth_failed("bad_secret");
         m.auth_failed("not-a-reason");
         m.upstream_error("timeout");
+        m.upstream_retried();
+        m.client_timeout("body");
         m.reloaded(false);
         m.set_cert_not_after(Some(1_900_000_000));
         m.connection_opened();
@@ -431,6 +473,8 @@ mod tests {
             "keygate_ip_denied_total 0",
             "keygate_upstream_errors_total{kind=\"timeout\"} 1",
             "keygate_upstream_errors_total{kind=\"connect\"} 0",
+            "keygate_upstream_retries_total 1",
+            "keygate_client_timeouts_total{phase=\"body\"} 1",
             "keygate_config_reloads_total{result=\"failure\"} 1",
             "keygate_config_reloads_total{result=\"success\"} 0",
             "# TYPE keygate_open_connections gauge",

@@ -578,12 +578,26 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let mut up = Request::from_parts(
         parts,
-        RequestBody::new(body, snap.server.max_body_bytes, stats.clone()),
+        RequestBody::new(
+            body,
+            snap.server.max_body_bytes,
+            snap.server.body_read_timeout,
+            stats.clone(),
+        ),
     );
     *up.uri_mut() = snap.upstream.uri_for(up.uri().path_and_query());
     *up.version_mut() = http::Version::HTTP_11;
 
-    let mut resp = match snap.upstream.send(up, &stats).await {
+    let sent = snap.upstream.send(up, &stats).await;
+    if stats.retried() {
+        metrics::global().upstream_retried();
+        tracing::debug!(
+            event = "upstream_retry",
+            request_id = request_id_str(ctx.request_id),
+            "reused upstream connection failed before answering; request sent again on a new one"
+        );
+    }
+    let mut resp = match sent {
         Ok(r) => r,
         Err(UpstreamError::BodyTooLarge) => {
             tracing::warn!(
@@ -593,6 +607,21 @@ async fn forward(
                 "streamed request body crossed max_body_bytes; upstream request aborted"
             );
             return Err(Reject::PayloadTooLarge);
+        }
+        // The client stalled its body (nginx's client_body_timeout): its fault, so 408 and a
+        // client-timeout count, never an upstream error or a 504.
+        Err(UpstreamError::ClientTimeout) => {
+            metrics::global().client_timeout("body");
+            tracing::info!(
+                event = "client_timeout",
+                phase = "body",
+                request_id = request_id_str(ctx.request_id),
+                key_id = &*key.id,
+                bytes = stats.bytes(),
+                timeout_ms = snap.server.body_read_timeout.as_millis() as u64,
+                "the client sent no request-body byte within body_read_timeout; upstream request aborted"
+            );
+            return Err(Reject::RequestTimeout);
         }
         // Not the upstream's fault: no upstream_error event or metric for a client's bad
         // chunked framing or aborted upload.

@@ -158,6 +158,8 @@ pub struct ServerSettings {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// Longest a client may leave keygate waiting for the next request-body byte (408 after).
+    pub body_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,

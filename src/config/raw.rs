@@ -43,6 +43,7 @@ pub struct RawServer {
     pub max_body_bytes: Option<u64>,
     pub max_header_bytes: Option<usize>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
     pub tls_handshake_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<usize>,
@@ -75,6 +76,7 @@ pub struct RawUpstream {
     pub url: Option<String>,
     pub connect_timeout: Option<String>,
     pub request_timeout: Option<String>,
+    pub pool_idle_timeout: Option<String>,
     pub ca: Option<String>,
     /// `"client"` (default) or `"upstream"`.
     pub host: Option<String>,

@@ -16,12 +16,17 @@ const BOUNDS: &[(&str, u64, u64)] = &[
     // slowloris (SPEC §5).
     ("server.header_read_timeout", 100 * MS, 5 * MIN),
     ("server.tls_handshake_timeout", 100 * MS, 5 * MIN),
+    // A client between two body bytes: a slow mobile link pauses for seconds, not for hours.
+    ("server.body_read_timeout", S, H),
     ("server.idle_timeout", S, H),
     // Under systemd, TimeoutStopSec (45 s in the shipped unit) must exceed it.
     ("server.shutdown_grace", 100 * MS, H),
     ("upstream.connect_timeout", 100 * MS, 5 * MIN),
     // Until response headers: a model service may think for minutes, not for hours.
     ("upstream.request_timeout", 100 * MS, H),
+    // Must stay below the upstream's keep-alive (gunicorn 2 s, uvicorn 5 s); minutes would
+    // only keep connections the upstream has long closed.
+    ("upstream.pool_idle_timeout", 100 * MS, 5 * MIN),
     ("state.rotation_period", D, 3650 * D),
     // How long a key's client networks are remembered (`key_new_network`).
     ("key_networks.remember", H, 3650 * D),
@@ -62,10 +67,12 @@ mod tests {
         for (path, default) in [
             ("server.header_read_timeout", "10s"),
             ("server.tls_handshake_timeout", "10s"),
+            ("server.body_read_timeout", "60s"),
             ("server.idle_timeout", "60s"),
             ("server.shutdown_grace", "30s"),
             ("upstream.connect_timeout", "5s"),
             ("upstream.request_timeout", "60s"),
+            ("upstream.pool_idle_timeout", "1s"),
             ("state.rotation_period", "90d"),
         ] {
             let d = humantime::parse_duration(default).unwrap();

@@ -323,6 +323,12 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             "server.header_read_timeout",
             &mut errs,
         ),
+        body_read_timeout: duration_or(
+            &s.body_read_timeout,
+            "60s",
+            "server.body_read_timeout",
+            &mut errs,
+        ),
         tls_handshake_timeout: duration_or(
             &s.tls_handshake_timeout,
             "10s",
@@ -397,6 +403,12 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         "upstream.request_timeout",
         &mut errs,
     );
+    let pool_idle_timeout = duration_or(
+        &u.pool_idle_timeout,
+        "1s",
+        "upstream.pool_idle_timeout",
+        &mut errs,
+    );
     let upstream_ca =
         u.ca.as_deref()
             .and_then(|p| read_file(base, p, "upstream.ca", &mut errs));
@@ -404,6 +416,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         upstream_url,
         connect_timeout,
         request_timeout,
+        pool_idle_timeout,
         upstream_ca.as_deref(),
     ) {
         Ok(up) => Some(up),

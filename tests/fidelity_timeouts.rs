@@ -1,0 +1,491 @@
+//! Blame the right side, and survive upstream keep-alive (issue 8 §5, issue 9 §6):
+//! - a client that stalls its request body gets 408 and is counted as a client timeout, never as
+//!   an upstream error; an upstream that stops reading is still the upstream's fault (504);
+//! - a request that fails on a reused upstream connection before any response byte is sent once
+//!   more on a new connection when it is idempotent and has no body; a POST never is.
+//!
+//! The misbehaving upstreams are small raw-socket servers below, so each misbehaviour is exact.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt as _;
+use hyper::Request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// GET on the admin listener's /metrics.
+fn metrics(kg: &Keygate) -> String {
+    let mut s = std::net::TcpStream::connect(kg.admin.expect("admin listener")).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(m: &str, name: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{m}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that stalls its body.
+
+fn stall_keygate(up: &Upstream) -> (Keygate, String) {
+    let (token, hash) = new_key("slow");
+    let kg = Keygate::builder()
+        .upstream(up)
+        .upstream_line("request_timeout = \"2s\"")
+        .server("body_read_timeout = \"1s\"")
+        .key("slow", &hash, "")
+        .admin()
+        .start();
+    (kg, token)
+}
+
+/// Reads one HTTP/1.1 response (head and Content-Length body) from a raw stream.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                return (head[9..12].parse().unwrap(), body);
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("response within 20 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_is_a_client_timeout_408_not_an_upstream_504() {
+    let up = Upstream::start().await;
+    let (kg, token) = stall_keygate(&up);
+
+    // HTTP/1.1, Content-Length announced, 1000 of 10000 bytes sent, then nothing.
+    let mut s = kg.tls_stream().await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nx-request-id: stall-h1\r\ncontent-length: 10000\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'a'; 1000]).await.unwrap();
+    s.flush().await.unwrap();
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 408, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "request timeout");
+    assert_eq!(v["request_id"], "stall-h1");
+
+    // Chunked, no length: the same.
+    let mut s = kg.tls_stream().await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nx-request-id: stall-chunked\r\ntransfer-encoding: chunked\r\n\r\n3e8\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'a'; 1000]).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    let (status, _) = read_response(&mut s).await;
+    assert_eq!(status, 408);
+
+    // HTTP/2 (hyper client over rustls): a body stream that sends 1000 bytes and stalls.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, BoxErr>>(1);
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from(vec![b'b'; 1000]))))
+        .await
+        .unwrap();
+    let body = http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed();
+    let req = Request::post(kg.url("/upload"))
+        .header("x-api-key", &token)
+        .header("x-request-id", "stall-h2")
+        .body(body)
+        .unwrap();
+    let r = kg.client_h2().send(req).await;
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert_eq!(r.json()["error"], "request timeout");
+    drop(tx);
+
+    for id in ["stall-h1", "stall-chunked", "stall-h2"] {
+        let line = kg.access_line(id);
+        assert_eq!(line["status"], 408, "{line}");
+        let ev = kg.wait_log("client_timeout event", |v| {
+            v["event"] == "client_timeout" && v["request_id"] == id
+        });
+        assert_eq!(ev["phase"], "body");
+    }
+    assert!(
+        kg.events("upstream_error").is_empty(),
+        "a stalled client was blamed on the upstream:\n{}",
+        kg.logs()
+    );
+    let m = metrics(&kg);
+    assert_eq!(
+        metric(&m, "keygate_client_timeouts_total{phase=\"body\"}"),
+        3
+    );
+    assert_eq!(
+        metric(&m, "keygate_upstream_errors_total{kind=\"timeout\"}"),
+        0
+    );
+    assert_no_secrets(&kg.logs(), &[&token]);
+}
+
+type BoxErr = Box<dyn std::error::Error + Send + Sync>;
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_slow_upload_outlives_both_timeouts() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("slow");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .upstream_line("request_timeout = \"1s\"")
+        .server("body_read_timeout = \"1s\"")
+        .key("slow", &hash, "")
+        .start();
+    // 10 chunks, one every 400 ms: 4 s in all, each gap well under both timeouts.
+    for h2 in [false, true] {
+        let chunks = futures_util::stream::unfold(0u32, |i| async move {
+            if i == 10 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Some((
+                Ok::<_, BoxErr>(hyper::body::Frame::data(Bytes::from(vec![b'c'; 100]))),
+                i + 1,
+            ))
+        });
+        let req = Request::post(kg.url("/upload"))
+            .header("x-api-key", &token)
+            .body(http_body_util::StreamBody::new(chunks).boxed())
+            .unwrap();
+        let c = if h2 { kg.client_h2() } else { kg.client() };
+        let r = c.send(req).await;
+        assert_eq!((r.status, r.text()), (200, "1000".to_string()), "h2={h2}");
+    }
+}
+
+/// An upstream that reads the request head and then neither reads the body nor answers.
+async fn deaf_upstream() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).await;
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_stops_reading_the_body_is_still_the_upstreams_fault() {
+    let addr = deaf_upstream().await;
+    let (token, hash) = new_key("up");
+    let kg = Keygate::builder()
+        .upstream_url(&format!("http://{addr}"))
+        .upstream_line("request_timeout = \"1s\"")
+        .server("body_read_timeout = \"30s\"")
+        .key("up", &hash, "")
+        .start();
+    // The client offers 64 MiB as fast as it can; the upstream reads none of it, so keygate
+    // stops asking the client for more: the upstream, not the client, is stalling.
+    let chunks =
+        futures_util::stream::iter((0..1024).map(|_| {
+            Ok::<_, BoxErr>(hyper::body::Frame::data(Bytes::from(vec![b'd'; 64 * 1024])))
+        }));
+    let req = Request::post(kg.url("/upload"))
+        .header("x-api-key", &token)
+        .header("content-length", (64u64 << 20).to_string())
+        .header("x-request-id", "deaf")
+        .body(http_body_util::StreamBody::new(chunks).boxed())
+        .unwrap();
+    let r = kg.client().send_raw(req).await.expect("a response");
+    assert_eq!(r.status(), 504);
+    let ev = kg.wait_log("upstream_error", |v| v["event"] == "upstream_error");
+    assert_eq!(ev["kind"], "timeout");
+    assert!(kg.events("client_timeout").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstreams that drop keep-alive connections.
+
+#[derive(Clone, Copy, PartialEq)]
+enum Flaky {
+    /// Answers the first request on a connection; reads the second and closes without answering
+    /// (never says `Connection: close`).
+    ClosesOnSecondRequest,
+    /// Answers the first request, then closes the connection as soon as the next request starts
+    /// arriving, without reading it (the kernel answers the unread bytes with a reset).
+    ResetsOnSecondRequest,
+    /// Closes every connection as soon as a request has been read, without answering.
+    NeverAnswers,
+    /// Answers every request; closes a connection idle for 300 ms (a short keep-alive).
+    ShortKeepAlive,
+}
+
+struct FlakyUpstream {
+    addr: std::net::SocketAddr,
+    /// "METHOD /path" of every request read, in order.
+    seen: Arc<Mutex<Vec<String>>>,
+    connections: Arc<Mutex<u32>>,
+}
+
+/// Reads one request (head and Content-Length body). None at EOF.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 8192];
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf.drain(..end + 4 + len);
+            let line = head.lines().next().unwrap_or_default();
+            return Some(line.rsplit_once(' ').map_or(line, |(a, _)| a).to_string());
+        }
+        let mut chunk = [0u8; 8192];
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok";
+
+impl FlakyUpstream {
+    async fn start(mode: Flaky) -> FlakyUpstream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let connections: Arc<Mutex<u32>> = Arc::default();
+        let (seen2, conns2) = (seen.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                *conns2.lock().unwrap() += 1;
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut served = 0;
+                    loop {
+                        if mode == Flaky::ResetsOnSecondRequest && served == 1 {
+                            let mut b = [0u8; 1];
+                            let _ = s.peek(&mut b).await;
+                            seen.lock().unwrap().push("(reset)".into());
+                            return; // dropped with unread bytes: RST
+                        }
+                        let next = if mode == Flaky::ShortKeepAlive && served > 0 {
+                            match tokio::time::timeout(
+                                Duration::from_millis(300),
+                                read_request(&mut s, &mut buf),
+                            )
+                            .await
+                            {
+                                Ok(r) => r,
+                                Err(_) => return,
+                            }
+                        } else {
+                            read_request(&mut s, &mut buf).await
+                        };
+                        let Some(req) = next else { return };
+                        let head_only = req.starts_with("HEAD");
+                        seen.lock().unwrap().push(req);
+                        let answer = match mode {
+                            Flaky::NeverAnswers => false,
+                            Flaky::ClosesOnSecondRequest => served == 0,
+                            _ => true,
+                        };
+                        if !answer {
+                            return;
+                        }
+                        let answer: &[u8] = if head_only { &OK[..OK.len() - 2] } else { OK };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        served += 1;
+                    }
+                });
+            }
+        });
+        FlakyUpstream {
+            addr,
+            seen,
+            connections,
+        }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+    fn connections(&self) -> u32 {
+        *self.connections.lock().unwrap()
+    }
+}
+
+fn flaky_keygate(up: &FlakyUpstream, extra: &[&str]) -> (Keygate, String) {
+    let (token, hash) = new_key("k");
+    let mut b = Keygate::builder()
+        .upstream_url(&format!("http://{}", up.addr))
+        .key("k", &hash, "")
+        .admin();
+    for l in extra {
+        b = b.upstream_line(l);
+    }
+    (b.start(), token)
+}
+
+async fn call(kg: &Keygate, c: &TestClient, token: &str, method: &str, path: &str) -> u16 {
+    let req = Request::builder()
+        .method(method)
+        .uri(kg.url(path))
+        .header("x-api-key", token)
+        .body(empty())
+        .unwrap();
+    c.send(req).await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_once_when_a_reused_connection_drops_them() {
+    for mode in [Flaky::ClosesOnSecondRequest, Flaky::ResetsOnSecondRequest] {
+        let up = FlakyUpstream::start(mode).await;
+        let (kg, token) = flaky_keygate(&up, &[]);
+        for h2 in [false, true] {
+            let c = if h2 { kg.client_h2() } else { kg.client() };
+            for method in ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"] {
+                // The first request opens a connection; the second finds it pooled, and the
+                // upstream drops it under the request.
+                assert_eq!(call(&kg, &c, &token, "GET", "/warm").await, 200);
+                let status = call(&kg, &c, &token, method, "/again").await;
+                assert_eq!(
+                    status, 200,
+                    "{method} (h2={h2}) on a dropped reused connection"
+                );
+            }
+        }
+        let m = metrics(&kg);
+        assert_eq!(metric(&m, "keygate_upstream_retries_total"), 10);
+        assert_eq!(
+            metric(&m, "keygate_upstream_errors_total{kind=\"other\"}"),
+            0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_never_sent_twice() {
+    let up = FlakyUpstream::start(Flaky::ClosesOnSecondRequest).await;
+    let (kg, token) = flaky_keygate(&up, &[]);
+    let c = kg.client();
+    // Non-idempotent: the upstream may have acted on it, so the client gets the 502.
+    for method in ["POST", "PATCH"] {
+        assert_eq!(call(&kg, &c, &token, "GET", "/warm").await, 200);
+        let status = call(&kg, &c, &token, method, "/order").await;
+        assert_eq!(status, 502, "{method}");
+        let n = up.seen().iter().filter(|r| r.starts_with(method)).count();
+        assert_eq!(n, 1, "{method} sent more than once: {:?}", up.seen());
+    }
+    // A PUT with a body cannot be replayed either (its body was streamed away).
+    assert_eq!(call(&kg, &c, &token, "GET", "/warm").await, 200);
+    let req = Request::put(kg.url("/doc"))
+        .header("x-api-key", &token)
+        .body(full("some body"))
+        .unwrap();
+    assert_eq!(c.send(req).await.status, 502);
+    assert_eq!(up.seen().iter().filter(|r| r.starts_with("PUT")).count(), 1);
+    assert_eq!(metric(&metrics(&kg), "keygate_upstream_retries_total"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_on_a_new_connection_is_not_retried() {
+    let up = FlakyUpstream::start(Flaky::NeverAnswers).await;
+    let (kg, token) = flaky_keygate(&up, &[]);
+    assert_eq!(call(&kg, &kg.client(), &token, "GET", "/x").await, 502);
+    assert_eq!(
+        up.seen(),
+        vec!["GET /x".to_string()],
+        "retried on a new connection"
+    );
+    assert_eq!(
+        metric(
+            &metrics(&kg),
+            "keygate_upstream_errors_total{kind=\"other\"}"
+        ),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_takes_a_new_connection_not_another_dead_pooled_one() {
+    let up = FlakyUpstream::start(Flaky::ClosesOnSecondRequest).await;
+    let (kg, token) = flaky_keygate(&up, &[]);
+    let c = kg.client();
+    // Four pooled connections, each used once: every one of them will drop its next request.
+    let reqs = (0..4).map(|_| call(&kg, &c, &token, "GET", "/warm"));
+    let got = futures_util::future::join_all(reqs).await;
+    assert!(got.iter().all(|s| *s == 200), "{got:?}");
+    for _ in 0..4 {
+        assert_eq!(call(&kg, &c, &token, "GET", "/x").await, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_with_a_short_keep_alive_never_fails_a_request() {
+    let up = FlakyUpstream::start(Flaky::ShortKeepAlive).await;
+    // The pool forgets idle connections before the upstream closes them (200 ms < 300 ms), so
+    // even a POST, which is never retried, finds no dead connection.
+    let (kg, token) = flaky_keygate(&up, &["pool_idle_timeout = \"200ms\""]);
+    let c = kg.client();
+    for _ in 0..4 {
+        assert_eq!(call(&kg, &c, &token, "POST", "/p").await, 200);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(call(&kg, &c, &token, "GET", "/g").await, 200);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+    }
+    assert!(up.connections() >= 2);
+}
