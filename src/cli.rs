@@ -195,6 +195,15 @@ fn check(path: &Path) -> ExitCode {
         }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "{e}");
+            if !path.exists() {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "make one: keygate init {} (config, certificate, first key; every option: \
+                     config.example.toml, packaged as /etc/keygate/keygate.toml.example)",
+                    dir.display()
+                );
+            }
             ExitCode::FAILURE
         }
     }

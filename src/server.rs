@@ -543,7 +543,7 @@ async fn housekeeping(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let snap = shared.snapshot.load_full();
-        if minutes % (24 * 60) == 0 {
+        if minutes.is_multiple_of(24 * 60) {
             warn_if_cert_expiring(snap.cert_not_after);
             warn_keys_due_for_rotation(&snap);
         }
