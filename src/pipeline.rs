@@ -267,6 +267,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         return Err(Reject::Forbidden);
     }
     check_header_size(req, snap.server.max_header_bytes)?;
+    check_protocol(req, ctx)?;
 
     let key = match authenticate(req, ctx).await {
         Ok(key) => key,
@@ -336,6 +337,22 @@ fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
             tracing::warn!(event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
             return Err(Reject::RateLimited { retry_after });
         }
+    }
+    Ok(())
+}
+
+/// What an intermediary must refuse before looking further (RFC 9110/9112/9113, `proto.rs`):
+/// 400 for a request whose authority is missing, doubled or contradictory; 501 for `CONNECT`
+/// (keygate is a gateway, not a tunnel) and `TRACE` (it would reflect the request, cookies and
+/// all, and keygate's identity header, back to a browser).
+fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
+    if let Err(m) = proto::check_authority(req) {
+        tracing::info!(request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = m.as_str(), error = %m, "malformed request refused");
+        return Err(Reject::BadRequest);
+    }
+    if req.method() == http::Method::CONNECT || req.method() == http::Method::TRACE {
+        tracing::info!(request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, method = req.method().as_str(), "method not implemented by keygate");
+        return Err(Reject::NotImplemented);
     }
     Ok(())
 }
@@ -552,13 +569,14 @@ async fn forward(
         .is_some()
         .then(|| hyper::upgrade::on(&mut req));
 
-    // h2 requests carry the host in :authority; give the upstream a Host-equivalent.
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(auth) = req.uri().authority() {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
+    let client_authority = proto::client_authority(&req);
+    proto::join_cookie_crumbs(req.headers_mut());
+    let version = req.version();
+    proto::append_via(version, req.headers_mut());
+    let method = req.method().clone();
+    if !proto::decrement_max_forwards(&method, req.headers_mut()) {
+        // RFC 9110 §7.6.2: OPTIONS with Max-Forwards: 0 is answered here, not forwarded.
+        return Ok(options_reply());
     }
     let peer = ctx.conn.peer.ip().to_canonical();
     rewrite_request_headers(
@@ -571,6 +589,9 @@ async fn forward(
             key_id: &key.id_header,
             credential_header: &snap.auth.header,
             upgrade: offer.forward.clone(),
+            client_ip: ctx.client_ip,
+            client_authority: client_authority.as_ref(),
+            host_from_client: snap.forwarding.host == proto::HostMode::Client,
         },
     );
     let stats = Arc::new(RequestStats::default());
@@ -683,7 +704,23 @@ async fn forward(
         return Ok(resp.map(ResponseBody::upstream));
     }
     strip_hop_by_hop(resp.headers_mut(), None);
+    if snap.forwarding.host == proto::HostMode::Upstream {
+        if let Some(public) = &client_authority {
+            proto::rewrite_upstream_urls(resp.headers_mut(), snap.upstream.origin(), public);
+        }
+    }
     Ok(resp.map(ResponseBody::upstream))
+}
+
+/// keygate's own answer to `OPTIONS` with `Max-Forwards: 0` (RFC 9110 §9.3.7): it is the
+/// final recipient, and says which methods it forwards.
+fn options_reply() -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(bytes::Bytes::new()));
+    resp.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    resp
 }
 
 /// Headers every response gets: request id, HSTS, and the key's rate-limit state.

@@ -42,6 +42,8 @@ pub enum Reject {
     BadGateway,
     GatewayTimeout,
     Internal,
+    /// A method keygate does not forward (`CONNECT`, `TRACE`).
+    NotImplemented,
 }
 
 pub static X_CONTENT_TYPE_OPTIONS: http::HeaderName =
@@ -64,6 +66,7 @@ impl Reject {
             Reject::BadGateway => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Reject::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -83,6 +86,7 @@ impl Reject {
             Reject::BadGateway => "bad gateway",
             Reject::GatewayTimeout => "gateway timeout",
             Reject::Internal => "internal error",
+            Reject::NotImplemented => "not implemented",
         }
     }
 
