@@ -21,8 +21,9 @@ use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tracing::Level;
 
-use crate::auth::verify::Outcome;
+use crate::auth::verify::{Busy, Outcome};
 use crate::auth::{Key, Token, TokenError, Verifier};
 use crate::body::{RequestBody, RequestStats, ResponseBody};
 use crate::config::Snapshot;
@@ -30,7 +31,7 @@ use crate::forward::{
     ForwardInfo, UpstreamError, X_FORWARDED_FOR, X_REQUEST_ID, rewrite_request_headers,
 };
 use crate::limits::RateInfo;
-use crate::log::{AccessRecord, request_id_str};
+use crate::log::{AccessRecord, ClientEvent, client_event, request_id_str};
 use crate::metrics;
 use crate::proto::{self, strip_hop_by_hop};
 use crate::quota::QuotaState;
@@ -263,7 +264,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     // Behind trusted proxies the allow/deny decision could not be made at accept.
     if !snap.access.decide_at_accept() && !snap.access.admits(ctx.client_ip) {
         metrics::global().ip_denied();
-        tracing::warn!(event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
+        client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
         return Err(Reject::Forbidden);
     }
     check_header_size(req, snap.server.max_header_bytes)?;
@@ -286,7 +287,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     if let Some(allow) = &key.allow {
         if !allow.contains(ctx.client_ip) {
             metrics::global().ip_denied();
-            tracing::warn!(event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, scope = "key");
+            client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, scope = "key");
             return Err(Reject::Forbidden);
         }
     }
@@ -302,7 +303,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     }
     if !key.scope.permits(req.method(), req.uri().path()) {
         metrics::global().scope_denied(&key.id);
-        tracing::warn!(event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = req.uri().path());
+        client_event!(ClientEvent::ScopeDenied, ctx.client_ip, Level::WARN, event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = req.uri().path());
         return Err(Reject::Forbidden);
     }
     rate_limit(&key, ctx)?;
@@ -316,7 +317,10 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         .and_then(|v| v.parse::<u64>().ok())
     {
         if len > snap.server.max_body_bytes {
-            tracing::warn!(
+            client_event!(
+                ClientEvent::BodyTooLarge,
+                ctx.client_ip,
+                Level::WARN,
                 request_id = request_id_str(ctx.request_id),
                 key_id = &*key.id,
                 content_length = len,
@@ -334,7 +338,7 @@ fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
         ctx.rate = Some(info);
         if let Some(retry_after) = info.retry_after {
             metrics::global().rate_limited(&key.id);
-            tracing::warn!(event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
+            client_event!(ClientEvent::RateLimited, ctx.client_ip, Level::WARN, event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
             return Err(Reject::RateLimited { retry_after });
         }
     }
@@ -488,22 +492,29 @@ fn credential<'r, B>(
 async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, Reject> {
     let snap = ctx.snap;
     let throttle = &snap.auth.failed_auth;
-    let fail = |reason: AuthFailure, key_id: Option<&str>| {
+    let report = |reason: AuthFailure, key_id: Option<&str>, exhausted: bool| {
         metrics::global().auth_failed(reason.as_str());
-        tracing::warn!(event = "auth_failed", reason = reason.as_str(), request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id);
-        if reason.counts_as_guess() && throttle.record_failure(ctx.client_ip) {
-            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, limit = throttle.rate().count, "client IP reached failed_auth_limit: its unverified tokens are refused for now");
+        client_event!(ClientEvent::AuthFailed, ctx.client_ip, Level::WARN, event = "auth_failed", reason = reason.as_str(), request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id);
+        if exhausted {
+            client_event!(ClientEvent::AuthThrottled, ctx.client_ip, Level::WARN, event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, limit = throttle.rate().count, "client IP reached failed_auth_limit: its unverified tokens are refused for now");
         }
         Reject::Unauthorized
     };
+    let fail = |reason: AuthFailure, key_id: Option<&str>| {
+        let exhausted = reason.counts_as_guess() && throttle.record_failure(ctx.client_ip);
+        report(reason, key_id, exhausted)
+    };
     // A throttled client gets 429 for every token not in the verified cache, whatever is wrong
     // with it (a 401 for unknown ids only would tell it which ids exist), and it is not counted.
+    let refuse = |key_id: Option<&str>, retry_after: u64| {
+        metrics::global().auth_throttled();
+        client_event!(ClientEvent::AuthThrottled, ctx.client_ip, Level::WARN, event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id, retry_after);
+        Reject::Throttled { retry_after }
+    };
     let throttled = |key_id: Option<&str>| {
-        throttle.throttled(ctx.client_ip).map(|retry_after| {
-            metrics::global().auth_throttled();
-            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id, retry_after);
-            Reject::Throttled { retry_after }
-        })
+        throttle
+            .throttled(ctx.client_ip)
+            .map(|retry_after| refuse(key_id, retry_after))
     };
     let guess = |reason: AuthFailure, key_id: Option<&str>| {
         if reason.counts_as_guess() {
@@ -529,14 +540,32 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         if ctx.shared.verifier.is_known_bad(&digest) {
             return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
         }
-        if ctx
+        // The guess is charged to the client's budget before hashing (and refunded if right),
+        // so a client with many requests in flight gets no more hashes than its budget.
+        let standing = throttle.standing(ctx.client_ip);
+        let reservation = throttle
+            .reserve(ctx.client_ip)
+            .map_err(|retry_after| refuse(Some(&key.id), retry_after))?;
+        match ctx
             .shared
             .verifier
-            .verify(key, token.expose(), digest)
+            .verify(key, token.expose(), digest, standing)
             .await
-            != Outcome::Valid
         {
-            return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
+            Ok(Outcome::Valid) => throttle.refund(ctx.client_ip),
+            Ok(Outcome::Invalid) => {
+                throttle.confirm_failure(ctx.client_ip);
+                return Err(report(
+                    AuthFailure::BadSecret,
+                    Some(&key.id),
+                    reservation.exhausted,
+                ));
+            }
+            Err(Busy) => {
+                throttle.refund(ctx.client_ip);
+                client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?standing, "argon2 verification queue: waited too long or full; refused unhashed");
+                return Err(Reject::Unavailable { retry_after: 1 });
+            }
         }
     }
     if key.disabled {
@@ -562,7 +591,7 @@ async fn forward(
     );
     if let Some((protocol, reason)) = &offer.refused {
         metrics::global().upgrade_refused(protocol);
-        tracing::warn!(event = "upgrade_refused", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, protocol = protocol.as_str(), reason = reason.as_str(), forwarded_upgrade = offer.forward.is_some());
+        client_event!(ClientEvent::UpgradeRefused, ctx.client_ip, Level::WARN, event = "upgrade_refused", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, protocol = protocol.as_str(), reason = reason.as_str(), forwarded_upgrade = offer.forward.is_some());
     }
     let client_upgrade = offer
         .forward
@@ -621,7 +650,10 @@ async fn forward(
     let mut resp = match sent {
         Ok(r) => r,
         Err(UpstreamError::BodyTooLarge) => {
-            tracing::warn!(
+            client_event!(
+                ClientEvent::BodyTooLarge,
+                ctx.client_ip,
+                Level::WARN,
                 request_id = request_id_str(ctx.request_id),
                 key_id = &*key.id,
                 bytes = stats.bytes(),
@@ -647,7 +679,10 @@ async fn forward(
         // Not the upstream's fault: no upstream_error event or metric for a client's bad
         // chunked framing or aborted upload.
         Err(UpstreamError::ClientBody) => {
-            tracing::info!(
+            client_event!(
+                ClientEvent::ClientBody,
+                ctx.client_ip,
+                Level::INFO,
                 request_id = request_id_str(ctx.request_id),
                 key_id = &*key.id,
                 bytes = stats.bytes(),
@@ -658,7 +693,7 @@ async fn forward(
         Err(e) => {
             metrics::global().upstream_error(e.kind());
             // The detail is for the operator only.
-            tracing::error!(event = "upstream_error", kind = e.kind(), request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e);
+            client_event!(ClientEvent::UpstreamError, ctx.client_ip, Level::ERROR, event = "upstream_error", kind = e.kind(), request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e);
             return Err(match e {
                 UpstreamError::Timeout => Reject::GatewayTimeout,
                 _ => Reject::BadGateway,
@@ -684,6 +719,7 @@ async fn forward(
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let request_id = ctx.request_id.clone();
+        let client_ip = ctx.client_ip;
         tokio::spawn(async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
@@ -695,7 +731,7 @@ async fn forward(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
+                    client_event!(ClientEvent::UpgradeFailed, client_ip, Level::WARN, request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
                 }
             }
         });
