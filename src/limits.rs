@@ -144,6 +144,9 @@ struct Table {
     history_full_until: u32,
     /// Last prune of a full history (secs since `base`), to bound prune work under a scan.
     history_pruned: u32,
+    /// Per network: verifications reserved and not yet settled. Bounded by the requests that
+    /// can be in the verification queue at once.
+    inflight_networks: HashMap<u128, u32>,
     /// Size at which a failure from a new client first prunes inline.
     next_prune: usize,
     /// Last inline prune (ns since `base`), to bound prune work when the table is full.
@@ -204,12 +207,46 @@ pub enum Standing {
 }
 
 /// A failed-auth budget charged before an argon2 verification (see
-/// [`FailedAuthThrottle::reserve`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// [`FailedAuthThrottle::reserve`]). While it lives, the verification counts as in flight for
+/// its network. Dropping it keeps the charge (a hash abandoned by its client was still spent);
+/// [`refund`](Self::refund) gives it back, [`confirm_failure`](Self::confirm_failure) records
+/// the failure.
 #[must_use = "refund the charge if the token is right, or confirm it if wrong"]
-pub struct Reservation {
+pub struct Reservation<'t> {
+    throttle: &'t FailedAuthThrottle,
+    ip: IpAddr,
+    /// Where the verification waits (decided under the same lock as the charge).
+    pub standing: Standing,
     /// This charge used the client's budget up: its next unverified token is refused.
     pub exhausted: bool,
+}
+
+impl Reservation<'_> {
+    /// The token was right (or was never hashed): the charge is given back.
+    pub fn refund(self) {
+        self.throttle.refund(self.ip);
+    }
+
+    /// The token was wrong: remembered for the client's and its network's [`Standing`]. The
+    /// budget was charged already.
+    pub fn confirm_failure(self) {
+        let now = self.throttle.now();
+        self.throttle
+            .remember_failure(&mut self.throttle.lock(), self.ip, now);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut t = self.throttle.lock();
+        let net = network_key(self.ip);
+        if let Some(n) = t.inflight_networks.get_mut(&net) {
+            *n -= 1;
+            if *n == 0 {
+                t.inflight_networks.remove(&net);
+            }
+        }
+    }
 }
 
 /// What charging one failure did.
@@ -249,6 +286,7 @@ impl FailedAuthThrottle {
                 failed_networks: HashMap::new(),
                 history_full_until: 0,
                 history_pruned: 0,
+                inflight_networks: HashMap::new(),
             }),
         }
     }
@@ -298,10 +336,11 @@ impl FailedAuthThrottle {
     /// and charging under one lock is what makes the budget hold however many requests a client
     /// has in flight: with a check before hashing and a count after, 200 concurrent wrong tokens
     /// from one address all passed the check (issue 9: 219 hashes against a budget of 20).
-    /// Then [`refund`](Self::refund) if the token was right (or never hashed), or
-    /// [`confirm_failure`](Self::confirm_failure) if it was wrong. A request abandoned while its
-    /// hash runs keeps the charge: the hash was spent.
-    pub fn reserve(&self, ip: IpAddr) -> Result<Reservation, u64> {
+    /// Then [`Reservation::refund`] if the token was right (or never hashed), or
+    /// [`Reservation::confirm_failure`] if it was wrong. A request abandoned while its hash runs
+    /// keeps the charge: the hash was spent. The reservation also carries the request's
+    /// [`Standing`] in the verification queue, decided with the charge.
+    pub fn reserve(&self, ip: IpAddr) -> Result<Reservation<'_>, u64> {
         let key = client_key(ip);
         let now = self.now();
         let mut t = self.lock();
@@ -309,7 +348,16 @@ impl FailedAuthThrottle {
             return Err(wait);
         }
         match self.charge(&mut t, key, now) {
-            Charge::Charged { exhausted } => Ok(Reservation { exhausted }),
+            Charge::Charged { exhausted } => {
+                *t.inflight_networks.entry(network_key(ip)).or_insert(0) += 1;
+                let standing = self.standing_in(&t, ip, now);
+                Ok(Reservation {
+                    throttle: self,
+                    ip,
+                    standing,
+                    exhausted,
+                })
+            }
             full @ Charge::TableFull => {
                 drop(t);
                 self.exhausted(full);
@@ -318,9 +366,8 @@ impl FailedAuthThrottle {
         }
     }
 
-    /// Gives a [`reserve`](Self::reserve)d failure back (the token was right, or it was never
-    /// hashed).
-    pub fn refund(&self, ip: IpAddr) {
+    /// Gives a charge back.
+    fn refund(&self, ip: IpAddr) {
         let key = client_key(ip);
         let now = self.now();
         let mut t = self.lock();
@@ -332,29 +379,32 @@ impl FailedAuthThrottle {
         }
     }
 
-    /// The [`reserve`](Self::reserve)d failure was a real one (wrong secret): remembered for
-    /// the client's and its network's [`Standing`]. The budget was charged already.
-    pub fn confirm_failure(&self, ip: IpAddr) {
-        let now = self.now();
-        self.remember_failure(&mut self.lock(), ip, now);
+    /// Where a verification for this client would wait now, were it reserved (see
+    /// [`Standing`]; [`reserve`](Self::reserve) decides it with the charge). Creates no state.
+    pub fn standing(&self, ip: IpAddr) -> Standing {
+        self.standing_in(&self.lock(), ip, self.now())
     }
 
-    /// Where this client's argon2 verification waits (see [`Standing`]). Creates no state.
-    pub fn standing(&self, ip: IpAddr) -> Standing {
-        let now = self.now();
+    /// A client is [`Failed`](Standing::Failed) if it failed within [`HISTORY`] or has more
+    /// than one verification charged (in flight, or failures still in its budget); its network
+    /// counts as failed if it failed within [`HISTORY`] or has more than one verification in
+    /// flight. So a network nobody in it failed from yields one clean request at a time: a
+    /// burst of guesses from a fresh network does not all go ahead of legitimate clients.
+    fn standing_in(&self, t: &Table, ip: IpAddr, now: u64) -> Standing {
         let now_s = secs(now);
-        let t = self.lock();
         let recent = |m: &HashMap<u128, u32>, k: u128| {
             m.get(&k)
                 .is_some_and(|&s| now_s.saturating_sub(s) < HISTORY_SECS)
         };
         let key = client_key(ip);
-        if recent(&t.failed_clients, key) {
-            let debt = t.tat.get(&key).map_or(0, |&tat| {
-                u32::try_from(tat.saturating_sub(now).div_ceil(self.interval)).unwrap_or(u32::MAX)
-            });
+        let net = network_key(ip);
+        let debt = t.tat.get(&key).map_or(0, |&tat| {
+            u32::try_from(tat.saturating_sub(now).div_ceil(self.interval)).unwrap_or(u32::MAX)
+        });
+        let inflight = t.inflight_networks.get(&net).copied().unwrap_or(0);
+        if recent(&t.failed_clients, key) || debt > 1 {
             Standing::Failed { debt }
-        } else if recent(&t.failed_networks, network_key(ip)) || t.history_full_until > now_s {
+        } else if recent(&t.failed_networks, net) || inflight > 1 || t.history_full_until > now_s {
             Standing::NetworkFailed
         } else {
             Standing::Clean
@@ -584,19 +634,26 @@ mod tests {
         });
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         // 200 requests in flight at once: every one reserves before any hash is done.
-        let granted: Vec<_> = (0..200).filter_map(|_| t.reserve(ip).ok()).collect();
+        let mut granted: Vec<_> = (0..200).filter_map(|_| t.reserve(ip).ok()).collect();
         assert_eq!(granted.len(), 20, "exactly the budget is hashed");
         assert!(granted[..19].iter().all(|r| !r.exhausted));
         assert!(granted[19].exhausted, "the 20th charge uses the budget up");
+        assert_eq!(granted[0].standing, Standing::Clean);
+        assert_eq!(
+            granted[1].standing,
+            Standing::Failed { debt: 2 },
+            "a second one in flight from the same client is not clean"
+        );
         assert!(t.throttled(ip).is_some());
         // A right token gives its charge back: the client is no longer throttled.
-        t.refund(ip);
+        granted.pop().unwrap().refund();
         assert!(t.throttled(ip).is_none());
-        assert!(t.reserve(ip).is_ok());
-        for _ in 0..20 {
-            t.refund(ip);
+        granted.push(t.reserve(ip).unwrap());
+        for r in granted {
+            r.refund();
         }
         assert_eq!(t.tracked(), 0, "refunded down to nothing: no state left");
+        assert!(t.lock().inflight_networks.is_empty());
     }
 
     #[test]
@@ -610,13 +667,17 @@ mod tests {
         let elsewhere: IpAddr = "203.0.113.5".parse().unwrap();
         assert_eq!(t.standing(guesser), Standing::Clean);
         let r = t.reserve(guesser).unwrap();
-        assert!(!r.exhausted);
+        assert_eq!(r.standing, Standing::Clean);
+        // While it is in flight, a second request from the same network is not clean.
+        let n = t.reserve(neighbour).unwrap();
+        assert_eq!(n.standing, Standing::NetworkFailed);
+        n.refund();
         assert_eq!(
-            t.standing(guesser),
+            t.standing(neighbour),
             Standing::Clean,
-            "a reservation is not a failure"
+            "no longer in flight"
         );
-        t.confirm_failure(guesser);
+        r.confirm_failure();
         assert_eq!(t.standing(guesser), Standing::Failed { debt: 1 });
         t.record_failure(guesser);
         assert_eq!(t.standing(guesser), Standing::Failed { debt: 2 });
@@ -642,5 +703,10 @@ mod tests {
         // The history outlives the budget: a slow guesser stays Failed after its budget refills.
         t.prune();
         assert!(matches!(t.standing(guesser), Standing::Failed { .. }));
+        // A reservation dropped unsettled (its client went away mid-hash) keeps the charge but
+        // no longer counts as in flight.
+        drop(t.reserve(elsewhere).unwrap());
+        assert!(t.lock().inflight_networks.is_empty());
+        assert_eq!(t.standing(elsewhere), Standing::Clean);
     }
 }

@@ -542,27 +542,23 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         }
         // The guess is charged to the client's budget before hashing (and refunded if right),
         // so a client with many requests in flight gets no more hashes than its budget.
-        let standing = throttle.standing(ctx.client_ip);
         let reservation = throttle
             .reserve(ctx.client_ip)
             .map_err(|retry_after| refuse(Some(&key.id), retry_after))?;
+        let (standing, exhausted) = (reservation.standing, reservation.exhausted);
         match ctx
             .shared
             .verifier
             .verify(key, token.expose(), digest, standing)
             .await
         {
-            Ok(Outcome::Valid) => throttle.refund(ctx.client_ip),
+            Ok(Outcome::Valid) => reservation.refund(),
             Ok(Outcome::Invalid) => {
-                throttle.confirm_failure(ctx.client_ip);
-                return Err(report(
-                    AuthFailure::BadSecret,
-                    Some(&key.id),
-                    reservation.exhausted,
-                ));
+                reservation.confirm_failure();
+                return Err(report(AuthFailure::BadSecret, Some(&key.id), exhausted));
             }
             Err(Busy) => {
-                throttle.refund(ctx.client_ip);
+                reservation.refund();
                 client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?standing, "argon2 verification queue: waited too long or full; refused unhashed");
                 return Err(Reject::Unavailable { retry_after: 1 });
             }
