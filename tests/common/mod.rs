@@ -362,6 +362,16 @@ impl KeygateBuilder {
             "\n[log]\nformat = \"{}\"\nlevel = \"debug\"\n",
             self.log_format
         ));
+        // Tests of other features assert every event line they cause; the per-client log
+        // budget (default 10 lines per kind per minute) is tested on its own
+        // (tests/log_budget.rs), so here it is out of the way unless a test sets it.
+        if !self
+            .log_lines
+            .iter()
+            .any(|l| l.starts_with("client_event_limit"))
+        {
+            s.push_str("client_event_limit = \"100000/s\"\n");
+        }
         for l in &self.log_lines {
             s.push_str(l);
             s.push('\n');
