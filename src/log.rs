@@ -346,6 +346,7 @@ pub enum ClientEvent {
     RateLimited,
     BodyTooLarge,
     ClientBody,
+    ClientTimeout,
     UpgradeFailed,
     UpgradeRefused,
     UpstreamError,
@@ -361,7 +362,7 @@ pub enum ClientEvent {
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 16] = [
+    pub const ALL: [ClientEvent; 17] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -370,6 +371,7 @@ impl ClientEvent {
         ClientEvent::RateLimited,
         ClientEvent::BodyTooLarge,
         ClientEvent::ClientBody,
+        ClientEvent::ClientTimeout,
         ClientEvent::UpgradeFailed,
         ClientEvent::UpgradeRefused,
         ClientEvent::UpstreamError,
@@ -391,6 +393,7 @@ impl ClientEvent {
             ClientEvent::RateLimited => "rate_limited",
             ClientEvent::BodyTooLarge => "body_too_large",
             ClientEvent::ClientBody => "client_body",
+            ClientEvent::ClientTimeout => "client_timeout",
             ClientEvent::UpgradeFailed => "upgrade_failed",
             ClientEvent::UpgradeRefused => "upgrade_refused",
             ClientEvent::UpstreamError => "upstream_error",

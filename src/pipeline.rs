@@ -661,7 +661,10 @@ async fn forward(
         // client-timeout count, never an upstream error or a 504.
         Err(UpstreamError::ClientTimeout) => {
             metrics::global().client_timeout("body");
-            tracing::info!(
+            client_event!(
+                ClientEvent::ClientTimeout,
+                ctx.client_ip,
+                Level::INFO,
                 event = "client_timeout",
                 phase = "body",
                 request_id = request_id_str(ctx.request_id),
