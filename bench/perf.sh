@@ -31,6 +31,7 @@ fi
 : "${PERF_HS_CONNS:=10}"       # hsload clients
 : "${PERF_BIG_N:=1000}"        # 1 MiB responses per big-body run (h2load --h1, PERF_CONNS conns)
 : "${PERF_WORKERS2:=1}"        # 1: also compare workers = 2 with worker_processes 2
+: "${PERF_CASES:=cpu tput hs big}"  # which parts of the workers = 1, logs off setting run
 : "${PERF_LOG_ON:=1}"          # 1: also measure with access logs on
 : "${PERF_BUILD:=1}"           # 1: cargo build --release keygate and bench/hsload first
 : "${PERF_KEEP:=0}"            # 1: keep the work dir
@@ -252,10 +253,12 @@ median() {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 == 0 || b + 0 == 0) print "–"; else printf "%.2f×", a / b }'; }
 
 # The two proxies, started side by side (the idle one costs nothing) for one setting.
-start_proxies() {  # start_proxies WORKERS LOGMODE(off|on)
-    local w=$1 mode=$2 level=warn alog="access_log off;"
+start_proxies() {  # start_proxies WORKERS LOGMODE(off|on) WARMUP(h1|h2|none) [SET-SUFFIX]
+    local w=$1 mode=$2 warm=$3 level=warn alog="access_log off;"
     SET=w$w-$mode
-    local kd=$WORK/kg-$SET nd=$WORK/ng-$SET
+    local dirs=$SET${4:-}
+    local kd=$WORK/kg-$dirs nd=$WORK/ng-$dirs
+    KG_DIR=$kd NG_DIR=$nd
     mkdir -p "$kd" "$nd/tmp"
     if [[ $mode == on ]]; then level=info alog="access_log $nd/access.log keygate;"; fi
     render "$PERF_DIR/keygate.toml.in" "$kd/keygate.toml" "$kd" "$KEYGATE_PORT" "$w" "$level" ""
@@ -268,9 +271,9 @@ start_proxies() {  # start_proxies WORKERS LOGMODE(off|on)
     wait_port "$KEYGATE_PORT" "$KG_PID" || die "keygate did not start: $(tail -5 "$kd/access.log" "$kd/stderr.log")"
     wait_port "$NGINX_PORT" "$NG_PID" || die "nginx proxy did not start: $(tail -5 "$nd/error.log")"
     sleep 0.3
-    R[$SET|keygate|idle]=$(rss_sum "$KG_PID")
+    R[$SET|keygate|idle0]=${R[$SET|keygate|idle0]:-$(rss_sum "$KG_PID")}
     # shellcheck disable=SC2046
-    R[$SET|nginx|idle]=$(rss_sum $(rss_pids nginx))
+    R[$SET|nginx|idle0]=${R[$SET|nginx|idle0]:-$(rss_sum $(rss_pids nginx))}
     local p port code body
     for p in keygate nginx; do
         port=$(port_of $p)
@@ -281,19 +284,26 @@ start_proxies() {  # start_proxies WORKERS LOGMODE(off|on)
             [[ ${#body} == 103 && $body == *200 ]] || die "$p $v: with the key gave '${body: -20}' (want 100 bytes + 200)"
         done
     done
-    log "setting $SET: keygate pid $KG_PID, nginx pid $NG_PID; warming up"
-    for p in keygate nginx; do
-        URLPATH=/small timeout 60 h2load -n 5000 -c "$PERF_CONNS" -m "$PERF_STREAMS" -H "$KEYH" "https://127.0.0.1:$(port_of $p)/small" >/dev/null 2>&1 || true
-    done
+    log "setting $dirs: keygate pid $KG_PID, nginx pid $NG_PID; warm-up $warm"
+    local m=()
+    case $warm in h1) m=(--h1) ;; h2) m=(-m "$PERF_STREAMS") ;; esac
+    if [[ $warm != none ]]; then
+        for p in keygate nginx; do
+            timeout 60 h2load -n 2000 -c "$PERF_CONNS" "${m[@]}" -H "$KEYH" "https://127.0.0.1:$(port_of $p)/small" >/dev/null 2>&1 || true
+        done
+    fi
+    # The key's first use ran argon2 (m_cost KiB of memory on an argon2 thread, freed after 1 s
+    # without verifications): wait for that, so that peak RSS is the connections' memory.
+    sleep 1.5
 }
 stop_proxies() {
-    R[$SET|keygate|lines]=$(wc -l <"$WORK/kg-$SET/access.log")
-    R[$SET|nginx|lines]=$({ cat "$WORK/ng-$SET/access.log" 2>/dev/null || true; } | wc -l)
+    R[$SET|keygate|lines]=$(( ${R[$SET|keygate|lines]:-0} + $(wc -l <"$KG_DIR/access.log") ))
+    R[$SET|nginx|lines]=$(( ${R[$SET|nginx|lines]:-0} + $({ cat "$NG_DIR/access.log" 2>/dev/null || true; } | wc -l) ))
     # RSS a few seconds after the load ended (does memory go back?).
     sleep 2
-    R[$SET|keygate|after]=$(rss_sum "$KG_PID")
+    R[$SET|keygate|after0]=$(rss_sum "$KG_PID")
     # shellcheck disable=SC2046
-    R[$SET|nginx|after]=$(rss_sum $(rss_pids nginx))
+    R[$SET|nginx|after0]=$(rss_sum $(rss_pids nginx))
     stop "$KG_PID"
     stop "$NG_PID"
 }
@@ -308,14 +318,12 @@ cpu_cases() {  # cpu_cases: h1 and h2, PERF_REPS each, interleaved
         for p in $(order $((i + 1))); do run "$p" "$SET|h2" h2load -n "$PERF_N" -c "$PERF_CONNS" -m "$PERF_STREAMS"; done
     done
 }
-tput_cases() {  # throughput: PERF_TPUT_SECS each, PERF_TPUT_REPS interleaved, latency per request
-    local i p
+tput_cases() {  # tput_cases h1|h2: PERF_TPUT_SECS each, PERF_TPUT_REPS interleaved, latency per request
+    local i p m=(--h1) tag=t1
+    [[ $1 == h2 ]] && m=(-m "$PERF_STREAMS") tag=t2
     for ((i = 0; i < PERF_TPUT_REPS; i++)); do
         for p in $(order "$i"); do
-            LAT=1 run "$p" "$SET|t1" h2load -D "$PERF_TPUT_SECS" -c "$PERF_CONNS" --h1
-        done
-        for p in $(order $((i + 1))); do
-            LAT=1 run "$p" "$SET|t2" h2load -D "$PERF_TPUT_SECS" -c "$PERF_CONNS" -m "$PERF_STREAMS"
+            LAT=1 run "$p" "$SET|$tag" h2load -D "$PERF_TPUT_SECS" -c "$PERF_CONNS" "${m[@]}"
         done
     done
 }
@@ -330,21 +338,33 @@ wait_port "$UPSTREAM_PORT" "$UP_PID" || die "upstream nginx did not start"
 log "work dir $WORK; upstream nginx $NGINX_VER on $UPSTREAM_PORT; keygate $KEYGATE_PORT, nginx proxy $NGINX_PORT"
 
 # 1. workers = 1, logs off: CPU, throughput/latency/RSS, handshakes, 1 MiB bodies.
-start_proxies 1 off
-cpu_cases
-tput_cases
-for p in $(order 0); do run "$p" "$SET|hs" hsload -c "$PERF_HS_CONNS" -d "$PERF_HS_SECS"; done
-for p in $(order 1); do URLPATH=/big run "$p" "$SET|big" h2load -n "$PERF_BIG_N" -c "$PERF_CONNS" --h1; done
+want() { [[ " $PERF_CASES " == *" $1 "* ]]; }
+start_proxies 1 off h2
+R[w1-off|keygate|idle]=${R[w1-off|keygate|idle0]} R[w1-off|nginx|idle]=${R[w1-off|nginx|idle0]}
+want cpu && cpu_cases
+if want hs; then for p in $(order 0); do run "$p" "$SET|hs" hsload -c "$PERF_HS_CONNS" -d "$PERF_HS_SECS"; done; fi
 stop_proxies
+# Memory is measured in fresh processes, one per case, so that one case's heap does not
+# show up as another's peak (an allocator keeps freed memory for reuse).
+if want tput; then
+    start_proxies 1 off h1 -t1; tput_cases h1; stop_proxies
+    start_proxies 1 off h2 -t2; tput_cases h2; stop_proxies
+fi
+if want big; then
+    start_proxies 1 off none -big
+    for p in $(order 1); do URLPATH=/big run "$p" "$SET|big" h2load -n "$PERF_BIG_N" -c "$PERF_CONNS" --h1; done
+    stop_proxies
+    R[w1-off|keygate|after]=${R[w1-off|keygate|after0]} R[w1-off|nginx|after]=${R[w1-off|nginx|after0]}
+fi
 # 2. workers = 1, logs on.
 if [[ $PERF_LOG_ON == 1 ]]; then
-    start_proxies 1 on
+    start_proxies 1 on h1
     cpu_cases
     stop_proxies
 fi
 # 3. workers = 2 vs worker_processes 2, logs off.
 if [[ $PERF_WORKERS2 == 1 ]]; then
-    start_proxies 2 off
+    start_proxies 2 off h1
     cpu_cases
     stop_proxies
 fi
@@ -404,7 +424,7 @@ report() {
     for s in "idle RSS after start|w1-off||idle" "peak RSS, $PERF_CONNS h1 conns|w1-off|t1|rss" \
              "peak RSS, $PERF_CONNS h2 conns × $PERF_STREAMS streams|w1-off|t2|rss" \
              "peak RSS, 1 MiB bodies, $PERF_CONNS h1 conns|w1-off|big|rss" \
-             "RSS 2 s after the load ended|w1-off||after"; do
+             "RSS 2 s after the 1 MiB load ended|w1-off||after"; do
         IFS='|' read -r label set c f <<<"$s"
         local key=$set${c:+|$c}
         local n=${R[$key|nginx|$f]:-0} k=${R[$key|keygate|$f]:-0}

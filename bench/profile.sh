@@ -24,6 +24,8 @@ PERF_DIR=$ROOT/bench/perf
 : "${PROF_TARGET:=keygate}"    # or nginx: profile perf.sh's nginx proxy (worker_processes 1) instead
 : "${PROF_PORT_BASE:=19000}"
 : "${PROF_KEEP:=0}"
+: "${PROF_STEPS:=cpu strace alloc perf}"
+want() { [[ " $PROF_STEPS " == *" $1 "* ]]; }
 : "${CARGO_TARGET_DIR:=$ROOT/target}"
 : "${KEYGATE_BIN:=$CARGO_TARGET_DIR/release/keygate}"
 UP=$PROF_PORT_BASE
@@ -94,12 +96,18 @@ echo "# $PROF_TARGET profile: $PROF_PROTO, log level $PROF_LOG, workers $PROF_WO
 echo
 echo "Load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
+# Context switches of all the process's threads: voluntary (blocked, e.g. in epoll_wait or a
+# futex) and involuntary (preempted).
+ctx() { cat /proc/"$KG_PID"/task/*/status | awk '/^voluntary_ctxt/ { v += $2 } /^nonvoluntary_ctxt/ { n += $2 } END { print v, n }'; }
 c0=$(ticks "$KG_PID")
+read -r v0 n0 < <(ctx)
 load "$PROF_N"
 c1=$(ticks "$KG_PID")
-echo "CPU: $(awk -v t=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v n="$PROF_N" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }') µs/request; threads: $(ls /proc/$KG_PID/task | wc -l)"
+read -r v1 n1 < <(ctx)
+echo "CPU: $(awk -v t=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v n="$PROF_N" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }') µs/request; threads: $(ls /proc/$KG_PID/task | wc -l); context switches per request: $(awk -v v=$((v1 - v0)) -v i=$((n1 - n0)) -v n="$PROF_N" 'BEGIN { printf "%.3f voluntary, %.3f involuntary", v / n, i / n }')"
 echo
 
+want strace && {
 log "strace -c -f"
 strace -c -f -p "$KG_PID" -o "$WORK/strace.txt" &
 ST=$!
@@ -115,6 +123,8 @@ awk -v n="$PROF_N" '$NF == "total" { printf "| **total** | %d | %.2f |\n", $4, $
     $1 ~ /^[0-9.]+$/ && NF >= 5 { name = $NF; calls = $4; if (calls > n / 100) printf "| %s | %d | %.2f |\n", name, calls, calls / n }' "$WORK/strace.txt"
 echo
 
+}
+want alloc && {
 log "allocations (uprobes)"
 probes=()
 if nm -D --defined-only "$KEYGATE_BIN" 2>/dev/null | grep -q ' mi_malloc$' || nm "$KEYGATE_BIN" 2>/dev/null | grep -q ' mi_malloc_aligned$'; then
@@ -141,6 +151,8 @@ echo
 awk -F, -v n="$PROF_N" '$1 ~ /^[0-9]+$/ { t += $1; printf "- %s: %.1f per request\n", $3, $1 / n } END { printf "- **total: %.1f per request**\n", t / n }' "$WORK/alloc.txt"
 echo
 
+}
+want perf && {
 log "perf record -g"
 perf record -q -g -F 4999 -p "$KG_PID" -o "$WORK/perf.data" 2>/dev/null &
 PR=$!
@@ -165,3 +177,4 @@ echo
 echo '```'
 perf report -i "$WORK/perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -8 || true
 echo '```'
+}
