@@ -32,19 +32,35 @@ pub enum Source {
     InMemory,
 }
 
-/// Builds the runtime (`[server] workers` threads) and serves until SIGTERM/SIGINT.
+/// Serves until SIGTERM/SIGINT with `[server] workers` event loops (default: one per CPU).
+///
+/// The runtime shape is nginx's: each worker is one thread running its own single-threaded tokio
+/// runtime, accepting from the shared listening socket and serving the connections it accepted
+/// to the end, with no work stealing between workers. A request is then handled on one thread
+/// from the first byte to the last, with no cross-thread wake-ups, atomics or task migration on
+/// its path; this measured cheaper per request than one multi-threaded runtime
+/// (`bench/perf.sh`, issue 10). The main thread is worker 0 and also runs the process-level
+/// tasks (signals, reload, admin listener, housekeeping).
 pub fn run(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(w) = snapshot.server.workers {
-        rt.worker_threads(w);
-    }
-    rt.enable_all()
-        .thread_name("keygate-worker")
-        .build()?
-        .block_on(serve(source, snapshot, log))
+    let workers = snapshot
+        .server
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    worker_runtime()?.block_on(serve(source, snapshot, log, workers))
 }
 
-async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Result<()> {
+fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+async fn serve(
+    source: Source,
+    snapshot: Snapshot,
+    log: LogGuard,
+    workers: usize,
+) -> std::io::Result<()> {
     // Signal handlers go in before anything is announced: once systemd has READY=1 it may send
     // SIGHUP (`systemctl reload`), and SIGHUP's default action would kill the process.
     let signals = Signals::install()?;
@@ -106,12 +122,80 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
     ));
 
     let permits = Arc::new(Semaphore::new(max_connections));
+    // Every worker accepts from the same socket (its own descriptor of it).
+    let listener = listener.into_std()?;
+    for n in 1..workers {
+        let std_listener = listener.try_clone()?;
+        let (shared, permits, drain) = (shared.clone(), permits.clone(), drain_rx.clone());
+        std::thread::Builder::new()
+            .name(format!("keygate-worker-{n}"))
+            .spawn(move || {
+                let rt = match worker_runtime() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker runtime; serving with fewer workers");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match TcpListener::from_std(std_listener) {
+                        Ok(l) => accept_loop(l, shared, permits, drain).await,
+                        Err(e) => tracing::error!(error = %e, "worker cannot use the listener"),
+                    }
+                    // Its connections finish (or are cut at shutdown_grace) on this runtime;
+                    // the process ends when the main thread returns.
+                    std::future::pending::<()>().await
+                });
+            })?;
+    }
+    let listener = TcpListener::from_std(listener)?;
     let shutdown = shutdown_signal(signals.term, signals.int);
-    tokio::pin!(shutdown);
+    tokio::select! {
+        () = shutdown => {}
+        () = accept_loop(listener, shared.clone(), permits, drain_rx.clone()) => {}
+    }
+
+    // Drain: stop accepting, let in-flight requests finish within shutdown_grace.
+    reload_task.abort();
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: draining open connections"),
+    ]);
+    let grace = shared.snapshot.load().server.shutdown_grace;
+    tracing::info!(
+        grace_secs = grace.as_secs_f64(),
+        open_connections = metrics::global().open_connections(),
+        "shutting down"
+    );
+    let _ = drain_tx.send(true);
+    drop(drain_rx);
+    if tokio::time::timeout(grace, drain_tx.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open_connections = metrics::global().open_connections(),
+            "shutdown_grace elapsed; closing remaining connections"
+        );
+    }
+    save_state(&shared, true);
+    tracing::info!("stopped");
+    drop(log);
+    Ok(())
+}
+
+/// One worker's accept loop: until the drain starts, takes connections from the shared listener
+/// and serves each on a task of this worker's runtime.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    mut drain_rx: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            () = &mut shutdown => break,
+            _ = drain_rx.wait_for(|draining| *draining) => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -158,35 +242,6 @@ async fn serve(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Re
             drop(permit);
         });
     }
-
-    // Drain: stop accepting, let in-flight requests finish within shutdown_grace.
-    drop(listener);
-    reload_task.abort();
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("stopping: draining open connections"),
-    ]);
-    let grace = shared.snapshot.load().server.shutdown_grace;
-    tracing::info!(
-        grace_secs = grace.as_secs_f64(),
-        open_connections = metrics::global().open_connections(),
-        "shutting down"
-    );
-    let _ = drain_tx.send(true);
-    drop(drain_rx);
-    if tokio::time::timeout(grace, drain_tx.closed())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open_connections = metrics::global().open_connections(),
-            "shutdown_grace elapsed; closing remaining connections"
-        );
-    }
-    save_state(&shared, true);
-    tracing::info!("stopped");
-    drop(log);
-    Ok(())
 }
 
 /// The client-IP gate at accept (SPEC §3). With no trusted proxies the TCP peer is the client,
