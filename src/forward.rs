@@ -41,9 +41,12 @@ type Connector = Tracking<HttpsConnector<HttpConnector>>;
 
 /// The protected service.
 pub struct Upstream {
-    client: Client<Connector, RequestBody>,
+    /// One connection pool per worker thread (see [`Upstream::client`]).
+    clients: Box<[std::sync::OnceLock<UpstreamClient>]>,
+    connector: Connector,
+    pool_idle_timeout: Duration,
     /// No pool: every request gets a new connection (for the one retry).
-    fresh: Client<Connector, RequestBody>,
+    fresh: UpstreamClient,
     scheme: Scheme,
     authority: Authority,
     /// Prefix from the configured URL's path, without trailing slash ("" for none).
@@ -171,18 +174,15 @@ impl Upstream {
             .enable_http1()
             .wrap_connector(http);
         let connector = Tracking(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(pool_idle_timeout)
-            .pool_max_idle_per_host(1024)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .build(connector.clone());
         let fresh = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
+            .http1_max_buf_size(UPSTREAM_READ_BUF_MAX)
             .timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+            .build(connector.clone());
         Ok(Upstream {
-            client,
+            clients: (0..POOLS).map(|_| std::sync::OnceLock::new()).collect(),
+            connector,
+            pool_idle_timeout,
             fresh,
             scheme,
             authority,
@@ -263,7 +263,7 @@ impl Upstream {
                 req.headers().clone(),
             )
         });
-        match self.client.request(req).await {
+        match self.client().request(req).await {
             Ok(resp) => {
                 ConnUses::count(resp.extensions());
                 Ok(resp)
@@ -280,6 +280,42 @@ impl Upstream {
                 _ => Err(e),
             },
         }
+    }
+}
+
+type UpstreamClient = Client<Connector, RequestBody>;
+
+/// Connection pools per [`Upstream`]: one per worker thread (threads past this share).
+const POOLS: usize = 64;
+
+/// An upstream connection's read buffer grows to at most this (hyper's default is ~400 KiB):
+/// large bodies still stream at full speed in 64 KiB reads, and memory per busy upstream
+/// connection stays near nginx's `proxy_buffers`.
+const UPSTREAM_READ_BUF_MAX: usize = 64 * 1024;
+
+static NEXT_POOL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's pool index, given out in the order threads first forward a request.
+    static POOL: usize = NEXT_POOL.fetch_add(1, Relaxed) % POOLS;
+}
+
+impl Upstream {
+    /// This worker thread's pooled client. Each worker runs its own single-threaded runtime
+    /// (`server::run`), and a pooled connection's I/O runs on the runtime that opened it, so a
+    /// pool shared between workers would have one worker's requests written and read by another
+    /// worker's thread (two cross-thread wake-ups per request). With a pool per worker, a
+    /// request stays on its thread from client to upstream and back, as in nginx's workers.
+    fn client(&self) -> &UpstreamClient {
+        self.clients[POOL.with(|p| *p)].get_or_init(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(self.pool_idle_timeout)
+                .pool_max_idle_per_host(1024)
+                .http1_max_buf_size(UPSTREAM_READ_BUF_MAX)
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .build(self.connector.clone())
+        })
     }
 }
 
