@@ -8,6 +8,13 @@
 //!                                             wrong-secret tokens as fast as answered
 //! flood ips --addr A --ca PEM --count N [--conns C] [--offset K]
 //!                                             one failed auth from each of N addresses (XFF)
+//! flood distributed --addr A --ca PEM --key-id ID --tokens FILE --pid PID [--attackers N]
+//!           [--first 10] [--interval-ms 3100] [--secs S] [--legit 127.0.0.2] [--quiet Q]
+//!                                             issue 9: N real source addresses 127.0.0.F..,
+//!                                             one connection each, wrong secrets at most one
+//!                                             per interval each (under failed_auth_limit);
+//!                                             a legitimate client presents each token of FILE
+//!                                             for the first time (cold cache); Markdown out
 //! ```
 //!
 //! Every loop is bounded in count and in time, and only loopback addresses are used. keygate is
@@ -73,6 +80,7 @@ fn main() {
         "run" => rt.block_on(run(Args::parse(&argv[1..]))),
         "attack" => rt.block_on(attack(Args::parse(&argv[1..]))),
         "ips" => rt.block_on(ips(Args::parse(&argv[1..]))),
+        "distributed" => rt.block_on(distributed(Args::parse(&argv[1..]))),
         other => usage(other),
     }
 }
@@ -115,7 +123,24 @@ async fn connect(
     addr: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<SendRequest<Empty<Bytes>>, Error> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    connect_from(addr, tls, None).await
+}
+
+/// One keep-alive HTTP/1.1 connection over TLS, from the local address `from` if given (any
+/// 127.0.0.0/8 address works on Linux loopback).
+async fn connect_from(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    from: Option<std::net::IpAddr>,
+) -> Result<SendRequest<Empty<Bytes>>, Error> {
+    let tcp = match from {
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(addr).await?
+        }
+        None => tokio::net::TcpStream::connect(addr).await?,
+    };
     tcp.set_nodelay(true)?;
     let s = tokio_rustls::TlsConnector::from(tls.clone())
         .connect(ServerName::try_from("localhost")?, tcp)
@@ -544,4 +569,162 @@ async fn ips(a: Args) {
     if let Some(pid) = a.0.get("pid").and_then(|p| p.parse().ok()) {
         println!("keygate VmRSS {} KiB", rss_kib(pid));
     }
+}
+
+/// Issue 9 §1: `attackers` source addresses (127.0.0.`first`…), one connection each, send
+/// wrong-secret tokens for `key-id` (valid checksum), each at most one per `interval-ms` (so
+/// each stays under `failed_auth_limit`) and never more than one in flight. Meanwhile a
+/// legitimate client at `legit` presents, one after another on a fresh connection each, tokens
+/// whose keys were never used (first authentication: argon2 must run). `quiet` tokens are
+/// presented first with no attacker, as the baseline. Prints one Markdown table.
+async fn distributed(a: Args) {
+    let addr: SocketAddr = a.get("addr").parse().unwrap_or_else(|_| usage("addr"));
+    let tls = tls_config(a.get("ca"));
+    let key_id = a.get("key-id").to_string();
+    let pid: u32 = a.get("pid").parse().unwrap_or_else(|_| usage("pid"));
+    let tokens: Vec<String> = std::fs::read_to_string(a.get("tokens"))
+        .expect("read tokens")
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let attackers = a.num("attackers", 200);
+    let first = a.num("first", 10);
+    let interval = Duration::from_millis(a.num("interval-ms", 3100));
+    let secs = a.num("secs", 60);
+    let quiet = (a.num("quiet", 10) as usize).min(tokens.len());
+    let legit: std::net::IpAddr =
+        a.0.get("legit")
+            .map_or("127.0.0.2", |s| s.as_str())
+            .parse()
+            .unwrap_or_else(|_| usage("legit"));
+    let tck = clk_tck();
+
+    // One first authentication: connect (not timed), then time the request.
+    let first_auth = |token: String| {
+        let tls = tls.clone();
+        async move {
+            let mut send = connect_from(addr, &tls, Some(legit)).await.ok()?;
+            let t = Instant::now();
+            let status = tokio::time::timeout(
+                Duration::from_secs(30),
+                get(&mut send, &[("x-api-key", &token)]),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            Some((status, t.elapsed().as_micros() as u64))
+        }
+    };
+
+    let mut quiet_lat = Vec::new();
+    for t in &tokens[..quiet] {
+        if let Some((200, us)) = first_auth(t.clone()).await {
+            quiet_lat.push(us);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    quiet_lat.sort_unstable();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 401 (hashed), 429, 503 (refused unhashed), other, errors
+    let counts: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
+    let mut tasks = Vec::new();
+    for i in 0..attackers {
+        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(127, 0, 0, 0)) + (first + i) as u32,
+        ));
+        let (tls, key_id, stop, counts) =
+            (tls.clone(), key_id.clone(), stop.clone(), counts.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut send = None;
+            while !stop.load(Relaxed) {
+                let next = Instant::now() + interval;
+                if send.is_none() {
+                    send = connect_from(addr, &tls, Some(ip)).await.ok();
+                }
+                if let Some(s) = send.as_mut() {
+                    let token = keygate::auth::NewToken::generate(&key_id);
+                    let slot = match tokio::time::timeout(
+                        Duration::from_secs(30),
+                        get(s, &[("x-api-key", token.reveal())]),
+                    )
+                    .await
+                    {
+                        Ok(Ok(401)) => 0,
+                        Ok(Ok(429)) => 1,
+                        Ok(Ok(503)) => 2,
+                        Ok(Ok(_)) => 3,
+                        _ => {
+                            send = None;
+                            4
+                        }
+                    };
+                    counts[slot].fetch_add(1, Relaxed);
+                }
+                tokio::time::sleep_until(next.into()).await;
+            }
+        }));
+    }
+    // Let the flood reach its steady state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c0: Vec<u64> = counts.iter().map(|c| c.load(Relaxed)).collect();
+    let (t0, threads0) = cpu_ticks(pid);
+    let w0 = Instant::now();
+    let end = w0 + Duration::from_secs(secs);
+    let mut lat = Vec::new();
+    let mut not_ok = 0u64;
+    for t in &tokens[quiet..] {
+        if Instant::now() > end {
+            break;
+        }
+        match first_auth(t.clone()).await {
+            Some((200, us)) => lat.push(us),
+            _ => not_ok += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wall = w0.elapsed().as_secs_f64();
+    let (t1, threads1) = cpu_ticks(pid);
+    let c1: Vec<u64> = counts.iter().map(|c| c.load(Relaxed)).collect();
+    stop.store(true, Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    lat.sort_unstable();
+    let argon2_cpu: f64 = threads1
+        .iter()
+        .filter(|(n, _)| n.starts_with("keygate-argon2"))
+        .map(|(n, t)| {
+            let before = threads0.iter().find(|(m, _)| m == n).map_or(0, |x| x.1);
+            (t - before) as f64 / tck / wall * 100.0
+        })
+        .sum();
+    let rate = |i: usize| (c1[i] - c0[i]) as f64 / wall;
+    println!(
+        "| phase | first authentications (failed) | p50 ms | p99 ms | max ms | keygate CPU % | argon2 threads CPU % | attackers' 401/s (= wrong hashes/s) | 429/s | 503/s (refused unhashed) | errors/s |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| quiet | {} (0) | {:.1} | {:.1} | {:.1} | | | | | | |",
+        quiet_lat.len(),
+        pct(&quiet_lat, 0.5),
+        pct(&quiet_lat, 0.99),
+        pct(&quiet_lat, 1.0)
+    );
+    println!(
+        "| flood: {attackers} addresses 127.0.0.{first}-{}, 1 conn each, ≤1 guess/{:.1}s each | {} ({not_ok}) | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        first + attackers - 1,
+        interval.as_secs_f64(),
+        lat.len(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        pct(&lat, 1.0),
+        (t1 - t0) as f64 / tck / wall * 100.0,
+        argon2_cpu,
+        rate(0),
+        rate(1),
+        rate(2),
+        rate(4),
+    );
 }

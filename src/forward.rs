@@ -463,27 +463,40 @@ impl<T: hyper::rt::Write> hyper::rt::Write for Tracked<T> {
 pub struct ForwardInfo<'a> {
     pub peer: IpAddr,
     pub peer_is_trusted_proxy: bool,
+    /// The client address keygate decided on (SPEC §5), sent as `X-Real-IP`.
+    pub client_ip: IpAddr,
     pub request_id: &'a HeaderValue,
     pub identity_header: &'a HeaderName,
     pub key_id: &'a HeaderValue,
     pub credential_header: &'a HeaderName,
     /// The `Upgrade` value to forward (`proto::upgrade_offer`), if the request may upgrade.
     pub upgrade: Option<HeaderValue>,
+    /// The authority the client named (`proto::client_authority`), for `X-Forwarded-Host` and,
+    /// with `host = "client"`, `Host`.
+    pub client_authority: Option<&'a HeaderValue>,
+    /// Send the client's authority as `Host` (`[upstream] host = "client"`); else the upstream
+    /// URL's (set by the HTTP client from the request URI).
+    pub host_from_client: bool,
 }
+
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Rewrites a client request's headers for the upstream.
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    // The host the client asked for, for X-Forwarded-Host (h2: from :authority, set by caller).
-    let host = h.get(header::HOST).cloned();
     strip_hop_by_hop(h, info.upgrade.clone());
-    // Credentials never leave keygate; the identity header is ours alone.
-    h.remove(info.credential_header);
-    h.remove(header::AUTHORIZATION);
-    h.remove(info.identity_header);
-    remove_underscore_lookalikes(h, &[info.identity_header, info.credential_header]);
+    // Credentials never leave keygate; the fields keygate sets are its alone, in any spelling.
+    crate::proto::remove_managed_fields(
+        h,
+        &[info.credential_header, info.identity_header],
+        info.peer_is_trusted_proxy,
+    );
     h.insert(info.identity_header.clone(), info.key_id.clone());
-    // Host is set by the client from the upstream URI.
     h.remove(header::HOST);
+    if info.host_from_client {
+        if let Some(host) = info.client_authority {
+            h.insert(header::HOST, host.clone());
+        }
+    }
 
     // X-Forwarded-For: a trusted proxy's chain is extended with the proxy; an untrusted
     // client's header is discarded (it would let anyone claim any address upstream).
@@ -497,52 +510,34 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
                 xff.push_str(s.trim());
             }
         }
-    } else {
-        h.remove(&FORWARDED);
-        h.remove(&X_FORWARDED_HOST);
     }
     if !xff.is_empty() {
         xff.push_str(", ");
     }
     use std::fmt::Write as _;
     let _ = write!(xff, "{}", info.peer);
-    h.remove(&X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     if !h.contains_key(&X_FORWARDED_HOST) {
-        if let Some(host) = host {
-            h.insert(X_FORWARDED_HOST.clone(), host);
+        if let Some(host) = info.client_authority {
+            h.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
+    }
+    if let Ok(v) = HeaderValue::from_str(&info.client_ip.to_string()) {
+        h.insert(X_REAL_IP.clone(), v);
     }
     h.insert(X_REQUEST_ID.clone(), info.request_id.clone());
 }
 
-/// Removes headers whose names equal one of `names` once `_` is read as `-`
-/// (`X_Keygate_Key_Id`). CGI-style upstreams (WSGI, PHP, Rack) turn both spellings into the
-/// same variable (`HTTP_X_KEYGATE_KEY_ID`), so a client's copy could stand in for keygate's
-/// identity header, or carry a credential past its removal. nginx drops such names by default
-/// (`underscores_in_headers off`) for the same reason. No allocation unless one is present.
-fn remove_underscore_lookalikes(h: &mut HeaderMap, names: &[&HeaderName]) {
-    let same = |n: &HeaderName| {
-        let n = n.as_str().as_bytes();
-        n.contains(&b'_')
-            && names.iter().any(|m| {
-                let m = m.as_str().as_bytes();
-                m.len() == n.len()
-                    && m.iter()
-                        .zip(n)
-                        .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
-            })
-    };
-    let found: Vec<HeaderName> = h.keys().filter(|n| same(n)).cloned().collect();
-    for n in found {
-        h.remove(n);
-    }
-}
-
 impl Upstream {
+    /// The upstream URL's scheme, authority and base path (no trailing `/`), for rewriting
+    /// `Location` (`proto::rewrite_location`).
+    pub fn origin(&self) -> (&Scheme, &Authority, &str) {
+        (&self.scheme, &self.authority, &self.base_path)
+    }
+
     /// Whether a TCP connection to the upstream can be opened now (for `/readyz`).
     pub async fn reachable(&self, within: Duration) -> bool {
         let port = self

@@ -135,6 +135,18 @@ struct Table {
     /// Per client: the GCRA theoretical arrival time, in ns since `base`. Throttled while it is
     /// more than `tolerance` ahead of now; prunable once it is not ahead of now.
     tat: HashMap<u128, u64>,
+    /// Per client and per network: the last failed authentication, in whole seconds since
+    /// `base`, kept for [`HISTORY`] (the verification queue's [`Standing`]).
+    failed_clients: HashMap<u128, u32>,
+    failed_networks: HashMap<u128, u32>,
+    /// While the history is full (secs since `base`): clients it does not know are not presumed
+    /// clean ([`Standing::NetworkFailed`]) until then.
+    history_full_until: u32,
+    /// Last prune of a full history (secs since `base`), to bound prune work under a scan.
+    history_pruned: u32,
+    /// Per network: verifications reserved and not yet settled. Bounded by the requests that
+    /// can be in the verification queue at once.
+    inflight_networks: HashMap<u128, u32>,
     /// Size at which a failure from a new client first prunes inline.
     next_prune: usize,
     /// Last inline prune (ns since `base`), to bound prune work when the table is full.
@@ -151,12 +163,103 @@ pub const MAX_TRACKED: usize = 100_000;
 const PRUNE_AT: usize = 4_096;
 const SECOND_NS: u64 = 1_000_000_000;
 
+/// How long a failed authentication lowers its client's and its network's [`Standing`].
+pub const HISTORY: Duration = Duration::from_secs(15 * 60);
+const HISTORY_SECS: u32 = 15 * 60;
+/// Clients and networks remembered as having failed within [`HISTORY`] (~40 bytes each with
+/// hash-table overhead: about 4 and 2 MiB at most).
+const HISTORY_MAX_CLIENTS: usize = 100_000;
+const HISTORY_MAX_NETWORKS: usize = 50_000;
+
 /// The throttle's unit of accounting: an IPv4 address (as `::ffff:a.b.c.d`) or an IPv6 /64.
-fn client_key(ip: IpAddr) -> u128 {
+pub fn client_key(ip: IpAddr) -> u128 {
     match ip.to_canonical() {
         IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
         IpAddr::V6(v6) => u128::from(v6) & !u128::from(u64::MAX),
     }
+}
+
+/// The network a client belongs to, for [`Standing`]: an IPv4 /24 or an IPv6 /48 (the usual
+/// smallest allocation to a site: an attacker's fresh /64s all land in the network it holds).
+fn network_key(ip: IpAddr) -> u128 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()) & !0xff,
+        IpAddr::V6(v6) => u128::from(v6) & !((1u128 << 80) - 1),
+    }
+}
+
+/// How a client has behaved lately, as the argon2 verification queue orders it: better first
+/// (the derived order). Legitimate clients presenting a key for the first time are almost
+/// always [`Clean`](Standing::Clean); a guesser is [`Failed`](Standing::Failed) from its first
+/// wrong token on, for [`HISTORY`] after its last, however slowly it guesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Standing {
+    /// Neither the client nor its network failed an authentication within [`HISTORY`].
+    Clean,
+    /// Its network (IPv4 /24, IPv6 /48) did, the client (IPv4 address, IPv6 /64) did not; also
+    /// every client the history does not know while the history is full (a scan from more
+    /// addresses than it holds: then no newcomer is presumed clean).
+    NetworkFailed,
+    /// The client failed within [`HISTORY`]; `debt` is how many failures still count against
+    /// its `failed_auth_limit` budget (fewer first: a client that mistyped once goes ahead of
+    /// one guessing at the edge of its budget).
+    Failed { debt: u32 },
+}
+
+/// A failed-auth budget charged before an argon2 verification (see
+/// [`FailedAuthThrottle::reserve`]). While it lives, the verification counts as in flight for
+/// its network. Dropping it keeps the charge (a hash abandoned by its client was still spent);
+/// [`refund`](Self::refund) gives it back, [`confirm_failure`](Self::confirm_failure) records
+/// the failure.
+#[must_use = "refund the charge if the token is right, or confirm it if wrong"]
+pub struct Reservation<'t> {
+    throttle: &'t FailedAuthThrottle,
+    ip: IpAddr,
+    /// Where the verification waits (decided under the same lock as the charge).
+    pub standing: Standing,
+    /// This charge used the client's budget up: its next unverified token is refused.
+    pub exhausted: bool,
+}
+
+impl Reservation<'_> {
+    /// The token was right (or was never hashed): the charge is given back.
+    pub fn refund(self) {
+        self.throttle.refund(self.ip);
+    }
+
+    /// The token was wrong: remembered for the client's and its network's [`Standing`]. The
+    /// budget was charged already.
+    pub fn confirm_failure(self) {
+        let now = self.throttle.now();
+        self.throttle
+            .remember_failure(&mut self.throttle.lock(), self.ip, now);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut t = self.throttle.lock();
+        let net = network_key(self.ip);
+        if let Some(n) = t.inflight_networks.get_mut(&net) {
+            *n -= 1;
+            if *n == 0 {
+                t.inflight_networks.remove(&net);
+            }
+        }
+    }
+}
+
+/// What charging one failure did.
+enum Charge {
+    Charged {
+        exhausted: bool,
+    },
+    /// The table is full and the client not in it: nothing charged, the client is refused.
+    TableFull,
+}
+
+fn secs(ns: u64) -> u32 {
+    u32::try_from(ns / SECOND_NS).unwrap_or(u32::MAX)
 }
 
 fn ceil_secs_ns(ns: u64) -> u64 {
@@ -179,6 +282,11 @@ impl FailedAuthThrottle {
                 last_prune: 0,
                 full_until: 0,
                 last_full_warning: None,
+                failed_clients: HashMap::new(),
+                failed_networks: HashMap::new(),
+                history_full_until: 0,
+                history_pruned: 0,
+                inflight_networks: HashMap::new(),
             }),
         }
     }
@@ -198,8 +306,11 @@ impl FailedAuthThrottle {
     /// `Some(seconds ≥ 1)` if this client is currently throttled. Creates no state.
     pub fn throttled(&self, ip: IpAddr) -> Option<u64> {
         let now = self.now();
-        let t = self.lock();
-        match t.tat.get(&client_key(ip)) {
+        self.throttled_in(&self.lock(), client_key(ip), now)
+    }
+
+    fn throttled_in(&self, t: &Table, key: u128, now: u64) -> Option<u64> {
+        match t.tat.get(&key) {
             Some(&tat) => {
                 let free_at = tat.saturating_sub(self.tolerance);
                 (free_at > now).then(|| ceil_secs_ns(free_at - now))
@@ -208,12 +319,130 @@ impl FailedAuthThrottle {
         }
     }
 
-    /// Records one failed authentication; returns true if the client is now throttled (its
+    /// Records one failed authentication that was decided without hashing (malformed, unknown
+    /// id, a token already known to be wrong); returns true if the client is now throttled (its
     /// budget is used up: the next unverified attempt is refused without hashing).
     pub fn record_failure(&self, ip: IpAddr) -> bool {
+        let now = self.now();
+        let mut t = self.lock();
+        self.remember_failure(&mut t, ip, now);
+        let charge = self.charge(&mut t, client_key(ip), now);
+        drop(t);
+        self.exhausted(charge)
+    }
+
+    /// Charges one failure to the client's budget *before* an argon2 verification, if the
+    /// budget has room; `Err(retry_after_secs)` if it has not (or the table is full). Checking
+    /// and charging under one lock is what makes the budget hold however many requests a client
+    /// has in flight: with a check before hashing and a count after, 200 concurrent wrong tokens
+    /// from one address all passed the check (issue 9: 219 hashes against a budget of 20).
+    /// Then [`Reservation::refund`] if the token was right (or never hashed), or
+    /// [`Reservation::confirm_failure`] if it was wrong. A request abandoned while its hash runs
+    /// keeps the charge: the hash was spent. The reservation also carries the request's
+    /// [`Standing`] in the verification queue, decided with the charge.
+    pub fn reserve(&self, ip: IpAddr) -> Result<Reservation<'_>, u64> {
         let key = client_key(ip);
         let now = self.now();
         let mut t = self.lock();
+        if let Some(wait) = self.throttled_in(&t, key, now) {
+            return Err(wait);
+        }
+        match self.charge(&mut t, key, now) {
+            Charge::Charged { exhausted } => {
+                *t.inflight_networks.entry(network_key(ip)).or_insert(0) += 1;
+                let standing = self.standing_in(&t, ip, now);
+                Ok(Reservation {
+                    throttle: self,
+                    ip,
+                    standing,
+                    exhausted,
+                })
+            }
+            full @ Charge::TableFull => {
+                drop(t);
+                self.exhausted(full);
+                Err(ceil_secs_ns(self.interval))
+            }
+        }
+    }
+
+    /// Gives a charge back.
+    fn refund(&self, ip: IpAddr) {
+        let key = client_key(ip);
+        let now = self.now();
+        let mut t = self.lock();
+        if let Some(tat) = t.tat.get_mut(&key) {
+            *tat = tat.saturating_sub(self.interval);
+            if *tat <= now {
+                t.tat.remove(&key);
+            }
+        }
+    }
+
+    /// Where a verification for this client would wait now, were it reserved (see
+    /// [`Standing`]; [`reserve`](Self::reserve) decides it with the charge). Creates no state.
+    pub fn standing(&self, ip: IpAddr) -> Standing {
+        self.standing_in(&self.lock(), ip, self.now())
+    }
+
+    /// A client is [`Failed`](Standing::Failed) if it failed within [`HISTORY`] or has more
+    /// than one verification charged (in flight, or failures still in its budget); its network
+    /// counts as failed if it failed within [`HISTORY`] or has more than one verification in
+    /// flight. So a network nobody in it failed from yields one clean request at a time: a
+    /// burst of guesses from a fresh network does not all go ahead of legitimate clients.
+    fn standing_in(&self, t: &Table, ip: IpAddr, now: u64) -> Standing {
+        let now_s = secs(now);
+        let recent = |m: &HashMap<u128, u32>, k: u128| {
+            m.get(&k)
+                .is_some_and(|&s| now_s.saturating_sub(s) < HISTORY_SECS)
+        };
+        let key = client_key(ip);
+        let net = network_key(ip);
+        let debt = t.tat.get(&key).map_or(0, |&tat| {
+            u32::try_from(tat.saturating_sub(now).div_ceil(self.interval)).unwrap_or(u32::MAX)
+        });
+        let inflight = t.inflight_networks.get(&net).copied().unwrap_or(0);
+        if recent(&t.failed_clients, key) || debt > 1 {
+            Standing::Failed { debt }
+        } else if recent(&t.failed_networks, net) || inflight > 1 || t.history_full_until > now_s {
+            Standing::NetworkFailed
+        } else {
+            Standing::Clean
+        }
+    }
+
+    fn remember_failure(&self, t: &mut Table, ip: IpAddr, now: u64) {
+        let now_s = secs(now);
+        let t = &mut *t;
+        let full_client = !t.failed_clients.contains_key(&client_key(ip))
+            && t.failed_clients.len() >= HISTORY_MAX_CLIENTS;
+        let full_network = !t.failed_networks.contains_key(&network_key(ip))
+            && t.failed_networks.len() >= HISTORY_MAX_NETWORKS;
+        if (full_client || full_network) && t.history_pruned != now_s {
+            t.history_pruned = now_s;
+            t.failed_clients
+                .retain(|_, s| now_s.saturating_sub(*s) < HISTORY_SECS);
+            t.failed_networks
+                .retain(|_, s| now_s.saturating_sub(*s) < HISTORY_SECS);
+        }
+        for (map, key, max) in [
+            (&mut t.failed_clients, client_key(ip), HISTORY_MAX_CLIENTS),
+            (
+                &mut t.failed_networks,
+                network_key(ip),
+                HISTORY_MAX_NETWORKS,
+            ),
+        ] {
+            if map.len() < max || map.contains_key(&key) {
+                map.insert(key, now_s);
+            } else {
+                t.history_full_until = now_s.saturating_add(HISTORY_SECS);
+            }
+        }
+    }
+
+    /// One failure onto the client's GCRA state.
+    fn charge(&self, t: &mut Table, key: u128, now: u64) -> Charge {
         if !t.tat.contains_key(&key)
             && t.tat.len() >= t.next_prune
             && now.saturating_sub(t.last_prune) >= SECOND_NS
@@ -236,31 +465,55 @@ impl FailedAuthThrottle {
             None => {
                 // Full of clients still inside their window: fail closed for newcomers.
                 t.full_until = now.saturating_add(self.interval);
-                let warn = t
-                    .last_full_warning
-                    .is_none_or(|w| now.saturating_sub(w) >= 60 * SECOND_NS);
-                if warn {
-                    t.last_full_warning = Some(now);
-                }
-                drop(t);
+                return Charge::TableFull;
+            }
+        };
+        Charge::Charged {
+            exhausted: tat.saturating_sub(self.tolerance) > now,
+        }
+    }
+
+    /// Whether a charge left the client throttled; warns (at most once a minute) when the table
+    /// is full.
+    fn exhausted(&self, charge: Charge) -> bool {
+        match charge {
+            Charge::Charged { exhausted } => exhausted,
+            Charge::TableFull => {
+                let now = self.now();
+                let warn = {
+                    let mut t = self.lock();
+                    let warn = t
+                        .last_full_warning
+                        .is_none_or(|w| now.saturating_sub(w) >= 60 * SECOND_NS);
+                    if warn {
+                        t.last_full_warning = Some(now);
+                    }
+                    warn
+                };
                 if warn {
                     tracing::warn!(
                         tracked = MAX_TRACKED,
                         "failed-auth table full: unverified tokens from client addresses not in it get 429 until it drains (a scan from very many addresses?)"
                     );
                 }
-                return true;
+                true
             }
-        };
-        tat.saturating_sub(self.tolerance) > now
+        }
     }
 
     /// Drops clients whose budget is full again. Called periodically.
     pub fn prune(&self) {
         let now = self.now();
+        let now_s = secs(now);
         let mut t = self.lock();
         t.tat.retain(|_, tat| *tat > now);
         t.tat.shrink_to_fit();
+        t.failed_clients
+            .retain(|_, s| now_s.saturating_sub(*s) < HISTORY_SECS);
+        t.failed_clients.shrink_to_fit();
+        t.failed_networks
+            .retain(|_, s| now_s.saturating_sub(*s) < HISTORY_SECS);
+        t.failed_networks.shrink_to_fit();
         t.next_prune = (t.tat.len() * 2).clamp(PRUNE_AT, MAX_TRACKED);
         t.last_prune = now;
     }
@@ -372,5 +625,88 @@ mod tests {
         t.prune();
         assert_eq!(t.tracked(), 0);
         assert!(t.throttled(ip(1)).is_none());
+    }
+    #[test]
+    fn reservations_hold_the_budget_however_many_are_in_flight() {
+        let t = FailedAuthThrottle::new(Rate {
+            count: 20,
+            period: Duration::from_secs(60),
+        });
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        // 200 requests in flight at once: every one reserves before any hash is done.
+        let mut granted: Vec<_> = (0..200).filter_map(|_| t.reserve(ip).ok()).collect();
+        assert_eq!(granted.len(), 20, "exactly the budget is hashed");
+        assert!(granted[..19].iter().all(|r| !r.exhausted));
+        assert!(granted[19].exhausted, "the 20th charge uses the budget up");
+        assert_eq!(granted[0].standing, Standing::Clean);
+        assert_eq!(
+            granted[1].standing,
+            Standing::Failed { debt: 2 },
+            "a second one in flight from the same client is not clean"
+        );
+        assert!(t.throttled(ip).is_some());
+        // A right token gives its charge back: the client is no longer throttled.
+        granted.pop().unwrap().refund();
+        assert!(t.throttled(ip).is_none());
+        granted.push(t.reserve(ip).unwrap());
+        for r in granted {
+            r.refund();
+        }
+        assert_eq!(t.tracked(), 0, "refunded down to nothing: no state left");
+        assert!(t.lock().inflight_networks.is_empty());
+    }
+
+    #[test]
+    fn standing_orders_clean_then_network_then_failed() {
+        let t = FailedAuthThrottle::new(Rate {
+            count: 20,
+            period: Duration::from_secs(60),
+        });
+        let guesser: IpAddr = "198.51.100.10".parse().unwrap();
+        let neighbour: IpAddr = "198.51.100.99".parse().unwrap();
+        let elsewhere: IpAddr = "203.0.113.5".parse().unwrap();
+        assert_eq!(t.standing(guesser), Standing::Clean);
+        let r = t.reserve(guesser).unwrap();
+        assert_eq!(r.standing, Standing::Clean);
+        // While it is in flight, a second request from the same network is not clean.
+        let n = t.reserve(neighbour).unwrap();
+        assert_eq!(n.standing, Standing::NetworkFailed);
+        n.refund();
+        assert_eq!(
+            t.standing(neighbour),
+            Standing::Clean,
+            "no longer in flight"
+        );
+        r.confirm_failure();
+        assert_eq!(t.standing(guesser), Standing::Failed { debt: 1 });
+        t.record_failure(guesser);
+        assert_eq!(t.standing(guesser), Standing::Failed { debt: 2 });
+        assert_eq!(t.standing(neighbour), Standing::NetworkFailed);
+        assert_eq!(t.standing(elsewhere), Standing::Clean);
+        assert!(Standing::Clean < Standing::NetworkFailed);
+        assert!(Standing::NetworkFailed < Standing::Failed { debt: 0 });
+        assert!(Standing::Failed { debt: 1 } < Standing::Failed { debt: 2 });
+        // IPv6: the client is its /64, the network its /48.
+        t.record_failure("2001:db8:1:2::1".parse().unwrap());
+        assert!(matches!(
+            t.standing("2001:db8:1:2::ffff".parse().unwrap()),
+            Standing::Failed { .. }
+        ));
+        assert_eq!(
+            t.standing("2001:db8:1:3::1".parse().unwrap()),
+            Standing::NetworkFailed
+        );
+        assert_eq!(
+            t.standing("2001:db8:2::1".parse().unwrap()),
+            Standing::Clean
+        );
+        // The history outlives the budget: a slow guesser stays Failed after its budget refills.
+        t.prune();
+        assert!(matches!(t.standing(guesser), Standing::Failed { .. }));
+        // A reservation dropped unsettled (its client went away mid-hash) keeps the charge but
+        // no longer counts as in flight.
+        drop(t.reserve(elsewhere).unwrap());
+        assert!(t.lock().inflight_networks.is_empty());
+        assert_eq!(t.standing(elsewhere), Standing::Clean);
     }
 }

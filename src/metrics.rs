@@ -91,6 +91,11 @@ struct ResultLabel {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -112,6 +117,11 @@ pub struct Metrics {
     upstream_exposed: Gauge<i64, AtomicI64>,
     quota_used: Family<QuotaLabels, Gauge<i64, AtomicI64>>,
     quota_limit: Family<QuotaLabels, Gauge<i64, AtomicI64>>,
+    /// argon2 verifications run, by result (issue 9: the per-IP budget holds).
+    argon2_verifications: Family<ResultLabel, Counter>,
+    verify_refused: Counter,
+    verify_waiting: Gauge<i64, AtomicI64>,
+    log_suppressed: Family<EventLabel, Counter>,
 }
 
 pub fn global() -> &'static Metrics {
@@ -270,6 +280,42 @@ impl Metrics {
             "The key's quota per window",
             quota_limit.clone(),
         );
+        let argon2_verifications = Family::<ResultLabel, Counter>::default();
+        for result in ["wrong", "right"] {
+            argon2_verifications
+                .get_or_create(&ResultLabel { result })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_argon2_verifications",
+            "argon2 verifications run, by result (a token not in the verified cache)",
+            argon2_verifications.clone(),
+        );
+        let verify_refused = Counter::default();
+        registry.register(
+            "keygate_verify_refused",
+            "Authentications refused (503) by the argon2 queue without hashing: waited too long, or the queue was full of better-placed requests",
+            verify_refused.clone(),
+        );
+        let verify_waiting: Gauge<i64, AtomicI64> = Gauge::default();
+        registry.register(
+            "keygate_verify_waiting",
+            "Authentications waiting for an argon2 thread now",
+            verify_waiting.clone(),
+        );
+        let log_suppressed = Family::<EventLabel, Counter>::default();
+        for kind in crate::log::ClientEvent::ALL {
+            log_suppressed
+                .get_or_create(&EventLabel {
+                    event: kind.as_str(),
+                })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_log_lines_suppressed",
+            "Log lines a client caused over its per-client budget ([log] client_event_limit), not written, by event kind",
+            log_suppressed.clone(),
+        );
         Self {
             registry,
             quota_exceeded,
@@ -277,6 +323,10 @@ impl Metrics {
             upstream_exposed,
             quota_used,
             quota_limit,
+            argon2_verifications,
+            verify_refused,
+            verify_waiting,
+            log_suppressed,
             requests,
             request_duration,
             auth_failures,
@@ -420,6 +470,30 @@ impl Metrics {
     pub fn set_cert_not_after(&self, unix: Option<i64>) {
         self.cert_not_after.set(unix.unwrap_or(0));
     }
+    /// One argon2 verification finished; `ok`: the token was right.
+    pub fn argon2_verified(&self, ok: bool) {
+        let result = if ok { "right" } else { "wrong" };
+        self.argon2_verifications
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+    /// The verification queue refused a request without hashing it.
+    pub fn verify_refused(&self) {
+        self.verify_refused.inc();
+    }
+    /// Requests waiting in the verification queue now.
+    pub fn set_verify_waiting(&self, n: usize) {
+        self.verify_waiting
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    /// A client-caused log line was over its client's budget and not written.
+    pub fn log_suppressed(&self, kind: crate::log::ClientEvent) {
+        self.log_suppressed
+            .get_or_create(&EventLabel {
+                event: kind.as_str(),
+            })
+            .inc();
+    }
     pub fn open_connections(&self) -> i64 {
         self.open_connections.get()
     }
@@ -480,6 +554,10 @@ mod tests {
             "# TYPE keygate_open_connections gauge",
             "keygate_open_connections 1",
             "keygate_certificate_not_after_seconds 1900000000",
+            "keygate_argon2_verifications_total{result=\"wrong\"} 0",
+            "keygate_verify_refused_total 0",
+            "keygate_verify_waiting 0",
+            "keygate_log_lines_suppressed_total{event=\"protocol\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

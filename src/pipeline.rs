@@ -21,8 +21,9 @@ use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tracing::Level;
 
-use crate::auth::verify::Outcome;
+use crate::auth::verify::{Busy, Outcome};
 use crate::auth::{Key, Token, TokenError, Verifier};
 use crate::body::{RequestBody, RequestStats, ResponseBody};
 use crate::config::Snapshot;
@@ -30,7 +31,7 @@ use crate::forward::{
     ForwardInfo, UpstreamError, X_FORWARDED_FOR, X_REQUEST_ID, rewrite_request_headers,
 };
 use crate::limits::RateInfo;
-use crate::log::{AccessRecord, request_id_str};
+use crate::log::{AccessRecord, ClientEvent, client_event, request_id_str};
 use crate::metrics;
 use crate::proto::{self, strip_hop_by_hop};
 use crate::quota::QuotaState;
@@ -263,10 +264,11 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     // Behind trusted proxies the allow/deny decision could not be made at accept.
     if !snap.access.decide_at_accept() && !snap.access.admits(ctx.client_ip) {
         metrics::global().ip_denied();
-        tracing::warn!(event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
+        client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
         return Err(Reject::Forbidden);
     }
     check_header_size(req, snap.server.max_header_bytes)?;
+    check_protocol(req, ctx)?;
 
     let key = match authenticate(req, ctx).await {
         Ok(key) => key,
@@ -285,7 +287,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     if let Some(allow) = &key.allow {
         if !allow.contains(ctx.client_ip) {
             metrics::global().ip_denied();
-            tracing::warn!(event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, scope = "key");
+            client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, scope = "key");
             return Err(Reject::Forbidden);
         }
     }
@@ -301,7 +303,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     }
     if !key.scope.permits(req.method(), req.uri().path()) {
         metrics::global().scope_denied(&key.id);
-        tracing::warn!(event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = req.uri().path());
+        client_event!(ClientEvent::ScopeDenied, ctx.client_ip, Level::WARN, event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = req.uri().path());
         return Err(Reject::Forbidden);
     }
     rate_limit(&key, ctx)?;
@@ -315,7 +317,10 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         .and_then(|v| v.parse::<u64>().ok())
     {
         if len > snap.server.max_body_bytes {
-            tracing::warn!(
+            client_event!(
+                ClientEvent::BodyTooLarge,
+                ctx.client_ip,
+                Level::WARN,
                 request_id = request_id_str(ctx.request_id),
                 key_id = &*key.id,
                 content_length = len,
@@ -333,9 +338,25 @@ fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
         ctx.rate = Some(info);
         if let Some(retry_after) = info.retry_after {
             metrics::global().rate_limited(&key.id);
-            tracing::warn!(event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
+            client_event!(ClientEvent::RateLimited, ctx.client_ip, Level::WARN, event = "rate_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, retry_after);
             return Err(Reject::RateLimited { retry_after });
         }
+    }
+    Ok(())
+}
+
+/// What an intermediary must refuse before looking further (RFC 9110/9112/9113, `proto.rs`):
+/// 400 for a request whose authority is missing, doubled or contradictory; 501 for `CONNECT`
+/// (keygate is a gateway, not a tunnel) and `TRACE` (it would reflect the request, cookies and
+/// all, and keygate's identity header, back to a browser).
+fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
+    if let Err(m) = proto::check_authority(req) {
+        tracing::info!(request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = m.as_str(), error = %m, "malformed request refused");
+        return Err(Reject::BadRequest);
+    }
+    if req.method() == http::Method::CONNECT || req.method() == http::Method::TRACE {
+        tracing::info!(request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, method = req.method().as_str(), "method not implemented by keygate");
+        return Err(Reject::NotImplemented);
     }
     Ok(())
 }
@@ -471,22 +492,29 @@ fn credential<'r, B>(
 async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, Reject> {
     let snap = ctx.snap;
     let throttle = &snap.auth.failed_auth;
-    let fail = |reason: AuthFailure, key_id: Option<&str>| {
+    let report = |reason: AuthFailure, key_id: Option<&str>, exhausted: bool| {
         metrics::global().auth_failed(reason.as_str());
-        tracing::warn!(event = "auth_failed", reason = reason.as_str(), request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id);
-        if reason.counts_as_guess() && throttle.record_failure(ctx.client_ip) {
-            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, limit = throttle.rate().count, "client IP reached failed_auth_limit: its unverified tokens are refused for now");
+        client_event!(ClientEvent::AuthFailed, ctx.client_ip, Level::WARN, event = "auth_failed", reason = reason.as_str(), request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id);
+        if exhausted {
+            client_event!(ClientEvent::AuthThrottled, ctx.client_ip, Level::WARN, event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, limit = throttle.rate().count, "client IP reached failed_auth_limit: its unverified tokens are refused for now");
         }
         Reject::Unauthorized
     };
+    let fail = |reason: AuthFailure, key_id: Option<&str>| {
+        let exhausted = reason.counts_as_guess() && throttle.record_failure(ctx.client_ip);
+        report(reason, key_id, exhausted)
+    };
     // A throttled client gets 429 for every token not in the verified cache, whatever is wrong
     // with it (a 401 for unknown ids only would tell it which ids exist), and it is not counted.
+    let refuse = |key_id: Option<&str>, retry_after: u64| {
+        metrics::global().auth_throttled();
+        client_event!(ClientEvent::AuthThrottled, ctx.client_ip, Level::WARN, event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id, retry_after);
+        Reject::Throttled { retry_after }
+    };
     let throttled = |key_id: Option<&str>| {
-        throttle.throttled(ctx.client_ip).map(|retry_after| {
-            metrics::global().auth_throttled();
-            tracing::warn!(event = "auth_throttled", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id, retry_after);
-            Reject::Throttled { retry_after }
-        })
+        throttle
+            .throttled(ctx.client_ip)
+            .map(|retry_after| refuse(key_id, retry_after))
     };
     let guess = |reason: AuthFailure, key_id: Option<&str>| {
         if reason.counts_as_guess() {
@@ -512,14 +540,28 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         if ctx.shared.verifier.is_known_bad(&digest) {
             return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
         }
-        if ctx
+        // The guess is charged to the client's budget before hashing (and refunded if right),
+        // so a client with many requests in flight gets no more hashes than its budget.
+        let reservation = throttle
+            .reserve(ctx.client_ip)
+            .map_err(|retry_after| refuse(Some(&key.id), retry_after))?;
+        let (standing, exhausted) = (reservation.standing, reservation.exhausted);
+        match ctx
             .shared
             .verifier
-            .verify(key, token.expose(), digest)
+            .verify(key, token.expose(), digest, standing)
             .await
-            != Outcome::Valid
         {
-            return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
+            Ok(Outcome::Valid) => reservation.refund(),
+            Ok(Outcome::Invalid) => {
+                reservation.confirm_failure();
+                return Err(report(AuthFailure::BadSecret, Some(&key.id), exhausted));
+            }
+            Err(Busy) => {
+                reservation.refund();
+                client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?standing, "argon2 verification queue: waited too long or full; refused unhashed");
+                return Err(Reject::Unavailable { retry_after: 1 });
+            }
         }
     }
     if key.disabled {
@@ -545,20 +587,21 @@ async fn forward(
     );
     if let Some((protocol, reason)) = &offer.refused {
         metrics::global().upgrade_refused(protocol);
-        tracing::warn!(event = "upgrade_refused", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, protocol = protocol.as_str(), reason = reason.as_str(), forwarded_upgrade = offer.forward.is_some());
+        client_event!(ClientEvent::UpgradeRefused, ctx.client_ip, Level::WARN, event = "upgrade_refused", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, protocol = protocol.as_str(), reason = reason.as_str(), forwarded_upgrade = offer.forward.is_some());
     }
     let client_upgrade = offer
         .forward
         .is_some()
         .then(|| hyper::upgrade::on(&mut req));
 
-    // h2 requests carry the host in :authority; give the upstream a Host-equivalent.
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(auth) = req.uri().authority() {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
+    let client_authority = proto::client_authority(&req);
+    proto::join_cookie_crumbs(req.headers_mut());
+    let version = req.version();
+    proto::append_via(version, req.headers_mut());
+    let method = req.method().clone();
+    if !proto::decrement_max_forwards(&method, req.headers_mut()) {
+        // RFC 9110 §7.6.2: OPTIONS with Max-Forwards: 0 is answered here, not forwarded.
+        return Ok(options_reply());
     }
     let peer = ctx.conn.peer.ip().to_canonical();
     rewrite_request_headers(
@@ -571,6 +614,9 @@ async fn forward(
             key_id: &key.id_header,
             credential_header: &snap.auth.header,
             upgrade: offer.forward.clone(),
+            client_ip: ctx.client_ip,
+            client_authority: client_authority.as_ref(),
+            host_from_client: snap.forwarding.host == proto::HostMode::Client,
         },
     );
     let stats = Arc::new(RequestStats::default());
@@ -600,7 +646,10 @@ async fn forward(
     let mut resp = match sent {
         Ok(r) => r,
         Err(UpstreamError::BodyTooLarge) => {
-            tracing::warn!(
+            client_event!(
+                ClientEvent::BodyTooLarge,
+                ctx.client_ip,
+                Level::WARN,
                 request_id = request_id_str(ctx.request_id),
                 key_id = &*key.id,
                 bytes = stats.bytes(),
@@ -612,7 +661,10 @@ async fn forward(
         // client-timeout count, never an upstream error or a 504.
         Err(UpstreamError::ClientTimeout) => {
             metrics::global().client_timeout("body");
-            tracing::info!(
+            client_event!(
+                ClientEvent::ClientTimeout,
+                ctx.client_ip,
+                Level::INFO,
                 event = "client_timeout",
                 phase = "body",
                 request_id = request_id_str(ctx.request_id),
@@ -626,7 +678,10 @@ async fn forward(
         // Not the upstream's fault: no upstream_error event or metric for a client's bad
         // chunked framing or aborted upload.
         Err(UpstreamError::ClientBody) => {
-            tracing::info!(
+            client_event!(
+                ClientEvent::ClientBody,
+                ctx.client_ip,
+                Level::INFO,
                 request_id = request_id_str(ctx.request_id),
                 key_id = &*key.id,
                 bytes = stats.bytes(),
@@ -637,7 +692,7 @@ async fn forward(
         Err(e) => {
             metrics::global().upstream_error(e.kind());
             // The detail is for the operator only.
-            tracing::error!(event = "upstream_error", kind = e.kind(), request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e);
+            client_event!(ClientEvent::UpstreamError, ctx.client_ip, Level::ERROR, event = "upstream_error", kind = e.kind(), request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e);
             return Err(match e {
                 UpstreamError::Timeout => Reject::GatewayTimeout,
                 _ => Reject::BadGateway,
@@ -663,6 +718,7 @@ async fn forward(
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let request_id = ctx.request_id.clone();
+        let client_ip = ctx.client_ip;
         tokio::spawn(async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
@@ -674,7 +730,7 @@ async fn forward(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
+                    client_event!(ClientEvent::UpgradeFailed, client_ip, Level::WARN, request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
                 }
             }
         });
@@ -683,7 +739,23 @@ async fn forward(
         return Ok(resp.map(ResponseBody::upstream));
     }
     strip_hop_by_hop(resp.headers_mut(), None);
+    if snap.forwarding.host == proto::HostMode::Upstream {
+        if let Some(public) = &client_authority {
+            proto::rewrite_upstream_urls(resp.headers_mut(), snap.upstream.origin(), public);
+        }
+    }
     Ok(resp.map(ResponseBody::upstream))
+}
+
+/// keygate's own answer to `OPTIONS` with `Max-Forwards: 0` (RFC 9110 §9.3.7): it is the
+/// final recipient, and says which methods it forwards.
+fn options_reply() -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(bytes::Bytes::new()));
+    resp.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    resp
 }
 
 /// Headers every response gets: request id, HSTS, and the key's rate-limit state.

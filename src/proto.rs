@@ -299,6 +299,367 @@ pub fn check_switch(
         .ok_or(SwitchError::NotOffered)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fields keygate manages, and their look-alikes (SPEC §4)
+// ---------------------------------------------------------------------------------------------
+
+/// What keygate does with a field it manages, when a client sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Managed {
+    /// keygate sets its own value; a client's is always removed.
+    Set,
+    /// A credential keygate consumes; never forwarded.
+    Credential,
+    /// Describes the client or the proxy hop: kept (exact spelling) from a trusted proxy, removed
+    /// from anyone else. keygate extends or sets `X-Forwarded-For` / `X-Forwarded-Host` itself.
+    ProxyContext,
+    /// Would change the method or target the key's scope was checked against (method-override
+    /// and URL-rewrite fields that frameworks honour); always removed.
+    ScopeOverride,
+}
+
+/// The fields keygate manages, beyond `[auth] header` and `[auth] identity_header` (added by
+/// the caller). One row per name; the next one is one line here and one row in the test.
+pub static MANAGED_FIELDS: [(HeaderName, Managed); 25] = {
+    use Managed::*;
+    [
+        // RFC 7239 and the de-facto X-Forwarded-* family: keygate's view of the client.
+        (HeaderName::from_static("forwarded"), ProxyContext),
+        (HeaderName::from_static("x-forwarded-for"), ProxyContext),
+        (HeaderName::from_static("x-forwarded-host"), ProxyContext),
+        (HeaderName::from_static("x-forwarded-proto"), Set),
+        (HeaderName::from_static("x-forwarded-port"), ProxyContext),
+        (HeaderName::from_static("x-forwarded-prefix"), ProxyContext),
+        (HeaderName::from_static("x-forwarded-server"), ProxyContext),
+        (HeaderName::from_static("x-forwarded-ssl"), ProxyContext),
+        (HeaderName::from_static("x-forwarded-scheme"), ProxyContext),
+        (HeaderName::from_static("x-url-scheme"), ProxyContext),
+        (HeaderName::from_static("front-end-https"), ProxyContext),
+        (HeaderName::from_static("x-real-ip"), Set),
+        (HeaderName::from_static("x-client-ip"), ProxyContext),
+        (HeaderName::from_static("true-client-ip"), ProxyContext),
+        (HeaderName::from_static("x-cluster-client-ip"), ProxyContext),
+        (
+            HeaderName::from_static("x-original-forwarded-for"),
+            ProxyContext,
+        ),
+        (HeaderName::from_static("x-request-id"), Set),
+        // Set by keygate on webhook routes (SPEC §10); never the client's to claim.
+        (HeaderName::from_static("x-keygate-webhook"), Set),
+        (header::AUTHORIZATION, Credential),
+        // Method override (Rails, Express, Symfony, Google APIs) and URL rewrite (IIS, old
+        // Symfony/Zend) fields: a key scoped to GET /public/ must not become DELETE /admin.
+        (
+            HeaderName::from_static("x-http-method-override"),
+            ScopeOverride,
+        ),
+        (HeaderName::from_static("x-http-method"), ScopeOverride),
+        (HeaderName::from_static("x-method-override"), ScopeOverride),
+        (HeaderName::from_static("x-original-method"), ScopeOverride),
+        (HeaderName::from_static("x-original-url"), ScopeOverride),
+        (HeaderName::from_static("x-rewrite-url"), ScopeOverride),
+    ]
+};
+
+/// The name as a CGI-style server sees it (RFC 3875 §4.1.18: `HTTP_` + name, upper case, `-`
+/// as `_`; Apache's mod_cgi and PHP turn every other non-alphanumeric byte into `_` too): two
+/// names are the same variable when they agree byte by byte after folding case and reading
+/// every non-alphanumeric byte as one separator.
+pub fn same_cgi_variable(a: &str, b: &str) -> bool {
+    let fold = |c: u8| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_lowercase()
+        } else {
+            b'-'
+        }
+    };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+}
+
+/// keygate's own namespace: every `X-Keygate-*` field (the default identity header even when
+/// `identity_header` names another, `X-Keygate-Webhook`, whatever comes next) is keygate's to
+/// set, never a client's.
+pub const KEYGATE_PREFIX: &str = "x-keygate-";
+
+/// How a managed field sent by a client is treated, if `name` is (a look-alike of) one:
+/// `extra` are `[auth] header` and `identity_header`, always removed. A look-alike spelling
+/// (`X_Forwarded_For`, `x.real.ip`) is always removed, even from a trusted proxy.
+fn managed_verdict(
+    name: &HeaderName,
+    extra: &[&HeaderName],
+    from_trusted_proxy: bool,
+) -> Option<bool> {
+    let n = name.as_str();
+    if extra.iter().any(|m| same_cgi_variable(m.as_str(), n))
+        || n.get(..KEYGATE_PREFIX.len())
+            .is_some_and(|p| same_cgi_variable(p, KEYGATE_PREFIX))
+    {
+        return Some(true);
+    }
+    let (m, kind) = MANAGED_FIELDS
+        .iter()
+        .find(|(m, _)| same_cgi_variable(m.as_str(), n))?;
+    let exact = m == name;
+    Some(!(exact && from_trusted_proxy && *kind == Managed::ProxyContext))
+}
+
+/// Removes from a client's request every field keygate manages, in every spelling a
+/// CGI/WSGI/ASGI server reads as the same name (any case, `_` or any other separator for `-`,
+/// any number of copies) — except the exact `ProxyContext` names when the peer is a trusted
+/// proxy. Allocates only when something is removed.
+pub fn remove_managed_fields(h: &mut HeaderMap, extra: &[&HeaderName], from_trusted_proxy: bool) {
+    let found: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| managed_verdict(n, extra, from_trusted_proxy) == Some(true))
+        .cloned()
+        .collect();
+    for n in found {
+        h.remove(n);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which authority a request names (RFC 9110 §7.2, RFC 9112 §3.2, RFC 9113 §8.3.1)
+// ---------------------------------------------------------------------------------------------
+
+/// Why a request is refused before anything else looks at it (400, nothing forwarded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// RFC 9112 §3.2: an HTTP/1.1 request without `Host`.
+    #[error("HTTP/1.1 request without Host")]
+    MissingHost,
+    /// RFC 9112 §3.2: more than one `Host` field line (any version).
+    #[error("more than one Host field")]
+    DuplicateHost,
+    /// RFC 9112 §3.2 / RFC 9110 §7.2: `Host` is not `uri-host [":" port]`.
+    #[error("invalid Host value")]
+    InvalidHost,
+    /// RFC 9113 §8.3.1: an HTTP/2 `host` field that names another authority than `:authority`.
+    #[error("HTTP/2 host field disagrees with :authority")]
+    HostMismatch,
+    /// RFC 9113 §8.3.1: an HTTP/2 request with neither `:authority` nor `host`.
+    #[error("HTTP/2 request without :authority or host")]
+    MissingAuthority,
+}
+
+impl Malformed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Malformed::MissingHost => "missing_host",
+            Malformed::DuplicateHost => "duplicate_host",
+            Malformed::InvalidHost => "invalid_host",
+            Malformed::HostMismatch => "host_mismatch",
+            Malformed::MissingAuthority => "missing_authority",
+        }
+    }
+}
+
+/// A `Host` value: `uri-host [":" port]`, no userinfo, no path (RFC 9110 §7.2).
+fn valid_host(v: &HeaderValue) -> bool {
+    let Ok(s) = v.to_str() else { return false };
+    let port = match s.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((_, "")) => None,
+            Some((_, after)) => match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => s.split_once(':').map(|(_, p)| p),
+    };
+    !s.is_empty()
+        && !s.contains('@')
+        && port.is_none_or(|p| p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()))
+        && s.parse::<http::uri::Authority>().is_ok()
+}
+
+/// Same authority, comparing the host case-insensitively (RFC 9110 §4.2.3).
+fn same_authority(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// The intermediary checks on which authority a request names, made before authentication:
+/// RFC 9112 §3.2 (HTTP/1.1: exactly one valid `Host`, also with an absolute-form target) and
+/// RFC 9113 §8.3.1 (HTTP/2: `host`, if sent, agrees with `:authority`).
+pub fn check_authority<B>(req: &http::Request<B>) -> Result<(), Malformed> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (host, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err(Malformed::DuplicateHost);
+    }
+    if host.is_some_and(|h| !valid_host(h)) {
+        return Err(Malformed::InvalidHost);
+    }
+    match req.version() {
+        http::Version::HTTP_2 | http::Version::HTTP_3 => match (req.uri().authority(), host) {
+            (Some(a), Some(h)) if !same_authority(a.as_str().as_bytes(), h.as_bytes()) => {
+                Err(Malformed::HostMismatch)
+            }
+            (None, None) => Err(Malformed::MissingAuthority),
+            _ => Ok(()),
+        },
+        http::Version::HTTP_11 if host.is_none() => Err(Malformed::MissingHost),
+        _ => Ok(()),
+    }
+}
+
+/// The authority the client named: the target's (HTTP/2 `:authority`; an HTTP/1.1
+/// absolute-form target, whose authority replaces `Host` per RFC 9112 §3.2.2), else `Host`.
+pub fn client_authority<B>(req: &http::Request<B>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field lines (RFC 9110 §5.3, RFC 9113 §8.2.3)
+// ---------------------------------------------------------------------------------------------
+
+/// Joins several `Cookie` field lines into one with `"; "`: HTTP/2 clients send each cookie
+/// as its own field ("crumbs", RFC 9113 §8.2.3), which must be concatenated before going to an
+/// HTTP/1.1 upstream; there, two `Cookie` lines would be joined with `,` by most servers
+/// (RFC 6265 §5.4 allows only one), and `session=abc123,lang=en` is one wrong cookie.
+pub fn join_cookie_crumbs(h: &mut HeaderMap) {
+    let mut values = h.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        let v = v.as_bytes().trim_ascii();
+        if v.is_empty() {
+            continue;
+        }
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v);
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
+/// RFC 9110 §7.6.2: an intermediary forwarding `OPTIONS` or `TRACE` decrements
+/// `Max-Forwards`. `false` when it is already 0: the request must not be forwarded.
+pub fn decrement_max_forwards(method: &http::Method, h: &mut HeaderMap) -> bool {
+    if method != http::Method::OPTIONS && method != http::Method::TRACE {
+        return true;
+    }
+    let Some(n) = h
+        .get(header::MAX_FORWARDS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return true;
+    };
+    if n == 0 {
+        return false;
+    }
+    h.insert(header::MAX_FORWARDS, HeaderValue::from(n - 1));
+    true
+}
+
+/// RFC 9110 §7.6.3: "An HTTP-to-HTTP gateway MUST send an appropriate Via header field in
+/// each inbound request message". keygate appends `<received-protocol> keygate` (a pseudonym,
+/// not its host name) to any `Via` the client sent, in one field line. Responses get none (a
+/// MAY). Note for nginx upstreams: with `gzip_proxied off` (its default) nginx does not compress
+/// responses to requests carrying `Via`.
+pub fn append_via(version: http::Version, h: &mut HeaderMap) {
+    let proto = match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    let mut via = Vec::with_capacity(32);
+    for v in h.get_all(header::VIA) {
+        via.extend_from_slice(v.as_bytes().trim_ascii());
+        via.extend_from_slice(b", ");
+    }
+    via.extend_from_slice(proto.as_bytes());
+    via.extend_from_slice(b" keygate");
+    if let Ok(v) = HeaderValue::from_bytes(&via) {
+        h.insert(header::VIA, v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redirects out of the upstream (nginx `proxy_redirect default`)
+// ---------------------------------------------------------------------------------------------
+
+/// Response fields that carry a URL a client follows: `Location` (RFC 9110 §10.2.2),
+/// `Content-Location` (§8.7) and `Refresh` (`5; url=…`, HTML's de-facto header).
+pub static URL_FIELDS: [HeaderName; 3] = [
+    header::LOCATION,
+    header::CONTENT_LOCATION,
+    HeaderName::from_static("refresh"),
+];
+
+/// With `[upstream] host = "upstream"`: rewrites URL fields that point at the upstream
+/// (`scheme://authority/base_path…`) to `https://<public authority>/…`, as nginx's
+/// `proxy_redirect default` does. Relative URLs and other origins are left alone.
+pub fn rewrite_upstream_urls(
+    h: &mut HeaderMap,
+    upstream: (&http::uri::Scheme, &http::uri::Authority, &str),
+    public: &HeaderValue,
+) {
+    let (scheme, authority, base) = upstream;
+    let Ok(public) = public.to_str() else { return };
+    for name in &URL_FIELDS {
+        let Some(v) = h.get(name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        // Refresh: `<seconds>; url=<URL>` — only the URL part is rewritten.
+        let (prefix, url) = if *name == URL_FIELDS[2] {
+            match v.to_ascii_lowercase().find("url=") {
+                Some(i) => (&v[..i + 4], &v[i + 4..]),
+                None => continue,
+            }
+        } else {
+            ("", v)
+        };
+        let Some(rest) = strip_origin(url, scheme.as_str(), authority.as_str()) else {
+            continue;
+        };
+        let rest = match rest.strip_prefix(base) {
+            Some(r) if base.is_empty() || r.is_empty() || r.starts_with(['/', '?', '#']) => r,
+            _ => continue,
+        };
+        let slash = if rest.starts_with('/') { "" } else { "/" };
+        if let Ok(new) = HeaderValue::from_str(&format!("{prefix}https://{public}{slash}{rest}")) {
+            h.insert(name.clone(), new);
+        }
+    }
+}
+
+/// `url` without its `scheme://authority` if the authority is the upstream's (host compared
+/// without regard to case, a default port written or not). `http` and `https` both count: an
+/// application told `X-Forwarded-Proto: https` builds `https://<its own authority>/…`.
+fn strip_origin<'u>(url: &'u str, scheme: &str, authority: &str) -> Option<&'u str> {
+    let (s, rest) = url.split_once("://")?;
+    let default_port = |scheme: &str| {
+        if scheme.eq_ignore_ascii_case("https") {
+            ":443"
+        } else {
+            ":80"
+        }
+    };
+    if !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (auth, path) = rest.split_at(end);
+    let a = auth.strip_suffix(default_port(s)).unwrap_or(auth);
+    let b = authority
+        .strip_suffix(default_port(scheme))
+        .unwrap_or(authority);
+    a.eq_ignore_ascii_case(b).then_some(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,5 +888,344 @@ mod tests {
         strip_hop_by_hop(&mut h, Some(HeaderValue::from_static("websocket")));
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn managed_fields_table() {
+        let cred = HeaderName::from_static("x-api-key");
+        let ident = HeaderName::from_static("x-keygate-key-id");
+        // (client field name, sent by a trusted proxy, removed)
+        let rows: &[(&str, bool, bool)] = &[
+            ("x-forwarded-for", false, true),
+            ("x-forwarded-for", true, false),
+            ("x_forwarded_for", true, true),
+            ("X_Forwarded_For", false, true),
+            ("x.forwarded.for", false, true),
+            ("x-forwarded_for", false, true),
+            ("forwarded", true, false),
+            ("forwarded", false, true),
+            ("x-forwarded-host", true, false),
+            ("x_forwarded_host", true, true),
+            ("x-forwarded-proto", true, true),
+            ("x_forwarded_proto", false, true),
+            ("x-real-ip", true, true),
+            ("x_real_ip", false, true),
+            ("x-request-id", false, true),
+            ("x_request_id", false, true),
+            ("x-keygate-key-id", true, true),
+            ("x_keygate_key_id", false, true),
+            ("X-KEYGATE-KEY-ID", false, true),
+            ("x-api-key", false, true),
+            ("x_api_key", false, true),
+            ("authorization", true, true),
+            ("authorization", false, true),
+            ("x-keygate-webhook", false, true),
+            ("x_keygate_webhook", false, true),
+            ("x-http-method-override", true, true),
+            ("x_original_url", false, true),
+            ("true-client-ip", false, true),
+            ("true-client-ip", true, false),
+            // Not managed: names that merely contain a managed one, or differ in length.
+            ("x-keygate-anything", true, true),
+            ("X_KEYGATE_FUTURE", false, true),
+            ("x-keygate", false, false),
+            ("x-forwarded-forx", false, false),
+            ("x-forwarded", false, false),
+            ("x-api-keys", false, false),
+            ("x_custom_header", false, false),
+            ("content-type", false, false),
+            ("cookie", false, false),
+        ];
+        for (name, trusted, removed) in rows {
+            let mut h = HeaderMap::new();
+            let n = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            h.append(n.clone(), HeaderValue::from_static("203.0.113.66"));
+            h.append(n.clone(), HeaderValue::from_static("second copy"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            remove_managed_fields(&mut h, &[&cred, &ident], *trusted);
+            assert_eq!(!h.contains_key(&n), *removed, "{name} trusted={trusted}");
+            assert!(h.contains_key("x-kept"));
+        }
+    }
+
+    #[test]
+    fn authority_table() {
+        use Malformed::*;
+        // (version, target, Host fields, outcome, client authority)
+        type Row<'a> = (
+            Version,
+            &'a str,
+            &'a [&'a str],
+            Result<(), Malformed>,
+            Option<&'a str>,
+        );
+        let rows: &[Row] = &[
+            (
+                Version::HTTP_11,
+                "/p",
+                &["example.com"],
+                Ok(()),
+                Some("example.com"),
+            ),
+            (
+                Version::HTTP_11,
+                "/p",
+                &["example.com:8443"],
+                Ok(()),
+                Some("example.com:8443"),
+            ),
+            (
+                Version::HTTP_11,
+                "/p",
+                &["[::1]:8443"],
+                Ok(()),
+                Some("[::1]:8443"),
+            ),
+            (Version::HTTP_11, "/p", &[], Err(MissingHost), None),
+            (
+                Version::HTTP_11,
+                "/p",
+                &["a", "b"],
+                Err(DuplicateHost),
+                Some("a"),
+            ),
+            (
+                Version::HTTP_11,
+                "/p",
+                &["a", "a"],
+                Err(DuplicateHost),
+                Some("a"),
+            ),
+            (
+                Version::HTTP_11,
+                "/p",
+                &["user@evil"],
+                Err(InvalidHost),
+                Some("user@evil"),
+            ),
+            (
+                Version::HTTP_11,
+                "/p",
+                &["a/b"],
+                Err(InvalidHost),
+                Some("a/b"),
+            ),
+            (Version::HTTP_11, "/p", &[""], Err(InvalidHost), Some("")),
+            (
+                Version::HTTP_11,
+                "/p",
+                &["a:port"],
+                Err(InvalidHost),
+                Some("a:port"),
+            ),
+            // RFC 9112 §3.2.2: absolute-form — the target's authority wins over Host.
+            (
+                Version::HTTP_11,
+                "https://target.example/p",
+                &["other"],
+                Ok(()),
+                Some("target.example"),
+            ),
+            (
+                Version::HTTP_11,
+                "https://target.example/p",
+                &[],
+                Err(MissingHost),
+                Some("target.example"),
+            ),
+            (Version::HTTP_10, "/p", &[], Ok(()), None),
+            (
+                Version::HTTP_10,
+                "/p",
+                &["a", "b"],
+                Err(DuplicateHost),
+                Some("a"),
+            ),
+            (
+                Version::HTTP_2,
+                "https://a.example/p",
+                &[],
+                Ok(()),
+                Some("a.example"),
+            ),
+            (
+                Version::HTTP_2,
+                "https://a.example/p",
+                &["A.EXAMPLE"],
+                Ok(()),
+                Some("a.example"),
+            ),
+            (
+                Version::HTTP_2,
+                "https://a.example/p",
+                &["b.example"],
+                Err(HostMismatch),
+                Some("a.example"),
+            ),
+            (
+                Version::HTTP_2,
+                "https://a.example:1/p",
+                &["a.example:2"],
+                Err(HostMismatch),
+                Some("a.example:1"),
+            ),
+            (
+                Version::HTTP_2,
+                "/p",
+                &["a.example"],
+                Ok(()),
+                Some("a.example"),
+            ),
+            (Version::HTTP_2, "/p", &[], Err(MissingAuthority), None),
+        ];
+        for (version, target, hosts, want, authority) in rows {
+            let mut b = http::Request::builder().version(*version).uri(*target);
+            for h in *hosts {
+                b = b.header(header::HOST, *h);
+            }
+            let req = b.body(()).unwrap();
+            assert_eq!(
+                check_authority(&req),
+                *want,
+                "{version:?} {target} {hosts:?}"
+            );
+            assert_eq!(
+                client_authority(&req).as_ref().map(|v| v.to_str().unwrap()),
+                *authority,
+                "{version:?} {target} {hosts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cookie_and_max_forwards_table() {
+        let rows: &[(&[&str], Option<&str>)] = &[
+            (&[], None),
+            (&["a=1"], Some("a=1")),
+            (
+                &["session=abc123", "lang=en"],
+                Some("session=abc123; lang=en"),
+            ),
+            (&["a=1; b=2", " c=3 ", ""], Some("a=1; b=2; c=3")),
+        ];
+        for (crumbs, want) in rows {
+            let pairs: Vec<(&str, &str)> = crumbs.iter().map(|c| ("cookie", *c)).collect();
+            let mut h = headers(&pairs);
+            join_cookie_crumbs(&mut h);
+            let got: Vec<_> = h
+                .get_all("cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            assert_eq!(got, want.map(|w| vec![w]).unwrap_or_default(), "{crumbs:?}");
+        }
+        use http::Method;
+        // (method, Max-Forwards, forwarded?, forwarded value)
+        let rows: &[(Method, Option<&str>, bool, Option<&str>)] = &[
+            (Method::OPTIONS, Some("3"), true, Some("2")),
+            (Method::OPTIONS, Some("0"), false, Some("0")),
+            (Method::TRACE, Some("1"), true, Some("0")),
+            (Method::GET, Some("0"), true, Some("0")),
+            (Method::OPTIONS, None, true, None),
+            (Method::OPTIONS, Some("x"), true, Some("x")),
+        ];
+        for (m, mf, fwd, after) in rows {
+            let mut h = headers(&mf.map(|v| vec![("max-forwards", v)]).unwrap_or_default());
+            assert_eq!(decrement_max_forwards(m, &mut h), *fwd, "{m} {mf:?}");
+            assert_eq!(h.get("max-forwards").map(|v| v.to_str().unwrap()), *after);
+        }
+    }
+
+    #[test]
+    fn upstream_url_rewrite_table() {
+        let scheme = http::uri::Scheme::HTTP;
+        let authority: http::uri::Authority = "127.0.0.1:8000".parse().unwrap();
+        let public = HeaderValue::from_static("api.example.com");
+        // (base path, field, upstream value, client sees)
+        let rows: &[(&str, &str, &str, &str)] = &[
+            (
+                "",
+                "location",
+                "http://127.0.0.1:8000/items/",
+                "https://api.example.com/items/",
+            ),
+            (
+                "",
+                "location",
+                "HTTP://127.0.0.1:8000",
+                "https://api.example.com/",
+            ),
+            (
+                "",
+                "location",
+                "http://127.0.0.1:8000?x=1",
+                "https://api.example.com/?x=1",
+            ),
+            (
+                "",
+                "location",
+                "http://127.0.0.1:8001/items/",
+                "http://127.0.0.1:8001/items/",
+            ),
+            (
+                "",
+                "location",
+                "https://127.0.0.1:8000/items/",
+                "https://api.example.com/items/",
+            ),
+            ("", "location", "/items/", "/items/"),
+            (
+                "",
+                "location",
+                "https://elsewhere.example/",
+                "https://elsewhere.example/",
+            ),
+            (
+                "",
+                "content-location",
+                "http://127.0.0.1:8000/doc/1",
+                "https://api.example.com/doc/1",
+            ),
+            (
+                "",
+                "refresh",
+                "5; url=http://127.0.0.1:8000/next",
+                "5; url=https://api.example.com/next",
+            ),
+            ("", "refresh", "5", "5"),
+            (
+                "/api",
+                "location",
+                "http://127.0.0.1:8000/api/items",
+                "https://api.example.com/items",
+            ),
+            (
+                "/api",
+                "location",
+                "http://127.0.0.1:8000/api",
+                "https://api.example.com/",
+            ),
+            (
+                "/api",
+                "location",
+                "http://127.0.0.1:8000/apix",
+                "http://127.0.0.1:8000/apix",
+            ),
+            (
+                "/api",
+                "location",
+                "http://127.0.0.1:8000/other",
+                "http://127.0.0.1:8000/other",
+            ),
+        ];
+        for (base, field, value, want) in rows {
+            let mut h = headers(&[(field, value)]);
+            rewrite_upstream_urls(&mut h, (&scheme, &authority, base), &public);
+            assert_eq!(h[*field], *want, "{base} {field}: {value}");
+        }
+        let default_port: http::uri::Authority = "backend".parse().unwrap();
+        let mut h = headers(&[("location", "http://backend:80/x")]);
+        rewrite_upstream_urls(&mut h, (&scheme, &default_port, ""), &public);
+        assert_eq!(h["location"], "https://api.example.com/x");
     }
 }

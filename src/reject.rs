@@ -41,7 +41,14 @@ pub enum Reject {
     BadRequest,
     BadGateway,
     GatewayTimeout,
+    /// keygate is too busy to take this request now (e.g. the argon2 verification queue);
+    /// `Retry-After` in whole seconds.
+    Unavailable {
+        retry_after: u64,
+    },
     Internal,
+    /// A method keygate does not forward (`CONNECT`, `TRACE`).
+    NotImplemented,
 }
 
 pub static X_CONTENT_TYPE_OPTIONS: http::HeaderName =
@@ -63,7 +70,9 @@ impl Reject {
             Reject::BadRequest => StatusCode::BAD_REQUEST,
             Reject::BadGateway => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reject::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Reject::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -82,7 +91,9 @@ impl Reject {
             Reject::BadRequest => "bad request",
             Reject::BadGateway => "bad gateway",
             Reject::GatewayTimeout => "gateway timeout",
+            Reject::Unavailable { .. } => "service unavailable",
             Reject::Internal => "internal error",
+            Reject::NotImplemented => "not implemented",
         }
     }
 
@@ -108,7 +119,8 @@ impl Reject {
             }
             Reject::RateLimited { retry_after }
             | Reject::Throttled { retry_after }
-            | Reject::QuotaExceeded { retry_after } => {
+            | Reject::QuotaExceeded { retry_after }
+            | Reject::Unavailable { retry_after } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
             }
             Reject::MethodNotAllowed { allow } => {

@@ -19,10 +19,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Verifier;
 use crate::config::{self, BuildContext, Snapshot};
-use crate::log::LogGuard;
+use crate::log::{ClientEvent, LogGuard, client_event};
 use crate::metrics;
 use crate::pipeline::{self, Conn, Shared};
 use crate::usage::State;
+use tracing::Level;
 
 /// Where the running config came from, and so what SIGHUP re-reads.
 pub enum Source {
@@ -86,6 +87,7 @@ async fn serve(
         tracing::warn!(warning = %w, "config warning");
     }
     metrics::global().set_cert_not_after(snapshot.cert_not_after);
+    crate::log::budget().configure(snapshot.log.client_event_limit);
     let max_connections = snapshot.server.max_connections;
     let admin = snapshot.admin;
     let shared = Arc::new(Shared {
@@ -110,6 +112,7 @@ async fn serve(
 
     tokio::spawn(housekeeping(shared.clone()));
     tokio::spawn(write_state_behind(shared.clone()));
+    tokio::spawn(crate::log::summaries());
     let (drain_tx, drain_rx) = watch::channel(false);
     let reload_task = tokio::spawn(reload_on_sighup(
         signals.hup,
@@ -212,7 +215,7 @@ async fn accept_loop(
             // Only the load balancers may say who the client is; nobody else gets a byte read.
             if !snap.access.is_trusted_proxy(peer.ip()) {
                 metrics::global().ip_denied();
-                tracing::warn!(event = "ip_denied", client_ip = %peer.ip().to_canonical(), scope = "proxy_protocol", "connection from a peer not in access.trusted_proxies closed (server.proxy_protocol is on)");
+                client_event!(ClientEvent::IpDenied, peer.ip(), Level::WARN, event = "ip_denied", client_ip = %peer.ip().to_canonical(), scope = "proxy_protocol", "connection from a peer not in access.trusted_proxies closed (server.proxy_protocol is on)");
                 continue;
             }
         } else if !admitted_at_accept(&snap, peer, false) {
@@ -229,7 +232,12 @@ async fn accept_loop(
                 Some(peer)
             };
             if let Some(peer) = peer {
-                serve_connection(stream, peer, snap, shared, drain).await;
+                // Lines the h2/TLS libraries write while serving it count against its budget.
+                crate::log::serving(
+                    peer.ip().to_canonical(),
+                    serve_connection(stream, peer, snap, shared, drain),
+                )
+                .await;
             }
             drop(permit);
         });
@@ -246,7 +254,7 @@ fn admitted_at_accept(snap: &Snapshot, peer: SocketAddr, proxied: bool) -> bool 
         snap.access.decide_at_accept() || (proxied && !snap.access.is_trusted_proxy(ip));
     if decide_now && !snap.access.admits(ip) {
         metrics::global().ip_denied();
-        tracing::warn!(event = "ip_denied", client_ip = %ip, scope = "global", "connection closed before TLS");
+        client_event!(ClientEvent::IpDenied, ip, Level::WARN, event = "ip_denied", client_ip = %ip, scope = "global", "connection closed before TLS");
         return false;
     }
     true
@@ -266,11 +274,11 @@ async fn proxied_peer(
         Ok(None) => balancer,
         // A balancer's TCP health check connects and closes without a header: not worth a warning.
         Err(e @ crate::proxy_protocol::ProxyError::NotReceived(_)) => {
-            tracing::debug!(peer = %balancer, error = %e, "connection closed");
+            client_event!(ClientEvent::ProxyProtocol, balancer.ip(), Level::DEBUG, peer = %balancer, error = %e, "connection closed");
             return None;
         }
         Err(e) => {
-            tracing::warn!(peer = %balancer, error = %e, "connection closed: check the load balancer's PROXY protocol setting");
+            client_event!(ClientEvent::ProxyProtocol, balancer.ip(), Level::WARN, peer = %balancer, error = %e, "connection closed: check the load balancer's PROXY protocol setting");
             return None;
         }
     };
@@ -310,11 +318,11 @@ async fn serve_connection(
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+            client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            tracing::debug!(peer = %peer, "TLS handshake timed out");
+            client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, "TLS handshake timed out");
             return;
         }
     };
@@ -383,7 +391,7 @@ async fn serve_connection(
         tokio::select! {
             res = http.as_mut() => {
                 if let Err(e) = res {
-                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "connection ended with an error");
                 }
                 return;
             }
@@ -404,7 +412,7 @@ async fn serve_connection(
                 if started.load(Relaxed) {
                     first_request = None;
                 } else if !shut_for_no_request {
-                    tracing::debug!(peer = %peer, "no request within header_read_timeout of the TLS handshake; closing");
+                    client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, "no request within header_read_timeout of the TLS handshake; closing");
                     http.as_mut().graceful_shutdown();
                     closing = true;
                     shut_for_no_request = true;
@@ -496,6 +504,7 @@ async fn reload_on_sighup(
                     tracing::warn!(warning = %w, "config warning");
                 }
                 log.set_level(new.log.level);
+                crate::log::budget().configure(new.log.client_event_limit);
                 metrics::global().set_cert_not_after(new.cert_not_after);
                 let keys = new.keys.len();
                 let not_after = new.cert_not_after;

@@ -60,7 +60,11 @@ async fn valid_key_reaches_upstream_without_credentials() {
         Some(&*format!("localhost:{}", kg.addr.port()))
     );
     assert_eq!(s.header("x-request-id"), Some(&*rid));
-    assert_eq!(s.header("host"), Some(&*up.addr.to_string()));
+    // `[upstream] host = "client"` (default): the authority the client used.
+    assert_eq!(
+        s.header("host"),
+        Some(&*format!("localhost:{}", kg.addr.port()))
+    );
 
     // Bearer works too, and the second use is served from the verified cache.
     let r = c

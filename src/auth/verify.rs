@@ -3,9 +3,12 @@
 //! * A keyed digest (HMAC-SHA256 with a per-process random key) of the token is what caches hold,
 //!   never the token. Steady state: one HMAC and a constant-time compare, no argon2.
 //! * argon2 runs on `verify_concurrency` dedicated threads (`keygate-argon2`), never on the async
-//!   workers; waiting for a permit is async, so a flood of bad tokens queues instead of starving
-//!   the workers. The permit travels with the job and is released when the hash is done, so a
+//!   workers; waiting for a slot is async, so a flood of bad tokens queues instead of starving
+//!   the workers. The slot travels with the job and is released when the hash is done, so a
 //!   request abandoned mid-verification cannot let more hashes run at once than the bound.
+//! * The wait is a priority queue, not FIFO ([`VerifyQueue`]): clients with no recent failed
+//!   authentication go ahead of guessers, and nobody waits longer than [`MAX_WAIT`] (503, no
+//!   hash). CPU for hashing stays bounded by `verify_concurrency` threads whatever the flood.
 //! * A short negative cache remembers digests of wrong tokens, so the same bad token is not
 //!   hashed twice within a minute.
 
@@ -16,10 +19,10 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use super::Key;
+use crate::limits::Standing;
 
 /// A keyed digest of a token. Not reversible, useless outside this process.
 pub type Digest = [u8; 32];
@@ -29,7 +32,7 @@ const NEGATIVE_CAP: usize = 4096;
 
 pub struct Verifier {
     mac: Hmac<Sha256>,
-    permits: Arc<Semaphore>,
+    queue: Arc<VerifyQueue>,
     negative: Mutex<HashMap<Digest, Instant>>,
     argon2: Argon2Threads,
 }
@@ -97,7 +100,7 @@ impl Verifier {
         getrandom::fill(&mut key).expect("the OS random number generator failed");
         Verifier {
             mac: Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length"),
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            queue: Arc::new(VerifyQueue::new(concurrency.max(1))),
             negative: Mutex::new(HashMap::new()),
             argon2: Argon2Threads::new(concurrency.max(1)),
         }
@@ -123,34 +126,44 @@ impl Verifier {
         neg.get(digest).is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
     }
 
-    /// Runs argon2 off the async workers, bounded. Remembers the result either way.
-    pub async fn verify(&self, key: &Arc<Key>, token: &[u8], digest: Digest) -> Outcome {
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return Outcome::Invalid;
-        };
+    /// Runs argon2 off the async workers, bounded, after waiting in the queue at the client's
+    /// `standing`. Remembers the result either way. `Err(Busy)`: the queue refused it (full of
+    /// better-placed requests, or waited [`MAX_WAIT`]); nothing was hashed.
+    pub async fn verify(
+        &self,
+        key: &Arc<Key>,
+        token: &[u8],
+        digest: Digest,
+        standing: Standing,
+    ) -> Result<Outcome, Busy> {
+        let slot = self.queue.acquire(standing).await?;
         // Re-check: another request with the same token may have verified it while we waited.
         if Self::is_cached(key, &digest) {
-            return Outcome::Valid;
+            return Ok(Outcome::Valid);
+        }
+        if self.is_known_bad(&digest) {
+            return Ok(Outcome::Invalid);
         }
         let secret = Zeroizing::new(token.to_vec());
         let k = key.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             let ok = k.hash.verify_reusing_memory(&secret);
-            drop(permit);
+            drop(slot);
             let _ = done.send(ok);
         });
         if self.argon2.jobs.send(job).is_err() {
-            return Outcome::Invalid;
+            return Ok(Outcome::Invalid);
         }
         let ok = result.await.unwrap_or(false);
+        crate::metrics::global().argon2_verified(ok);
         if ok {
             // Only one token can match a hash, so a set-once slot is enough.
             let _ = key.verified.set(digest);
-            Outcome::Valid
+            Ok(Outcome::Valid)
         } else {
             self.remember_bad(digest);
-            Outcome::Invalid
+            Ok(Outcome::Invalid)
         }
     }
 
@@ -174,8 +187,296 @@ impl Verifier {
         neg.insert(digest, Instant::now());
     }
 
-    /// Argon2 verifications running or waiting right now is not tracked; this is the bound.
-    pub fn available_permits(&self) -> usize {
-        self.permits.available_permits()
+    /// Verifications waiting for an argon2 thread right now.
+    pub fn waiting(&self) -> usize {
+        self.queue.lock().waiting.len()
+    }
+}
+
+/// The verification queue refused a request: it would have waited too long, or the queue is
+/// full of better-placed requests. Nothing was hashed; the client gets 503 with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+/// Longest a verification waits for an argon2 thread before it is refused (503) unhashed. A
+/// legitimate first authentication waits behind at most the hashes of clients at least as
+/// clean as itself; this bounds what a guesser's request can hold (a connection, a queue slot)
+/// and how stale a hash can be by the time it runs.
+pub const MAX_WAIT: Duration = Duration::from_secs(2);
+/// Verifications waiting at most (each a few dozen bytes): when full, a newcomer placed better
+/// than the worst waiter takes its place (that one gets 503), otherwise the newcomer gets 503.
+pub const MAX_WAITING: usize = 1024;
+
+/// Who runs next on the argon2 threads: a priority queue by [`Standing`] (clean clients first,
+/// then clients whose network failed recently, then clients that failed, fewest failures
+/// first), first come first served within a standing.
+///
+/// Why: with a FIFO wait, 200 guessing addresses, each under `failed_auth_limit`, kept ~200
+/// hashes queued, and a legitimate client presenting its key for the first time waited 6.9 s
+/// behind them (issue 9), growing with the number of addresses. Now it waits for the hash in
+/// progress plus the hashes of clients at least as clean as itself. What an attacker with N
+/// addresses can still do is in docs/access.md ("Verification queue").
+///
+/// Why not a global guess budget on top: the argon2 threads are the budget. At most
+/// `verify_concurrency` hashes run at once, so hashing never takes more than that many cores;
+/// a lower cap would only refuse legitimate first authentications sooner.
+pub struct VerifyQueue {
+    slots: usize,
+    state: Mutex<QueueState>,
+}
+
+struct QueueState {
+    /// Hashes holding a slot (running or handed to an argon2 thread).
+    running: usize,
+    seq: u64,
+    /// In order of service. A waiter is woken by a `()` that hands it a slot already counted in
+    /// `running`; dropping its sender (eviction) tells it `Busy`.
+    waiting: std::collections::BTreeMap<(Standing, u64), tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The right to run one hash; handed to the next waiter when dropped.
+pub struct Slot(Arc<VerifyQueue>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// A request waiting in the queue. If it is dropped (the client went away), its place is given
+/// up, or, if it was granted a slot in the meantime, the slot is passed on.
+struct Waiter {
+    queue: Arc<VerifyQueue>,
+    place: (Standing, u64),
+    rx: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Waiter {
+    /// After the wait ended without a grant (timeout): leave the queue, or take the slot if it
+    /// was granted at the last moment.
+    fn settle(&mut self) -> Result<Slot, Busy> {
+        let Some(mut rx) = self.rx.take() else {
+            return Err(Busy);
+        };
+        let removed = self.queue.remove(&self.place);
+        if !removed && rx.try_recv().is_ok() {
+            return Ok(Slot(self.queue.clone()));
+        }
+        Err(Busy)
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            let removed = self.queue.remove(&self.place);
+            if !removed && rx.try_recv().is_ok() {
+                self.queue.release();
+            }
+        }
+    }
+}
+
+impl VerifyQueue {
+    pub fn new(slots: usize) -> Self {
+        VerifyQueue {
+            slots: slots.max(1),
+            state: Mutex::new(QueueState {
+                running: 0,
+                seq: 0,
+                waiting: std::collections::BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a slot at `standing` (see [`MAX_WAIT`], [`MAX_WAITING`]).
+    pub async fn acquire(self: &Arc<Self>, standing: Standing) -> Result<Slot, Busy> {
+        let (place, rx) = {
+            let mut st = self.lock();
+            if st.running < self.slots && st.waiting.is_empty() {
+                st.running += 1;
+                return Ok(Slot(self.clone()));
+            }
+            if st.waiting.len() >= MAX_WAITING {
+                let worst = st.waiting.last_key_value().map(|(k, _)| k.0);
+                if worst.is_none_or(|w| standing >= w) {
+                    crate::metrics::global().verify_refused();
+                    return Err(Busy);
+                }
+                // Dropping the evicted waiter's sender wakes it with `Busy`.
+                st.waiting.pop_last();
+                crate::metrics::global().verify_refused();
+            }
+            st.seq += 1;
+            let place = (standing, st.seq);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.waiting.insert(place, tx);
+            crate::metrics::global().set_verify_waiting(st.waiting.len());
+            (place, rx)
+        };
+        let mut waiter = Waiter {
+            queue: self.clone(),
+            place,
+            rx: Some(rx),
+        };
+        let granted = {
+            let rx = waiter.rx.as_mut().expect("set above");
+            tokio::time::timeout(MAX_WAIT, rx).await
+        };
+        match granted {
+            Ok(Ok(())) => {
+                waiter.rx = None;
+                Ok(Slot(self.clone()))
+            }
+            // Evicted (counted there).
+            Ok(Err(_)) => {
+                waiter.rx = None;
+                Err(Busy)
+            }
+            Err(_) => {
+                let got = waiter.settle();
+                if got.is_err() {
+                    crate::metrics::global().verify_refused();
+                }
+                got
+            }
+        }
+    }
+
+    /// Takes a waiter out of the queue; false if it was not there (granted or evicted).
+    fn remove(&self, place: &(Standing, u64)) -> bool {
+        let mut st = self.lock();
+        let removed = st.waiting.remove(place).is_some();
+        crate::metrics::global().set_verify_waiting(st.waiting.len());
+        removed
+    }
+
+    /// A slot is free: hand it to the best waiter still there, or count it free.
+    fn release(&self) {
+        let mut st = self.lock();
+        while let Some((_, tx)) = st.waiting.pop_first() {
+            if tx.send(()).is_ok() {
+                crate::metrics::global().set_verify_waiting(st.waiting.len());
+                return;
+            }
+        }
+        crate::metrics::global().set_verify_waiting(0);
+        st.running = st.running.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standing(debt: u32) -> Standing {
+        Standing::Failed { debt }
+    }
+
+    /// Waits until `n` requests are queued.
+    async fn queued(q: &VerifyQueue, n: usize) {
+        while q.lock().waiting.len() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn clean_clients_are_served_before_guessers_that_queued_first() {
+        let q = Arc::new(VerifyQueue::new(1));
+        let held = q.acquire(Standing::Clean).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        let spawn = |name: &'static str, s: Standing| {
+            let (q, order) = (q.clone(), order.clone());
+            tokio::spawn(async move {
+                let slot = q.acquire(s).await.unwrap();
+                order.lock().unwrap().push(name);
+                drop(slot);
+            })
+        };
+        for _ in 0..5 {
+            tasks.push(spawn("guesser", standing(3)));
+        }
+        queued(&q, 5).await;
+        tasks.push(spawn("typo", standing(1)));
+        tasks.push(spawn("neighbour", Standing::NetworkFailed));
+        tasks.push(spawn("clean", Standing::Clean));
+        queued(&q, 8).await;
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        assert_eq!(
+            order[..4],
+            ["clean", "neighbour", "typo", "guesser"],
+            "{order:?}"
+        );
+        assert_eq!(q.lock().running, 0, "every slot given back");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_evicts_the_worst_for_a_better_newcomer() {
+        let q = Arc::new(VerifyQueue::new(1));
+        let _held = q.acquire(Standing::Clean).await.unwrap();
+        let mut guessers = Vec::new();
+        for _ in 0..MAX_WAITING {
+            let q = q.clone();
+            guessers.push(tokio::spawn(
+                async move { q.acquire(standing(5)).await.is_ok() },
+            ));
+        }
+        queued(&q, MAX_WAITING).await;
+        // Another guesser no better than the worst: refused at once, nothing evicted.
+        assert_eq!(q.acquire(standing(5)).await.err(), Some(Busy));
+        // A clean client takes the last guesser's place; that one is told Busy.
+        let clean = {
+            let q = q.clone();
+            tokio::spawn(async move { q.acquire(Standing::Clean).await.is_ok() })
+        };
+        let last = guessers.pop().unwrap();
+        assert!(
+            !last.await.unwrap(),
+            "the most recent worst waiter is evicted"
+        );
+        assert_eq!(q.lock().waiting.len(), MAX_WAITING);
+        drop(_held);
+        assert!(clean.await.unwrap());
+        for g in guessers {
+            g.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_waiter_gives_up_its_place_and_any_slot_it_was_given() {
+        let q = Arc::new(VerifyQueue::new(1));
+        let held = q.acquire(Standing::Clean).await.unwrap();
+        let gone = {
+            let q = q.clone();
+            tokio::spawn(async move { q.acquire(Standing::Clean).await.map(|_| ()) })
+        };
+        queued(&q, 1).await;
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(q.lock().waiting.len(), 0, "its place is given up");
+        drop(held);
+        assert_eq!(q.lock().running, 0);
+        // Nothing leaked: the one slot is available again.
+        let again = q.acquire(standing(9)).await;
+        assert!(again.is_ok());
+    }
+
+    #[tokio::test]
+    async fn nobody_waits_longer_than_max_wait() {
+        let q = Arc::new(VerifyQueue::new(1));
+        let _held = q.acquire(Standing::Clean).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(q.acquire(Standing::Clean).await.err(), Some(Busy));
+        assert!(started.elapsed() >= MAX_WAIT);
+        assert_eq!(q.lock().waiting.len(), 0);
     }
 }

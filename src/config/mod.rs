@@ -182,6 +182,9 @@ pub struct LogSettings {
     pub level: tracing::Level,
     /// Lower-cased parameter names whose values are replaced with `REDACTED` (built-ins included).
     pub redact_query_params: Vec<String>,
+    /// Lines of each kind a client can cause per window (`client_event_limit`, default
+    /// `"10/min"`); see `log::Budget`.
+    pub client_event_limit: crate::limits::Rate,
 }
 
 pub struct StateSettings {

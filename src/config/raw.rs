@@ -147,6 +147,7 @@ pub struct RawLog {
     pub level: Option<String>,
     #[serde(default)]
     pub redact_query_params: Vec<String>,
+    pub client_event_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -253,6 +253,7 @@ pub struct KeygateBuilder {
     admin: bool,
     state: bool,
     log_format: &'static str,
+    log_lines: Vec<String>,
 }
 
 impl Default for KeygateBuilder {
@@ -268,6 +269,7 @@ impl Default for KeygateBuilder {
             admin: false,
             state: false,
             log_format: "json",
+            log_lines: vec![],
         }
     }
 }
@@ -323,6 +325,11 @@ impl KeygateBuilder {
         self.state = true;
         self
     }
+    /// A line for `[log]`, e.g. `client_event_limit = "5/s"`.
+    pub fn log(mut self, line: &str) -> Self {
+        self.log_lines.push(line.into());
+        self
+    }
     pub fn text_logs(mut self) -> Self {
         self.log_format = "text";
         self
@@ -355,6 +362,20 @@ impl KeygateBuilder {
             "\n[log]\nformat = \"{}\"\nlevel = \"debug\"\n",
             self.log_format
         ));
+        // Tests of other features assert every event line they cause; the per-client log
+        // budget (default 10 lines per kind per minute) is tested on its own
+        // (tests/log_budget.rs), so here it is out of the way unless a test sets it.
+        if !self
+            .log_lines
+            .iter()
+            .any(|l| l.starts_with("client_event_limit"))
+        {
+            s.push_str("client_event_limit = \"100000/s\"\n");
+        }
+        for l in &self.log_lines {
+            s.push_str(l);
+            s.push('\n');
+        }
         if self.admin {
             s.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
         }

@@ -566,6 +566,17 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         }
     }
 
+    let client_event_limit = match parse_rate(l.client_event_limit.as_deref().unwrap_or("10/min")) {
+        Ok(r) => r,
+        Err(m) => {
+            errs.push("log.client_event_limit", m);
+            Rate {
+                count: 10,
+                period: Duration::from_secs(60),
+            }
+        }
+    };
+
     // [admin]
     let admin = raw.admin.as_ref().map(|a| {
         let text = a.listen.as_deref().unwrap_or("127.0.0.1:9901");
@@ -641,6 +652,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             json,
             level,
             redact_query_params: redact,
+            client_event_limit,
         },
         admin,
         state,

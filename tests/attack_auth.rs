@@ -1,0 +1,278 @@
+//! Guessing floods against argon2 verification (issue 9 §1): the per-client failed-auth budget
+//! holds however many requests one address has in flight (HTTP/1.1 and HTTP/2), and a client
+//! with no recent failures is verified ahead of a queue of guessers from other addresses.
+//! Ordering and counts are asserted (argon2 runs counted by `/metrics`), never wall-clock speed.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A hash at OWASP's parameters: tens of milliseconds, so that a flood really queues.
+fn slow_key(id: &str) -> (String, String) {
+    let token = keygate::auth::NewToken::generate(id).reveal().to_string();
+    let hash = keygate::auth::hash_token_with(token.as_bytes(), 19_456, 2);
+    (token, hash)
+}
+
+/// A token for `id` with a valid checksum and a wrong secret: it costs an argon2 run.
+fn wrong_token(id: &str) -> String {
+    keygate::auth::NewToken::generate(id).reveal().to_string()
+}
+
+/// One keep-alive HTTP/1.1 connection over TLS from the loopback address `from`.
+async fn connect_from(kg: &Keygate, from: Ipv4Addr) -> SendRequest<Empty<Bytes>> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((from, 0))).unwrap();
+    let tcp = sock.connect(kg.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(kg.tls_config()))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Status, `Retry-After` and body of `GET /` with this token.
+async fn get(send: &mut SendRequest<Empty<Bytes>>, token: &str) -> (u16, Option<String>, Bytes) {
+    send.ready().await.unwrap();
+    let req = http::Request::get("/")
+        .header("host", "localhost")
+        .header("x-api-key", token)
+        .body(Empty::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, retry, body)
+}
+
+async fn metrics(kg: &Keygate) -> String {
+    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw.split_once("\r\n\r\n")
+        .expect("HTTP response")
+        .1
+        .to_string()
+}
+
+/// The value of one series (`name{labels}`), 0 when absent.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+const WRONG_HASHES: &str = "keygate_argon2_verifications_total{result=\"wrong\"}";
+
+/// Issue 9: the budget was checked before hashing and counted after, so one address with 200
+/// connections got 219 hashes against a budget of 20. Now the charge is taken before hashing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_address_gets_at_most_its_budget_of_hashes_however_many_requests_it_has_in_flight() {
+    let up = Upstream::start().await;
+    let (_, hash) = slow_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .auth("failed_auth_limit = \"20/min\"")
+        .auth("verify_concurrency = 1")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+
+    // HTTP/1.1: 200 connections from 127.0.0.3, all connected first, then one wrong token each
+    // at the same moment.
+    let from = Ipv4Addr::new(127, 0, 0, 3);
+    let mut conns = Vec::new();
+    for _ in 0..200 {
+        conns.push(connect_from(&kg, from).await);
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(200));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut send| {
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.wait().await;
+                get(&mut send, &wrong_token("k")).await.0
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let unauthorized = statuses.iter().filter(|s| **s == 401).count();
+    let other: Vec<_> = statuses
+        .iter()
+        .filter(|s| !matches!(**s, 401 | 429 | 503))
+        .collect();
+    assert!(other.is_empty(), "{other:?}");
+    let hashes_h1 = metric(&metrics(&kg).await, WRONG_HASHES);
+    assert!(
+        (1..=20).contains(&hashes_h1),
+        "one address, 200 in flight: {hashes_h1} argon2 runs for a budget of 20"
+    );
+    assert_eq!(unauthorized as u64, hashes_h1, "each 401 is one hash");
+
+    // HTTP/2: 100 concurrent streams on one connection from 127.0.0.1, the same bound.
+    let c = kg.client_h2();
+    let url = kg.url("/");
+    let replies = futures_util::future::join_all((0..100).map(|_| {
+        let token = wrong_token("k");
+        let (c, url) = (&c, url.clone());
+        async move { c.get(&url, &[("x-api-key", &token)]).await.status }
+    }))
+    .await;
+    assert!(replies.iter().all(|s| matches!(*s, 401 | 429 | 503)));
+    let hashes_h2 = metric(&metrics(&kg).await, WRONG_HASHES) - hashes_h1;
+    assert!(
+        (1..=20).contains(&hashes_h2),
+        "one h2 connection, 100 streams: {hashes_h2} argon2 runs for a budget of 20"
+    );
+
+    // Another address has a budget of its own.
+    let mut other = connect_from(&kg, Ipv4Addr::new(127, 0, 0, 4)).await;
+    assert_eq!(get(&mut other, &wrong_token("k")).await.0, 401);
+}
+
+/// Issue 9: behind 200 guessing addresses a first authentication waited 6.9 s in a FIFO queue.
+/// Now a client with no failures of its own is verified ahead of every queued guesser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_clients_first_authentication_is_served_ahead_of_queued_guessers() {
+    let up = Upstream::start().await;
+    let (_, victim_hash) = slow_key("victim");
+    let (neighbour_token, neighbour_hash) = slow_key("neighbour");
+    let (outsider_token, outsider_hash) = slow_key("outsider");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        // Guessers stay under the per-address budget, as in the issue's scenario.
+        .auth("failed_auth_limit = \"100000/min\"")
+        .auth("verify_concurrency = 1")
+        .key("victim", &victim_hash, "")
+        .key("neighbour", &neighbour_hash, "")
+        .key("outsider", &outsider_hash, "")
+        .admin()
+        .start();
+
+    // 25 guessing addresses (127.0.0.10-34), each failed once already.
+    let guessers: Vec<Ipv4Addr> = (10..35).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    for ip in &guessers {
+        let mut c = connect_from(&kg, *ip).await;
+        assert_eq!(get(&mut c, &wrong_token("victim")).await.0, 401);
+    }
+
+    // Then 8 connections from each, guessing as fast as they are answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 3]> = Arc::default(); // 401, 503, other
+    let mut tasks = Vec::new();
+    for ip in &guessers {
+        for _ in 0..8 {
+            let mut c = connect_from(&kg, *ip).await;
+            let (stop, counts) = (stop.clone(), counts.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut refusal = None;
+                while !stop.load(Relaxed) {
+                    let (status, retry, body) = get(&mut c, &wrong_token("victim")).await;
+                    let slot = match status {
+                        401 => 0,
+                        503 => {
+                            refusal.get_or_insert((retry, body));
+                            1
+                        }
+                        _ => 2,
+                    };
+                    counts[slot].fetch_add(1, Relaxed);
+                }
+                refusal
+            }));
+        }
+    }
+    // Wait until the queue is long.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (queued, hashes_before) = loop {
+        let m = metrics(&kg).await;
+        let waiting = metric(&m, "keygate_verify_waiting");
+        if waiting >= 100 {
+            break (waiting, metric(&m, WRONG_HASHES));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guessers never queued up:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // A client from the guessers' own /24 that never failed, then one from another network:
+    // each presents its key for the first time (not in the verified cache).
+    for (from, token) in [
+        (Ipv4Addr::new(127, 0, 0, 5), &neighbour_token),
+        (Ipv4Addr::new(127, 0, 1, 5), &outsider_token),
+    ] {
+        let mut c = connect_from(&kg, from).await;
+        let hashes_at_send = metric(&metrics(&kg).await, WRONG_HASHES);
+        assert_eq!(get(&mut c, token).await.0, 200, "{from}");
+        let hashes_after = metric(&metrics(&kg).await, WRONG_HASHES);
+        // FIFO would have run every queued guess first (≥ 100). Ahead of the queue, it waits for
+        // the hash in progress and, at most, a few that a slow machine lets in meanwhile.
+        assert!(
+            hashes_after - hashes_at_send <= 20,
+            "{from}: {} guesses were hashed while it waited ({queued} were queued)",
+            hashes_after - hashes_at_send
+        );
+    }
+
+    stop.store(true, Relaxed);
+    let mut refusal = None;
+    for t in tasks {
+        if let Some(r) = t.await.unwrap() {
+            refusal = Some(r);
+        }
+    }
+    let (hashed, refused, other) = (
+        counts[0].load(Relaxed),
+        counts[1].load(Relaxed),
+        counts[2].load(Relaxed),
+    );
+    assert_eq!(other, 0);
+    // The guessers' hashes are bounded by the one argon2 thread; what waited too long was
+    // refused without hashing, with a JSON 503 and Retry-After.
+    assert!(refused > 0, "{hashed} hashed, none refused");
+    let (retry, body) = refusal.expect("a 503 was seen");
+    assert_eq!(retry.as_deref(), Some("1"));
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"], "service unavailable");
+    assert!(metric(&metrics(&kg).await, WRONG_HASHES) > hashes_before);
+    assert_eq!(
+        up.count(),
+        2,
+        "only the two legitimate requests were forwarded"
+    );
+}

@@ -1,0 +1,271 @@
+//! Log lines a client can cause at will are bounded per client (issue 9 §5): a flood writes a
+//! few lines, then a `log_suppressed` summary per kind with the number left out, and the
+//! counters (`keygate_auth_failures_total`, `keygate_log_lines_suppressed_total`, requests)
+//! stay complete. Covers the HTTP/2 library's own lines (unexpected PING ACKs), security events
+//! (auth_failed), refused requests' access lines, and failed TLS handshakes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Lines per client and kind per window in these tests: `client_event_limit = "10/s"`.
+const PER_WINDOW: usize = 10;
+
+fn start(up: &Upstream) -> Keygate {
+    let (_, hash) = new_key("k");
+    Keygate::builder()
+        .upstream(up)
+        .server("max_header_bytes = 1024")
+        .key("k", &hash, "")
+        .log("client_event_limit = \"10/s\"")
+        .admin()
+        .start()
+}
+
+async fn metrics(kg: &Keygate) -> String {
+    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw.split_once("\r\n\r\n")
+        .expect("HTTP response")
+        .1
+        .to_string()
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Lines suppressed for `kind` according to the `log_suppressed` summaries so far.
+fn summarised(kg: &Keygate, kind: &str) -> u64 {
+    kg.events("log_suppressed")
+        .iter()
+        .filter(|v| v["kind"] == kind)
+        .map(|v| v["suppressed"].as_u64().unwrap())
+        .sum()
+}
+
+/// Waits until `written + summarised == expected` for `kind`; returns (written, summarised).
+fn settle(
+    kg: &Keygate,
+    kind: &str,
+    expected: u64,
+    written: impl Fn(&Keygate) -> u64,
+) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (w, s) = (written(kg), summarised(kg, kind));
+        if w + s >= expected {
+            return (w, s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kind}: {w} written + {s} summarised of {expected}:\n{}",
+            kg.logs()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A bound on lines written for one kind by one client that floods for `secs` seconds: the
+/// per-window allowance for every window the flood touched.
+fn bound(secs: f64) -> u64 {
+    (PER_WINDOW as f64 * (secs.ceil() + 2.0)) as u64
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Issue 9: each unexpected PING ACK made the HTTP/2 library write a WARN line, without limit
+/// (1,000 frames, 156 KB of log). Now they count against the client's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unexpected_h2_ping_acks_writes_a_bounded_number_of_lines() {
+    let up = Upstream::start().await;
+    let kg = start(&up);
+    let mut s = kg.tls_stream_alpn(&[b"h2"]).await;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(4, 1, 0, &[])); // ACK of keygate's SETTINGS
+    for i in 0..1000u64 {
+        out.extend(frame(6, 1, 0, &i.to_be_bytes())); // PING with ACK: never asked for
+    }
+    let started = Instant::now();
+    s.write_all(&out).await.unwrap();
+    s.flush().await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let is_ping_line = |l: &&str| l.contains("PING ack");
+    let (written, suppressed) = settle(&kg, "protocol", 1000, |kg| {
+        kg.logs().lines().filter(is_ping_line).count() as u64
+    });
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        written + suppressed,
+        1000,
+        "every frame is a line or counted"
+    );
+    assert!(
+        written <= bound(secs),
+        "{written} lines for 1000 PING ACKs in {secs:.1} s"
+    );
+    let m = metrics(&kg).await;
+    assert_eq!(
+        metric(&m, "keygate_log_lines_suppressed_total{event=\"protocol\"}"),
+        suppressed
+    );
+    let summary = kg.wait_log("protocol summary", |v| {
+        v["event"] == "log_suppressed" && v["kind"] == "protocol"
+    });
+    assert_eq!(summary["top_client"], "127.0.0.1");
+    assert_eq!(summary["clients"], 1);
+    reader.abort();
+}
+
+/// 1000 requests without a credential from one client: the auth_failed events and the refused
+/// requests' access lines are bounded, their counters complete. Then 1000 requests refused for
+/// oversized headers (only an access line each), and 200 failed TLS handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failures_refusals_and_handshake_failures_are_bounded_and_counted() {
+    let up = Upstream::start().await;
+    let kg = start(&up);
+    let c = kg.client_h2();
+    let url = kg.url("/");
+    let started = Instant::now();
+    for _ in 0..10 {
+        let replies = futures_util::future::join_all((0..100).map(|_| c.get(&url, &[]))).await;
+        assert!(replies.iter().all(|r| r.status == 401));
+    }
+    let (written, suppressed) = settle(&kg, "auth_failed", 1000, |kg| {
+        kg.events("auth_failed").len() as u64
+    });
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(written + suppressed, 1000);
+    assert!(
+        written <= bound(secs),
+        "{written} auth_failed lines in {secs:.1} s"
+    );
+    let access = |kg: &Keygate, status: u64| {
+        kg.json_logs()
+            .iter()
+            .filter(|v| v["msg"] == "request" && v["status"] == status)
+            .count() as u64
+    };
+    let (access_401, _) = settle(&kg, "access_refused", 1000, |kg| access(kg, 401));
+    assert!(
+        access_401 <= bound(secs),
+        "{access_401} access lines for 401s"
+    );
+    let m = metrics(&kg).await;
+    assert_eq!(
+        metric(&m, "keygate_auth_failures_total{reason=\"missing\"}"),
+        1000,
+        "the security counter is complete"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "keygate_log_lines_suppressed_total{event=\"auth_failed\"}"
+        ),
+        suppressed
+    );
+
+    // Oversized headers: answered 431 by the pipeline, an access line each.
+    let big = "x".repeat(2000);
+    let pad = [("x-pad", big.as_str())];
+    let before = summarised(&kg, "access_refused") + access(&kg, 401);
+    let started = Instant::now();
+    for _ in 0..10 {
+        let replies = futures_util::future::join_all((0..100).map(|_| c.get(&url, &pad))).await;
+        assert!(replies.iter().all(|r| r.status == 431));
+    }
+    let (access_431, _) = settle(&kg, "access_refused", before + 1000, |kg| {
+        access(kg, 401) + access(kg, 431)
+    });
+    let secs = started.elapsed().as_secs_f64();
+    assert!(
+        access_431 - access(&kg, 401) <= bound(secs),
+        "{} access lines for 1000 431s",
+        access_431 - access(&kg, 401)
+    );
+
+    // Plain text to the TLS port: a failed handshake each (a debug line at this test's level).
+    let started = Instant::now();
+    for _ in 0..200 {
+        let mut t = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+        let _ = t.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut sink = Vec::new();
+        let _ = t.read_to_end(&mut sink).await;
+    }
+    let handshake_lines = |kg: &Keygate| {
+        kg.logs()
+            .lines()
+            .filter(|l| l.contains("TLS handshake failed"))
+            .count() as u64
+    };
+    let (written, _) = settle(&kg, "tls_handshake", 200, handshake_lines);
+    let secs = started.elapsed().as_secs_f64();
+    assert!(
+        written >= 1 && written <= bound(secs),
+        "{written} handshake lines"
+    );
+}
+
+/// The budget is per client: a flood from one address leaves another's lines alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clients_events_are_still_written_during_a_flood() {
+    let up = Upstream::start().await;
+    let kg = start(&up);
+    let c = kg.client_h2();
+    let url = kg.url("/");
+    let replies = futures_util::future::join_all((0..300).map(|_| c.get(&url, &[]))).await;
+    assert!(replies.iter().all(|r| r.status == 401));
+    // A different client address (127.0.0.2) fails once: its line is written.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = sock.connect(kg.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(kg.tls_config()))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let _ = tls.read_to_end(&mut resp).await;
+    assert!(resp.starts_with(b"HTTP/1.1 401"));
+    kg.wait_log("the other client's auth_failed", |v| {
+        v["event"] == "auth_failed" && v["client_ip"] == "127.0.0.2"
+    });
+}
