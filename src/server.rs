@@ -128,7 +128,7 @@ async fn serve(
         let std_listener = listener.try_clone()?;
         let (shared, permits, drain) = (shared.clone(), permits.clone(), drain_rx.clone());
         std::thread::Builder::new()
-            .name(format!("keygate-worker-{n}"))
+            .name(format!("keygate-w{n}"))
             .spawn(move || {
                 let rt = match worker_runtime() {
                     Ok(rt) => rt,
