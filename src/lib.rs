@@ -11,6 +11,7 @@ pub mod auth;
 pub mod body;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod exposure;
 pub mod forward;

@@ -54,6 +54,8 @@ pub struct KeyLimiter {
     burst: u32,
     interval: Duration,
     limiter: Direct,
+    /// Cells leased from the shared bucket in cluster mode (unused otherwise).
+    lease: crate::cluster::rate::Lease,
 }
 
 impl KeyLimiter {
@@ -64,6 +66,7 @@ impl KeyLimiter {
             burst,
             interval: quota.replenish_interval(),
             limiter: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
+            lease: Default::default(),
         }
     }
 
@@ -73,6 +76,11 @@ impl KeyLimiter {
 
     pub fn burst(&self) -> u32 {
         self.burst
+    }
+
+    /// This key's lease of the shared bucket (cluster mode).
+    pub fn lease(&self) -> &crate::cluster::rate::Lease {
+        &self.lease
     }
 
     /// Takes one cell if there is one.

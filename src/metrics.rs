@@ -122,6 +122,13 @@ pub struct Metrics {
     verify_refused: Counter,
     verify_waiting: Gauge<i64, AtomicI64>,
     log_suppressed: Family<EventLabel, Counter>,
+    cluster_degraded: Gauge<i64, AtomicI64>,
+    config_info: Family<HashLabel, Gauge<i64, AtomicI64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HashLabel {
+    hash: String,
 }
 
 pub fn global() -> &'static Metrics {
@@ -316,6 +323,18 @@ impl Metrics {
             "Log lines a client caused over its per-client budget ([log] client_event_limit), not written, by event kind",
             log_suppressed.clone(),
         );
+        let cluster_degraded: Gauge<i64, AtomicI64> = Gauge::default();
+        registry.register(
+            "keygate_cluster_degraded",
+            "1 while cluster mode cannot use Redis (limits are per instance, or refused with on_error = deny)",
+            cluster_degraded.clone(),
+        );
+        let config_info = Family::<HashLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "keygate_config_info",
+            "Digest of the loaded config (1 for the one in effect); instances of a cluster should agree",
+            config_info.clone(),
+        );
         Self {
             registry,
             quota_exceeded,
@@ -327,6 +346,8 @@ impl Metrics {
             verify_refused,
             verify_waiting,
             log_suppressed,
+            cluster_degraded,
+            config_info,
             requests,
             request_duration,
             auth_failures,
@@ -493,6 +514,16 @@ impl Metrics {
                 event: kind.as_str(),
             })
             .inc();
+    }
+    pub fn set_cluster_degraded(&self, degraded: bool) {
+        self.cluster_degraded.set(i64::from(degraded));
+    }
+    /// The loaded config's digest: the previous series is removed, so exactly one is exposed.
+    pub fn set_config_hash(&self, hash: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&HashLabel { hash: hash.into() })
+            .set(1);
     }
     pub fn open_connections(&self) -> i64 {
         self.open_connections.get()

@@ -51,6 +51,8 @@ pub struct Shared {
     pub verifier: Verifier,
     /// Last use, quota counters and network history (the state file).
     pub state: State,
+    /// Shared state on Redis (`[cluster]`); fixed at start.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Per-connection state: who is on the other end, and whether it is busy (for idle timeout).
@@ -298,7 +300,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     if ctx.introspect {
         // Keygate's own answer: no scope (it is not an upstream path), no quota (it is free),
         // but the key's rate limit, like any request to keygate.
-        rate_limit(&key, ctx)?;
+        rate_limit(&key, ctx).await?;
         return Ok(key);
     }
     if !key.scope.permits(req.method(), req.uri().path()) {
@@ -306,7 +308,7 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         client_event!(ClientEvent::ScopeDenied, ctx.client_ip, Level::WARN, event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = req.uri().path());
         return Err(Reject::Forbidden);
     }
-    rate_limit(&key, ctx)?;
+    rate_limit(&key, ctx).await?;
     charge_quota(req, &key, ctx).await?;
 
     // Announced bodies over the limit never reach the upstream.
@@ -332,9 +334,9 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
     Ok(key)
 }
 
-fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
+async fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
     if let Some(limiter) = &key.limiter {
-        let info = limiter.check();
+        let info = rate_check(ctx, key, limiter).await?;
         ctx.rate = Some(info);
         if let Some(retry_after) = info.retry_after {
             metrics::global().rate_limited(&key.id);
@@ -447,6 +449,28 @@ fn introspection_target<B>(req: &Request<B>, path: &str) -> Result<bool, Reject>
         return Err(Reject::NotFound);
     }
     Ok(false)
+}
+
+/// One cell of the key's bucket: the cluster-wide one while Redis is usable, else this
+/// instance's own (`on_error = "local"`) or a 503 (`on_error = "deny"`).
+async fn rate_check(
+    ctx: &Ctx<'_>,
+    key: &Key,
+    limiter: &crate::limits::KeyLimiter,
+) -> Result<RateInfo, Reject> {
+    let Some(cluster) = &ctx.shared.cluster else {
+        return Ok(limiter.check());
+    };
+    match cluster.rate_check(&key.id, limiter).await {
+        Ok(info) => Ok(info),
+        Err(e) => match cluster.on_error() {
+            crate::cluster::OnError::Local => Ok(limiter.check()),
+            crate::cluster::OnError::Deny => {
+                tracing::warn!(request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e, "shared rate limit unavailable; refused (cluster.on_error = deny)");
+                Err(Reject::Unavailable { retry_after: 1 })
+            }
+        },
+    }
 }
 
 /// Request line + headers, as on the wire (name + ": " + value + CRLF).

@@ -90,7 +90,19 @@ async fn serve(
     crate::log::budget().configure(snapshot.log.client_event_limit);
     let max_connections = snapshot.server.max_connections;
     let admin = snapshot.admin;
+    metrics::global().set_config_hash(&snapshot.config_hash);
+    let cluster = match &snapshot.cluster {
+        Some(settings) => {
+            let c =
+                crate::cluster::Cluster::new(settings.clone()).map_err(std::io::Error::other)?;
+            tracing::info!(instance = %settings.instance, "cluster mode: rate limits shared through Redis");
+            tokio::spawn(c.clone().maintain());
+            Some(c)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        cluster,
         verifier: Verifier::new(snapshot.auth.verify_concurrency),
         snapshot: ArcSwap::from_pointee(snapshot),
         state,
@@ -509,6 +521,7 @@ async fn reload_on_sighup(
                 let keys = new.keys.len();
                 let not_after = new.cert_not_after;
                 spawn_exposure_check(&new.upstream_url);
+                metrics::global().set_config_hash(&new.config_hash);
                 shared.snapshot.store(Arc::new(new));
                 shared.verifier.forget_bad();
                 metrics::global().reloaded(true);
@@ -582,6 +595,11 @@ fn keep_restart_only_settings(new: &mut Snapshot, running: &Snapshot) -> Vec<&'s
         c,
     );
     keep(&mut new.log.json, running.log.json, "log.format", c);
+    // The Redis connection is made once; a changed [cluster] applies at the next start.
+    if new.cluster != running.cluster {
+        changed.push("cluster");
+        new.cluster = running.cluster.clone();
+    }
     changed
 }
 

@@ -5,6 +5,7 @@
 
 mod build;
 pub mod raw;
+pub mod secret;
 
 pub use build::{
     BUILTIN_REDACTED_PARAMS, BuildContext, TlsSource, build, load_file, parse_duration, parse_rate,
@@ -150,6 +151,10 @@ pub struct Snapshot {
     pub upstream_url: String,
     /// Non-fatal findings (weak argon2 parameters, …) for `check` and the start-up log.
     pub warnings: Vec<String>,
+    /// `[cluster]`, when this instance shares state through Redis (restart-only).
+    pub cluster: Option<crate::cluster::ClusterSettings>,
+    /// Digest of the config file's canonical form (`keygate_config_info`), for drift alerts.
+    pub config_hash: String,
 }
 
 pub struct ServerSettings {

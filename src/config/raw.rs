@@ -33,6 +33,10 @@ pub struct RawConfig {
     pub key_networks: RawKeyNetworks,
     #[serde(default)]
     pub introspection: RawIntrospection,
+    pub cluster: Option<RawCluster>,
+    /// SHA-256 of the file's canonical form (see `parse_str`); not a TOML field.
+    #[serde(skip)]
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,4 +214,16 @@ pub struct RawKeyNetworks {
 pub struct RawIntrospection {
     pub enabled: Option<bool>,
     pub path: Option<String>,
+}
+
+/// `[cluster]` (SPEC §11).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis: Option<String>,
+    pub password: Option<super::secret::SecretRef>,
+    pub key_prefix: Option<String>,
+    pub timeout: Option<String>,
+    pub on_error: Option<String>,
+    pub instance: Option<String>,
 }

@@ -5,6 +5,7 @@
 
 pub mod h2raw;
 pub mod python;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -5,6 +5,7 @@ mod keys;
 mod lifecycle;
 mod roles;
 
+mod cluster;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -83,7 +84,7 @@ pub fn parse_str(text: &str) -> Result<RawConfig, ConfigErrors> {
             format!("TOML syntax error: {}{line}", e.message().trim()),
         )
     })?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let line = line_of(inner.span())
@@ -95,7 +96,27 @@ pub fn parse_str(text: &str) -> Result<RawConfig, ConfigErrors> {
             path,
             format!("{}{line}", without_string_values(inner.message().trim())),
         )
-    })
+    })?;
+    raw.fingerprint = fingerprint(text);
+    Ok(raw)
+}
+
+/// SHA-256 (first 16 hex digits) of the file's canonical form: parsed, with `[cluster] instance`
+/// (which differs per instance by design) removed, re-serialised with sorted keys. Comments,
+/// layout and key order do not change it; any setting does. It names the config in `/metrics`
+/// (`keygate_config_info{hash=…}`) so that instances of one cluster can be compared; it is a
+/// digest of a file that holds no secret values (secrets are references), so it reveals none.
+fn fingerprint(text: &str) -> String {
+    use sha2::Digest as _;
+    let Ok(mut v) = text.parse::<toml::Table>() else {
+        return String::new();
+    };
+    if let Some(toml::Value::Table(c)) = v.get_mut("cluster") {
+        c.remove("instance");
+    }
+    let canonical = toml::to_string(&v).unwrap_or_default();
+    let d = sha2::Sha256::digest(canonical.as_bytes());
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// serde quotes an offending string value (`invalid type: string "…", expected u64`). A value
@@ -628,6 +649,8 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     key_ids::name_keys(&mut errs.0, &mut warnings, |i| {
         raw.keys.get(i).map(|k| k.id.clone())
     });
+
+    let cluster = cluster::build(raw.cluster.as_ref(), base, &mut errs);
     if !errs.0.is_empty() {
         return Err(ConfigErrors(errs.0));
     }
@@ -661,6 +684,8 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         introspection_path,
         upstream_url: upstream_url.to_string(),
         warnings,
+        cluster,
+        config_hash: raw.fingerprint.clone(),
     })
 }
 

@@ -1,0 +1,246 @@
+//! Cluster mode (SPEC §11): several keygate instances behind an L4 balancer share their
+//! per-key rate limits (and, as they are wired in, quotas, the failed-auth throttle and webhook
+//! delivery ids) through one Redis server. Keys and config stay files, deployed alike to every
+//! instance.
+//!
+//! Place in the request path: the rate-limit stage of `pipeline.rs` asks [`Cluster`] instead
+//! of the key's local bucket while Redis is healthy. Redis is never on the path of a request
+//! that does not need shared state, and never holds a request longer than `[cluster] timeout`:
+//!
+//! * one multiplexed connection (commands from all requests are pipelined on it);
+//! * every command runs under `timeout`; a failure or timeout marks the cluster *degraded*
+//!   (`cluster_degraded` event, `keygate_cluster_degraded` gauge) and from then on requests do
+//!   not wait for Redis at all: `on_error = "local"` uses each instance's own limits,
+//!   `"deny"` refuses with 503;
+//! * a maintenance task reconnects (every [`RECONNECT_EVERY`]) and probes with `PING`; when it
+//!   answers, shared counting resumes (`cluster_recovered`), no restart needed.
+//!
+//! Why one hand-managed connection rather than redis-rs' `ConnectionManager`: the manager
+//! cannot be created while Redis is down, and keygate must start (and serve, with local limits)
+//! when Redis is unreachable.
+
+pub mod rate;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+
+use crate::metrics;
+
+/// How often a degraded cluster tries to reconnect, and a healthy one probes with `PING`.
+pub const RECONNECT_EVERY: Duration = Duration::from_millis(500);
+
+/// What to do with a request that needs shared state while Redis is unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Fall back to per-instance limits (the default: availability first).
+    Local,
+    /// Refuse with 503 (limits first).
+    Deny,
+}
+
+/// `[cluster]`, validated.
+#[derive(Clone)]
+pub struct ClusterSettings {
+    /// `redis://host:port/db` or `rediss://…`, never with a password in it.
+    pub url: String,
+    /// From `[cluster] password` (a secret reference), if any.
+    pub password: Option<crate::config::secret::Secret>,
+    /// Prefix of every Redis key keygate writes (default `keygate:`), so that several clusters
+    /// can share one Redis.
+    pub key_prefix: String,
+    /// Upper bound on any one Redis command, connecting included (default 50 ms, 1 ms–5 s).
+    pub timeout: Duration,
+    pub on_error: OnError,
+    /// This instance's name in logs and metrics (default: the host name).
+    pub instance: String,
+}
+
+impl PartialEq for ClusterSettings {
+    fn eq(&self, o: &Self) -> bool {
+        self.url == o.url
+            && self.key_prefix == o.key_prefix
+            && self.timeout == o.timeout
+            && self.on_error == o.on_error
+            && self.instance == o.instance
+            && self.password.as_ref().map(|p| p.expose().to_vec())
+                == o.password.as_ref().map(|p| p.expose().to_vec())
+    }
+}
+
+/// Why a shared-state operation did not happen. Never shown to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("Redis unusable (cluster degraded)")]
+    Degraded,
+    #[error("Redis did not answer within the cluster timeout")]
+    Timeout,
+    #[error("Redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The shared-state client of one keygate process; lives across reloads.
+pub struct Cluster {
+    settings: ClusterSettings,
+    client: redis::Client,
+    conn: ArcSwapOption<MultiplexedConnection>,
+    degraded: AtomicBool,
+}
+
+impl Cluster {
+    /// Builds the client without connecting (see [`Cluster::maintain`]). Errors name what is
+    /// wrong with the URL, never a password.
+    pub fn new(settings: ClusterSettings) -> Result<Arc<Cluster>, String> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
+            .map_err(|e| format!("invalid Redis URL ({:?})", e.kind()))?;
+        if let Some(p) = &settings.password {
+            let p = std::str::from_utf8(p.expose())
+                .map_err(|_| "the Redis password is not UTF-8".to_string())?;
+            let redis_settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(redis_settings);
+        }
+        let client = redis::Client::open(info).map_err(|e| format!("Redis client: {e}"))?;
+        Ok(Arc::new(Cluster {
+            settings,
+            client,
+            conn: ArcSwapOption::empty(),
+            // Degraded until the first connection succeeds: requests do not wait for it.
+            degraded: AtomicBool::new(true),
+        }))
+    }
+
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    pub fn on_error(&self) -> OnError {
+        self.settings.on_error
+    }
+
+    /// Whether shared state is in use right now.
+    pub fn healthy(&self) -> bool {
+        !self.degraded.load(Relaxed)
+    }
+
+    /// `prefix + parts…`: the Redis key for a piece of shared state.
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut k = String::with_capacity(
+            self.settings.key_prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
+        );
+        k.push_str(&self.settings.key_prefix);
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push(':');
+            }
+            k.push_str(p);
+        }
+        k
+    }
+
+    /// Runs one command (or pipeline) under the cluster timeout. Any failure marks the cluster
+    /// degraded; while degraded this returns [`ClusterError::Degraded`] at once.
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, ClusterError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(conn) = self.conn.load_full().filter(|_| self.healthy()) else {
+            return Err(ClusterError::Degraded);
+        };
+        match tokio::time::timeout(self.settings.timeout, op((*conn).clone())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.degrade(&ClusterError::Redis(e.clone()));
+                Err(ClusterError::Redis(e))
+            }
+            Err(_) => {
+                self.degrade(&ClusterError::Timeout);
+                Err(ClusterError::Timeout)
+            }
+        }
+    }
+
+    fn degrade(&self, why: &ClusterError) {
+        if !self.degraded.swap(true, Relaxed) {
+            metrics::global().set_cluster_degraded(true);
+            tracing::warn!(
+                event = "cluster_degraded",
+                instance = %self.settings.instance,
+                on_error = match self.settings.on_error {
+                    OnError::Local => "local",
+                    OnError::Deny => "deny",
+                },
+                error = %why,
+                "shared state unavailable: falling back until Redis answers again"
+            );
+        }
+    }
+
+    fn recover(&self) {
+        if self.degraded.swap(false, Relaxed) {
+            metrics::global().set_cluster_degraded(false);
+            tracing::info!(
+                event = "cluster_recovered",
+                instance = %self.settings.instance,
+                "Redis answers again: shared limits resumed"
+            );
+        }
+    }
+
+    /// Keeps the connection alive for the life of the process: connects, probes with `PING`
+    /// every [`RECONNECT_EVERY`], reconnects after failures. Spawned once at start.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut first = true;
+        loop {
+            if self.conn.load().is_none() || !self.healthy() {
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.settings.timeout.max(RECONNECT_EVERY)))
+                    .set_response_timeout(Some(self.settings.timeout));
+                match tokio::time::timeout(
+                    self.settings.timeout.max(RECONNECT_EVERY),
+                    self.client
+                        .get_multiplexed_async_connection_with_config(&cfg),
+                )
+                .await
+                {
+                    Ok(Ok(mut c)) => {
+                        let pong: redis::RedisResult<String> =
+                            redis::cmd("PING").query_async(&mut c).await;
+                        if pong.is_ok() {
+                            self.conn.store(Some(Arc::new(c)));
+                            self.recover();
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        if first {
+                            self.announce_down(&ClusterError::Redis(e));
+                        }
+                    }
+                    Err(_) => {
+                        if first {
+                            self.announce_down(&ClusterError::Timeout);
+                        }
+                    }
+                }
+                first = false;
+            } else {
+                // Probe: a dead connection is found here even when no request needs Redis.
+                let _ =
+                    self.run(|mut c| async move {
+                        redis::cmd("PING").query_async::<String>(&mut c).await
+                    })
+                    .await;
+            }
+            tokio::time::sleep(RECONNECT_EVERY).await;
+        }
+    }
+
+    /// At start Redis may simply be down: say so once, as a degradation.
+    fn announce_down(&self, why: &ClusterError) {
+        self.degraded.store(false, Relaxed);
+        self.degrade(why);
+    }
+}

@@ -1,0 +1,360 @@
+//! Cluster mode (SPEC §11) with a real `redis-server` and several real keygate processes:
+//! shared per-key rate limits, Redis killed and restarted under load, `on_error = "deny"`,
+//! a slow Redis, config digest in /metrics, and what `check` says about `[cluster]`.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::*;
+
+/// `[cluster]` for a test; `extra` may set `timeout` (default here 1 s, so that a loaded test
+/// machine does not degrade the cluster where the test asserts it does not).
+fn cluster_lines(redis: &Redis, instance: &str, extra: &str) -> String {
+    let timeout = if extra.contains("timeout") {
+        ""
+    } else {
+        "timeout = \"1s\"\n"
+    };
+    format!(
+        "[cluster]\nredis = \"{}\"\ninstance = \"{instance}\"\n{timeout}{extra}\n",
+        redis.url()
+    )
+}
+
+fn instance(
+    up: &Upstream,
+    redis: &Redis,
+    name: &str,
+    key: (&str, &str),
+    key_extra: &str,
+    cluster_extra: &str,
+) -> Keygate {
+    Keygate::builder()
+        .upstream(up)
+        .admin()
+        .key(key.0, key.1, key_extra)
+        .raw(&cluster_lines(redis, name, cluster_extra))
+        .start()
+}
+
+/// Hammers `kg` with `conns` concurrent clients for `d`; counts 200s and 429s.
+async fn hammer(kg: &Keygate, token: &str, conns: usize, d: Duration) -> (u64, u64) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + d;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let c = kg.client();
+        let url = kg.url("/");
+        let token = token.to_string();
+        let (ok, limited) = (ok.clone(), limited.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let r = c.get(&url, &[("x-api-key", &token)]).await;
+                match r.status {
+                    200 => ok.fetch_add(1, Relaxed),
+                    429 => limited.fetch_add(1, Relaxed),
+                    s => panic!("unexpected status {s}: {}", r.text()),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (ok.load(Relaxed), limited.load(Relaxed))
+}
+
+/// `/metrics` from the admin listener, over plain HTTP/1.1.
+async fn metrics(kg: &Keygate) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw.split_once("\r\n\r\n")
+        .expect("HTTP response")
+        .1
+        .to_string()
+}
+
+async fn wait_healthy(kg: &Keygate) {
+    kg.wait_log("cluster connected", |v| v["event"] == "cluster_recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_share_one_rate_limit() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (token, hash) = new_key("shared");
+    let extra = "rate_limit = \"100/s\"\nburst = 10";
+    let kgs: Vec<Keygate> = ["a", "b", "c"]
+        .iter()
+        .map(|n| instance(&up, &redis, n, ("shared", &hash), extra, ""))
+        .collect();
+    for kg in &kgs {
+        wait_healthy(kg).await;
+    }
+    let secs = 10;
+    let runs = kgs
+        .iter()
+        .map(|kg| hammer(kg, &token, 4, Duration::from_secs(secs)));
+    let results = futures_util::future::join_all(runs).await;
+    let admitted: u64 = results.iter().map(|r| r.0).sum();
+    let refused: u64 = results.iter().map(|r| r.1).sum();
+    let rate = admitted as f64 / secs as f64;
+    eprintln!(
+        "cluster: admitted {admitted} in {secs} s = {rate}/s, refused {refused}, per instance {results:?}"
+    );
+    // 100/s over 10 s plus a burst of 10: ~101/s. Three independent instances would admit ~300/s.
+    assert!(
+        (90.0..=111.0).contains(&rate),
+        "aggregate admitted rate {rate}/s (admitted {admitted}, refused {refused}, per instance {results:?})"
+    );
+    assert!(refused > 0, "the clients did push past the limit");
+    for (kg, r) in kgs.iter().zip(&results) {
+        assert!(r.0 > 100, "every instance admitted its share: {results:?}");
+        assert!(kg.events("cluster_degraded").is_empty(), "{}", kg.logs());
+        assert_no_secrets(&kg.logs(), &[&token]);
+    }
+    // The state really lives in Redis (it expires once the bucket is full again: look now).
+    let r = kgs[0]
+        .client()
+        .get(&kgs[0].url("/"), &[("x-api-key", &token)])
+        .await;
+    assert!(r.status == 200 || r.status == 429);
+    assert!(
+        !redis.cli(&["GET", "keygate:rl:shared"]).is_empty(),
+        "bucket in Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted_under_load_with_local_fallback() {
+    let up = Upstream::start().await;
+    let mut redis = Redis::start();
+    let (token, hash) = new_key("steady");
+    let kg = instance(
+        &up,
+        &redis,
+        "a",
+        ("steady", &hash),
+        "rate_limit = \"100000/s\"",
+        "",
+    );
+    wait_healthy(&kg).await;
+    let c = Arc::new(kg.client());
+    let url = kg.url("/");
+    let load = |d: Duration| {
+        let c = c.clone();
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            let until = Instant::now() + d;
+            let mut n = 0;
+            while Instant::now() < until {
+                let r = c.get(&url, &[("x-api-key", &token)]).await;
+                assert_eq!(
+                    r.status,
+                    200,
+                    "no request fails because of Redis: {}",
+                    r.text()
+                );
+                n += 1;
+            }
+            n
+        }
+    };
+    let before = load(Duration::from_millis(500)).await;
+    redis.kill();
+    let t0 = Instant::now();
+    let during = load(Duration::from_secs(2)).await;
+    let degraded = kg.wait_log("cluster_degraded", |v| v["event"] == "cluster_degraded");
+    assert_eq!(degraded["on_error"], "local");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let m = metrics(&kg).await;
+    assert!(m.contains("keygate_cluster_degraded 1"), "{m}");
+
+    redis.restart();
+    let recovered = Instant::now();
+    loop {
+        if kg.events("cluster_recovered").len() >= 2 {
+            break;
+        }
+        assert!(
+            recovered.elapsed() < Duration::from_secs(10),
+            "no reconnect without a restart:\n{}",
+            kg.logs()
+        );
+        load(Duration::from_millis(100)).await;
+    }
+    let after = load(Duration::from_millis(500)).await;
+    assert!(before > 0 && during > 0 && after > 0);
+    // Shared counting resumed: the bucket is back in the restarted (empty) Redis.
+    load(Duration::from_millis(50)).await;
+    assert!(!redis.cli(&["GET", "keygate:rl:steady"]).is_empty());
+    let m = metrics(&kg).await;
+    assert!(m.contains("keygate_cluster_degraded 0"), "{m}");
+    assert_no_secrets(&kg.logs(), &[&token]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_mode_refuses_with_503_and_never_hangs() {
+    let up = Upstream::start().await;
+    let mut redis = Redis::start();
+    let (token, hash) = new_key("strict");
+    let kg = instance(
+        &up,
+        &redis,
+        "a",
+        ("strict", &hash),
+        "rate_limit = \"50/s\"",
+        "on_error = \"deny\"\ntimeout = \"100ms\"",
+    );
+    wait_healthy(&kg).await;
+    let c = kg.client();
+    assert_eq!(
+        c.get(&kg.url("/"), &[("x-api-key", &token)]).await.status,
+        200
+    );
+
+    // A slow Redis (the whole server blocked for 2 s): no request waits past the timeout.
+    let r2 = redis.port;
+    let blocker = std::thread::spawn(move || {
+        let r = Redis::attach(r2);
+        r.cli(&["DEBUG", "SLEEP", "2"]);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let r = c.get(&kg.url("/"), &[("x-api-key", &token)]).await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        took < Duration::from_millis(1000),
+        "held {took:?} (timeout 100ms)"
+    );
+    let body = r.json();
+    assert_eq!(body["error"], "service unavailable");
+    assert!(body["request_id"].is_string());
+    assert!(
+        !r.text().contains("redis"),
+        "no internal detail: {}",
+        r.text()
+    );
+    blocker.join().unwrap();
+
+    // Redis down: refused at once, 503 JSON.
+    redis.kill();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = c.get(&kg.url("/"), &[("x-api-key", &token)]).await;
+        assert_eq!(r.status, 503);
+        assert!(t.elapsed() < Duration::from_millis(500));
+    }
+    // Keys without a rate limit need no shared state and keep working (none here); back up:
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.get(&kg.url("/"), &[("x-api-key", &token)]).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not resume:\n{}", kg.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_expose_the_same_config_digest_unless_they_drift() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (_token, hash) = new_key("k");
+    let a = instance(&up, &redis, "a", ("k", &hash), "", "");
+    let b = instance(&up, &redis, "b", ("k", &hash), "", "");
+    let digest = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("keygate_config_info{"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no keygate_config_info in\n{m}"))
+    };
+    let da = digest(&metrics(&a).await);
+    let db = digest(&metrics(&b).await);
+    // Same settings, different instance names and ports: the digest still differs only if the
+    // files differ. The two configs here differ in their listen/admin ports? No: both are
+    // 127.0.0.1:0, and the certificate files are referenced by the same relative names.
+    assert_eq!(da, db, "same config, same digest");
+    assert!(!da.contains(&hash) && !da.contains("argon2"));
+
+    // Drift: one instance reloads a changed config.
+    let text = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(
+        &b.config,
+        text.replace("[auth]\n", "[auth]\nfailed_auth_limit = \"7/min\"\n"),
+    )
+    .unwrap();
+    b.signal("HUP");
+    b.wait_log("reload", |v| v["event"] == "config_reloaded");
+    let db2 = digest(&metrics(&b).await);
+    assert_ne!(da, db2, "a changed setting changes the digest");
+    assert_eq!(
+        metrics(&b).await.matches("keygate_config_info{").count(),
+        1,
+        "one series"
+    );
+}
+
+#[test]
+fn check_names_cluster_problems_by_path_without_echoing_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = test_cert();
+    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    let cfg = dir.path().join("k.toml");
+    let run = |cluster: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{cluster}"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["check", "-c"])
+            .arg(&cfg)
+            .env_remove("KG_REDIS_PW")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = run("[cluster]\nredis = \"redis://:hunter2-pw@127.0.0.1:6379\"\n");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("cluster.redis: must not contain a password"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"), "{out}");
+
+    let (code, out) = run("[cluster]\nredis = \"redis://127.0.0.1\"\npassword = \"hunter2-pw\"\n");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("cluster.password"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+
+    let (code, out) = run(
+        "[cluster]\nredis = \"redis://127.0.0.1\"\npassword = { env = \"KG_REDIS_PW\" }\ntimeout = \"1h\"\non_error = \"maybe\"\n",
+    );
+    assert_eq!(code, Some(1), "{out}");
+    for p in ["cluster.password", "cluster.timeout", "cluster.on_error"] {
+        assert!(out.contains(p), "{p} in {out}");
+    }
+    let (code, out) = run("[cluster]\nredis = \"redis://127.0.0.1:6379\"\n");
+    assert_eq!(code, Some(0), "{out}");
+}
