@@ -17,7 +17,15 @@ use crate::limits::RateInfo;
 use crate::usage::State;
 
 /// The 200 JSON answer. `rate` is the rate-limit state after this request took its cell.
-pub async fn answer(key: &Key, rate: Option<RateInfo>, state: &State) -> Response<ResponseBody> {
+///
+/// In cluster mode the quota figures are the cluster's (read from Redis), falling back to this
+/// instance's counters when Redis cannot be asked.
+pub async fn answer(
+    key: &Key,
+    rate: Option<RateInfo>,
+    state: &State,
+    cluster: Option<&crate::cluster::Cluster>,
+) -> Response<ResponseBody> {
     let rate_limit = key.limiter.as_ref().map(|l| {
         let r = l.rate();
         let unit = match r.period.as_secs() {
@@ -36,7 +44,14 @@ pub async fn answer(key: &Key, rate: Option<RateInfo>, state: &State) -> Respons
     let quota = match key.quota {
         Some(q) => {
             let now = crate::clock::now();
-            let s = state.quotas.peek(&key.id, q, now).await;
+            let shared = match cluster {
+                Some(c) => c.quota_peek(&key.id, q, now).await.ok(),
+                None => None,
+            };
+            let s = match shared {
+                Some(s) => s,
+                None => state.quotas.peek(&key.id, q, now).await,
+            };
             let resets_at = jiff::Timestamp::from_second(now + s.reset_secs as i64)
                 .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
                 .ok();

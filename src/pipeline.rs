@@ -178,7 +178,13 @@ pub async fn handle(
     let mut resp = match admit(&req, &mut ctx).await {
         Ok(key) if ctx.introspect => {
             linger(req.into_body());
-            crate::introspection::answer(&key, ctx.rate, &ctx.shared.state).await
+            crate::introspection::answer(
+                &key,
+                ctx.rate,
+                &ctx.shared.state,
+                ctx.shared.cluster.as_deref(),
+            )
+            .await
         }
         Ok(key) => match forward(req, key, &mut ctx).await {
             Ok(r) => r,
@@ -370,12 +376,21 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
         return Ok(());
     };
     let cost = ctx.snap.quota_costs.cost(req.method(), req.uri().path());
-    let state = ctx
-        .shared
-        .state
-        .quotas
-        .charge(&key.id, quota, cost, crate::clock::now())
-        .await;
+    let now = crate::clock::now();
+    let local = || ctx.shared.state.quotas.charge(&key.id, quota, cost, now);
+    let state = match &ctx.shared.cluster {
+        None => local().await,
+        Some(cluster) => match cluster.quota_charge(&key.id, quota, cost, now).await {
+            Ok(s) => s,
+            Err(e) => match cluster.on_error() {
+                crate::cluster::OnError::Local => local().await,
+                crate::cluster::OnError::Deny => {
+                    tracing::warn!(request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e, "shared quota unavailable; refused (cluster.on_error = deny)");
+                    return Err(Reject::Unavailable { retry_after: 1 });
+                }
+            },
+        },
+    };
     ctx.quota = Some(state);
     let Some(first) = state.refused else {
         return Ok(());

@@ -358,3 +358,68 @@ fn check_names_cluster_problems_by_path_without_echoing_secrets() {
     let (code, out) = run("[cluster]\nredis = \"redis://127.0.0.1:6379\"\n");
     assert_eq!(code, Some(0), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quota_is_shared_and_never_overrun() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (token, hash) = new_key("metered");
+    let extra = "quota = \"30/day\"";
+    let kgs: Vec<Keygate> = ["a", "b", "c"]
+        .iter()
+        .map(|n| instance(&up, &redis, n, ("metered", &hash), extra, ""))
+        .collect();
+    for kg in &kgs {
+        wait_healthy(kg).await;
+    }
+    // 60 requests spread over the three instances, concurrently: exactly 30 pass.
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let kg = &kgs[i % 3];
+        let c = kg.client();
+        let url = kg.url("/");
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get(&url, &[("x-api-key", &token)]).await.status
+        }));
+    }
+    let mut ok = 0;
+    let mut over = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => over += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(
+        (ok, over),
+        (30, 30),
+        "the quota is the cluster's, not each instance's"
+    );
+    // Every instance now refuses, and each logs quota_exceeded (once per instance and window).
+    for kg in &kgs {
+        let r = kg
+            .client()
+            .get(&kg.url("/"), &[("x-api-key", &token)])
+            .await;
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        kg.wait_log("quota_exceeded", |v| v["event"] == "quota_exceeded");
+    }
+    // The introspection endpoint shows the cluster-wide figure.
+    let r = kgs[1]
+        .client()
+        .get(
+            &kgs[1].url("/.well-known/keygate/key"),
+            &[("x-api-key", &token)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let q = &r.json()["quota"];
+    assert_eq!(q["used"], 30, "{q}");
+    assert_eq!(q["remaining"], 0, "{q}");
+    for kg in &kgs {
+        assert_no_secrets(&kg.logs(), &[&token]);
+    }
+}

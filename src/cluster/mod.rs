@@ -19,6 +19,7 @@
 //! cannot be created while Redis is down, and keygate must start (and serve, with local limits)
 //! when Redis is unreachable.
 
+pub mod quota;
 pub mod rate;
 
 use std::sync::Arc;
@@ -88,6 +89,7 @@ pub struct Cluster {
     client: redis::Client,
     conn: ArcSwapOption<MultiplexedConnection>,
     degraded: AtomicBool,
+    quota_leases: quota::QuotaLeases,
 }
 
 impl Cluster {
@@ -109,6 +111,7 @@ impl Cluster {
             conn: ArcSwapOption::empty(),
             // Degraded until the first connection succeeds: requests do not wait for it.
             degraded: AtomicBool::new(true),
+            quota_leases: Default::default(),
         }))
     }
 

@@ -1,0 +1,174 @@
+//! Quotas shared by every instance: one counter per key and calendar window in Redis
+//! (`<prefix>q:<key id>:<window start>`), taken from in small leases.
+//!
+//! An instance that needs units asks for a lease of `n` units with one atomic script that never
+//! grants past the limit; it then spends them locally. So the cluster **never overruns a quota**;
+//! what it can do is under-use one: units leased and not spent when the window ends (at most
+//! instances × lease size) are lost with the window. The lease size is 1 unit for quotas up to
+//! 1 000 per window and `limit / 1000` above (at most 100), so for a `10000/day` key one Redis
+//! round trip pays for 10 requests.
+//!
+//! `quota_exceeded` is logged once per key and window **per instance**.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use redis::Script;
+
+use super::{Cluster, ClusterError};
+use crate::quota::{Quota, QuotaState, window};
+
+/// KEYS[1] = counter; ARGV = limit, units wanted, TTL seconds. Returns {granted, used after}.
+const LEASE_LUA: &str = r"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local grant = math.min(tonumber(ARGV[2]), tonumber(ARGV[1]) - used)
+if grant > 0 then
+  used = redis.call('INCRBY', KEYS[1], grant)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+else
+  grant = 0
+end
+return {grant, used}
+";
+
+fn script() -> &'static Script {
+    static S: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    S.get_or_init(|| Script::new(LEASE_LUA))
+}
+
+/// This instance's leases, per key.
+#[derive(Default)]
+pub struct QuotaLeases {
+    keys: Mutex<HashMap<Box<str>, KeyLease>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct KeyLease {
+    window_start: i64,
+    /// Units leased and not yet spent.
+    units: u64,
+    /// The window's counter in Redis after this instance's last lease.
+    used_shared: u64,
+    exceeded_logged: bool,
+}
+
+fn lease_size(q: Quota) -> u64 {
+    (q.limit / 1000).clamp(1, 100)
+}
+
+fn state(q: Quota, l: &KeyLease, now: i64, end: i64, refused: Option<bool>) -> QuotaState {
+    // Units this instance holds are not used yet.
+    let used = l.used_shared.saturating_sub(l.units).min(q.limit);
+    QuotaState {
+        quota: q,
+        used,
+        remaining: q.limit - used,
+        reset_secs: u64::try_from(end - now).unwrap_or(0).max(1),
+        window_secs: u64::try_from(end - l.window_start).unwrap_or(0),
+        refused,
+    }
+}
+
+impl Cluster {
+    /// Counts `cost` units against `key_id`'s shared quota, or refuses (nothing counted). A
+    /// cost of 0 always passes without asking Redis. Errors only when Redis could not be asked.
+    pub async fn quota_charge(
+        &self,
+        key_id: &str,
+        quota: Quota,
+        cost: u64,
+        now: i64,
+    ) -> Result<QuotaState, ClusterError> {
+        let (start, end) = window(quota.period, now);
+        let take = |l: &mut KeyLease| {
+            if l.window_start != start {
+                *l = KeyLease {
+                    window_start: start,
+                    ..KeyLease::default()
+                };
+            }
+            if l.units >= cost {
+                l.units -= cost;
+                Some(state(quota, l, now, end, None))
+            } else {
+                None
+            }
+        };
+        let (taken, held) = self.quota_leases.with(key_id, |l| (take(l), l.units));
+        if let Some(s) = taken {
+            return Ok(s);
+        }
+        let want = (cost - held).max(lease_size(quota));
+        let counter = self.key(&["q", key_id, &start.to_string()]);
+        let ttl = (end - now).max(1) + 86_400;
+        let (granted, used): (u64, u64) = self
+            .run(|mut c| async move {
+                script()
+                    .key(counter)
+                    .arg(quota.limit)
+                    .arg(want)
+                    .arg(ttl)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(self.quota_leases.with(key_id, |l| {
+            if l.window_start != start {
+                *l = KeyLease {
+                    window_start: start,
+                    ..KeyLease::default()
+                };
+            }
+            l.units += granted;
+            l.used_shared = l.used_shared.max(used);
+            if l.units >= cost {
+                l.units -= cost;
+                return state(quota, l, now, end, None);
+            }
+            let first = !l.exceeded_logged;
+            l.exceeded_logged = true;
+            state(quota, l, now, end, Some(first))
+        }))
+    }
+
+    /// The shared state without counting (introspection): the window's counter in Redis.
+    pub async fn quota_peek(
+        &self,
+        key_id: &str,
+        quota: Quota,
+        now: i64,
+    ) -> Result<QuotaState, ClusterError> {
+        let (start, end) = window(quota.period, now);
+        let counter = self.key(&["q", key_id, &start.to_string()]);
+        let used: Option<u64> = self
+            .run(|mut c| async move {
+                redis::cmd("GET")
+                    .arg(counter)
+                    .query_async::<Option<u64>>(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(self.quota_leases.with(key_id, |l| {
+            if l.window_start != start {
+                *l = KeyLease {
+                    window_start: start,
+                    ..KeyLease::default()
+                };
+            }
+            l.used_shared = l.used_shared.max(used.unwrap_or(0));
+            state(quota, l, now, end, None)
+        }))
+    }
+}
+
+impl QuotaLeases {
+    /// Runs `f` on the key's lease (created empty the first time) under the lock; never held
+    /// across a Redis call. No allocation once the key has a lease.
+    fn with<T>(&self, key_id: &str, f: impl FnOnce(&mut KeyLease) -> T) -> T {
+        let mut g = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = g.get_mut(key_id) {
+            return f(l);
+        }
+        f(g.entry(key_id.into()).or_default())
+    }
+}
