@@ -6,7 +6,9 @@
 //!   (nginx's `client_body_timeout`); either error aborts the upstream request, and
 //!   [`RequestStats`] tells the pipeline which side was at fault.
 //! * [`ResponseBody`] is every response keygate sends: an upstream body or a small JSON error.
-//!   It counts bytes out and writes the access record when it ends or is dropped.
+//!   It counts bytes out and writes the access record when it ends or is dropped, except for an
+//!   upgraded connection (WebSocket): its record goes to the tunnel, which writes it when the
+//!   tunnel closes, with the bytes carried each way and the whole duration ([`splice`]).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -168,6 +170,12 @@ impl Body for RequestBody {
                     this.stats.bytes.store(this.seen, Relaxed);
                     if this.seen > this.limit {
                         this.stats.over_limit.store(true, Relaxed);
+                        // The rest is read and discarded while the 413 goes out, so the client
+                        // reads the 413 instead of a broken pipe (HTTP/1.1) or a stream reset
+                        // before any response (HTTP/2).
+                        if let Some(rest) = this.inner.take() {
+                            linger(rest);
+                        }
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                 }
@@ -192,6 +200,35 @@ impl Body for RequestBody {
     }
 }
 
+/// Lingering close, as nginx does it: a refused request's unread body is read and discarded in
+/// the background, up to a bound (1 MiB, 5 s), so that the client, still sending, reads the
+/// refusal: on HTTP/1.1 closing with unread data sends a TCP RST that destroys the response, and
+/// on HTTP/2 the stream would be reset while the client still uploads (curl reports "(92) Stream
+/// error" instead of the response). Past the bound, HTTP/1.1 closes and HTTP/2 resets the stream
+/// with `NO_ERROR` after the complete response (RFC 9113 §8.1).
+pub fn linger(body: Incoming) {
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        use http_body_util::BodyExt as _;
+        let mut body = body;
+        let mut left: i64 = LINGER_BYTES;
+        let drain = async {
+            while left > 0 {
+                match body.frame().await {
+                    Some(Ok(f)) => left -= f.data_ref().map_or(0, |d| d.len() as i64),
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
+}
+
+const LINGER_BYTES: i64 = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Incoming),
@@ -201,6 +238,8 @@ pub struct ResponseBody {
     kind: Kind,
     record: Option<Box<AccessRecord>>,
     in_flight: Option<crate::pipeline::InFlight>,
+    /// Set for a 101: the record is handed to the tunnel instead of written.
+    tunnel: Option<tokio::sync::oneshot::Sender<Box<AccessRecord>>>,
 }
 
 impl ResponseBody {
@@ -209,6 +248,7 @@ impl ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             record: None,
             in_flight: None,
+            tunnel: None,
         }
     }
 
@@ -221,6 +261,7 @@ impl ResponseBody {
             kind: Kind::Upstream(body),
             record: None,
             in_flight: None,
+            tunnel: None,
         }
     }
 
@@ -236,11 +277,121 @@ impl ResponseBody {
         self
     }
 
+    /// The body of a 101 whose connection becomes a tunnel: the access record is handed to
+    /// [`TunnelLog`] (written when the tunnel closes) instead of written now.
+    pub fn upgraded(mut self, tunnel: TunnelRecord) -> Self {
+        self.tunnel = Some(tunnel.0);
+        self
+    }
+
     fn finish(&mut self) {
         if let Some(r) = self.record.take() {
-            r.emit();
+            match self.tunnel.take() {
+                Some(tunnel) => {
+                    if let Err(r) = tunnel.send(r) {
+                        r.emit(); // the tunnel task is gone: write what is known
+                    }
+                }
+                None => r.emit(),
+            }
         }
         self.in_flight = None;
+    }
+}
+
+/// The 101 response's half of an upgraded connection's access record ([`tunnel_log`]).
+pub struct TunnelRecord(tokio::sync::oneshot::Sender<Box<AccessRecord>>);
+
+/// The tunnel's half: receives the access record and writes it when the tunnel closes.
+pub struct TunnelLog(tokio::sync::oneshot::Receiver<Box<AccessRecord>>);
+
+/// A pair for one upgraded connection: [`ResponseBody::upgraded`] takes the first, the task that
+/// splices the connection the second.
+pub fn tunnel_log() -> (TunnelRecord, TunnelLog) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (TunnelRecord(tx), TunnelLog(rx))
+}
+
+impl TunnelLog {
+    /// Writes the access line of a closed tunnel: `bytes_in`/`bytes_out` grow by what it
+    /// carried from the client / to the client, and the duration runs to now.
+    pub async fn closed(self, carried: Carried) {
+        if let Ok(record) = self.0.await {
+            if let Some(stats) = &record.bytes_in {
+                stats.bytes.fetch_add(carried.from_client, Relaxed);
+            }
+            let mut record = record;
+            record.bytes_out += carried.to_client;
+            record.emit();
+        }
+    }
+}
+
+/// Bytes an upgraded connection carried each way.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Carried {
+    pub from_client: u64,
+    pub to_client: u64,
+}
+
+/// Copies both ways between the client and the upstream until both sides are done (or one
+/// fails); returns what was carried, counted as read from each side, even when it ends in an
+/// error (a reset is how many WebSocket sessions end).
+pub async fn splice(
+    client: hyper::upgrade::Upgraded,
+    upstream: hyper::upgrade::Upgraded,
+) -> (Carried, Option<std::io::Error>) {
+    let mut client = Counted::new(hyper_util::rt::TokioIo::new(client));
+    let mut upstream = Counted::new(hyper_util::rt::TokioIo::new(upstream));
+    let err = tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .err();
+    let carried = Carried {
+        from_client: client.read,
+        to_client: upstream.read,
+    };
+    (carried, err)
+}
+
+/// An I/O object that counts the bytes read from it.
+struct Counted<T> {
+    io: T,
+    read: u64,
+}
+
+impl<T> Counted<T> {
+    fn new(io: T) -> Self {
+        Counted { io, read: 0 }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read += n as u64;
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod echo;
 pub mod exposure;
 pub mod forward;
 pub mod introspection;

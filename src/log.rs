@@ -514,6 +514,7 @@ pub enum ClientEvent {
     BodyTooLarge,
     ClientBody,
     ClientTimeout,
+    CredentialEcho,
     UpgradeFailed,
     UpgradeRefused,
     UpstreamError,
@@ -529,7 +530,7 @@ pub enum ClientEvent {
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 17] = [
+    pub const ALL: [ClientEvent; 18] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -539,6 +540,7 @@ impl ClientEvent {
         ClientEvent::BodyTooLarge,
         ClientEvent::ClientBody,
         ClientEvent::ClientTimeout,
+        ClientEvent::CredentialEcho,
         ClientEvent::UpgradeFailed,
         ClientEvent::UpgradeRefused,
         ClientEvent::UpstreamError,
@@ -561,6 +563,7 @@ impl ClientEvent {
             ClientEvent::BodyTooLarge => "body_too_large",
             ClientEvent::ClientBody => "client_body",
             ClientEvent::ClientTimeout => "client_timeout",
+            ClientEvent::CredentialEcho => "credential_echo",
             ClientEvent::UpgradeFailed => "upgrade_failed",
             ClientEvent::UpgradeRefused => "upgrade_refused",
             ClientEvent::UpstreamError => "upstream_error",

@@ -25,7 +25,7 @@ use tracing::Level;
 
 use crate::auth::verify::{Busy, Outcome};
 use crate::auth::{Key, Token, TokenError, Verifier};
-use crate::body::{RequestBody, RequestStats, ResponseBody};
+use crate::body::{RequestBody, RequestStats, ResponseBody, linger};
 use crate::config::Snapshot;
 use crate::forward::{
     ForwardInfo, UpstreamError, X_FORWARDED_FOR, X_REQUEST_ID, rewrite_request_headers,
@@ -140,6 +140,8 @@ struct Ctx<'a> {
     introspect: bool,
     upstream_status: Option<u16>,
     stats: Option<Arc<RequestStats>>,
+    /// The path as forwarded, when credential echoes were removed from its query (`echo.rs`).
+    echo_free_path: Option<http::uri::PathAndQuery>,
 }
 
 /// The hyper service body: never fails, every outcome is a response.
@@ -174,6 +176,7 @@ pub async fn handle(
         introspect: false,
         upstream_status: None,
         stats: None,
+        echo_free_path: None,
     };
     let mut resp = match admit(&req, &mut ctx).await {
         Ok(key) if ctx.introspect => {
@@ -201,7 +204,7 @@ pub async fn handle(
         request_id: request_id.clone(),
         client_ip,
         method,
-        path,
+        path: ctx.echo_free_path.take().or(path),
         status: resp.status().as_u16(),
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
         upstream_status: ctx.upstream_status,
@@ -237,32 +240,6 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
-/// Lingering close, as nginx does it: a refused request's unread body is read and discarded in
-/// the background, up to a bound, so that closing the connection with unread data (a TCP RST)
-/// does not destroy the error response before the client has read it.
-fn linger(body: Incoming) {
-    use http_body::Body as _;
-    if body.is_end_stream() {
-        return;
-    }
-    tokio::spawn(async move {
-        use http_body_util::BodyExt as _;
-        let mut body = body;
-        let mut left: i64 = LINGER_BYTES;
-        let drain = async {
-            while left > 0 {
-                match body.frame().await {
-                    Some(Ok(f)) => left -= f.data_ref().map_or(0, |d| d.len() as i64),
-                    _ => break,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-    });
-}
-
-const LINGER_BYTES: i64 = 1 << 20;
-const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a 429 to a client over `failed_auth_limit` is held back (see `admit`).
 const THROTTLED_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -633,6 +610,28 @@ async fn forward(
         .is_some()
         .then(|| hyper::upgrade::on(&mut req));
 
+    // The presented credential, wherever else the client also put it, never reaches the upstream.
+    let echoes = credential(&req, &snap.auth.header).ok().and_then(|token| {
+        crate::echo::Echoes::find(
+            token,
+            req.uri().path_and_query(),
+            req.headers(),
+            &snap.auth.header,
+        )
+    });
+    if let Some(echoes) = echoes {
+        client_event!(ClientEvent::CredentialEcho, ctx.client_ip, Level::INFO, event = "credential_echo", request_id = request_id_str(ctx.request_id), key_id = &*key.id, places = ?echoes.places, "the presented credential was also in the request; removed before forwarding");
+        echoes.apply_to_headers(req.headers_mut());
+        if let Some(pq) = echoes.path_and_query {
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = Some(pq.clone());
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+                ctx.echo_free_path = Some(pq);
+            }
+        }
+    }
+
     let client_authority = proto::client_authority(&req);
     proto::join_cookie_crumbs(req.headers_mut());
     let version = req.version();
@@ -758,13 +757,15 @@ async fn forward(
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let request_id = ctx.request_id.clone();
         let client_ip = ctx.client_ip;
+        // The access line is written when the tunnel closes (bytes each way, whole duration).
+        let (record, log) = crate::body::tunnel_log();
         tokio::spawn(async move {
+            let mut carried = crate::body::Carried::default();
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
-                    let mut client = hyper_util::rt::TokioIo::new(client);
-                    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
+                    let (c, err) = crate::body::splice(client, upstream).await;
+                    carried = c;
+                    if let Some(e) = err {
                         tracing::debug!(request_id = request_id_str(&request_id), error = %e, "upgraded connection ended with an error");
                     }
                 }
@@ -772,10 +773,11 @@ async fn forward(
                     client_event!(ClientEvent::UpgradeFailed, client_ip, Level::WARN, request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
                 }
             }
+            log.closed(carried).await;
         });
         let upgrade = resp.headers().get(header::UPGRADE).cloned();
         strip_hop_by_hop(resp.headers_mut(), upgrade);
-        return Ok(resp.map(ResponseBody::upstream));
+        return Ok(resp.map(|b| ResponseBody::upstream(b).upgraded(record)));
     }
     strip_hop_by_hop(resp.headers_mut(), None);
     if snap.forwarding.host == proto::HostMode::Upstream {

@@ -254,3 +254,77 @@ fn large_multipart_upload_streams_through_without_buffering() {
         "keygate RSS went from {rss_before} KiB to a peak of {peak} KiB"
     );
 }
+
+#[test]
+fn a_token_echoed_in_the_query_or_a_cookie_never_reaches_the_app() {
+    let app = PyApp::uvicorn();
+    let (kg, token) = keygate_for(&app);
+    let encoded = token.replace('_', "%5F");
+    // The same token as the credential, as two query parameters (one percent-encoded, under
+    // another name) and as a cookie; other parameters, even same-named, must pass untouched.
+    let query = format!("api_key={token}&q=a%20b+c&api_key=other&mine={encoded}&empty=&flag");
+    let cookie = format!("session=abc123; tok={token}; lang=en");
+    for proto in ["--http1.1", "--http2"] {
+        let url = kg.url(&format!("/echo?{query}"));
+        let (code, out, err) = kcurl(
+            &kg,
+            &token,
+            &[proto, "-H", &format!("cookie: {cookie}"), &url],
+        );
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+        assert_eq!(
+            v["query_string"], "q=a%20b+c&api_key=other&empty=&flag",
+            "{proto}: {v}"
+        );
+        assert_eq!(v["cookies"]["session"], "abc123", "{proto}: {v}");
+        assert_eq!(v["cookies"]["lang"], "en", "{proto}: {v}");
+        assert!(v["cookies"].get("tok").is_none(), "{proto}: {v}");
+        assert!(
+            !out.contains(&token) && !out.contains(&encoded),
+            "{proto}: {out}"
+        );
+    }
+    // uvicorn logs every request line with its query string: the token is not there.
+    let logs = app.wait_logs("GET /echo?q=a%20b+c");
+    assert_no_secrets(&logs, &[&token, &encoded]);
+    assert_no_secrets(&kg.logs(), &[&token, &encoded]);
+    let ev = kg.wait_log("credential_echo", |v| v["event"] == "credential_echo");
+    assert!(ev["places"].as_str().unwrap().contains("query"), "{ev}");
+}
+
+#[test]
+fn a_websocket_session_is_logged_with_its_bytes_when_it_closes() {
+    let app = PyApp::uvicorn();
+    let (kg, token) = keygate_for(&app);
+    let hdr = format!("x-api-key: {token}");
+    let url = format!("wss://localhost:{}/ws", kg.addr.port());
+    let v = client(
+        &ca_pem(&kg),
+        "ws-echo",
+        &url,
+        &[
+            "-H",
+            &hdr,
+            "--messages",
+            "4",
+            "--size",
+            "20000",
+            "--pause-ms",
+            "300",
+        ],
+    );
+    assert_eq!(v["echoed"], 4, "{v}");
+    let line = kg.wait_log("websocket access line", |v| {
+        v["msg"] == "request" && v["path"] == "/ws"
+    });
+    assert_eq!(line["status"], 101, "{line}");
+    // 80 000 bytes of payload each way, plus WebSocket framing (and the closing handshake).
+    let (bytes_in, bytes_out) = (
+        line["bytes_in"].as_u64().unwrap(),
+        line["bytes_out"].as_u64().unwrap(),
+    );
+    assert!((80_000..90_000).contains(&bytes_in), "{line}");
+    assert!((80_000..90_000).contains(&bytes_out), "{line}");
+    assert!(line["duration_ms"].as_f64().unwrap() >= 1200.0, "{line}");
+}

@@ -61,7 +61,11 @@ async def ws_echo(args):
     ctx = ssl.create_default_context(cafile=args.ca)
     results = {"echoed": 0, "bytes_sent": 0, "bytes_received": 0}
     async with websockets.connect(
-        args.url, ssl=ctx, additional_headers=headers_of(args), max_size=None
+        args.url,
+        ssl=ctx,
+        additional_headers=headers_of(args),
+        max_size=None,
+        compression=None,  # so the bytes on the wire are the payload's (keygate's log counts them)
     ) as ws:
         for i in range(args.messages):
             payload = bytes((i + j) % 256 for j in range(args.size))
