@@ -562,12 +562,36 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             .reserve(ctx.client_ip)
             .map_err(|retry_after| refuse(Some(&key.id), retry_after))?;
         let (standing, exhausted) = (reservation.standing, reservation.exhausted);
-        match ctx
+        // Cluster mode: the same budget, shared by every instance (cluster/throttle.rs).
+        let shared_guess = match &ctx.shared.cluster {
+            Some(cluster) => match cluster.guess_reserve(ctx.client_ip, throttle.rate()).await {
+                Ok(None) => Some(cluster),
+                Ok(Some(retry_after)) => {
+                    reservation.refund();
+                    return Err(refuse(Some(&key.id), retry_after));
+                }
+                Err(e) => match cluster.on_error() {
+                    crate::cluster::OnError::Local => None,
+                    crate::cluster::OnError::Deny => {
+                        reservation.refund();
+                        tracing::warn!(request_id = request_id_str(ctx.request_id), error = %e, "shared failed-auth budget unavailable; refused (cluster.on_error = deny)");
+                        return Err(Reject::Unavailable { retry_after: 1 });
+                    }
+                },
+            },
+            None => None,
+        };
+        let outcome = ctx
             .shared
             .verifier
             .verify(key, token.expose(), digest, standing)
-            .await
-        {
+            .await;
+        if let Some(cluster) = shared_guess {
+            if !matches!(outcome, Ok(Outcome::Invalid)) {
+                cluster.guess_refund(ctx.client_ip, throttle.rate()).await;
+            }
+        }
+        match outcome {
             Ok(Outcome::Valid) => reservation.refund(),
             Ok(Outcome::Invalid) => {
                 reservation.confirm_failure();

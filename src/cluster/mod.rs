@@ -21,6 +21,7 @@
 
 pub mod quota;
 pub mod rate;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
