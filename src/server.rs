@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
@@ -340,41 +339,6 @@ async fn serve_connection(
     };
 
     // Explicit limits against hostile clients (tests/hostile.rs, docs/hardening.md).
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // hyper starts this clock when it waits for a request head: at the first byte of the
-        // first request, and right after each response on a kept-alive connection (so it is
-        // also HTTP/1.1's keep-alive idle limit). The wait before the first byte is covered by
-        // `first_request` below.
-        .header_read_timeout(s.header_read_timeout)
-        // hyper answers 431 (without a body) past its buffer or past 100 header lines; below
-        // that, the pipeline checks `max_header_bytes` exactly and answers with the JSON error.
-        .max_buf_size((s.max_header_bytes * 2).max(8192))
-        .max_headers(100)
-        .keep_alive(true);
-    // The same two tiers for HTTP/2: h2 counts 32 bytes more per field than the wire does
-    // (pseudo-headers included), so twice `max_header_bytes` lets the pipeline answer the JSON
-    // 431 exactly; h2 answers a bare 431 above that, and ends the connection (GOAWAY) for a
-    // block too large to decode or a CONTINUATION flood.
-    let h2_header_list = u32::try_from((s.max_header_bytes * 2).max(8192)).unwrap_or(u32::MAX);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        // Streams over the limit are refused (RST_STREAM REFUSED_STREAM); refusals count
-        // towards the local-reset cap below.
-        .max_concurrent_streams(s.h2_max_concurrent_streams)
-        .max_header_list_size(h2_header_list)
-        // Rapid reset (CVE-2023-44487): streams the client resets before keygate has accepted
-        // them; more than 20 pending at once is GOAWAY ENHANCE_YOUR_CALM.
-        .max_pending_accept_reset_streams(Some(20))
-        // "MadeYouReset" (CVE-2025-8671): streams keygate had to reset for the client's
-        // protocol errors; past 1024 on one connection, GOAWAY ENHANCE_YOUR_CALM.
-        .max_local_error_reset_streams(Some(1024))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let idle = s.idle_timeout;
     let header_read_timeout = s.header_read_timeout;
     let conn = Arc::new(Conn::new(peer));
     // Set when the first request's head is complete and reaches the pipeline.
@@ -387,50 +351,228 @@ async fn serve_connection(
             pipeline::handle(req, shared.clone(), conn.clone())
         })
     };
-    let http = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-    tokio::pin!(http);
-    let mut closing = false;
-    let mut idle_deadline = tokio::time::Instant::now() + idle;
-    // Slowloris before the first byte: hyper's header clock only starts once the protocol is
-    // known (the first bytes of HTTP/1, a complete HTTP/2 preface), so a client that finishes
-    // the TLS handshake and then sends nothing, or a preface a byte at a time, would be held
-    // until idle_timeout. As with nginx's client_header_timeout, the first request's head must
-    // arrive within header_read_timeout of the handshake: past that the connection is shut
-    // down (HTTP/2: GOAWAY), and one header_read_timeout later closed if still no request.
-    let mut first_request = Some(tokio::time::Instant::now() + header_read_timeout);
-    let mut shut_for_no_request = false;
-    loop {
-        tokio::select! {
-            res = http.as_mut() => {
-                if let Err(e) = res {
-                    client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = drain.changed(), if !closing => {
-                http.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = tokio::time::sleep_until(idle_deadline), if !closing => {
-                let last = conn.opened + Duration::from_millis(conn.last_active_ms.load(Relaxed));
-                if conn.in_flight.load(Relaxed) == 0 && last.elapsed() >= idle {
-                    http.as_mut().graceful_shutdown();
-                    closing = true;
-                } else {
-                    idle_deadline = tokio::time::Instant::from_std(last.max(std::time::Instant::now() - idle / 2)) + idle;
-                }
-            }
-            () = tokio::time::sleep_until(first_request.unwrap_or_else(tokio::time::Instant::now)), if first_request.is_some() => {
-                if started.load(Relaxed) {
-                    first_request = None;
-                } else if !shut_for_no_request {
-                    client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, "no request within header_read_timeout of the TLS handshake; closing");
-                    http.as_mut().graceful_shutdown();
-                    closing = true;
-                    shut_for_no_request = true;
-                    first_request = Some(tokio::time::Instant::now() + header_read_timeout);
-                } else {
+    let watch = Watch {
+        peer,
+        conn,
+        started,
+        idle: s.idle_timeout,
+        header_read_timeout,
+    };
+    // The protocol is the one negotiated by ALPN (RFC 9113 §3.2, RFC 7301), never guessed from
+    // the first bytes: `h2` speaks HTTP/2 only, `http/1.1` or no ALPN HTTP/1.1 only.
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let Some(io) = h2_preface(tls, peer, header_read_timeout).await else {
+            return;
+        };
+        // The same two tiers as HTTP/1.1 below: h2 counts 32 bytes more per field than the
+        // wire does (pseudo-headers included), so twice `max_header_bytes` lets the pipeline
+        // answer the JSON 431 exactly; h2 answers a bare 431 above that, and ends the
+        // connection (GOAWAY) for a block too large to decode or a CONTINUATION flood.
+        let h2_header_list = u32::try_from((s.max_header_bytes * 2).max(8192)).unwrap_or(u32::MAX);
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            // Streams over the limit are refused (RST_STREAM REFUSED_STREAM); refusals count
+            // towards the local-reset cap below.
+            .max_concurrent_streams(s.h2_max_concurrent_streams)
+            .max_header_list_size(h2_header_list)
+            // Rapid reset (CVE-2023-44487): streams the client resets before keygate has
+            // accepted them; more than 20 pending at once is GOAWAY ENHANCE_YOUR_CALM.
+            .max_pending_accept_reset_streams(Some(20))
+            // "MadeYouReset" (CVE-2025-8671): streams keygate had to reset for the client's
+            // protocol errors; past 1024 on one connection, GOAWAY ENHANCE_YOUR_CALM.
+            .max_local_error_reset_streams(Some(1024))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let http = b.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(http);
+        watch
+            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain)
+            .await;
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            // hyper starts this clock when it waits for a request head: at the first byte of
+            // the first request, and right after each response on a kept-alive connection (so
+            // it is also HTTP/1.1's keep-alive idle limit). The wait before the first byte is
+            // covered by `first_request` in `Watch::drive`.
+            .header_read_timeout(header_read_timeout)
+            // hyper answers 431 (without a body) past its buffer or past 100 header lines;
+            // below that, the pipeline checks `max_header_bytes` exactly and answers with the
+            // JSON error.
+            .max_buf_size((s.max_header_bytes * 2).max(8192))
+            .max_headers(100)
+            .keep_alive(true);
+        let http = b.serve_connection(TokioIo::new(tls), svc).with_upgrades();
+        tokio::pin!(http);
+        watch
+            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain)
+            .await;
+    }
+}
+
+/// Reads the HTTP/2 client connection preface (RFC 9113 §3.4) within `header_read_timeout`.
+/// An invalid one (HTTP/1.1 on a connection that negotiated `h2`, or garbage) is answered
+/// with SETTINGS and GOAWAY(PROTOCOL_ERROR) and the connection closed; a valid one is handed
+/// on to hyper, replayed in front of the stream.
+async fn h2_preface(
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    within: Duration,
+) -> Option<Prefaced<tokio_rustls::server::TlsStream<TcpStream>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut got = [0u8; H2_PREFACE.len()];
+    let read = tokio::time::timeout(within, tls.read_exact(&mut got)).await;
+    match read {
+        Ok(Ok(_)) if got == *H2_PREFACE => Some(Prefaced { inner: tls, pos: 0 }),
+        Ok(Ok(_)) => {
+            client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, "invalid HTTP/2 connection preface; GOAWAY(PROTOCOL_ERROR)");
+            let _ = tls.write_all(&H2_PROTOCOL_ERROR).await;
+            let _ = tls.shutdown().await;
+            None
+        }
+        _ => {
+            client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, "no HTTP/2 connection preface within header_read_timeout");
+            None
+        }
+    }
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame (the server preface), then GOAWAY with last stream 0 and
+/// PROTOCOL_ERROR (RFC 9113 §6.5, §6.8, §7).
+const H2_PROTOCOL_ERROR: [u8; 26] = [
+    0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, length 0, stream 0
+    0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, length 8, stream 0
+    0, 0, 0, 0, // last stream id 0
+    0, 0, 0, 0x1, // PROTOCOL_ERROR
+];
+
+/// A stream whose first bytes, the HTTP/2 preface keygate already read and checked, are
+/// replayed to hyper before the rest.
+struct Prefaced<T> {
+    inner: T,
+    pos: usize,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefaced<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < H2_PREFACE.len() {
+            let n = buf.remaining().min(H2_PREFACE.len() - this.pos);
+            buf.put_slice(&H2_PREFACE[this.pos..this.pos + n]);
+            this.pos += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefaced<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// What a served connection is watched for: shutdown (drain), idle time, and a first request
+/// that never comes.
+struct Watch {
+    peer: SocketAddr,
+    conn: Arc<Conn>,
+    started: Arc<std::sync::atomic::AtomicBool>,
+    idle: Duration,
+    header_read_timeout: Duration,
+}
+
+impl Watch {
+    /// Runs an HTTP/1.1 or HTTP/2 connection to its end; `shut` starts its graceful shutdown.
+    async fn drive<C>(
+        self,
+        mut http: std::pin::Pin<&mut C>,
+        shut: impl Fn(std::pin::Pin<&mut C>),
+        drain: &mut watch::Receiver<bool>,
+    ) where
+        C: std::future::Future<Output = Result<(), hyper::Error>>,
+    {
+        let Watch {
+            peer,
+            conn,
+            started,
+            idle,
+            header_read_timeout,
+        } = self;
+        let mut closing = false;
+        let mut idle_deadline = tokio::time::Instant::now() + idle;
+        // Slowloris before the first byte: hyper's header clock only starts once the first
+        // bytes of a request arrive, so a client that finishes the TLS handshake and then
+        // sends nothing would be held until idle_timeout. As with nginx's
+        // client_header_timeout, the first request's head must arrive within
+        // header_read_timeout of the handshake: past that the connection is shut down
+        // (HTTP/2: GOAWAY), and one header_read_timeout later closed if still no request.
+        let mut first_request = Some(tokio::time::Instant::now() + header_read_timeout);
+        let mut shut_for_no_request = false;
+        loop {
+            tokio::select! {
+                res = http.as_mut() => {
+                    if let Err(e) = res {
+                        client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "connection ended with an error");
+                    }
                     return;
+                }
+                _ = drain.changed(), if !closing => {
+                    shut(http.as_mut());
+                    closing = true;
+                }
+                () = tokio::time::sleep_until(idle_deadline), if !closing => {
+                    let last = conn.opened + Duration::from_millis(conn.last_active_ms.load(Relaxed));
+                    if conn.in_flight.load(Relaxed) == 0 && last.elapsed() >= idle {
+                        shut(http.as_mut());
+                        closing = true;
+                    } else {
+                        idle_deadline = tokio::time::Instant::from_std(last.max(std::time::Instant::now() - idle / 2)) + idle;
+                    }
+                }
+                () = tokio::time::sleep_until(first_request.unwrap_or_else(tokio::time::Instant::now)), if first_request.is_some() => {
+                    if started.load(Relaxed) {
+                        first_request = None;
+                    } else if !shut_for_no_request {
+                        client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, "no request within header_read_timeout of the TLS handshake; closing");
+                        shut(http.as_mut());
+                        closing = true;
+                        shut_for_no_request = true;
+                        first_request = Some(tokio::time::Instant::now() + header_read_timeout);
+                    } else {
+                        return;
+                    }
                 }
             }
         }
