@@ -195,6 +195,16 @@ fn check(path: &Path) -> ExitCode {
         }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "{e}");
+            if let Ok(raw) = config::load_file(path)
+                && raw.keys.is_empty()
+            {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "keys: none configured (every request would get 401); add one: \
+                     keygate keygen --id NAME >> {}",
+                    path.display()
+                );
+            }
             if !path.exists() {
                 let dir = path.parent().unwrap_or(Path::new("."));
                 let _ = writeln!(

@@ -352,3 +352,40 @@ fn keys_shows_hours_below_a_day_and_how_fresh_last_use_is() {
     assert!(!out.contains("0 days"), "{out}");
     assert!(out.contains("a few seconds old"), "{out}");
 }
+
+/// The shipped example (the package's conffile) has no active key, and `check` on it says
+/// exactly what is missing: the certificate, the key file, a key.
+#[test]
+fn check_of_the_example_config_says_what_to_fill_in() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    assert!(
+        !text.lines().any(|l| l.trim() == "[[keys]]"),
+        "the example ships an active key"
+    );
+    assert!(
+        !text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .any(|l| l.contains("$argon2")),
+        "the example ships an active hash"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("keygate.toml.example");
+    std::fs::write(&cfg, &text).unwrap();
+    let (code, _, err) = keygate(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    for what in [
+        "tls.cert: cannot read /etc/keygate/cert.pem",
+        "tls.key: cannot read /etc/keygate/key.pem",
+        "keys: none configured",
+        "keygate keygen --id NAME >>",
+    ] {
+        assert!(err.contains(what), "{what} missing:\n{err}");
+    }
+    // No config at all: check says how to make one.
+    let missing = dir.path().join("nothing/keygate.toml");
+    let (code, _, err) = keygate(&["check", "-c", missing.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("make one: keygate init"), "{err}");
+}
