@@ -179,7 +179,7 @@ pub fn check_report(url: &str) -> Vec<String> {
             "note: upstream exposure not checked: no host address other than loopback was found".to_string(),
         ],
         Finding::NotLoopback { authority } => vec![format!(
-            "note: the upstream {authority} is not on loopback, so keygate cannot check that it is reachable only through keygate: the network must restrict it (firewall or security group admitting only this host; docs/operations.md, \"Keeping the upstream private\")"
+            "note: the upstream {authority} is not a plain-HTTP address on loopback, so keygate cannot check that it is reachable only through keygate: the network must restrict it (firewall or security group admitting only this host; docs/operations.md, \"Keeping the upstream private\")"
         )],
     }
 }

@@ -237,6 +237,7 @@ impl LocalNetworks {
                     .collect();
                 (id.to_string(), list)
             })
+            .filter(|(_, list): &(String, Vec<NetworkRecord>)| !list.is_empty())
             .collect()
     }
 

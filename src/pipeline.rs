@@ -3,7 +3,7 @@
 //! ```text
 //! request id → client IP → global allow/deny (behind trusted proxies) → header size
 //!   → credential → key status → key IP allowlist → key networks → [introspection]
-//!   → scope → rate limit → quota → forward → access log
+//!   → scope → rate limit → body size → quota → forward → access log
 //! ```
 //!
 //! The introspection endpoint (`[introspection] path`) is answered here, never forwarded: it
@@ -292,7 +292,6 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         return Err(Reject::Forbidden);
     }
     rate_limit(&key, ctx).await?;
-    charge_quota(req, &key, ctx).await?;
 
     // Announced bodies over the limit never reach the upstream.
     if let Some(len) = req
@@ -314,6 +313,8 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
             return Err(Reject::PayloadTooLarge);
         }
     }
+    // Last, so that a request keygate refuses for any other reason costs no quota.
+    charge_quota(req, &key, ctx).await?;
     Ok(key)
 }
 

@@ -310,11 +310,14 @@ impl LocalQuotas {
         })
     }
 
-    /// Counters for the state file.
-    pub fn export(&self) -> BTreeMap<String, QuotaRecord> {
+    /// Counters for the state file: those of windows still current at `now` (a counter of a
+    /// past window means 0 anyway, and keys removed from the config drop out this way).
+    pub fn export(&self, now: i64) -> BTreeMap<String, QuotaRecord> {
         let map = self.counters.read().unwrap_or_else(|p| p.into_inner());
         map.iter()
-            .map(|(id, c)| (id.to_string(), *c.lock().unwrap_or_else(|p| p.into_inner())))
+            .map(|(id, c)| (id, *c.lock().unwrap_or_else(|p| p.into_inner())))
+            .filter(|(_, r)| r.window_start == window(r.period, now).0)
+            .map(|(id, r)| (id.to_string(), r))
             .collect()
     }
 

@@ -122,7 +122,7 @@ impl State {
         let file = StateFile {
             version: 2,
             keys: self.usage.export(),
-            quotas: quotas.map(|q| q.export()).unwrap_or_default(),
+            quotas: quotas.map(|q| q.export(now)).unwrap_or_default(),
             networks: networks.map(|n| n.export(now, policy)).unwrap_or_default(),
         };
         write_atomically(path, &file).inspect_err(|_| {

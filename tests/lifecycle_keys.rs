@@ -550,6 +550,9 @@ async fn exposure_check_both_ways() {
     std::fs::write(&path, remote).unwrap();
     let (code, _, err) = keygate_cli(&["check"], &path);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("is not on loopback"), "{err}");
+    assert!(
+        err.contains("is not a plain-HTTP address on loopback"),
+        "{err}"
+    );
     assert!(err.contains("the network must restrict it"), "{err}");
 }

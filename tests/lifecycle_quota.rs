@@ -208,6 +208,7 @@ async fn costs_are_applied_per_route() {
         .raw(
             "[quota_costs]\ndefault = 1\nrules = [\n  { methods = [\"GET\", \"HEAD\"], path = \"/api/v1/jobs\", cost = 0 },\n  { methods = [\"POST\"], path = \"/api/v1/convert\", cost = 2 },\n  { path = \"/api/v1/bulk\", cost = 10 },\n]",
         )
+        .server("max_body_bytes = 1024")
         .key("convert", &hash, "quota = \"5/day\"")
         .start_with(&[(CLOCK, "2030-06-15T12:00:00Z")], None);
     let c = kg.client();
