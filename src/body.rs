@@ -75,8 +75,7 @@ pub struct BodyTooLarge;
 pub struct BodyReadTimeout;
 
 pub struct RequestBody {
-    /// `None`: an empty body (a request sent again, see `forward.rs`).
-    inner: Option<Incoming>,
+    inner: Source,
     seen: u64,
     limit: u64,
     read_timeout: Duration,
@@ -84,6 +83,13 @@ pub struct RequestBody {
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     stall_armed: bool,
     stats: Arc<RequestStats>,
+}
+
+/// A streamed client body, or one already read whole: a verified webhook delivery, or an empty
+/// body (a request sent again, see `forward.rs`).
+enum Source {
+    Stream(Incoming),
+    Buffered(Option<Bytes>),
 }
 
 impl RequestBody {
@@ -96,7 +102,7 @@ impl RequestBody {
         stats: Arc<RequestStats>,
     ) -> Self {
         RequestBody {
-            inner: Some(inner),
+            inner: Source::Stream(inner),
             seen: 0,
             limit,
             read_timeout,
@@ -109,9 +115,25 @@ impl RequestBody {
     /// A body with no bytes, sharing `stats` with the original request.
     pub fn empty(stats: Arc<RequestStats>) -> Self {
         RequestBody {
-            inner: None,
+            inner: Source::Buffered(None),
             seen: 0,
             limit: 0,
+            read_timeout: Duration::MAX,
+            stall: None,
+            stall_armed: false,
+            stats,
+        }
+    }
+
+    /// A body read in full before forwarding (a verified webhook delivery); sent as one frame
+    /// with its exact length. The client has nothing left to send, so no read timeout applies.
+    pub fn buffered(bytes: Bytes, stats: Arc<RequestStats>) -> Self {
+        let len = bytes.len() as u64;
+        stats.bytes.store(len, Relaxed);
+        RequestBody {
+            inner: Source::Buffered((!bytes.is_empty()).then_some(bytes)),
+            seen: len,
+            limit: u64::MAX,
             read_timeout: Duration::MAX,
             stall: None,
             stall_armed: false,
@@ -154,8 +176,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+        let inner = match &mut this.inner {
+            Source::Stream(s) => s,
+            Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
         let polled = Pin::new(inner).poll_frame(cx);
         if polled.is_ready() {
@@ -190,13 +213,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        match &self.inner {
+            Source::Stream(s) => s.is_end_stream(),
+            Source::Buffered(b) => b.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+        match &self.inner {
+            Source::Stream(s) => s.size_hint(),
+            Source::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }
 

@@ -30,3 +30,4 @@ pub mod reject;
 pub mod server;
 pub mod tls;
 pub mod usage;
+pub mod webhook;

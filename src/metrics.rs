@@ -96,6 +96,18 @@ struct EventLabel {
     event: &'static str,
 }
 
+/// A webhook route's id (configured, never from the request) and a fixed reason word.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    route: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: Arc<str>,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -124,6 +136,8 @@ pub struct Metrics {
     log_suppressed: Family<EventLabel, Counter>,
     cluster_degraded: Gauge<i64, AtomicI64>,
     config_info: Family<HashLabel, Gauge<i64, AtomicI64>>,
+    webhook_rejected: Family<WebhookLabels, Counter>,
+    webhook_forwarded: Family<RouteLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -335,6 +349,18 @@ impl Metrics {
             "Digest of the loaded config (1 for the one in effect); instances of a cluster should agree",
             config_info.clone(),
         );
+        let webhook_rejected = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "keygate_webhook_rejected",
+            "Webhook deliveries refused or answered as duplicates, by route and reason",
+            webhook_rejected.clone(),
+        );
+        let webhook_forwarded = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "keygate_webhook_forwarded",
+            "Verified webhook deliveries forwarded to the upstream, by route",
+            webhook_forwarded.clone(),
+        );
         Self {
             registry,
             quota_exceeded,
@@ -348,6 +374,8 @@ impl Metrics {
             log_suppressed,
             cluster_degraded,
             config_info,
+            webhook_rejected,
+            webhook_forwarded,
             requests,
             request_duration,
             auth_failures,
@@ -474,6 +502,30 @@ impl Metrics {
                 .get_or_create(&PhaseLabel { phase })
                 .inc();
         }
+    }
+    /// `route` is a configured webhook route id; `reason` one of [`crate::webhook::Reason`]'s
+    /// words (anything else is not counted).
+    pub fn webhook_rejected(&self, route: &Arc<str>, reason: &str) {
+        if let Some(reason) = crate::webhook::Reason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .find(|r| *r == reason)
+        {
+            self.webhook_rejected
+                .get_or_create(&WebhookLabels {
+                    route: route.clone(),
+                    reason,
+                })
+                .inc();
+        }
+    }
+    /// `route` is a configured webhook route id.
+    pub fn webhook_forwarded(&self, route: &Arc<str>) {
+        self.webhook_forwarded
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+            })
+            .inc();
     }
     pub fn connection_opened(&self) {
         self.open_connections.inc();

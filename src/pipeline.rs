@@ -178,25 +178,48 @@ pub async fn handle(
         stats: None,
         echo_free_path: None,
     };
-    let mut resp = match admit(&req, &mut ctx).await {
-        Ok(key) if ctx.introspect => {
-            linger(req.into_body());
-            crate::introspection::answer(
-                &key,
-                ctx.rate,
-                &ctx.shared.state,
-                ctx.shared.cluster.as_deref(),
-            )
-            .await
-        }
-        Ok(key) => match forward(req, key, &mut ctx).await {
-            Ok(r) => r,
-            Err(reject) => reject.into_response(&request_id),
+    // Signed webhook routes need no API key: their own stages, after the same gate.
+    let webhook = snap.webhooks.find(req.uri().path()).cloned();
+    let mut resp = match webhook {
+        Some(route) => match gate(&req, &ctx) {
+            Ok(()) => {
+                let arrival = crate::webhook::Arrival {
+                    snap: &snap,
+                    peer: conn.peer.ip(),
+                    client_ip,
+                    request_id: &request_id,
+                };
+                let out = crate::webhook::deliver(req, &route, &arrival).await;
+                ctx.upstream_status = out.upstream_status;
+                ctx.stats = out.stats;
+                out.response
+                    .unwrap_or_else(|reject| reject.into_response(&request_id))
+            }
+            Err(reject) => {
+                linger(req.into_body());
+                reject.into_response(&request_id)
+            }
         },
-        Err(reject) => {
-            linger(req.into_body());
-            reject.into_response(&request_id)
-        }
+        None => match admit(&req, &mut ctx).await {
+            Ok(key) if ctx.introspect => {
+                linger(req.into_body());
+                crate::introspection::answer(
+                    &key,
+                    ctx.rate,
+                    &ctx.shared.state,
+                    ctx.shared.cluster.as_deref(),
+                )
+                .await
+            }
+            Ok(key) => match forward(req, key, &mut ctx).await {
+                Ok(r) => r,
+                Err(reject) => reject.into_response(&request_id),
+            },
+            Err(reject) => {
+                linger(req.into_body());
+                reject.into_response(&request_id)
+            }
+        },
     };
     finish_headers(&mut resp, &ctx);
     let record = AccessRecord {
@@ -246,14 +269,7 @@ const THROTTLED_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Every check before forwarding, in SPEC order. Returns the authenticated key.
 async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, Reject> {
     let snap = ctx.snap;
-    // Behind trusted proxies the allow/deny decision could not be made at accept.
-    if !snap.access.decide_at_accept() && !snap.access.admits(ctx.client_ip) {
-        metrics::global().ip_denied();
-        client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
-        return Err(Reject::Forbidden);
-    }
-    check_header_size(req, snap.server.max_header_bytes)?;
-    check_protocol(req, ctx)?;
+    gate(req, ctx)?;
 
     let key = match authenticate(req, ctx).await {
         Ok(key) => key,
@@ -464,6 +480,20 @@ async fn rate_check(
             }
         },
     }
+}
+
+/// The checks every request passes first, webhook deliveries included: the global IP rules
+/// (when they could not be decided at accept), the header size limit and the protocol rules.
+fn gate<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
+    let snap = ctx.snap;
+    // Behind trusted proxies the allow/deny decision could not be made at accept.
+    if !snap.access.decide_at_accept() && !snap.access.admits(ctx.client_ip) {
+        metrics::global().ip_denied();
+        client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
+        return Err(Reject::Forbidden);
+    }
+    check_header_size(req, snap.server.max_header_bytes)?;
+    check_protocol(req, ctx)
 }
 
 /// Request line + headers, as on the wire (name + ": " + value + CRLF).

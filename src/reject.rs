@@ -38,6 +38,8 @@ pub enum Reject {
     HeadersTooLarge,
     /// The client stopped sending its request body (`body_read_timeout`).
     RequestTimeout,
+    /// A webhook delivery whose id is being forwarded right now by another request.
+    Conflict,
     BadRequest,
     BadGateway,
     GatewayTimeout,
@@ -67,6 +69,7 @@ impl Reject {
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Reject::Conflict => StatusCode::CONFLICT,
             Reject::BadRequest => StatusCode::BAD_REQUEST,
             Reject::BadGateway => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -88,6 +91,7 @@ impl Reject {
             Reject::PayloadTooLarge => "request body too large",
             Reject::HeadersTooLarge => "request headers too large",
             Reject::RequestTimeout => "request timeout",
+            Reject::Conflict => "delivery in progress",
             Reject::BadRequest => "bad request",
             Reject::BadGateway => "bad gateway",
             Reject::GatewayTimeout => "gateway timeout",

@@ -9,7 +9,7 @@ pub mod secret;
 
 pub use build::{
     BUILTIN_REDACTED_PARAMS, BuildContext, TlsSource, build, load_file, parse_duration, parse_rate,
-    parse_str as raw_from_str,
+    parse_str as raw_from_str, webhook_route,
 };
 
 use std::collections::HashMap;
@@ -149,6 +149,8 @@ pub struct Snapshot {
     pub introspection_path: Option<String>,
     /// The upstream URL as configured (for the exposure check; holds no credentials).
     pub upstream_url: String,
+    /// `[[webhooks]]`: signed routes that need no API key.
+    pub webhooks: crate::webhook::Routes,
     /// Non-fatal findings (weak argon2 parameters, …) for `check` and the start-up log.
     pub warnings: Vec<String>,
     /// `[cluster]`, when this instance shares state through Redis (restart-only).

@@ -6,6 +6,8 @@
 
 use serde::Deserialize;
 
+pub use super::secret::SecretRef;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -37,6 +39,8 @@ pub struct RawConfig {
     /// SHA-256 of the file's canonical form (see `parse_str`); not a TOML field.
     #[serde(skip)]
     pub fingerprint: String,
+    #[serde(default)]
+    pub webhooks: Vec<RawWebhook>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,4 +230,33 @@ pub struct RawCluster {
     pub timeout: Option<String>,
     pub on_error: Option<String>,
     pub instance: Option<String>,
+}
+
+/// One `[[webhooks]]` route (SPEC §10). Secrets are references ([`SecretRef`]), never literals.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub id: String,
+    pub path: String,
+    pub scheme: String,
+    #[serde(default)]
+    pub secrets: Vec<SecretRef>,
+    /// A single secret; the same as `secrets = [ … ]` with one entry.
+    pub secret: Option<SecretRef>,
+    pub header: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub max_body_bytes: Option<u64>,
+    pub tolerance: Option<String>,
+    pub id_from: Option<RawIdFrom>,
+    pub allow: Option<Vec<String>>,
+    pub rate_limit: Option<String>,
+    pub burst: Option<u32>,
+}
+
+/// `id_from = { header = "X-Delivery-Id" }` or `id_from = { json = "request_id" }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdFrom {
+    pub header: Option<String>,
+    pub json: Option<String>,
 }

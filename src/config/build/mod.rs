@@ -6,6 +6,9 @@ mod lifecycle;
 mod roles;
 
 mod cluster;
+mod webhooks;
+pub use webhooks::webhook_route;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -651,6 +654,9 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     });
 
     let cluster = cluster::build(raw.cluster.as_ref(), base, &mut errs);
+    // [[webhooks]]
+    let webhooks = webhooks::build(&raw.webhooks, base, ctx.previous, &mut errs, &mut warnings);
+
     if !errs.0.is_empty() {
         return Err(ConfigErrors(errs.0));
     }
@@ -683,6 +689,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         key_networks,
         introspection_path,
         upstream_url: upstream_url.to_string(),
+        webhooks,
         warnings,
         cluster,
         config_hash: raw.fingerprint.clone(),

@@ -1,0 +1,342 @@
+//! `[[webhooks]]` → [`Routes`] (SPEC §10). Every problem is reported with its TOML path
+//! (`webhooks[1].secrets[0]`); secret values never appear in a message.
+//!
+//! Secrets are resolved here, so a reload re-reads every environment variable, file and
+//! credential. What must survive a reload is carried over from the previous snapshot for a route
+//! with the same id: its duplicate-delivery memory (same window and capacity) and its rate-limit
+//! bucket (same rate and burst).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use super::{Errors, cidr_list, parse_duration, parse_rate};
+use crate::config::raw::RawWebhook;
+use crate::config::secret::Secret;
+use crate::config::{ConfigErrors, Snapshot};
+use crate::limits::KeyLimiter;
+use crate::webhook::replay::{DEFAULT_CAPACITY, DeliveryStore};
+use crate::webhook::{IdSource, Route, Routes, Scheme};
+
+/// Default `max_body_bytes`: 1 MiB.
+pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+/// Default `tolerance`.
+pub const DEFAULT_TOLERANCE: &str = "5m";
+
+pub(super) fn build(
+    raw: &[RawWebhook],
+    base: &Path,
+    previous: Option<&Snapshot>,
+    errs: &mut Errors,
+    warnings: &mut Vec<String>,
+) -> Routes {
+    let mut routes: Vec<Arc<Route>> = Vec::with_capacity(raw.len());
+    // (index, normalised path) of every route with a valid path, for the overlap check.
+    let mut paths: Vec<(usize, String)> = Vec::new();
+    for (i, w) in raw.iter().enumerate() {
+        let p = |f: &str| format!("webhooks[{i}].{f}");
+        if raw[..i].iter().any(|o| o.id == w.id) {
+            errs.push(p("id"), format!("duplicate webhook id {:?}", w.id));
+        }
+        if let Some(path) = check_path(&w.path, &p("path"), errs) {
+            for (j, other) in &paths {
+                if overlaps(other, &path) {
+                    errs.push(
+                        p("path"),
+                        format!(
+                            "{:?} overlaps webhooks[{j}].path ({other:?}): a request could match both routes",
+                            path
+                        ),
+                    );
+                }
+            }
+            if path == "/" {
+                warnings.push(format!(
+                    "{}: \"/\" makes every path a webhook route: no request needs an API key",
+                    p("path")
+                ));
+            }
+            paths.push((i, path));
+        }
+        let old = previous.and_then(|s| s.webhooks.get(&w.id));
+        if let Some(route) = build_route(i, w, base, old.map(|r| &**r), errs) {
+            routes.push(Arc::new(route));
+        }
+    }
+    Routes(routes)
+}
+
+/// Two route paths overlap if one request path could match both.
+fn overlaps(a: &str, b: &str) -> bool {
+    a == b || (a.ends_with('/') && b.starts_with(a)) || (b.ends_with('/') && a.starts_with(b))
+}
+
+fn check_path(s: &str, path: &str, errs: &mut Errors) -> Option<String> {
+    if !s.starts_with('/') {
+        errs.push(path, format!("path {s:?} must start with '/'"));
+        return None;
+    }
+    match crate::access::normalize_path(s) {
+        Some(n) if n == s && !s.contains('?') && !s.contains('#') => Some(s.to_string()),
+        _ => {
+            errs.push(
+                path,
+                format!(
+                    "path {s:?} must be in normal form (no '.'/'..' segments, '//', '\\\\', percent escapes, query or fragment)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The HMAC keys of one route, resolved from its references.
+fn keys(
+    i: usize,
+    w: &RawWebhook,
+    scheme: Option<Scheme>,
+    base: &Path,
+    errs: &mut Errors,
+) -> Vec<Secret> {
+    let mut refs: Vec<(String, &crate::config::secret::SecretRef)> = w
+        .secrets
+        .iter()
+        .enumerate()
+        .map(|(j, r)| (format!("webhooks[{i}].secrets[{j}]"), r))
+        .collect();
+    if let Some(r) = &w.secret {
+        if !refs.is_empty() {
+            errs.push(
+                format!("webhooks[{i}].secret"),
+                "use either secret or secrets, not both",
+            );
+        }
+        refs.push((format!("webhooks[{i}].secret"), r));
+    }
+    if refs.is_empty() {
+        errs.push(
+            format!("webhooks[{i}].secrets"),
+            "at least one secret is needed (a reference: { env = \"NAME\" }, { file = \"PATH\" } or { credential = \"NAME\" })",
+        );
+    }
+    let mut keys = Vec::with_capacity(refs.len());
+    for (path, r) in refs {
+        match r.resolve(base) {
+            Ok(secret) => match scheme.map(|s| s.key_from_secret(&secret)) {
+                Some(Ok(key)) => keys.push(key),
+                Some(Err(m)) => errs.push(path, m),
+                None => {}
+            },
+            Err(m) => errs.push(path, m),
+        }
+    }
+    keys
+}
+
+fn build_route(
+    i: usize,
+    w: &RawWebhook,
+    base: &Path,
+    old: Option<&Route>,
+    errs: &mut Errors,
+) -> Option<Route> {
+    let before = errs.0.len();
+    let p = |f: &str| format!("webhooks[{i}].{f}");
+    if !crate::auth::token::is_valid_id(&w.id) {
+        errs.push(
+            p("id"),
+            format!(
+                "invalid webhook id {:?} (use [a-z0-9-], 1 to 32 characters)",
+                w.id
+            ),
+        );
+    }
+    let scheme = Scheme::parse(&w.scheme);
+    if scheme.is_none() {
+        errs.push(
+            p("scheme"),
+            format!(
+                "unknown scheme {:?} (use \"hmac-sha256-hex\", \"github\", \"stripe\" or \"standard-webhooks\")",
+                w.scheme
+            ),
+        );
+    }
+    let keys = keys(i, w, scheme, base, errs);
+    let header_text = w.header.clone().unwrap_or_else(|| {
+        scheme
+            .map_or("x-webhook-signature", |s| s.default_header())
+            .to_string()
+    });
+    let header = match HeaderName::from_bytes(header_text.as_bytes()) {
+        Ok(h) if !crate::forward::is_hop_by_hop(&h) && h != http::header::HOST => Some(h),
+        _ => {
+            errs.push(p("header"), format!("invalid header name {header_text:?}"));
+            None
+        }
+    };
+    // Standard Webhooks: `<prefix>-signature` goes with `<prefix>-id` and `<prefix>-timestamp`.
+    let (mut std_id, mut std_ts) = (
+        HeaderName::from_static("webhook-id"),
+        HeaderName::from_static("webhook-timestamp"),
+    );
+    if let (Some(Scheme::StandardWebhooks), Some(h)) = (scheme, &header) {
+        match h.as_str().strip_suffix("-signature") {
+            Some(prefix) if !prefix.is_empty() => {
+                std_id = HeaderName::from_bytes(format!("{prefix}-id").as_bytes()).ok()?;
+                std_ts = HeaderName::from_bytes(format!("{prefix}-timestamp").as_bytes()).ok()?;
+            }
+            _ => errs.push(
+                p("header"),
+                "a standard-webhooks header must be named <prefix>-signature (webhook-signature, svix-signature)",
+            ),
+        }
+    }
+    let methods: Vec<Method> = match &w.methods {
+        None => vec![Method::POST],
+        Some(ms) => {
+            if ms.is_empty() {
+                errs.push(p("methods"), "must name at least one method");
+            }
+            ms.iter()
+                .enumerate()
+                .filter_map(|(j, m)| {
+                    match Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            errs.push(
+                                format!("webhooks[{i}].methods[{j}]"),
+                                format!("invalid method {m:?}"),
+                            );
+                            None
+                        }
+                    }
+                })
+                .collect()
+        }
+    };
+    let max_body_bytes = w.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+    if max_body_bytes == 0 {
+        errs.push(p("max_body_bytes"), "must be at least 1");
+    }
+    let tolerance = match parse_duration(w.tolerance.as_deref().unwrap_or(DEFAULT_TOLERANCE)) {
+        Ok(d) if d >= Duration::from_secs(1) => d.as_secs(),
+        Ok(_) => {
+            errs.push(p("tolerance"), "must be at least 1s");
+            1
+        }
+        Err(m) => {
+            errs.push(p("tolerance"), m);
+            1
+        }
+    };
+    let id_from = w.id_from.as_ref().and_then(|f| match (&f.header, &f.json) {
+        (Some(h), None) => match HeaderName::from_bytes(h.as_bytes()) {
+            Ok(h) => Some(IdSource::Header(h)),
+            Err(_) => {
+                errs.push(p("id_from.header"), format!("invalid header name {h:?}"));
+                None
+            }
+        },
+        (None, Some(field)) if !field.is_empty() => Some(IdSource::JsonField(field.clone())),
+        _ => {
+            errs.push(
+                p("id_from"),
+                "exactly one of { header = \"NAME\" } or { json = \"FIELD\" } (a top-level field)",
+            );
+            None
+        }
+    });
+    let allow = w.allow.as_ref().map(|l| cidr_list(l, &p("allow"), errs));
+    let rate = w.rate_limit.as_deref().and_then(|s| match parse_rate(s) {
+        Ok(r) => Some(r),
+        Err(m) => {
+            errs.push(p("rate_limit"), m);
+            None
+        }
+    });
+    if w.burst == Some(0) {
+        errs.push(p("burst"), "must be at least 1");
+    }
+    if w.burst.is_some() && rate.is_none() {
+        errs.push(p("burst"), "needs rate_limit");
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    let limiter = rate.map(|r| {
+        let burst = w.burst.unwrap_or(r.count);
+        match old.and_then(|o| o.limiter.as_ref()) {
+            Some(l) if l.rate() == r && l.burst() == burst => l.clone(),
+            _ => Arc::new(KeyLimiter::new(r, burst)),
+        }
+    });
+    let window = Duration::from_secs(tolerance);
+    let deliveries = match old {
+        Some(o) if o.deliveries.settings() == (window, DEFAULT_CAPACITY) => o.deliveries.clone(),
+        _ => Arc::new(DeliveryStore::local(window, DEFAULT_CAPACITY)),
+    };
+    Some(Route {
+        id: w.id.as_str().into(),
+        id_header: HeaderValue::from_str(&w.id).ok()?,
+        path: w.path.clone(),
+        scheme: scheme?,
+        header: header?,
+        std_id_header: std_id,
+        std_timestamp_header: std_ts,
+        keys,
+        allow_header: HeaderValue::from_str(
+            &methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+        .ok()?,
+        methods,
+        max_body_bytes,
+        tolerance,
+        id_from,
+        allow,
+        limiter,
+        deliveries,
+    })
+}
+
+/// One route by id, built alone (for `keygate webhook sign`): its scheme, signature header and
+/// first key. Only that route's fields are read; TLS files and the rest are not needed.
+pub fn webhook_route(
+    raw: &crate::config::raw::RawConfig,
+    id: &str,
+    base: &Path,
+) -> Result<Arc<Route>, ConfigErrors> {
+    let Some(i) = raw.webhooks.iter().position(|w| w.id == id) else {
+        return Err(ConfigErrors::one(
+            "webhooks",
+            format!("no webhook route with id {id:?}"),
+        ));
+    };
+    let mut errs = Errors(Vec::new());
+    let route = build_route(i, &raw.webhooks[i], base, None, &mut errs);
+    match route {
+        Some(r) if errs.0.is_empty() => Ok(Arc::new(r)),
+        _ => Err(ConfigErrors(errs.0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_rules() {
+        assert!(overlaps("/a", "/a"));
+        assert!(overlaps("/a/", "/a/b"));
+        assert!(overlaps("/a/b", "/a/"));
+        assert!(overlaps("/a/", "/a/b/"));
+        assert!(!overlaps("/a", "/a/"));
+        assert!(!overlaps("/a", "/ab"));
+        assert!(!overlaps("/a/", "/ab/"));
+    }
+}

@@ -1,0 +1,558 @@
+//! Signed webhook routes (SPEC §10): deliveries from senders that cannot hold an API key.
+//!
+//! A request whose path is a configured `[[webhooks]]` route takes this path instead of the API
+//! key stages (the global IP rules and header size limit still apply first):
+//!
+//! ```text
+//! sender allowlist → rate limit → method → body (read whole, up to max_body_bytes)
+//!   → signature (constant time, any of the route's secrets) → timestamp tolerance
+//!   → delivery id (duplicate of an accepted one? answered 200 here) → forward unchanged
+//! ```
+//!
+//! Nothing reaches the upstream before the signature is verified. The body is forwarded byte
+//! for byte as received, with `X-Keygate-Webhook: <route id>` (client copies and `_` look-alikes
+//! removed, and no API-key identity header); signature headers are kept so an upstream that
+//! verifies again still can. Refusals are logged as `webhook_rejected` with a fixed `reason`;
+//! never the secret, the signature or the payload.
+//!
+//! Matching: a route matches only a path already in normal form (no `.`/`..` segments, `//`,
+//! or percent-encoded characters that normalise to something else). `/hooks/x/../../admin`
+//! or `/hooks/%2e%2e/admin` is therefore never a webhook delivery: it goes through API-key
+//! authentication like any other path, so a captured delivery cannot be re-aimed at another
+//! upstream path that the upstream would resolve differently.
+
+pub mod replay;
+pub mod signature;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::access::IpList;
+use crate::body::{RequestBody, RequestStats, ResponseBody};
+use crate::config::Snapshot;
+use crate::config::secret::Secret;
+use crate::forward::{ForwardInfo, UpstreamError, rewrite_request_headers};
+use crate::limits::KeyLimiter;
+use crate::log::request_id_str;
+use crate::metrics;
+use crate::proto::strip_hop_by_hop;
+use crate::reject::Reject;
+pub use replay::{Claim, DeliveryStore};
+pub use signature::{Failure, Scheme};
+
+/// The header naming the route a verified delivery came through (SPEC §10).
+pub static X_KEYGATE_WEBHOOK: HeaderName = HeaderName::from_static("x-keygate-webhook");
+
+/// Why a delivery was refused: the `reason` of `webhook_rejected` and of the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    MissingSignature,
+    BadSignature,
+    Stale,
+    Replayed,
+    InFlight,
+    TooLarge,
+    IpDenied,
+    RateLimited,
+    MethodNotAllowed,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::MissingSignature,
+        Reason::BadSignature,
+        Reason::Stale,
+        Reason::Replayed,
+        Reason::InFlight,
+        Reason::TooLarge,
+        Reason::IpDenied,
+        Reason::RateLimited,
+        Reason::MethodNotAllowed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::MissingSignature => "missing_signature",
+            Reason::BadSignature => "bad_signature",
+            Reason::Stale => "stale",
+            Reason::Replayed => "replayed",
+            Reason::InFlight => "in_flight",
+            Reason::TooLarge => "too_large",
+            Reason::IpDenied => "ip_denied",
+            Reason::RateLimited => "rate_limited",
+            Reason::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}
+
+impl From<Failure> for Reason {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::MissingSignature => Reason::MissingSignature,
+            Failure::BadSignature => Reason::BadSignature,
+            Failure::Stale => Reason::Stale,
+        }
+    }
+}
+
+/// Where a delivery's id comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdSource {
+    Header(HeaderName),
+    /// A top-level field of a JSON object body (a string or a number).
+    JsonField(String),
+}
+
+/// One `[[webhooks]]` entry, validated.
+pub struct Route {
+    pub id: Arc<str>,
+    pub id_header: HeaderValue,
+    /// Normalised; ends with `/` for a prefix route.
+    pub path: String,
+    pub scheme: Scheme,
+    /// The signature header (`header`, or the scheme's default).
+    pub header: HeaderName,
+    /// Standard Webhooks: the id and timestamp headers (`webhook-id`, `webhook-timestamp`, or
+    /// `<prefix>-id`/`<prefix>-timestamp` for a `<prefix>-signature` header).
+    pub std_id_header: HeaderName,
+    pub std_timestamp_header: HeaderName,
+    /// HMAC keys, one per configured secret (rotation: any may match).
+    pub keys: Vec<Secret>,
+    pub methods: Vec<Method>,
+    /// `Allow` for a 405: the methods, comma-separated (RFC 9110 §10.2.1).
+    pub allow_header: HeaderValue,
+    pub max_body_bytes: u64,
+    /// Timestamp tolerance and the duplicate window, in seconds.
+    pub tolerance: u64,
+    pub id_from: Option<IdSource>,
+    pub allow: Option<IpList>,
+    pub limiter: Option<Arc<KeyLimiter>>,
+    pub deliveries: Arc<DeliveryStore>,
+}
+
+impl Route {
+    pub fn is_prefix(&self) -> bool {
+        self.path.ends_with('/')
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        if self.is_prefix() {
+            path.starts_with(&self.path)
+        } else {
+            path == self.path
+        }
+    }
+}
+
+/// Every configured route. Few, so a linear scan; routes never overlap (`check` refuses it).
+#[derive(Default)]
+pub struct Routes(pub Vec<Arc<Route>>);
+
+impl Routes {
+    /// The route for a request path, if the path is in normal form and matches one.
+    pub fn find(&self, raw_path: &str) -> Option<&Arc<Route>> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let normal = crate::access::normalize_path(raw_path)?;
+        if normal != raw_path {
+            return None;
+        }
+        self.0.iter().find(|r| r.matches(raw_path))
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Route>> {
+        self.0.iter().find(|r| &*r.id == id)
+    }
+}
+
+/// What the pipeline knows of the request when it hands it over.
+pub struct Arrival<'a> {
+    pub snap: &'a Snapshot,
+    /// The TCP peer (a trusted proxy, or the sender).
+    pub peer: IpAddr,
+    pub client_ip: IpAddr,
+    pub request_id: &'a HeaderValue,
+}
+
+/// The response, and what the access record needs.
+pub struct Outcome {
+    pub response: Result<Response<ResponseBody>, Reject>,
+    pub upstream_status: Option<u16>,
+    pub stats: Option<Arc<RequestStats>>,
+}
+
+fn rejected(route: &Route, a: &Arrival<'_>, reason: Reason) {
+    metrics::global().webhook_rejected(&route.id, reason.as_str());
+    tracing::warn!(
+        event = "webhook_rejected",
+        reason = reason.as_str(),
+        route = &*route.id,
+        request_id = request_id_str(a.request_id),
+        client_ip = %a.client_ip,
+    );
+}
+
+/// Takes a request for `route` from arrival to the upstream's answer (or a refusal).
+pub async fn deliver(req: Request<Incoming>, route: &Arc<Route>, a: &Arrival<'_>) -> Outcome {
+    let mut stats = None;
+    let mut upstream_status = None;
+    let response = deliver_inner(req, route, a, &mut stats, &mut upstream_status).await;
+    Outcome {
+        response,
+        upstream_status,
+        stats,
+    }
+}
+
+async fn deliver_inner(
+    req: Request<Incoming>,
+    route: &Arc<Route>,
+    a: &Arrival<'_>,
+    stats_out: &mut Option<Arc<RequestStats>>,
+    upstream_status: &mut Option<u16>,
+) -> Result<Response<ResponseBody>, Reject> {
+    let refuse = |reason: Reason, reject: Reject| {
+        rejected(route, a, reason);
+        reject
+    };
+    let early = |req: Request<Incoming>, reason: Reason, reject: Reject| {
+        crate::body::linger(req.into_body());
+        refuse(reason, reject)
+    };
+    if let Some(allow) = &route.allow {
+        if !allow.contains(a.client_ip) {
+            return Err(early(req, Reason::IpDenied, Reject::Forbidden));
+        }
+    }
+    if let Some(limiter) = &route.limiter {
+        if let Some(retry_after) = limiter.check().retry_after {
+            return Err(early(
+                req,
+                Reason::RateLimited,
+                Reject::RateLimited { retry_after },
+            ));
+        }
+    }
+    if !route.methods.contains(req.method()) {
+        let reject = early(
+            req,
+            Reason::MethodNotAllowed,
+            Reject::MethodNotAllowed { allow: "POST" },
+        );
+        // The route's own list replaces the placeholder.
+        let mut resp = reject.into_response(a.request_id);
+        resp.headers_mut()
+            .insert(header::ALLOW, route.allow_header.clone());
+        return Ok(resp);
+    }
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > route.max_body_bytes {
+            return Err(early(req, Reason::TooLarge, Reject::PayloadTooLarge));
+        }
+    }
+
+    let client_authority = crate::proto::client_authority(&req);
+    let (mut parts, body) = req.into_parts();
+    let body = match read_body(body, route.max_body_bytes, a.snap.server.body_read_timeout).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge(rest)) => {
+            crate::body::linger(rest);
+            return Err(refuse(Reason::TooLarge, Reject::PayloadTooLarge));
+        }
+        Err(BodyError::Client) => {
+            tracing::info!(
+                request_id = request_id_str(a.request_id),
+                route = &*route.id,
+                "webhook body failed (malformed framing or aborted)"
+            );
+            return Err(Reject::BadRequest);
+        }
+        Err(BodyError::Stalled) => {
+            metrics::global().client_timeout("body");
+            tracing::info!(event = "client_timeout", phase = "body", request_id = request_id_str(a.request_id), client_ip = %a.client_ip, route = &*route.id, "the sender sent no body byte within body_read_timeout");
+            return Err(Reject::RequestTimeout);
+        }
+    };
+
+    // Signature, then timestamp.
+    let h = &parts.headers;
+    let std = route.scheme == Scheme::StandardWebhooks;
+    let (Some(sig), Some(id), Some(ts)) = (
+        single(h, Some(&route.header)),
+        single(h, std.then_some(&route.std_id_header)),
+        single(h, std.then_some(&route.std_timestamp_header)),
+    ) else {
+        return Err(refuse(Reason::BadSignature, Reject::Unauthorized));
+    };
+    let signed = signature::Signed {
+        signature: sig,
+        id,
+        timestamp: ts,
+        body: &body,
+    };
+    let now = jiff::Timestamp::now().as_second();
+    if let Err(f) = signature::verify(route.scheme, &route.keys, &signed, now, route.tolerance) {
+        return Err(refuse(f.into(), Reject::Unauthorized));
+    }
+
+    // Duplicates.
+    let delivery_id = delivery_id(route, h, &body);
+    let mut claim_guard = None;
+    if let Some(id) = delivery_id {
+        match route.deliveries.claim(&route.id, &id).await {
+            Claim::Fresh => {
+                claim_guard = Some(ClaimGuard {
+                    store: route.deliveries.clone(),
+                    route: route.id.clone(),
+                    id: Some(id),
+                })
+            }
+            Claim::Accepted => {
+                rejected(route, a, Reason::Replayed);
+                return Ok(duplicate_response(a.request_id));
+            }
+            Claim::InFlight => return Err(refuse(Reason::InFlight, Reject::Conflict)),
+        }
+    }
+
+    // Forward: the verified body, unchanged.
+    let snap = a.snap;
+    let peer = a.peer.to_canonical();
+    let peer_is_trusted_proxy = snap.access.is_trusted_proxy(peer);
+    // No API key is involved: no key identity reaches the upstream, whatever the sender wrote
+    // (the configured identity header may be outside keygate's X-Keygate-* namespace).
+    crate::proto::remove_managed_fields(
+        &mut parts.headers,
+        &[&snap.auth.identity_header],
+        peer_is_trusted_proxy,
+    );
+    crate::proto::join_cookie_crumbs(&mut parts.headers);
+    crate::proto::append_via(parts.version, &mut parts.headers);
+    rewrite_request_headers(
+        &mut parts.headers,
+        &ForwardInfo {
+            peer,
+            peer_is_trusted_proxy,
+            request_id: a.request_id,
+            identity_header: &X_KEYGATE_WEBHOOK,
+            key_id: &route.id_header,
+            credential_header: &snap.auth.header,
+            upgrade: None,
+            client_ip: a.client_ip,
+            client_authority: client_authority.as_ref(),
+            host_from_client: snap.forwarding.host == crate::proto::HostMode::Client,
+        },
+    );
+
+    let stats = Arc::new(RequestStats::default());
+    *stats_out = Some(stats.clone());
+    let mut up = Request::from_parts(parts, RequestBody::buffered(body, stats.clone()));
+    *up.uri_mut() = snap.upstream.uri_for(up.uri().path_and_query());
+    *up.version_mut() = http::Version::HTTP_11;
+
+    let result = snap.upstream.send(up, &stats).await;
+    let mut guard = claim_guard;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(g) = guard.as_mut() {
+                g.settle(false).await;
+            }
+            metrics::global().upstream_error(e.kind());
+            tracing::error!(event = "upstream_error", kind = e.kind(), request_id = request_id_str(a.request_id), route = &*route.id, error = %e);
+            return Err(match e {
+                UpstreamError::Timeout => Reject::GatewayTimeout,
+                _ => Reject::BadGateway,
+            });
+        }
+    };
+    *upstream_status = Some(resp.status().as_u16());
+    if let Some(g) = guard.as_mut() {
+        g.settle(resp.status().is_success()).await;
+    }
+    metrics::global().webhook_forwarded(&route.id);
+    strip_hop_by_hop(resp.headers_mut(), None);
+    Ok(resp.map(ResponseBody::upstream))
+}
+
+/// A header's only value (`Some(None)` if absent or not asked for); `None` if it is repeated:
+/// a repeated signature header is ambiguous and refused.
+fn single<'h>(h: &'h HeaderMap, name: Option<&HeaderName>) -> Option<Option<&'h [u8]>> {
+    let Some(name) = name else {
+        return Some(None);
+    };
+    let mut it = h.get_all(name).iter();
+    let first = it.next();
+    if it.next().is_some() {
+        return None;
+    }
+    Some(first.map(HeaderValue::as_bytes))
+}
+
+/// The delivery id: `id_from` if configured, else the scheme's own (`webhook-id`,
+/// `X-GitHub-Delivery`, Stripe's event `id`); `None` means no duplicate detection.
+fn delivery_id(route: &Route, h: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
+    static GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");
+    let source = match (&route.id_from, route.scheme) {
+        (Some(s), _) => s.clone(),
+        (None, Scheme::StandardWebhooks) => IdSource::Header(route.std_id_header.clone()),
+        (None, Scheme::Github) => IdSource::Header(GITHUB_DELIVERY.clone()),
+        (None, Scheme::Stripe) => IdSource::JsonField("id".into()),
+        (None, Scheme::HmacSha256Hex) => return None,
+    };
+    let id = match source {
+        IdSource::Header(name) => h.get(&name).map(|v| v.as_bytes().to_vec()),
+        IdSource::JsonField(field) => json_field(body, &field),
+    };
+    id.filter(|v| !v.is_empty())
+}
+
+/// A top-level field of a JSON object, as bytes (strings unquoted, numbers as written).
+/// Only that field is materialised; the rest of the document is skipped.
+pub fn json_field(body: &[u8], field: &str) -> Option<Vec<u8>> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Find<'f>(&'f str);
+    impl<'de> DeserializeSeed<'de> for Find<'_> {
+        type Value = Option<Vec<u8>>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Find<'_> {
+        type Value = Option<Vec<u8>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                if k == self.0 && found.is_none() {
+                    let v: serde_json::Value = m.next_value()?;
+                    found = match v {
+                        serde_json::Value::String(s) => Some(s.into_bytes()),
+                        serde_json::Value::Number(n) => Some(n.to_string().into_bytes()),
+                        _ => None,
+                    };
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    Find(field).deserialize(&mut de).ok().flatten()
+}
+
+/// Releases a claimed delivery id if the request ends without an answer from the upstream
+/// (cancelled when the sender disconnects), so the sender's retry is forwarded.
+struct ClaimGuard {
+    store: Arc<DeliveryStore>,
+    route: Arc<str>,
+    id: Option<Vec<u8>>,
+}
+
+impl ClaimGuard {
+    async fn settle(&mut self, accepted: bool) {
+        if let Some(id) = self.id.take() {
+            self.store.settle(&self.route, &id, accepted).await;
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let store = self.store.clone();
+            let route = self.route.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { store.settle(&route, &id, false).await });
+            }
+        }
+    }
+}
+
+/// 200 for a delivery the upstream already accepted: the sender stops retrying.
+fn duplicate_response(request_id: &HeaderValue) -> Response<ResponseBody> {
+    let body = format!(
+        "{{\"status\":\"duplicate\",\"request_id\":\"{}\"}}",
+        request_id_str(request_id)
+    );
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(body)));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+enum BodyError {
+    /// Over the limit; the rest of the body, to drain.
+    TooLarge(Incoming),
+    /// Malformed framing, or aborted.
+    Client,
+    /// No body byte for `body_read_timeout`.
+    Stalled,
+}
+
+/// Reads the whole body, refusing as soon as it crosses `limit` bytes, or when the sender
+/// leaves keygate waiting longer than `stall` for the next bytes (`body_read_timeout`, as for
+/// every other body).
+async fn read_body(mut body: Incoming, limit: u64, stall: Duration) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt as _;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => return Err(BodyError::Stalled),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(_))) => return Err(BodyError::Client),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Some(d) = frame.data_ref() {
+            if buf.len() as u64 + d.len() as u64 > limit {
+                return Err(BodyError::TooLarge(body));
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_ids() {
+        assert_eq!(
+            json_field(br#"{"id":"evt_1","x":{"id":"no"}}"#, "id"),
+            Some(b"evt_1".to_vec())
+        );
+        assert_eq!(
+            json_field(br#"{"x":[1,{"id":2}],"id":42}"#, "id"),
+            Some(b"42".to_vec())
+        );
+        assert_eq!(
+            json_field(br#"{"id":"a\u0062"}"#, "id"),
+            Some(b"ab".to_vec())
+        );
+        assert_eq!(json_field(br#"{"id":null}"#, "id"), None);
+        assert_eq!(json_field(br#"[{"id":"x"}]"#, "id"), None);
+        assert_eq!(json_field(b"not json", "id"), None);
+        assert_eq!(json_field(br#"{"other":1}"#, "id"), None);
+    }
+}

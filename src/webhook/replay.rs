@@ -1,0 +1,239 @@
+//! Which deliveries the upstream has already accepted (SPEC §10: duplicates and replays).
+//!
+//! A delivery id is *claimed* before forwarding and *settled* with the upstream's answer:
+//!
+//! * accepted (2xx): remembered until the window ends; a later delivery with the same id is
+//!   answered 200 by keygate and not forwarded (a sender's retry after a lost response, or a
+//!   replay of a captured delivery);
+//! * anything else (4xx, 5xx, timeout, connection error): forgotten, so the sender's retry is
+//!   forwarded;
+//! * while a delivery is in flight, a second one with the same id is refused with 409 (it is not
+//!   known yet whether the first will be accepted); senders retry later.
+//!
+//! [`DeliveryStore`] is an enum so that cluster mode (issue 14) can add a shared (Redis)
+//! variant beside [`LocalStore`] without changing the webhook code. Ids are kept as 128-bit
+//! SHA-256 prefixes of `route id, delivery id`: fixed size whatever the sender sends, and no
+//! delivery ids in memory dumps. The local store is bounded: at most `capacity` ids per route
+//! (expired ones are dropped first, then the oldest).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+/// Ids remembered per route by the local store, by default.
+pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// What is known of a delivery id when it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not seen (or its earlier delivery failed): forward it, then [`DeliveryStore::settle`].
+    Fresh,
+    /// The upstream accepted it within the window: answer 200 without forwarding.
+    Accepted,
+    /// Being forwarded right now by another request.
+    InFlight,
+}
+
+type IdHash = [u8; 16];
+
+fn id_hash(route: &str, id: &[u8]) -> IdHash {
+    let mut h = Sha256::new();
+    h.update((route.len() as u64).to_be_bytes());
+    h.update(route.as_bytes());
+    h.update(id);
+    let d = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+/// Where seen delivery ids live.
+pub enum DeliveryStore {
+    Local(LocalStore),
+}
+
+impl DeliveryStore {
+    pub fn local(window: Duration, capacity: usize) -> Self {
+        DeliveryStore::Local(LocalStore::new(window, capacity))
+    }
+
+    /// Records `id` as in flight unless it is known. Async so a shared store can do I/O.
+    pub async fn claim(&self, route: &str, id: &[u8]) -> Claim {
+        match self {
+            DeliveryStore::Local(s) => s.claim(id_hash(route, id), Instant::now()),
+        }
+    }
+
+    /// The upstream's answer for a claimed id: `accepted` (2xx) keeps it for the window,
+    /// otherwise it is released so a retry is forwarded.
+    pub async fn settle(&self, route: &str, id: &[u8], accepted: bool) {
+        match self {
+            DeliveryStore::Local(s) => s.settle(id_hash(route, id), accepted, Instant::now()),
+        }
+    }
+
+    /// Ids held now (for tests and metrics).
+    pub fn len(&self) -> usize {
+        match self {
+            DeliveryStore::Local(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The window and capacity, to decide whether a reload can keep this store.
+    pub fn settings(&self) -> (Duration, usize) {
+        match self {
+            DeliveryStore::Local(s) => (s.window, s.capacity),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    InFlight,
+    Accepted,
+}
+
+/// An in-process, bounded store.
+pub struct LocalStore {
+    window: Duration,
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<IdHash, (State, Instant)>,
+    /// Insertion order, for eviction; may hold ids already removed (skipped when popped).
+    order: VecDeque<(IdHash, Instant)>,
+}
+
+/// An in-flight marker older than this is treated as lost (the request that set it ended
+/// without settling, e.g. its task was cancelled) and the id is free again.
+const IN_FLIGHT_LIMIT: Duration = Duration::from_secs(600);
+
+impl LocalStore {
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        LocalStore {
+            window,
+            capacity: capacity.max(1),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live(&self, state: State, since: Instant, now: Instant) -> bool {
+        let ttl = match state {
+            State::InFlight => IN_FLIGHT_LIMIT,
+            State::Accepted => self.window,
+        };
+        now.saturating_duration_since(since) < ttl
+    }
+
+    fn claim(&self, id: IdHash, now: Instant) -> Claim {
+        let mut g = self.lock();
+        if let Some(&(state, since)) = g.entries.get(&id) {
+            if self.live(state, since, now) {
+                return match state {
+                    State::InFlight => Claim::InFlight,
+                    State::Accepted => Claim::Accepted,
+                };
+            }
+        }
+        self.insert(&mut g, id, State::InFlight, now);
+        Claim::Fresh
+    }
+
+    fn settle(&self, id: IdHash, accepted: bool, now: Instant) {
+        let mut g = self.lock();
+        if accepted {
+            self.insert(&mut g, id, State::Accepted, now);
+        } else {
+            g.entries.remove(&id);
+        }
+    }
+
+    fn insert(&self, g: &mut Inner, id: IdHash, state: State, now: Instant) {
+        // Drop expired entries from the front, then the oldest while full.
+        while let Some(&(old, at)) = g.order.front() {
+            let expired = g
+                .entries
+                .get(&old)
+                .is_none_or(|&(s, since)| since != at || !self.live(s, since, now));
+            if expired || g.entries.len() >= self.capacity {
+                g.order.pop_front();
+                if g.entries.get(&old).is_some_and(|&(_, since)| since == at) {
+                    g.entries.remove(&old);
+                }
+            } else {
+                break;
+            }
+        }
+        // The order queue holds at most two entries per live id (in flight, then accepted);
+        // stale ones are skipped above, and it is compacted if it grows past that.
+        if g.order.len() > 2 * self.capacity + 16 {
+            let entries = &g.entries;
+            let kept: VecDeque<_> = g
+                .order
+                .iter()
+                .copied()
+                .filter(|(k, at)| entries.get(k).is_some_and(|&(_, s)| s == *at))
+                .collect();
+            g.order = kept;
+        }
+        g.entries.insert(id, (state, now));
+        g.order.push_back((id, now));
+    }
+
+    fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_ids_are_remembered_failed_ones_released() {
+        let s = LocalStore::new(Duration::from_secs(60), 10);
+        let t0 = Instant::now();
+        let a = id_hash("r", b"a");
+        assert_eq!(s.claim(a, t0), Claim::Fresh);
+        assert_eq!(s.claim(a, t0), Claim::InFlight);
+        s.settle(a, false, t0);
+        assert_eq!(s.claim(a, t0), Claim::Fresh);
+        s.settle(a, true, t0);
+        assert_eq!(s.claim(a, t0 + Duration::from_secs(59)), Claim::Accepted);
+        assert_eq!(s.claim(a, t0 + Duration::from_secs(61)), Claim::Fresh);
+        // The same delivery id on another route is another delivery.
+        assert_eq!(s.claim(id_hash("other", b"a"), t0), Claim::Fresh);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let s = LocalStore::new(Duration::from_secs(3600), 100);
+        let t0 = Instant::now();
+        for i in 0..10_000u32 {
+            let id = id_hash("r", &i.to_be_bytes());
+            assert_eq!(s.claim(id, t0), Claim::Fresh);
+            s.settle(id, true, t0);
+            let g = s.lock();
+            assert!(g.entries.len() <= 100, "{}", g.entries.len());
+            assert!(g.order.len() <= 2 * 100 + 17, "{}", g.order.len());
+        }
+        // The newest are still known.
+        assert_eq!(
+            s.claim(id_hash("r", &9_999u32.to_be_bytes()), t0),
+            Claim::Accepted
+        );
+    }
+}
