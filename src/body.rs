@@ -196,7 +196,9 @@ impl Body for RequestBody {
                         // The rest is read and discarded while the 413 goes out, so the client
                         // reads the 413 instead of a broken pipe (HTTP/1.1) or a stream reset
                         // before any response (HTTP/2).
-                        if let Some(rest) = this.inner.take() {
+                        if let Source::Stream(rest) =
+                            std::mem::replace(&mut this.inner, Source::Buffered(None))
+                        {
                             linger(rest);
                         }
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
