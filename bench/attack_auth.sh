@@ -15,7 +15,8 @@
 #
 # Usage: bash bench/attack_auth.sh   (env: ATTACKERS=200, INTERVAL_MS=3100, SECS=60,
 #        LEGIT_KEYS=110, QUIET=10, LEGIT=127.0.0.2, KEYGATE_BIN=path to compare another build,
-#        PORT=18543, UPSTREAM_PORT=18100, KEEP=1 keeps the temp dir)
+#        FLOOD_BIN=path of the load generator, PORT=18543, UPSTREAM_PORT=18100, KEEP=1 keeps
+#        the temp dir, BUILD=0 skips the build)
 # Bounded: the measured phase ends after SECS or LEGIT_KEYS first authentications.
 set -euo pipefail
 
@@ -29,17 +30,20 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${PORT:=18543}"
 : "${UPSTREAM_PORT:=18100}"
 : "${KEEP:=0}"
+: "${BUILD:=1}"
 
 log() { printf '[attack_auth] %s\n' "$*" >&2; }
 die() { printf '[attack_auth] ERROR: %s\n' "$*" >&2; exit 1; }
 for t in openssl jq; do command -v $t >/dev/null || die "$t is needed"; done
 
 cd "$ROOT"
-log "building (release)"
-cargo build --release -q --bin keygate --example flood >&2
+if [[ $BUILD == 1 ]]; then
+    log "building (release)"
+    cargo build --release -q --bin keygate --example flood >&2
+fi
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 KEYGATE=${KEYGATE_BIN:-$TARGET/release/keygate}
-FLOOD=$TARGET/release/examples/flood
+FLOOD=${FLOOD_BIN:-$TARGET/release/examples/flood}
 
 WORK=$(mktemp -d /tmp/keygate-attack-auth.XXXXXX)
 PIDS=()

@@ -49,7 +49,7 @@ fn bench(c: &mut Criterion) {
         &key,
         presented.as_bytes(),
         d,
-        keygate::limits::Standing::Clean,
+        keygate::limits::Standing::Clean.into(),
     ));
     assert!(Verifier::is_cached(&key, &d));
 

@@ -666,8 +666,15 @@ async fn distributed(a: Args) {
             }
         }));
     }
-    // Let the flood reach its steady state.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Let the flood reach its steady state: every attacker address has been answered once (so
+    // keygate has seen each one fail, as in a flood that has run for a while), 90 s at most.
+    let warm_end = Instant::now() + Duration::from_secs(90);
+    while counts.iter().map(|c| c.load(Relaxed)).sum::<u64>() < attackers
+        && Instant::now() < warm_end
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let c0: Vec<u64> = counts.iter().map(|c| c.load(Relaxed)).collect();
     let (t0, threads0) = cpu_ticks(pid);
     let w0 = Instant::now();

@@ -155,6 +155,9 @@ struct Table {
     /// Per network: verifications reserved and not yet settled. Bounded by the requests that
     /// can be in the verification queue at once.
     inflight_networks: HashMap<u128, u32>,
+    /// Per client: the attempt clock (ns since `base`), see [`Priority`]; pruned once run down,
+    /// at most [`MAX_TRACKED`] clients (past that, newcomers count as no attempts).
+    attempts: HashMap<u128, u64>,
     /// Size at which a failure from a new client first prunes inline.
     next_prune: usize,
     /// Last inline prune (ns since `base`), to bound prune work when the table is full.
@@ -214,6 +217,31 @@ pub enum Standing {
     Failed { debt: u32 },
 }
 
+/// A verification's place in the argon2 queue: its client's [`Standing`], then how many
+/// verifications the client asked for lately (`attempts`, about one per attempt in the last
+/// minute, refused ones included), fewer first. The second key matters within a standing:
+/// addresses of a guesser that keep being refused by the queue never fail (nothing is hashed)
+/// and so stay as well placed as a legitimate client in their network; their many attempts
+/// put them behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Priority {
+    pub standing: Standing,
+    pub attempts: u32,
+}
+
+impl From<Standing> for Priority {
+    fn from(standing: Standing) -> Self {
+        Priority {
+            standing,
+            attempts: 0,
+        }
+    }
+}
+
+/// Each verification attempt adds this much to its client's attempt clock, which runs down in
+/// real time: the attempt count is what is left, in these units.
+const ATTEMPT_WEIGHT: u64 = 60 * SECOND_NS;
+
 /// A failed-auth budget charged before an argon2 verification (see
 /// [`FailedAuthThrottle::reserve`]). While it lives, the verification counts as in flight for
 /// its network. Dropping it keeps the charge (a hash abandoned by its client was still spent);
@@ -224,7 +252,7 @@ pub struct Reservation<'t> {
     throttle: &'t FailedAuthThrottle,
     ip: IpAddr,
     /// Where the verification waits (decided under the same lock as the charge).
-    pub standing: Standing,
+    pub priority: Priority,
     /// This charge used the client's budget up: its next unverified token is refused.
     pub exhausted: bool,
 }
@@ -295,6 +323,7 @@ impl FailedAuthThrottle {
                 history_full_until: 0,
                 history_pruned: 0,
                 inflight_networks: HashMap::new(),
+                attempts: HashMap::new(),
             }),
         }
     }
@@ -359,10 +388,17 @@ impl FailedAuthThrottle {
             Charge::Charged { exhausted } => {
                 *t.inflight_networks.entry(network_key(ip)).or_insert(0) += 1;
                 let standing = self.standing_in(&t, ip, now);
+                let attempts = if t.attempts.len() < MAX_TRACKED || t.attempts.contains_key(&key) {
+                    let clock = t.attempts.entry(key).or_insert(now);
+                    *clock = (*clock).max(now).saturating_add(ATTEMPT_WEIGHT);
+                    u32::try_from((*clock - now).div_ceil(ATTEMPT_WEIGHT)).unwrap_or(u32::MAX)
+                } else {
+                    0
+                };
                 Ok(Reservation {
                     throttle: self,
                     ip,
-                    standing,
+                    priority: Priority { standing, attempts },
                     exhausted,
                 })
             }
@@ -522,6 +558,8 @@ impl FailedAuthThrottle {
         t.failed_networks
             .retain(|_, s| now_s.saturating_sub(*s) < HISTORY_SECS);
         t.failed_networks.shrink_to_fit();
+        t.attempts.retain(|_, clock| *clock > now);
+        t.attempts.shrink_to_fit();
         t.next_prune = (t.tat.len() * 2).clamp(PRUNE_AT, MAX_TRACKED);
         t.last_prune = now;
     }
@@ -646,12 +684,14 @@ mod tests {
         assert_eq!(granted.len(), 20, "exactly the budget is hashed");
         assert!(granted[..19].iter().all(|r| !r.exhausted));
         assert!(granted[19].exhausted, "the 20th charge uses the budget up");
-        assert_eq!(granted[0].standing, Standing::Clean);
+        assert_eq!(granted[0].priority.standing, Standing::Clean);
+        assert_eq!(granted[0].priority.attempts, 1);
         assert_eq!(
-            granted[1].standing,
+            granted[1].priority.standing,
             Standing::Failed { debt: 2 },
             "a second one in flight from the same client is not clean"
         );
+        assert_eq!(granted[19].priority.attempts, 20);
         assert!(t.throttled(ip).is_some());
         // A right token gives its charge back: the client is no longer throttled.
         granted.pop().unwrap().refund();
@@ -675,10 +715,10 @@ mod tests {
         let elsewhere: IpAddr = "203.0.113.5".parse().unwrap();
         assert_eq!(t.standing(guesser), Standing::Clean);
         let r = t.reserve(guesser).unwrap();
-        assert_eq!(r.standing, Standing::Clean);
+        assert_eq!(r.priority.standing, Standing::Clean);
         // While it is in flight, a second request from the same network is not clean.
         let n = t.reserve(neighbour).unwrap();
-        assert_eq!(n.standing, Standing::NetworkFailed);
+        assert_eq!(n.priority.standing, Standing::NetworkFailed);
         n.refund();
         assert_eq!(
             t.standing(neighbour),
@@ -694,6 +734,21 @@ mod tests {
         assert!(Standing::Clean < Standing::NetworkFailed);
         assert!(Standing::NetworkFailed < Standing::Failed { debt: 0 });
         assert!(Standing::Failed { debt: 1 } < Standing::Failed { debt: 2 });
+        // Within a standing, fewer recent attempts first (refused ones count too).
+        for _ in 0..5 {
+            t.reserve(neighbour).unwrap().refund();
+        }
+        let busy = t.reserve(neighbour).unwrap();
+        let quiet = t.reserve("198.51.100.200".parse().unwrap()).unwrap();
+        assert_eq!(busy.priority.standing, quiet.priority.standing);
+        assert!(
+            quiet.priority < busy.priority,
+            "{:?} {:?}",
+            quiet.priority,
+            busy.priority
+        );
+        busy.refund();
+        quiet.refund();
         // IPv6: the client is its /64, the network its /48.
         t.record_failure("2001:db8:1:2::1".parse().unwrap());
         assert!(matches!(

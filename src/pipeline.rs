@@ -592,7 +592,7 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         let reservation = throttle
             .reserve(ctx.client_ip)
             .map_err(|retry_after| refuse(Some(&key.id), retry_after))?;
-        let (standing, exhausted) = (reservation.standing, reservation.exhausted);
+        let (priority, exhausted) = (reservation.priority, reservation.exhausted);
         // Cluster mode: the same budget, shared by every instance (cluster/throttle.rs).
         let shared_guess = match &ctx.shared.cluster {
             Some(cluster) => match cluster.guess_reserve(ctx.client_ip, throttle.rate()).await {
@@ -615,7 +615,7 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         let outcome = ctx
             .shared
             .verifier
-            .verify(key, token.expose(), digest, standing)
+            .verify(key, token.expose(), digest, priority)
             .await;
         if let Some(cluster) = shared_guess {
             if !matches!(outcome, Ok(Outcome::Invalid)) {
@@ -630,7 +630,7 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             }
             Err(Busy) => {
                 reservation.refund();
-                client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?standing, "argon2 verification queue: waited too long or full; refused unhashed");
+                client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?priority.standing, attempts = priority.attempts, "argon2 verification queue: waited too long or full; refused unhashed");
                 return Err(Reject::Unavailable { retry_after: 1 });
             }
         }

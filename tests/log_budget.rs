@@ -149,6 +149,13 @@ async fn a_flood_of_unexpected_h2_ping_acks_writes_a_bounded_number_of_lines() {
         v["event"] == "log_suppressed" && v["kind"] == "protocol"
     });
     assert_eq!(summary["top_client"], "127.0.0.1");
+    // The library's line names the client, which the library itself does not know.
+    let line = kg
+        .json_logs()
+        .into_iter()
+        .find(|v| v["msg"].as_str().is_some_and(|m| m.contains("PING ack")))
+        .unwrap();
+    assert_eq!(line["client_ip"], "127.0.0.1");
     assert_eq!(summary["clients"], 1);
     reader.abort();
 }

@@ -22,6 +22,8 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::Key;
+use crate::limits::Priority;
+#[cfg(test)]
 use crate::limits::Standing;
 
 /// A keyed digest of a token. Not reversible, useless outside this process.
@@ -127,16 +129,16 @@ impl Verifier {
     }
 
     /// Runs argon2 off the async workers, bounded, after waiting in the queue at the client's
-    /// `standing`. Remembers the result either way. `Err(Busy)`: the queue refused it (full of
+    /// `priority`. Remembers the result either way. `Err(Busy)`: the queue refused it (full of
     /// better-placed requests, or waited [`MAX_WAIT`]); nothing was hashed.
     pub async fn verify(
         &self,
         key: &Arc<Key>,
         token: &[u8],
         digest: Digest,
-        standing: Standing,
+        priority: Priority,
     ) -> Result<Outcome, Busy> {
-        let slot = self.queue.acquire(standing).await?;
+        let slot = self.queue.acquire(priority).await?;
         // Re-check: another request with the same token may have verified it while we waited.
         if Self::is_cached(key, &digest) {
             return Ok(Outcome::Valid);
@@ -207,9 +209,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(2);
 /// than the worst waiter takes its place (that one gets 503), otherwise the newcomer gets 503.
 pub const MAX_WAITING: usize = 1024;
 
-/// Who runs next on the argon2 threads: a priority queue by [`Standing`] (clean clients first,
-/// then clients whose network failed recently, then clients that failed, fewest failures
-/// first), first come first served within a standing.
+/// Who runs next on the argon2 threads: a priority queue by [`Priority`]: its standing (clean
+/// clients first, then clients whose network failed recently, then clients that failed,
+/// fewest failures first), then fewest recent attempts, then first come first served.
 ///
 /// Why: with a FIFO wait, 200 guessing addresses, each under `failed_auth_limit`, kept ~200
 /// hashes queued, and a legitimate client presenting its key for the first time waited 6.9 s
@@ -231,7 +233,7 @@ struct QueueState {
     seq: u64,
     /// In order of service. A waiter is woken by a `()` that hands it a slot already counted in
     /// `running`; dropping its sender (eviction) tells it `Busy`.
-    waiting: std::collections::BTreeMap<(Standing, u64), tokio::sync::oneshot::Sender<()>>,
+    waiting: std::collections::BTreeMap<(Priority, u64), tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The right to run one hash; handed to the next waiter when dropped.
@@ -247,7 +249,7 @@ impl Drop for Slot {
 /// up, or, if it was granted a slot in the meantime, the slot is passed on.
 struct Waiter {
     queue: Arc<VerifyQueue>,
-    place: (Standing, u64),
+    place: (Priority, u64),
     rx: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
@@ -294,7 +296,7 @@ impl VerifyQueue {
     }
 
     /// Waits for a slot at `standing` (see [`MAX_WAIT`], [`MAX_WAITING`]).
-    pub async fn acquire(self: &Arc<Self>, standing: Standing) -> Result<Slot, Busy> {
+    pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Slot, Busy> {
         let (place, rx) = {
             let mut st = self.lock();
             if st.running < self.slots && st.waiting.is_empty() {
@@ -303,7 +305,7 @@ impl VerifyQueue {
             }
             if st.waiting.len() >= MAX_WAITING {
                 let worst = st.waiting.last_key_value().map(|(k, _)| k.0);
-                if worst.is_none_or(|w| standing >= w) {
+                if worst.is_none_or(|w| priority >= w) {
                     crate::metrics::global().verify_refused();
                     return Err(Busy);
                 }
@@ -312,7 +314,7 @@ impl VerifyQueue {
                 crate::metrics::global().verify_refused();
             }
             st.seq += 1;
-            let place = (standing, st.seq);
+            let place = (priority, st.seq);
             let (tx, rx) = tokio::sync::oneshot::channel();
             st.waiting.insert(place, tx);
             crate::metrics::global().set_verify_waiting(st.waiting.len());
@@ -348,7 +350,7 @@ impl VerifyQueue {
     }
 
     /// Takes a waiter out of the queue; false if it was not there (granted or evicted).
-    fn remove(&self, place: &(Standing, u64)) -> bool {
+    fn remove(&self, place: &(Priority, u64)) -> bool {
         let mut st = self.lock();
         let removed = st.waiting.remove(place).is_some();
         crate::metrics::global().set_verify_waiting(st.waiting.len());
@@ -373,8 +375,8 @@ impl VerifyQueue {
 mod tests {
     use super::*;
 
-    fn standing(debt: u32) -> Standing {
-        Standing::Failed { debt }
+    fn standing(debt: u32) -> Priority {
+        Standing::Failed { debt }.into()
     }
 
     /// Waits until `n` requests are queued.
@@ -387,10 +389,10 @@ mod tests {
     #[tokio::test]
     async fn clean_clients_are_served_before_guessers_that_queued_first() {
         let q = Arc::new(VerifyQueue::new(1));
-        let held = q.acquire(Standing::Clean).await.unwrap();
+        let held = q.acquire(Standing::Clean.into()).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        let spawn = |name: &'static str, s: Standing| {
+        let spawn = |name: &'static str, s: Priority| {
             let (q, order) = (q.clone(), order.clone());
             tokio::spawn(async move {
                 let slot = q.acquire(s).await.unwrap();
@@ -403,8 +405,8 @@ mod tests {
         }
         queued(&q, 5).await;
         tasks.push(spawn("typo", standing(1)));
-        tasks.push(spawn("neighbour", Standing::NetworkFailed));
-        tasks.push(spawn("clean", Standing::Clean));
+        tasks.push(spawn("neighbour", Standing::NetworkFailed.into()));
+        tasks.push(spawn("clean", Standing::Clean.into()));
         queued(&q, 8).await;
         drop(held);
         for t in tasks {
@@ -422,7 +424,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_evicts_the_worst_for_a_better_newcomer() {
         let q = Arc::new(VerifyQueue::new(1));
-        let _held = q.acquire(Standing::Clean).await.unwrap();
+        let _held = q.acquire(Standing::Clean.into()).await.unwrap();
         let mut guessers = Vec::new();
         for _ in 0..MAX_WAITING {
             let q = q.clone();
@@ -436,7 +438,7 @@ mod tests {
         // A clean client takes the last guesser's place; that one is told Busy.
         let clean = {
             let q = q.clone();
-            tokio::spawn(async move { q.acquire(Standing::Clean).await.is_ok() })
+            tokio::spawn(async move { q.acquire(Standing::Clean.into()).await.is_ok() })
         };
         let last = guessers.pop().unwrap();
         assert!(
@@ -454,10 +456,10 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_waiter_gives_up_its_place_and_any_slot_it_was_given() {
         let q = Arc::new(VerifyQueue::new(1));
-        let held = q.acquire(Standing::Clean).await.unwrap();
+        let held = q.acquire(Standing::Clean.into()).await.unwrap();
         let gone = {
             let q = q.clone();
-            tokio::spawn(async move { q.acquire(Standing::Clean).await.map(|_| ()) })
+            tokio::spawn(async move { q.acquire(Standing::Clean.into()).await.map(|_| ()) })
         };
         queued(&q, 1).await;
         gone.abort();
@@ -473,9 +475,9 @@ mod tests {
     #[tokio::test]
     async fn nobody_waits_longer_than_max_wait() {
         let q = Arc::new(VerifyQueue::new(1));
-        let _held = q.acquire(Standing::Clean).await.unwrap();
+        let _held = q.acquire(Standing::Clean.into()).await.unwrap();
         let started = tokio::time::Instant::now();
-        assert_eq!(q.acquire(Standing::Clean).await.err(), Some(Busy));
+        assert_eq!(q.acquire(Standing::Clean.into()).await.err(), Some(Busy));
         assert!(started.elapsed() >= MAX_WAIT);
         assert_eq!(q.lock().waiting.len(), 0);
     }
