@@ -258,8 +258,23 @@ pub struct Reservation<'t> {
 }
 
 impl Reservation<'_> {
-    /// The token was right (or was never hashed): the charge is given back.
+    /// The token was right: the charge, and the attempt, are given back.
     pub fn refund(self) {
+        self.throttle.refund(self.ip);
+        let key = client_key(self.ip);
+        let now = self.throttle.now();
+        let mut t = self.throttle.lock();
+        if let Some(clock) = t.attempts.get_mut(&key) {
+            *clock = clock.saturating_sub(ATTEMPT_WEIGHT);
+            if *clock <= now {
+                t.attempts.remove(&key);
+            }
+        }
+    }
+
+    /// The verification queue refused it, nothing was hashed: the charge is given back (no
+    /// failure happened), the attempt is not (see [`Priority`]).
+    pub fn refused_unhashed(self) {
         self.throttle.refund(self.ip);
     }
 
@@ -702,6 +717,10 @@ mod tests {
         }
         assert_eq!(t.tracked(), 0, "refunded down to nothing: no state left");
         assert!(t.lock().inflight_networks.is_empty());
+        assert!(
+            t.lock().attempts.is_empty(),
+            "right tokens are not held against it"
+        );
     }
 
     #[test]
@@ -734,9 +753,15 @@ mod tests {
         assert!(Standing::Clean < Standing::NetworkFailed);
         assert!(Standing::NetworkFailed < Standing::Failed { debt: 0 });
         assert!(Standing::Failed { debt: 1 } < Standing::Failed { debt: 2 });
-        // Within a standing, fewer recent attempts first (refused ones count too).
+        // Within a standing, fewer recent attempts first (refused ones count too; right
+        // tokens do not).
         for _ in 0..5 {
-            t.reserve(neighbour).unwrap().refund();
+            t.reserve(neighbour).unwrap().refused_unhashed();
+        }
+        for _ in 0..5 {
+            t.reserve("198.51.100.200".parse().unwrap())
+                .unwrap()
+                .refund();
         }
         let busy = t.reserve(neighbour).unwrap();
         let quiet = t.reserve("198.51.100.200".parse().unwrap()).unwrap();
