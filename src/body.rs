@@ -1,10 +1,12 @@
-//! Streaming bodies. Nothing is buffered: frames pass through as they arrive.
+//! Streaming bodies: frames pass through as they arrive, except small request bodies.
 //!
 //! * [`RequestBody`] wraps the client's body on its way upstream: it counts bytes, cuts the
 //!   stream off with an error as soon as it crosses `max_body_bytes` (SPEC §3), and as soon as
 //!   the client has sent nothing for `[server] body_read_timeout` while keygate waits for it
 //!   (nginx's `client_body_timeout`); either error aborts the upstream request, and
 //!   [`RequestStats`] tells the pipeline which side was at fault.
+//!   It may start with what [`read_prefix`] buffered before the upstream was contacted
+//!   (`server.request_buffer_bytes`, README "Request buffering").
 //! * [`ResponseBody`] is every response keygate sends: an upstream body or a small JSON error.
 //!   It counts bytes out and writes the access record when it ends or is dropped, except for an
 //!   upgraded connection (WebSocket): its record goes to the tunnel, which writes it when the
@@ -76,6 +78,11 @@ pub struct BodyReadTimeout;
 
 pub struct RequestBody {
     inner: Source,
+    /// Read ahead by [`read_prefix`]: sent first, then its trailers, then the rest of `inner`.
+    prefix: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    /// The whole body was read ahead: `inner` has nothing more.
+    complete: bool,
     seen: u64,
     limit: u64,
     read_timeout: Duration,
@@ -103,6 +110,9 @@ impl RequestBody {
     ) -> Self {
         RequestBody {
             inner: Source::Stream(inner),
+            prefix: None,
+            trailers: None,
+            complete: false,
             seen: 0,
             limit,
             read_timeout,
@@ -116,6 +126,9 @@ impl RequestBody {
     pub fn empty(stats: Arc<RequestStats>) -> Self {
         RequestBody {
             inner: Source::Buffered(None),
+            prefix: None,
+            trailers: None,
+            complete: false,
             seen: 0,
             limit: 0,
             read_timeout: Duration::MAX,
@@ -132,6 +145,9 @@ impl RequestBody {
         stats.bytes.store(len, Relaxed);
         RequestBody {
             inner: Source::Buffered((!bytes.is_empty()).then_some(bytes)),
+            prefix: None,
+            trailers: None,
+            complete: false,
             seen: len,
             limit: u64::MAX,
             read_timeout: Duration::MAX,
@@ -165,6 +181,78 @@ impl RequestBody {
         }
         Poll::Pending
     }
+
+    /// The body with what [`read_prefix`] already read from it in front.
+    pub fn with_prefix(mut self, prefix: Prefix) -> Self {
+        self.prefix = (!prefix.data.is_empty()).then_some(prefix.data);
+        self.trailers = prefix.trailers;
+        self.complete = prefix.complete;
+        self
+    }
+}
+
+/// The start of a request body, read before the upstream is contacted.
+#[derive(Debug, Default)]
+pub struct Prefix {
+    pub data: Bytes,
+    /// The body's trailers, when it ended within the prefix.
+    pub trailers: Option<http::HeaderMap>,
+    /// The whole body was read.
+    pub complete: bool,
+}
+
+/// Why [`read_prefix`] stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefixError {
+    /// No body byte within `body_read_timeout`.
+    #[error("the client sent no request-body byte within body_read_timeout")]
+    Stalled,
+    /// Malformed framing or an aborted upload.
+    #[error("the client's request body failed: {0}")]
+    Client(#[from] hyper::Error),
+}
+
+/// Reads `body` until it ends or more than `limit` bytes have arrived (the prefix may exceed
+/// `limit` by one frame: at most hyper's read buffer on HTTP/1.1, a DATA frame on HTTP/2).
+/// Each wait for the next frame is bounded by `read_timeout` (`body_read_timeout`), the whole
+/// by the caller (`request_buffer_timeout`).
+pub async fn read_prefix(
+    body: &mut Incoming,
+    limit: usize,
+    read_timeout: Duration,
+) -> Result<Prefix, PrefixError> {
+    use http_body_util::BodyExt as _;
+    let hint = body.size_hint().exact().map_or(limit, |n| n as usize);
+    let mut data = bytes::BytesMut::with_capacity(hint.min(limit));
+    while data.len() <= limit {
+        let frame = tokio::time::timeout(read_timeout, body.frame())
+            .await
+            .map_err(|_| PrefixError::Stalled)?;
+        match frame {
+            None => {
+                return Ok(Prefix {
+                    data: data.freeze(),
+                    trailers: None,
+                    complete: true,
+                });
+            }
+            Some(frame) => match frame?.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => {
+                    return Ok(Prefix {
+                        data: data.freeze(),
+                        trailers: f.into_trailers().ok(),
+                        complete: true,
+                    });
+                }
+            },
+        }
+    }
+    Ok(Prefix {
+        data: data.freeze(),
+        trailers: None,
+        complete: false,
+    })
 }
 
 impl Body for RequestBody {
@@ -176,15 +264,28 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let inner = match &mut this.inner {
-            Source::Stream(s) => s,
-            Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        let polled = match (this.prefix.take(), this.trailers.take()) {
+            (Some(data), trailers) => {
+                this.trailers = trailers;
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            (None, Some(t)) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            (None, None) if this.complete => return Poll::Ready(None),
+            (None, None) => {
+                let inner = match &mut this.inner {
+                    Source::Stream(s) => s,
+                    Source::Buffered(b) => {
+                        return Poll::Ready(b.take().map(|b| Ok(Frame::data(b))));
+                    }
+                };
+                let polled = Pin::new(inner).poll_frame(cx);
+                if polled.is_ready() {
+                    this.stall_armed = false;
+                    this.stats.waiting_on_client.store(false, Relaxed);
+                }
+                polled
+            }
         };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if polled.is_ready() {
-            this.stall_armed = false;
-            this.stats.waiting_on_client.store(false, Relaxed);
-        }
         match polled {
             Poll::Pending => this.stalled(cx),
             Poll::Ready(Some(Ok(frame))) => {
@@ -215,17 +316,33 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Source::Stream(s) => s.is_end_stream(),
-            Source::Buffered(b) => b.is_none(),
+        if self.prefix.is_some() || self.trailers.is_some() {
+            return false;
         }
+        self.complete
+            || match &self.inner {
+                Source::Stream(s) => s.is_end_stream(),
+                Source::Buffered(b) => b.is_none(),
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        // A buffered body has an exact size even if the client sent it chunked, so the upstream
+        // gets a Content-Length.
+        let ahead = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        if self.complete {
+            return SizeHint::with_exact(ahead);
+        }
+        let inner = match &self.inner {
             Source::Stream(s) => s.size_hint(),
             Source::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        };
+        let mut hint = SizeHint::new();
+        if let Some(u) = inner.upper() {
+            hint.set_upper(u + ahead);
         }
+        hint.set_lower(inner.lower() + ahead);
+        hint
     }
 }
 

@@ -44,8 +44,13 @@ pub const UPSTREAM_ERRORS: [&str; 4] = ["connect", "timeout", "protocol", "other
 /// Labels of `keygate_upgrades_refused_total`: `h2c` apart (an attempted tunnel past the
 /// checks), everything else together, so a client cannot grow the label set.
 pub const UPGRADE_REFUSED: [&str; 2] = ["h2c", "other"];
-/// Where a client timed out: `body` (no request-body byte within `body_read_timeout`).
-pub const CLIENT_TIMEOUTS: [&str; 1] = ["body"];
+/// Where a client timed out: `body` (no request-body byte within `body_read_timeout`),
+/// `request_buffer` (a small body not complete within `request_buffer_timeout`).
+pub const CLIENT_TIMEOUTS: [&str; 2] = ["body", "request_buffer"];
+/// `keygate_connections_limited_total` reasons (see `conn_limits::Limited`).
+pub const CONNECTION_LIMITS: [&str; 4] = ["per_ip", "full", "handshake", "idle"];
+/// `keygate_upstream_saturated_total` reasons (see `upstream_cap::Saturated`).
+pub const UPSTREAM_SATURATED: [&str; 2] = ["queue_full", "queue_timeout"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,6 +134,11 @@ pub struct Metrics {
     upstream_exposed: Gauge<i64, AtomicI64>,
     quota_used: Family<QuotaLabels, Gauge<i64, AtomicI64>>,
     quota_limit: Family<QuotaLabels, Gauge<i64, AtomicI64>>,
+    connections_limited: Family<ReasonLabel, Counter>,
+    concurrency_limited: Family<KeyLabel, Counter>,
+    upstream_saturated: Family<ReasonLabel, Counter>,
+    upstream_in_use: Gauge<i64, AtomicI64>,
+    upstream_queue: Gauge<i64, AtomicI64>,
     /// argon2 verifications run, by result (issue 9: the per-IP budget holds).
     argon2_verifications: Family<ResultLabel, Counter>,
     verify_refused: Counter,
@@ -361,7 +371,52 @@ impl Metrics {
             "Verified webhook deliveries forwarded to the upstream, by route",
             webhook_forwarded.clone(),
         );
+        let connections_limited = Family::<ReasonLabel, Counter>::default();
+        for reason in CONNECTION_LIMITS {
+            connections_limited
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_connections_limited",
+            "Client connections refused (per_ip, full) or closed to make room (handshake, idle) by the connection table",
+            connections_limited.clone(),
+        );
+        let concurrency_limited = Family::<KeyLabel, Counter>::default();
+        registry.register(
+            "keygate_concurrency_limited",
+            "Requests refused because their key had max_concurrent requests in flight",
+            concurrency_limited.clone(),
+        );
+        let upstream_saturated = Family::<ReasonLabel, Counter>::default();
+        for reason in UPSTREAM_SATURATED {
+            upstream_saturated
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_upstream_saturated",
+            "Requests refused with 503 because upstream.max_connections stayed in use",
+            upstream_saturated.clone(),
+        );
+        let upstream_in_use: Gauge<i64, AtomicI64> = Gauge::default();
+        registry.register(
+            "keygate_upstream_connections_in_use",
+            "Requests holding an upstream connection now (at most upstream.max_connections)",
+            upstream_in_use.clone(),
+        );
+        let upstream_queue: Gauge<i64, AtomicI64> = Gauge::default();
+        registry.register(
+            "keygate_upstream_queue",
+            "Requests waiting for an upstream connection now",
+            upstream_queue.clone(),
+        );
         Self {
+            connections_limited,
+            concurrency_limited,
+            upstream_saturated,
+            upstream_in_use,
+            upstream_queue,
             registry,
             quota_exceeded,
             key_new_network,
@@ -532,6 +587,38 @@ impl Metrics {
     }
     pub fn connection_closed(&self) {
         self.open_connections.dec();
+    }
+    /// `reason` is one of [`CONNECTION_LIMITS`]; anything else is not counted.
+    pub fn connection_limited(&self, reason: &str) {
+        if let Some(reason) = CONNECTION_LIMITS.iter().find(|r| **r == reason) {
+            self.connections_limited
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
+    }
+    /// `key_id` is the id of a configured key that authenticated.
+    pub fn concurrency_limited(&self, key_id: &Arc<str>) {
+        self.concurrency_limited
+            .get_or_create(&KeyLabel {
+                key_id: key_id.clone(),
+            })
+            .inc();
+    }
+    /// `reason` is one of [`UPSTREAM_SATURATED`]; anything else is not counted.
+    pub fn upstream_saturated(&self, reason: &str) {
+        if let Some(reason) = UPSTREAM_SATURATED.iter().find(|r| **r == reason) {
+            self.upstream_saturated
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
+    }
+    /// +1 when a request takes an upstream connection permit, -1 when it gives it back.
+    pub fn upstream_in_use(&self, delta: i64) {
+        self.upstream_in_use.inc_by(delta);
+    }
+    /// +1 when a request starts waiting for an upstream permit, -1 when it stops.
+    pub fn upstream_waiting(&self, delta: i64) {
+        self.upstream_queue.inc_by(delta);
     }
     pub fn reloaded(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };

@@ -36,6 +36,7 @@ use crate::metrics;
 use crate::proto::{self, strip_hop_by_hop};
 use crate::quota::QuotaState;
 use crate::reject::Reject;
+use crate::upstream_cap::{Held, REQUEST_BUFFER_BUDGET, UpstreamCap};
 use crate::usage::State;
 
 static RATELIMIT_LIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit-limit");
@@ -53,6 +54,27 @@ pub struct Shared {
     pub state: State,
     /// Shared state on Redis (`[cluster]`); fixed at start.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// `[upstream] max_connections` (runtime state: survives reloads, resized by them).
+    pub upstream_cap: UpstreamCap,
+    /// Bytes of request bodies buffered at once ([`REQUEST_BUFFER_BUDGET`]).
+    pub buffer_budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl Shared {
+    pub fn new(
+        snapshot: Snapshot,
+        state: State,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Self {
+        Shared {
+            cluster,
+            verifier: Verifier::new(snapshot.auth.verify_concurrency),
+            upstream_cap: UpstreamCap::new(snapshot.caps.upstream_max_connections),
+            buffer_budget: Arc::new(tokio::sync::Semaphore::new(REQUEST_BUFFER_BUDGET)),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            state,
+        }
+    }
 }
 
 /// Per-connection state: who is on the other end, and whether it is busy (for idle timeout).
@@ -75,13 +97,14 @@ impl Conn {
     }
 }
 
-/// Marks a request in flight on its connection until the response body is done.
-pub struct InFlight(Arc<Conn>);
+/// Marks a request in flight on its connection until the response body is done, and keeps
+/// what the request holds (key slot, upstream permit) until then.
+pub struct InFlight(Arc<Conn>, Held);
 
 impl InFlight {
     fn new(conn: &Arc<Conn>) -> Self {
         conn.in_flight.fetch_add(1, Relaxed);
-        InFlight(conn.clone())
+        InFlight(conn.clone(), Held::default())
     }
 }
 
@@ -142,6 +165,7 @@ struct Ctx<'a> {
     stats: Option<Arc<RequestStats>>,
     /// The path as forwarded, when credential echoes were removed from its query (`echo.rs`).
     echo_free_path: Option<http::uri::PathAndQuery>,
+    held: Held,
 }
 
 /// The hyper service body: never fails, every outcome is a response.
@@ -151,7 +175,7 @@ pub async fn handle(
     conn: Arc<Conn>,
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
     let start = Instant::now();
-    let in_flight = InFlight::new(&conn);
+    let mut in_flight = InFlight::new(&conn);
     let snap = shared.snapshot.load_full();
     let request_id = request_id(&req);
     let client_ip = snap.access.client_ip(
@@ -177,6 +201,7 @@ pub async fn handle(
         upstream_status: None,
         stats: None,
         echo_free_path: None,
+        held: Held::default(),
     };
     // Signed webhook routes need no API key: their own stages, after the same gate.
     let webhook = snap.webhooks.find(req.uri().path()).cloned();
@@ -235,6 +260,7 @@ pub async fn handle(
         bytes_out: 0,
         snapshot: snap.clone(),
     };
+    in_flight.1 = ctx.held;
     Ok(resp.map(|b| b.with_record(record).with_in_flight(in_flight)))
 }
 
@@ -650,6 +676,15 @@ async fn forward(
     ctx: &mut Ctx<'_>,
 ) -> Result<Response<ResponseBody>, Reject> {
     let snap = ctx.snap;
+    // The key's concurrency cap: a slow or stuck client of this key holds a slot until its
+    // response is done, so one key (a leaked one, say) cannot hold every upstream connection.
+    let Some(slot) = key.in_flight.try_acquire(key.max_concurrent) else {
+        metrics::global().concurrency_limited(&key.id);
+        client_event!(ClientEvent::RateLimited, ctx.client_ip, Level::WARN, event = "concurrency_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, max_concurrent = key.max_concurrent, "key has max_concurrent requests in flight");
+        linger(req.into_body());
+        return Err(Reject::RateLimited { retry_after: 1 });
+    };
+    ctx.held.key = Some(slot);
     // Only allowed protocols pass, and only after every check above (SPEC §4, docs/access.md).
     let offer = proto::upgrade_offer(
         req.version(),
@@ -714,7 +749,8 @@ async fn forward(
     );
     let stats = Arc::new(RequestStats::default());
     ctx.stats = Some(stats.clone());
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
+    let prefix = buffer_small_body(&parts, &mut body, offer.forward.is_some(), ctx).await?;
     let mut up = Request::from_parts(
         parts,
         RequestBody::new(
@@ -722,11 +758,13 @@ async fn forward(
             snap.server.max_body_bytes,
             snap.server.body_read_timeout,
             stats.clone(),
-        ),
+        )
+        .with_prefix(prefix),
     );
     *up.uri_mut() = snap.upstream.uri_for(up.uri().path_and_query());
     *up.version_mut() = http::Version::HTTP_11;
 
+    ctx.held.upstream = Some(upstream_permit(ctx, &key).await?);
     let sent = snap.upstream.send(up, &stats).await;
     if stats.retried() {
         metrics::global().upstream_retried();
@@ -814,7 +852,10 @@ async fn forward(
         let client_ip = ctx.client_ip;
         // The access line is written when the tunnel closes (bytes each way, whole duration).
         let (record, log) = crate::body::tunnel_log();
+        // The tunnel keeps the key's slot and the upstream connection while it lasts.
+        let held = std::mem::take(&mut ctx.held);
         tokio::spawn(async move {
+            let _held = held;
             let mut carried = crate::body::Carried::default();
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
@@ -852,6 +893,106 @@ fn options_reply() -> Response<ResponseBody> {
         HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
     );
     resp
+}
+
+/// Request buffering (README "Request buffering"): a body that fits in
+/// `server.request_buffer_bytes` is read completely before the upstream is contacted, within
+/// `server.request_buffer_timeout` (else 408), so a slow client costs the upstream nothing until
+/// its request is complete. A larger body streams; so does any body while the global budget
+/// ([`REQUEST_BUFFER_BUDGET`]) is spent. Returns what was read ahead.
+async fn buffer_small_body(
+    parts: &http::request::Parts,
+    body: &mut Incoming,
+    upgrade: bool,
+    ctx: &mut Ctx<'_>,
+) -> Result<crate::body::Prefix, Reject> {
+    use http_body::Body as _;
+    let caps = &ctx.snap.caps;
+    let limit = caps.request_buffer_bytes;
+    if upgrade || limit == 0 || body.is_end_stream() {
+        return Ok(Default::default());
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let reserve = match declared {
+        Some(n) if n > limit as u64 => return Ok(Default::default()),
+        Some(n) => n as u32,
+        None => limit as u32,
+    };
+    let Ok(budget) = ctx
+        .shared
+        .buffer_budget
+        .clone()
+        .try_acquire_many_owned(reserve)
+    else {
+        tracing::debug!(
+            request_id = request_id_str(ctx.request_id),
+            "request-buffer budget spent; streaming the body"
+        );
+        return Ok(Default::default());
+    };
+    ctx.held.buffer = Some(budget);
+    let read_timeout = ctx.snap.server.body_read_timeout;
+    let read = crate::body::read_prefix(body, limit, read_timeout);
+    let timed_out = |phase: &'static str, timeout: std::time::Duration| {
+        metrics::global().client_timeout(phase);
+        client_event!(
+            ClientEvent::ClientTimeout,
+            ctx.client_ip,
+            Level::INFO,
+            event = "client_timeout",
+            phase,
+            request_id = request_id_str(ctx.request_id),
+            client_ip = %ctx.client_ip,
+            timeout_ms = timeout.as_millis() as u64,
+            "request body too slow while being buffered ({phase}); the upstream was not contacted"
+        );
+        Reject::RequestTimeout
+    };
+    match tokio::time::timeout(caps.request_buffer_timeout, read).await {
+        Ok(Ok(prefix)) => Ok(prefix),
+        Ok(Err(crate::body::PrefixError::Stalled)) => Err(timed_out("body", read_timeout)),
+        Ok(Err(e)) => {
+            tracing::info!(request_id = request_id_str(ctx.request_id), error = %e, "the client's request body failed (malformed framing or aborted) before the upstream was contacted");
+            Err(Reject::BadRequest)
+        }
+        Err(_) => Err(timed_out("request_buffer", caps.request_buffer_timeout)),
+    }
+}
+
+/// An upstream connection permit (`[upstream] max_connections`), waiting at most
+/// `upstream.queue_timeout`; 503 when none comes.
+async fn upstream_permit(
+    ctx: &Ctx<'_>,
+    key: &Key,
+) -> Result<crate::upstream_cap::UpstreamPermit, Reject> {
+    let caps = &ctx.snap.caps;
+    ctx.shared
+        .upstream_cap
+        .acquire(
+            caps.upstream_max_connections,
+            crate::upstream_cap::queue_limit(caps.upstream_max_connections),
+            caps.upstream_queue_timeout,
+        )
+        .await
+        .map_err(|why| {
+            metrics::global().upstream_saturated(why.as_str());
+            client_event!(
+                ClientEvent::UpstreamError,
+                ctx.client_ip,
+                Level::WARN,
+                event = "upstream_saturated",
+                reason = why.as_str(),
+                request_id = request_id_str(ctx.request_id),
+                key_id = &*key.id,
+                max_connections = caps.upstream_max_connections,
+                "no upstream connection free: {why}"
+            );
+            Reject::Unavailable { retry_after: 1 }
+        })
 }
 
 /// Headers every response gets: request id, HSTS, and the key's rate-limit state.

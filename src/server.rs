@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::Verifier;
 use crate::config::{self, BuildContext, Snapshot};
+use crate::conn_limits::{ConnSlot, ConnTable};
 use crate::log::{ClientEvent, LogGuard, client_event};
 use crate::metrics;
 use crate::pipeline::{self, Conn, Shared};
@@ -100,12 +99,7 @@ async fn serve(
         }
         None => None,
     };
-    let shared = Arc::new(Shared {
-        cluster,
-        verifier: Verifier::new(snapshot.auth.verify_concurrency),
-        snapshot: ArcSwap::from_pointee(snapshot),
-        state,
-    });
+    let shared = Arc::new(Shared::new(snapshot, state, cluster));
 
     if let Some(addr) = admin {
         let l = TcpListener::bind(addr).await.map_err(|e| {
@@ -132,12 +126,12 @@ async fn serve(
         log.clone(),
     ));
 
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let table = ConnTable::new(max_connections);
     // Every worker accepts from the same socket (its own descriptor of it).
     let listener = listener.into_std()?;
     for n in 1..workers {
         let std_listener = listener.try_clone()?;
-        let (shared, permits, drain) = (shared.clone(), permits.clone(), drain_rx.clone());
+        let (shared, table, drain) = (shared.clone(), table.clone(), drain_rx.clone());
         std::thread::Builder::new()
             .name(format!("keygate-w{n}"))
             .spawn(move || {
@@ -150,7 +144,7 @@ async fn serve(
                 };
                 rt.block_on(async move {
                     match TcpListener::from_std(std_listener) {
-                        Ok(l) => accept_loop(l, shared, permits, drain).await,
+                        Ok(l) => accept_loop(l, shared, table, drain).await,
                         Err(e) => tracing::error!(error = %e, "worker cannot use the listener"),
                     }
                     // Its connections finish (or are cut at shutdown_grace) on this runtime;
@@ -163,7 +157,7 @@ async fn serve(
     let shutdown = shutdown_signal(signals.term, signals.int);
     tokio::select! {
         () = shutdown => {}
-        () = accept_loop(listener, shared.clone(), permits, drain_rx.clone()) => {}
+        () = accept_loop(listener, shared.clone(), table, drain_rx.clone()) => {}
     }
 
     // Drain: stop accepting, let in-flight requests finish within shutdown_grace.
@@ -200,7 +194,7 @@ async fn serve(
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
+    table: Arc<ConnTable>,
     mut drain_rx: watch::Receiver<bool>,
 ) {
     loop {
@@ -217,10 +211,6 @@ async fn accept_loop(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(peer = %peer, "max_connections reached; connection refused");
-            continue;
-        };
         let snap = shared.snapshot.load_full();
         if snap.server.proxy_protocol {
             // Only the load balancers may say who the client is; nobody else gets a byte read.
@@ -232,13 +222,30 @@ async fn accept_loop(
         } else if !admitted_at_accept(&snap, peer, false) {
             continue;
         }
+        // A slot in the connection table (conn_limits.rs): per-address cap, and when full a
+        // connection still in its handshake or idle makes room.
+        let per_ip = snap.caps.max_connections_per_ip;
+        let Some(slot) = table.admit(
+            peer.ip(),
+            per_ip,
+            snap.access.is_trusted_proxy(peer.ip().to_canonical()),
+        ) else {
+            continue;
+        };
         let shared = shared.clone();
         let drain = drain_rx.clone();
         tokio::spawn(async move {
             let _open = OpenConnection::new();
             let mut stream = stream;
             let peer = if snap.server.proxy_protocol {
-                proxied_peer(&mut stream, peer, &snap).await
+                let proxied = tokio::select! {
+                    p = proxied_peer(&mut stream, peer, &snap) => p,
+                    () = slot.reclaimed() => None,
+                };
+                proxied.filter(|p| {
+                    let ip = p.ip();
+                    slot.rebind(ip, per_ip, snap.access.is_trusted_proxy(ip))
+                })
             } else {
                 Some(peer)
             };
@@ -246,11 +253,11 @@ async fn accept_loop(
                 // Lines the h2/TLS libraries write while serving it count against its budget.
                 crate::log::serving(
                     peer.ip().to_canonical(),
-                    serve_connection(stream, peer, snap, shared, drain),
+                    serve_connection(stream, peer, snap, shared, drain, &slot),
                 )
                 .await;
             }
-            drop(permit);
+            drop(slot);
         });
     }
 }
@@ -318,15 +325,20 @@ async fn serve_connection(
     snap: Arc<Snapshot>,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
+    slot: &ConnSlot,
 ) {
     let _ = stream.set_nodelay(true);
     let s = &snap.server;
-    let tls = match tokio::time::timeout(
+    let handshake = tokio::time::timeout(
         s.tls_handshake_timeout,
         TlsAcceptor::from(snap.tls.clone()).accept(stream),
-    )
-    .await
-    {
+    );
+    // A connection still in its handshake is the first to go when the table is full.
+    let handshake = tokio::select! {
+        r = handshake => r,
+        () = slot.reclaimed() => return,
+    };
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "TLS handshake failed");
@@ -341,6 +353,7 @@ async fn serve_connection(
     // Explicit limits against hostile clients (tests/hostile.rs, docs/hardening.md).
     let header_read_timeout = s.header_read_timeout;
     let conn = Arc::new(Conn::new(peer));
+    slot.established(conn.clone());
     // Set when the first request's head is complete and reaches the pipeline.
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = {
@@ -386,7 +399,7 @@ async fn serve_connection(
         let http = b.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(http);
         watch
-            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain)
+            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain, slot)
             .await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -405,7 +418,7 @@ async fn serve_connection(
         let http = b.serve_connection(TokioIo::new(tls), svc).with_upgrades();
         tokio::pin!(http);
         watch
-            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain)
+            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain, slot)
             .await;
     }
 }
@@ -520,6 +533,7 @@ impl Watch {
         mut http: std::pin::Pin<&mut C>,
         shut: impl Fn(std::pin::Pin<&mut C>),
         drain: &mut watch::Receiver<bool>,
+        slot: &ConnSlot,
     ) where
         C: std::future::Future<Output = Result<(), hyper::Error>>,
     {
@@ -549,6 +563,14 @@ impl Watch {
                     return;
                 }
                 _ = drain.changed(), if !closing => {
+                    shut(http.as_mut());
+                    closing = true;
+                }
+                // The table took this slot for a newcomer (only when idle: see conn_limits.rs).
+                () = slot.reclaimed(), if !closing => {
+                    if conn.in_flight.load(Relaxed) == 0 {
+                        return;
+                    }
                     shut(http.as_mut());
                     closing = true;
                 }

@@ -161,30 +161,48 @@ async fn denied_peer_is_closed_before_the_tls_handshake() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_refuses_excess_at_accept() {
+async fn max_connections_refuses_excess_at_accept_when_every_connection_is_busy() {
     let up = Upstream::start().await;
     let (token, hash) = new_key("k");
     let kg = Keygate::builder()
         .upstream(&up)
         .server("max_connections = 2")
+        .server("max_connections_per_ip = 100")
         .key("k", &hash, "")
         .start();
-    let first = try_tls(&kg).await.expect("first connection");
-    let mut second = try_tls(&kg).await.expect("second connection");
+    // Idle or unfinished connections would make room (tests/attack_caps.rs); busy ones do not.
+    let busy: Vec<_> = [
+        try_tls(&kg).await.expect("first connection"),
+        try_tls(&kg).await.expect("second connection"),
+    ]
+    .into_iter()
+    .map(|mut s| {
+        let token = token.clone();
+        tokio::spawn(async move {
+            raw_request(&mut s, "GET", "/slow?ms=3000", &[("x-api-key", &token)])
+                .await
+                .0
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.count() < 2 {
+        assert!(Instant::now() < deadline, "slow requests did not arrive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         try_tls(&kg).await.is_err(),
-        "a third connection was served with max_connections = 2"
+        "a third connection was served with max_connections = 2, both busy"
     );
     kg.wait_log("refusal logged", |v| {
-        v["msg"] == "max_connections reached; connection refused"
+        v["event"] == "connection_limited" && v["reason"] == "full"
     });
-    // The two open connections are unaffected.
-    let (status, _) = raw_request(&mut second, "GET", "/", &[("x-api-key", &token)]).await;
-    assert_eq!(status, 200);
+    // The two busy connections are unaffected.
+    for b in busy {
+        assert_eq!(b.await.unwrap(), 200);
+    }
 
     // A closed connection frees its slot.
-    drop(first);
-    drop(second);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut s = loop {
         if let Ok(s) = try_tls(&kg).await {

@@ -173,6 +173,10 @@ pub struct Key {
     /// next snapshot when the hash is unchanged; a removed key takes its entry with it.
     pub verified: Arc<OnceLock<Digest>>,
     pub limiter: Option<Arc<KeyLimiter>>,
+    /// Requests of this key in flight at once, at most (`max_concurrent`, 429 beyond).
+    pub max_concurrent: u32,
+    /// Requests of this key in flight now; carried over a reload while the key stays.
+    pub in_flight: Arc<crate::upstream_cap::KeyInFlight>,
     pub allow: Option<IpList>,
     pub scope: Scope,
     pub expires: Option<jiff::Timestamp>,

@@ -151,6 +151,7 @@ pub struct Snapshot {
     pub upstream_url: String,
     /// `[[webhooks]]`: signed routes that need no API key.
     pub webhooks: crate::webhook::Routes,
+    pub caps: Caps,
     /// Non-fatal findings (weak argon2 parameters, …) for `check` and the start-up log.
     pub warnings: Vec<String>,
     /// `[cluster]`, when this instance shares state through Redis (restart-only).
@@ -175,6 +176,25 @@ pub struct ServerSettings {
     pub hsts: Option<HeaderValue>,
     /// Expect a PROXY protocol v1/v2 header first on every connection (from trusted proxies).
     pub proxy_protocol: bool,
+}
+
+/// Caps on connections, buffered bodies, upstream connections and per-key concurrency
+/// (`config/build/caps.rs` has the TOML names and defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Client connections one address (IPv4 /32, IPv6 /64) may hold.
+    pub max_connections_per_ip: usize,
+    /// Request bodies up to this size are read completely before the upstream is contacted;
+    /// 0: every body streams.
+    pub request_buffer_bytes: usize,
+    /// A body being buffered must arrive within this (else 408).
+    pub request_buffer_timeout: Duration,
+    /// Requests using an upstream connection at once.
+    pub upstream_max_connections: usize,
+    /// How long a request waits for an upstream connection (else 503).
+    pub upstream_queue_timeout: Duration,
+    /// Requests one key may have in flight unless its `max_concurrent` says otherwise.
+    pub default_max_concurrent: u32,
 }
 
 pub struct AuthSettings {

@@ -55,6 +55,9 @@ pub struct RawServer {
     pub tls_handshake_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub request_buffer_bytes: Option<usize>,
+    pub request_buffer_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub hsts: Option<Hsts>,
@@ -89,6 +92,8 @@ pub struct RawUpstream {
     /// `"client"` (default) or `"upstream"`.
     pub host: Option<String>,
     pub upgrade_protocols: Option<Vec<String>>,
+    pub max_connections: Option<usize>,
+    pub queue_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +104,7 @@ pub struct RawAuth {
     pub failed_auth_limit: Option<String>,
     pub default_rate_limit: Option<String>,
     pub verify_concurrency: Option<usize>,
+    pub default_max_concurrent: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +128,7 @@ pub struct RawKey {
     pub rotation_period: Option<String>,
     pub rate_limit: Option<String>,
     pub burst: Option<u32>,
+    pub max_concurrent: Option<u32>,
     pub allow: Option<Vec<String>>,
     pub methods: Option<Vec<String>>,
     pub paths: Option<Vec<String>>,
@@ -179,6 +186,7 @@ pub struct RawRole {
     pub paths: Option<Vec<String>>,
     pub rate_limit: Option<String>,
     pub burst: Option<u32>,
+    pub max_concurrent: Option<u32>,
     pub quota: Option<String>,
     pub allow: Option<Vec<String>>,
     pub rotation_period: Option<String>,

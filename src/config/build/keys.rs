@@ -1,5 +1,6 @@
 //! `[[keys]]`: each key's own fields merged over its role's (`roles.rs`), parsed once, with the
-//! live state that must survive a reload (verified cache, rate-limit bucket) carried over.
+//! live state that must survive a reload (verified cache, rate-limit bucket, requests in flight)
+//! carried over.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,18 +16,27 @@ use crate::config::Snapshot;
 use crate::config::raw::RawKey;
 use crate::limits::{KeyLimiter, Rate};
 
+/// What a key gets when neither it nor its role says otherwise (`[auth]`).
+#[derive(Clone, Copy)]
+pub(super) struct KeyDefaults {
+    /// `auth.default_rate_limit`.
+    pub rate: Option<Rate>,
+    /// `auth.default_max_concurrent`.
+    pub max_concurrent: u32,
+}
+
 /// Builds every key; duplicates and unknown roles are errors named by TOML path.
 pub(super) fn build_keys(
     raw: &[RawKey],
     roles: &HashMap<String, Role>,
-    default_rate: Option<Rate>,
+    defaults: KeyDefaults,
     previous: Option<&Snapshot>,
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> HashMap<Box<str>, Arc<Key>> {
     let mut keys: HashMap<Box<str>, Arc<Key>> = HashMap::with_capacity(raw.len());
     for (i, k) in raw.iter().enumerate() {
-        if let Some(key) = build_key(i, k, roles, default_rate, previous, errs, warnings) {
+        if let Some(key) = build_key(i, k, roles, defaults, previous, errs, warnings) {
             if keys.contains_key(&*key.id) {
                 errs.push(
                     format!("keys[{i}].id"),
@@ -99,7 +109,7 @@ fn build_key(
     i: usize,
     k: &RawKey,
     roles: &HashMap<String, Role>,
-    default_rate: Option<Rate>,
+    defaults: KeyDefaults,
     previous: Option<&Snapshot>,
     errs: &mut Errors,
     warnings: &mut Vec<String>,
@@ -173,11 +183,18 @@ fn build_key(
                 None
             }
         },
-        None => role.rate.or(default_rate),
+        None => role.rate.or(defaults.rate),
     };
     if k.burst == Some(0) {
         errs.push(p("burst"), "must be at least 1");
     }
+    if k.max_concurrent == Some(0) {
+        errs.push(p("max_concurrent"), "must be at least 1");
+    }
+    let max_concurrent = k
+        .max_concurrent
+        .or(role.max_concurrent)
+        .unwrap_or(defaults.max_concurrent);
     let burst = k.burst.or(role.burst);
     if burst.is_some() && rate.is_none() {
         let at = if k.burst.is_some() {
@@ -248,6 +265,9 @@ fn build_key(
         }
     });
     Some(Key {
+        max_concurrent,
+        // Requests in flight stay counted across a reload.
+        in_flight: old.map(|o| o.in_flight.clone()).unwrap_or_default(),
         id: k.id.as_str().into(),
         id_header: http::HeaderValue::from_str(&k.id).ok()?,
         hash,

@@ -5,6 +5,7 @@ mod keys;
 mod lifecycle;
 mod roles;
 
+mod caps;
 mod cluster;
 mod webhooks;
 pub use webhooks::webhook_route;
@@ -334,6 +335,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             }
         },
     };
+    let caps = caps::build(&raw, max_connections, &mut errs);
     let server = ServerSettings {
         listen,
         workers: s.workers,
@@ -538,7 +540,10 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     let keys = keys::build_keys(
         &raw.keys,
         &roles,
-        default_rate,
+        keys::KeyDefaults {
+            rate: default_rate,
+            max_concurrent: caps.default_max_concurrent,
+        },
         ctx.previous,
         &mut errs,
         &mut warnings,
@@ -690,6 +695,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         introspection_path,
         upstream_url: upstream_url.to_string(),
         webhooks,
+        caps,
         warnings,
         cluster,
         config_hash: raw.fingerprint.clone(),

@@ -25,6 +25,8 @@ pub struct Role {
     pub paths: Option<Vec<String>>,
     pub rate: Option<Rate>,
     pub burst: Option<u32>,
+    /// Requests in flight at once for each key of the role (`max_concurrent`).
+    pub max_concurrent: Option<u32>,
     pub quota: Option<Quota>,
     pub allow: Option<IpList>,
     pub rotation_period: Option<Duration>,
@@ -68,7 +70,11 @@ pub(super) fn build_roles(
         if r.burst == Some(0) {
             errs.push(p("burst"), "must be at least 1");
         }
+        if r.max_concurrent == Some(0) {
+            errs.push(p("max_concurrent"), "must be at least 1");
+        }
         let role = Role {
+            max_concurrent: r.max_concurrent,
             methods: r
                 .methods
                 .as_ref()

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Hostile-but-simple clients for bench/attack.sh (stdlib only: asyncio + ssl).
+
+  idle  N HOST PORT TOKEN [PATH]  open N TLS connections (ALPN http/1.1), send one keep-alive
+                                  GET each, read the response, then hold them idle. Prints
+                                  "ready <n>" once all are idle, then waits for SIGTERM.
+  bare  N HOST PORT [SRC]         open N TCP connections from SRC (default 127.0.0.1) that never
+                                  send a byte; prints "ready <n>" and holds them until SIGTERM.
+  probe HOST PORT TOKEN SRC COUNT INTERVAL
+                                  COUNT requests, each on a new TLS connection from SRC, one
+                                  every INTERVAL s, 2 s timeout each; prints served/COUNT and
+                                  the longest run of failures in seconds.
+
+Everything is bounded: counts from the command line, 2 s per probe, 60 s per connection setup.
+"""
+import asyncio
+import signal
+import socket
+import ssl
+import sys
+import time
+
+
+def tls_ctx():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def read_response(reader):
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    if length:
+        await reader.readexactly(length)
+    return int(head[9:12])
+
+
+async def wait_term():
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, stop.set)
+    await stop.wait()
+
+
+async def idle(n, host, port, token, path="/small"):
+    ctx = tls_ctx()
+    conns = []
+    sem = asyncio.Semaphore(64)
+    statuses = {}
+
+    async def one():
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost"), 60
+                )
+                w.write(
+                    f"GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\n\r\n".encode()
+                )
+                st = await asyncio.wait_for(read_response(r), 60)
+                statuses[st] = statuses.get(st, 0) + 1
+                conns.append((r, w))
+            except Exception as e:  # counted, not fatal: the report shows how many are held
+                statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    print(f"ready {len(conns)} {statuses}", flush=True)
+    await wait_term()
+
+
+async def bare(n, host, port, src="127.0.0.1"):
+    socks = []
+    loop = asyncio.get_running_loop()
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.bind((src, 0))
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, (host, port)), 5)
+            socks.append(s)
+        except Exception:
+            s.close()
+    print(f"ready {len(socks)}", flush=True)
+    await wait_term()
+
+
+async def probe(host, port, token, src, count, interval):
+    ctx = tls_ctx()
+    served = 0
+    worst = 0.0
+    fail_since = None
+    start = time.monotonic()
+    for i in range(count):
+        at = start + i * interval
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        ok = False
+        try:
+            async def go():
+                r, w = await asyncio.open_connection(
+                    host, port, ssl=ctx, server_hostname="localhost", local_addr=(src, 0)
+                )
+                w.write(
+                    f"GET /small HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\nConnection: close\r\n\r\n".encode()
+                )
+                st = await read_response(r)
+                w.close()
+                return st
+
+            ok = await asyncio.wait_for(go(), 2) == 200
+        except Exception:
+            ok = False
+        now = time.monotonic()
+        if ok:
+            served += 1
+            if fail_since is not None:
+                worst = max(worst, now - fail_since)
+                fail_since = None
+        elif fail_since is None:
+            fail_since = now
+    if fail_since is not None:
+        worst = max(worst, time.monotonic() - fail_since)
+    print(f"served {served}/{count} longest_outage_s {worst:.1f}", flush=True)
+
+
+def main():
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "idle":
+        asyncio.run(idle(int(args[0]), args[1], int(args[2]), args[3], *args[4:5]))
+    elif cmd == "bare":
+        asyncio.run(bare(int(args[0]), args[1], int(args[2]), *args[3:4]))
+    elif cmd == "probe":
+        asyncio.run(
+            probe(args[0], int(args[1]), args[2], args[3], int(args[4]), float(args[5]))
+        )
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

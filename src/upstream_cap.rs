@@ -1,0 +1,242 @@
+//! Caps on what keygate asks of the upstream (issue 9 §2), between the pipeline's checks and
+//! [`crate::forward::Upstream::send`]:
+//!
+//! ```text
+//! … rate limit → key's concurrency slot → (small body buffered) → upstream permit → send
+//! ```
+//!
+//! * [`KeySlot`]: one API key's requests in flight, at most its `max_concurrent`
+//!   (`[[keys]] max_concurrent`, default `[auth] default_max_concurrent`). Beyond it: 429.
+//! * [`UpstreamCap`]: requests using an upstream connection at once, at most
+//!   `[upstream] max_connections`. A request beyond it waits in a queue, at most
+//!   `[upstream] queue_timeout` and behind at most [`queue_limit`] others; then 503.
+//!
+//! Both are held until the response body has been sent (an upstream connection is busy until
+//! then), or for the life of an upgraded connection. Each request holds exactly one permit
+//! however many upstream attempts it makes, so the upstream sees at most `max_connections`
+//! connections in use (the pool keeps idle ones for reuse, never more than were in use).
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Default `[upstream] max_connections`: Envoy's circuit-breaker default (`max_connections`,
+/// `max_requests`, `max_pending_requests` are all 1,024).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default `[upstream] queue_timeout`.
+pub const DEFAULT_QUEUE_TIMEOUT: &str = "5s";
+/// Requests that may wait for an upstream connection at once: `max_connections`, but at least
+/// 1,024 (Envoy's `max_pending_requests` default). Past it a request gets 503 without waiting.
+pub fn queue_limit(max_connections: usize) -> usize {
+    max_connections.max(1024)
+}
+
+/// Default `[auth] default_max_concurrent`: a quarter of the upstream's default connections, so
+/// no single key (a leaked one, say) can take them all.
+pub const DEFAULT_KEY_MAX_CONCURRENT: u32 = 256;
+
+/// One key's count of requests in flight, shared by every snapshot in which the key stays (a
+/// reload must not reset it: requests already in flight still count).
+#[derive(Debug, Default)]
+pub struct KeyInFlight(AtomicU32);
+
+impl KeyInFlight {
+    pub fn get(&self) -> u32 {
+        self.0.load(Relaxed)
+    }
+
+    /// Takes a slot if fewer than `max` requests of this key are in flight.
+    pub fn try_acquire(self: &Arc<Self>, max: u32) -> Option<KeySlot> {
+        let prev = self.0.fetch_add(1, Relaxed);
+        if prev >= max {
+            self.0.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(KeySlot(self.clone()))
+    }
+}
+
+/// A key's request in flight; released on drop.
+#[derive(Debug)]
+pub struct KeySlot(Arc<KeyInFlight>);
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Global budget of request-body bytes held by buffering (`server.request_buffer_bytes` per
+/// request): 64 MiB. Past it, bodies stream as if buffering were off.
+pub const REQUEST_BUFFER_BUDGET: usize = 64 * 1024 * 1024;
+
+/// What a request holds until its response body is done (or its upgraded connection closes).
+#[derive(Default)]
+pub struct Held {
+    pub key: Option<KeySlot>,
+    pub upstream: Option<UpstreamPermit>,
+    /// Bytes reserved in the request-buffer budget.
+    pub buffer: Option<OwnedSemaphorePermit>,
+}
+
+/// Why no upstream permit was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Saturated {
+    #[error("upstream.max_connections in use and the wait queue is full")]
+    QueueFull,
+    #[error("upstream.max_connections in use for all of upstream.queue_timeout")]
+    QueueTimeout,
+}
+
+impl Saturated {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Saturated::QueueFull => "queue_full",
+            Saturated::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+/// The upstream connection cap: one per process, owned by the runtime (not the config
+/// snapshot), resized when a reload changes `max_connections`.
+pub struct UpstreamCap {
+    sem: Arc<Semaphore>,
+    /// The size the semaphore has been set to.
+    size: Mutex<usize>,
+    waiting: AtomicUsize,
+}
+
+/// An upstream connection in use; released on drop.
+pub struct UpstreamPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for UpstreamPermit {
+    fn drop(&mut self) {
+        crate::metrics::global().upstream_in_use(-1);
+    }
+}
+
+impl UpstreamCap {
+    pub fn new(max: usize) -> Self {
+        UpstreamCap {
+            sem: Arc::new(Semaphore::new(max)),
+            size: Mutex::new(max),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// A permit to use an upstream connection: at once if fewer than `max` are in use, else
+    /// after waiting in line (at most `queue_limit` waiting, at most `queue_timeout`).
+    pub async fn acquire(
+        &self,
+        max: usize,
+        queue_limit: usize,
+        queue_timeout: Duration,
+    ) -> Result<UpstreamPermit, Saturated> {
+        self.resize(max);
+        let permit = match self.sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Relaxed) >= queue_limit {
+                    self.waiting.fetch_sub(1, Relaxed);
+                    return Err(Saturated::QueueFull);
+                }
+                crate::metrics::global().upstream_waiting(1);
+                let got =
+                    tokio::time::timeout(queue_timeout, self.sem.clone().acquire_owned()).await;
+                self.waiting.fetch_sub(1, Relaxed);
+                crate::metrics::global().upstream_waiting(-1);
+                match got {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(Saturated::QueueTimeout),
+                }
+            }
+        };
+        crate::metrics::global().upstream_in_use(1);
+        Ok(UpstreamPermit { _permit: permit })
+    }
+
+    /// Requests waiting for a permit now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Relaxed)
+    }
+
+    /// After a reload: grows at once; shrinks as permits come back (a background task takes
+    /// the surplus as it is released, so requests in flight are never cut).
+    fn resize(&self, max: usize) {
+        let mut size = self.size.lock().unwrap_or_else(|p| p.into_inner());
+        if *size == max {
+            return;
+        }
+        if max > *size {
+            self.sem.add_permits(max - *size);
+        } else {
+            let surplus = u32::try_from(*size - max).unwrap_or(u32::MAX);
+            let sem = self.sem.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(surplus).await {
+                    p.forget();
+                }
+            });
+        }
+        *size = max;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_slots_are_bounded_and_released() {
+        let k = Arc::new(KeyInFlight::default());
+        let a = k.try_acquire(2).unwrap();
+        let _b = k.try_acquire(2).unwrap();
+        assert!(k.try_acquire(2).is_none());
+        assert_eq!(k.get(), 2);
+        drop(a);
+        assert!(k.try_acquire(2).is_some());
+        assert_eq!(k.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn waits_in_line_then_times_out_and_the_line_is_bounded() {
+        let cap = Arc::new(UpstreamCap::new(1));
+        let t = Duration::from_millis(50);
+        let held = cap.acquire(1, 1, t).await.unwrap();
+        assert_eq!(
+            cap.acquire(1, 1, t).await.err(),
+            Some(Saturated::QueueTimeout)
+        );
+        // One waiter fills a line of one; the next is refused without waiting.
+        let c2 = cap.clone();
+        let waiter =
+            tokio::spawn(async move { c2.acquire(1, 1, Duration::from_secs(30)).await.is_ok() });
+        while cap.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            cap.acquire(1, 1, Duration::from_secs(30)).await.err(),
+            Some(Saturated::QueueFull)
+        );
+        drop(held);
+        assert!(waiter.await.unwrap(), "the waiter gets the released permit");
+    }
+
+    #[tokio::test]
+    async fn resizing_grows_now_and_shrinks_as_permits_return() {
+        let cap = UpstreamCap::new(1);
+        let t = Duration::from_millis(20);
+        let a = cap.acquire(2, 2, t).await.unwrap();
+        let b = cap.acquire(2, 2, t).await.unwrap();
+        assert!(cap.acquire(2, 2, t).await.is_err());
+        // Shrink to 1 with two in use: neither is cut; once both are back only one fits.
+        assert!(cap.acquire(1, 1, t).await.is_err());
+        drop((a, b));
+        let _one = cap.acquire(1, 1, Duration::from_secs(5)).await.unwrap();
+        assert!(cap.acquire(1, 1, t).await.is_err());
+    }
+}

@@ -1,0 +1,565 @@
+//! Issue 9 §2 and §4: the caps that keep one address, one key or one slow client from taking
+//! what others need. Connection table (per-address cap, reclaiming handshakes and idle
+//! connections when full), per-key `max_concurrent`, `[upstream] max_connections` with its
+//! bounded wait, and request buffering (a slow upload costs the upstream nothing until it is
+//! complete). Real keygate process, real TLS, second loopback address 127.0.0.2.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+
+type Tls = TlsStream<TcpStream>;
+
+/// A TLS connection to keygate from the loopback address `src` (127.0.0.x).
+async fn tls_from(kg: &Keygate, src: [u8; 4]) -> std::io::Result<Tls> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((src, 0)))?;
+    let tcp = sock.connect(kg.addr).await?;
+    let mut cfg = kg.tls_config();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connect = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp);
+    tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+}
+
+/// Writes one HTTP/1.1 request and reads one response (by its Content-Length): (status, body).
+/// `None`: the connection failed or closed first.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    head: &str,
+    body: &[u8],
+) -> Option<(u16, String)> {
+    s.write_all(head.as_bytes()).await.ok()?;
+    s.write_all(body).await.ok()?;
+    read_response(s).await
+}
+
+async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> Option<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    let status = head.get(9..12)?.parse().ok()?;
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                    return Some((status, body));
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .ok()?
+}
+
+fn get(path: &str, token: &str, close: bool) -> String {
+    let conn = if close { "close" } else { "keep-alive" };
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {conn}\r\nX-API-Key: {token}\r\n\r\n"
+    )
+}
+
+/// One legitimate request on a new connection from `src`: its status, or `None` when keygate
+/// refused the connection.
+async fn probe(kg: &Keygate, src: [u8; 4], token: &str) -> Option<u16> {
+    let mut s = tls_from(kg, src).await.ok()?;
+    exchange(&mut s, &get("/", token, true), b"")
+        .await
+        .map(|(st, _)| st)
+}
+
+/// GET on the admin listener: the metrics text.
+async fn metrics(kg: &Keygate) -> String {
+    let mut s = TcpStream::connect(kg.admin.expect("admin listener"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls the metrics until `series` satisfies `pred`.
+async fn wait_metric(kg: &Keygate, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = metric(&metrics(kg).await, series);
+        if pred(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{series} stayed at {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An upstream that counts what reaches it: TCP connections accepted, requests in progress
+/// (and the most at once), and for each request its framing headers and body length.
+/// `/slow?ms=N` answers after N ms; everything else at once, after reading the body.
+/// What the upstream saw of one request: Content-Length, Transfer-Encoding, body length.
+type SeenRequest = (Option<String>, Option<String>, usize);
+
+#[derive(Default)]
+struct Counting {
+    connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    seen: std::sync::Mutex<Vec<SeenRequest>>,
+}
+
+async fn counting_upstream() -> (String, Arc<Counting>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let c = Arc::new(Counting::default());
+    let c2 = c.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c2.connections.fetch_add(1, SeqCst);
+            let c = c2.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let c = c.clone();
+                        async move {
+                            let now = c.in_flight.fetch_add(1, SeqCst) + 1;
+                            c.max_in_flight.fetch_max(now, SeqCst);
+                            let h = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .map(|v| v.to_str().unwrap_or_default().to_string())
+                            };
+                            let (cl, te) = (h("content-length"), h("transfer-encoding"));
+                            let ms = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("ms="))
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let len = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len())
+                                .unwrap_or(0);
+                            c.seen.lock().unwrap().push((cl, te, len));
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            c.in_flight.fetch_sub(1, SeqCst);
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(full(
+                                Bytes::from(len.to_string()),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (url, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_many_bare_connections_cannot_lock_out_another() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .server("max_connections = 60")
+        .server("max_connections_per_ip = 20")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    // 127.0.0.1 opens 100 TCP connections and never starts TLS.
+    let mut bare = Vec::new();
+    for _ in 0..100 {
+        bare.push(TcpStream::connect(kg.addr).await.unwrap());
+    }
+    wait_metric(
+        &kg,
+        "keygate_connections_limited_total{reason=\"per_ip\"}",
+        |v| v >= 80.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&metrics(&kg).await, "keygate_open_connections"),
+        20.0,
+        "one address holds at most max_connections_per_ip"
+    );
+    for i in 0..10 {
+        assert_eq!(
+            probe(&kg, [127, 0, 0, 2], &token).await,
+            Some(200),
+            "probe {i}"
+        );
+    }
+    // The refusals are one event line (then one per 10 s), with the count, not 80 lines.
+    let events = kg.events("connection_limited");
+    assert!(!events.is_empty() && events.len() < 5, "{events:?}");
+    assert_eq!(events[0]["reason"], "per_ip");
+    assert_eq!(events[0]["client_ip"], "127.0.0.1");
+    drop(bare);
+    assert_no_secrets(&kg.logs(), &[&token, &hash]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_table_makes_room_by_closing_connections_that_never_start_tls() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .server("max_connections = 30")
+        .server("max_connections_per_ip = 1000")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    // More bare connections than slots (as 4,200 against 4,096).
+    let mut bare = Vec::new();
+    for _ in 0..40 {
+        bare.push(TcpStream::connect(kg.addr).await.unwrap());
+    }
+    wait_metric(&kg, "keygate_open_connections", |v| v == 30.0).await;
+    // 10 were closed for the last 10 bare ones (oldest first); each probe finds room too.
+    for i in 0..20 {
+        assert_eq!(
+            probe(&kg, [127, 0, 0, 2], &token).await,
+            Some(200),
+            "probe {i}"
+        );
+    }
+    let m = metrics(&kg).await;
+    assert!(
+        metric(
+            &m,
+            "keygate_connections_limited_total{reason=\"handshake\"}"
+        ) >= 11.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "keygate_connections_limited_total{reason=\"full\"}"),
+        0.0
+    );
+    // Reclaimed connections are really closed: keygate's end reads as EOF.
+    let mut closed = 0;
+    for s in &mut bare {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 11, "only {closed} bare connections were closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_make_room_busy_ones_never() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .server("max_connections = 3")
+        .server("max_connections_per_ip = 100")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    // One idle keep-alive connection (a request done), two busy with a slow request each.
+    let mut idle = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    assert_eq!(
+        exchange(&mut idle, &get("/", &token, false), b"")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let slow = |n: usize| {
+        let kg_addr = (kg.tls_config(), kg.addr);
+        let token = token.clone();
+        tokio::spawn(async move {
+            let tcp = TcpStream::connect(kg_addr.1).await.unwrap();
+            let mut cfg = kg_addr.0;
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            let _ = n;
+            exchange(&mut s, &get("/slow?ms=4000", &token, true), b"").await
+        })
+    };
+    let busy: Vec<_> = (0..2).map(slow).collect();
+    wait_until("2 slow requests at the upstream", || up.count() == 3).await;
+
+    // Full: the idle connection makes room for a newcomer.
+    assert_eq!(probe(&kg, [127, 0, 0, 2], &token).await, Some(200));
+    let mut b = [0u8; 1];
+    let eof = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut b)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection still open: {eof:?}"
+    );
+
+    // Three busy connections: a newcomer is refused, none of them is cut.
+    let third = slow(3);
+    wait_until("3 slow requests at the upstream", || up.count() == 5).await;
+    assert_eq!(probe(&kg, [127, 0, 0, 2], &token).await, None);
+    wait_metric(
+        &kg,
+        "keygate_connections_limited_total{reason=\"full\"}",
+        |v| v >= 1.0,
+    )
+    .await;
+    for b in busy.into_iter().chain([third]) {
+        assert_eq!(b.await.unwrap().map(|r| r.0), Some(200));
+    }
+    let m = metrics(&kg).await;
+    // The idle keep-alive connection, and possibly the first probe's (idle once answered).
+    assert!(
+        metric(&m, "keygate_connections_limited_total{reason=\"idle\"}") >= 1.0,
+        "{m}"
+    );
+    // Room again once they are done.
+    assert_eq!(probe(&kg, [127, 0, 0, 2], &token).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_max_concurrent_gets_429_on_h1_and_h2_others_unaffected() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let (other, other_hash) = new_key("other");
+    let (solo, solo_hash) = new_key("solo");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("k", &hash, "max_concurrent = 2")
+        .key("other", &other_hash, "")
+        // A role's max_concurrent applies to each of its keys.
+        .raw("[roles.one-at-a-time]\nmax_concurrent = 1")
+        .key("solo", &solo_hash, "role = \"one-at-a-time\"")
+        .admin()
+        .start();
+    let c = kg.client();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let c = kg.client();
+            let url = kg.url("/slow?ms=3000");
+            let token = token.clone();
+            tokio::spawn(async move { c.get(&url, &[("x-api-key", &token)]).await.status })
+        })
+        .collect();
+    let solo_slow = {
+        let c = kg.client();
+        let url = kg.url("/slow?ms=3000");
+        let solo = solo.clone();
+        tokio::spawn(async move { c.get(&url, &[("x-api-key", &solo)]).await.status })
+    };
+    wait_until("3 slow requests at the upstream", || up.count() == 3).await;
+    let r = kg.client().get(&kg.url("/"), &[("x-api-key", &solo)]).await;
+    assert_eq!(r.status, 429, "the role's max_concurrent = 1");
+    for client in [c, kg.client_h2()] {
+        let r = client.get(&kg.url("/"), &[("x-api-key", &token)]).await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["error"], "too many requests");
+        assert!(r.json()["request_id"].is_string());
+        assert_eq!(r.header("retry-after"), Some("1"));
+        let r = client.get(&kg.url("/"), &[("x-api-key", &other)]).await;
+        assert_eq!(r.status, 200, "another key is not limited");
+    }
+    assert_eq!(up.count(), 5, "refused requests never reached the upstream");
+    let ev = kg.wait_log("concurrency event", |v| {
+        v["event"] == "concurrency_limited" && v["key_id"] == "k"
+    });
+    assert_eq!(ev["max_concurrent"], 2);
+    let m = metrics(&kg).await;
+    assert_eq!(
+        metric(&m, "keygate_concurrency_limited_total{key_id=\"k\"}"),
+        2.0,
+        "{m}"
+    );
+    for s in slow.into_iter().chain([solo_slow]) {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    // Slots come back when responses end.
+    let r = kg
+        .client()
+        .get(&kg.url("/"), &[("x-api-key", &token)])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_no_secrets(&kg.logs(), &[&token, &other, &solo, &hash]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_capped_with_a_bounded_wait_then_503() {
+    let (url, up) = counting_upstream().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream_url(&url)
+        .upstream_line("max_connections = 2")
+        .upstream_line("queue_timeout = \"20s\"")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    // Eight requests at once through a cap of two: all served, never more than two at the
+    // upstream at a time.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let c = kg.client();
+            let url = kg.url("/slow?ms=200");
+            let token = token.clone();
+            tokio::spawn(async move { c.get(&url, &[("x-api-key", &token)]).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(up.max_in_flight.load(SeqCst), 2);
+
+    // With the queue bounded in time: 503 JSON once queue_timeout passes.
+    let kg2 = Keygate::builder()
+        .upstream_url(&url)
+        .upstream_line("max_connections = 1")
+        .upstream_line("queue_timeout = \"300ms\"")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    let holder = {
+        let c = kg2.client();
+        let url = kg2.url("/slow?ms=4000");
+        let token = token.clone();
+        tokio::spawn(async move { c.get(&url, &[("x-api-key", &token)]).await.status })
+    };
+    wait_until("the slow request at the upstream", || {
+        up.in_flight.load(SeqCst) == 1
+    })
+    .await;
+    let r = kg2
+        .client()
+        .get(&kg2.url("/"), &[("x-api-key", &token)])
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "service unavailable");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let ev = kg2.wait_log("saturation event", |v| v["event"] == "upstream_saturated");
+    assert_eq!(ev["reason"], "queue_timeout");
+    let m = metrics(&kg2).await;
+    assert_eq!(
+        metric(
+            &m,
+            "keygate_upstream_saturated_total{reason=\"queue_timeout\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "keygate_upstream_connections_in_use"), 1.0);
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(
+        metric(&metrics(&kg2).await, "keygate_upstream_connections_in_use"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_small_upload_reaches_the_upstream_only_when_complete() {
+    let (url, up) = counting_upstream().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream_url(&url)
+        .server("request_buffer_timeout = \"2s\"")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    let head = |len: usize| {
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    // Half the body, then a pause: the upstream has not been contacted.
+    let mut s = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    s.write_all(head(1000).as_bytes()).await.unwrap();
+    s.write_all(&[b'a'; 500]).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        up.connections.load(SeqCst),
+        0,
+        "upstream contacted before the body was complete"
+    );
+    s.write_all(&[b'b'; 500]).await.unwrap();
+    let (status, body) = read_response(&mut s).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "1000"));
+    assert_eq!(up.connections.load(SeqCst), 1);
+
+    // A body that never completes: 408 at request_buffer_timeout, the upstream never sees it.
+    let mut s = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    s.write_all(head(1000).as_bytes()).await.unwrap();
+    s.write_all(&[b'a'; 10]).await.unwrap();
+    let (status, body) = read_response(&mut s).await.unwrap();
+    assert_eq!(status, 408);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "request timeout");
+    assert_eq!(up.seen.lock().unwrap().len(), 1);
+    kg.wait_log("client timeout event", |v| v["event"] == "client_timeout");
+    assert_eq!(
+        metric(
+            &metrics(&kg).await,
+            "keygate_client_timeouts_total{phase=\"request_buffer\"}"
+        ),
+        1.0
+    );
+
+    // A small chunked body is sent on with a Content-Length; a large one streams as before.
+    let mut s = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    let chunked = format!(
+        "POST /upload HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let (status, body) = exchange(&mut s, &chunked, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "11"));
+    let big = vec![b'x'; 300 * 1024];
+    let (status, body) = exchange(&mut s, &head(big.len()), &big).await.unwrap();
+    assert_eq!((status, body), (200, big.len().to_string()));
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen[1], (Some("11".into()), None, 11), "{seen:?}");
+    assert_eq!(seen[2].2, big.len());
+    assert_no_secrets(&kg.logs(), &[&token, &hash]);
+}
