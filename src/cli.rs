@@ -351,9 +351,11 @@ fn self_signed(days: i64) -> Result<(Vec<u8>, Vec<u8>, jiff::Timestamp), String>
         let d = t.to_zoned(jiff::tz::TimeZone::UTC).date();
         rcgen::date_time_ymd(i32::from(d.year()), d.month() as u8, d.day() as u8)
     };
-    // Whole days (UTC midnight): from yesterday, so a client with a slow clock accepts it.
+    // Whole days (UTC midnight): from yesterday, so a client with a slow clock accepts it, to
+    // the midnight *after* now + days, so the certificate lasts at least `days` full days
+    // (rounding down made a demo started at 23:59 UTC expire a minute later).
     let not_after = now
-        .checked_add(jiff::SignedDuration::from_hours(24 * days))
+        .checked_add(jiff::SignedDuration::from_hours(24 * (days + 1)))
         .map_err(|e| e.to_string())?;
     params.not_before = day(now - jiff::SignedDuration::from_hours(24));
     params.not_after = day(not_after);

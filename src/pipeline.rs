@@ -203,6 +203,17 @@ pub async fn handle(
         echo_free_path: None,
         held: Held::default(),
     };
+    // keygate's own answers (refusals, introspection) to a HEAD request carry their header
+    // fields but no content (RFC 9110 §9.3.2); over HTTP/2 a HEAD response with DATA is a
+    // stream error (RFC 9113 §8.1.1) that clients report instead of the status.
+    let head = method == http::Method::HEAD;
+    let own = |r: Response<ResponseBody>| {
+        if head {
+            r.map(|_| ResponseBody::full(bytes::Bytes::new()))
+        } else {
+            r
+        }
+    };
     // Signed webhook routes need no API key: their own stages, after the same gate.
     let webhook = snap.webhooks.find(req.uri().path()).cloned();
     let mut resp = match webhook {
@@ -218,31 +229,31 @@ pub async fn handle(
                 ctx.upstream_status = out.upstream_status;
                 ctx.stats = out.stats;
                 out.response
-                    .unwrap_or_else(|reject| reject.into_response(&request_id))
+                    .unwrap_or_else(|reject| own(reject.into_response(&request_id)))
             }
             Err(reject) => {
                 linger(req.into_body());
-                reject.into_response(&request_id)
+                own(reject.into_response(&request_id))
             }
         },
         None => match admit(&req, &mut ctx).await {
             Ok(key) if ctx.introspect => {
                 linger(req.into_body());
-                crate::introspection::answer(
+                own(crate::introspection::answer(
                     &key,
                     ctx.rate,
                     &ctx.shared.state,
                     ctx.shared.cluster.as_deref(),
                 )
-                .await
+                .await)
             }
             Ok(key) => match forward(req, key, &mut ctx).await {
                 Ok(r) => r,
-                Err(reject) => reject.into_response(&request_id),
+                Err(reject) => own(reject.into_response(&request_id)),
             },
             Err(reject) => {
                 linger(req.into_body());
-                reject.into_response(&request_id)
+                own(reject.into_response(&request_id))
             }
         },
     };

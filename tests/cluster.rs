@@ -87,7 +87,10 @@ async fn metrics(kg: &Keygate) -> String {
 }
 
 async fn wait_healthy(kg: &Keygate) {
-    kg.wait_log("cluster connected", |v| v["event"] == "cluster_recovered");
+    kg.wait_log("cluster connected", |v| {
+        v["msg"] == "cluster connected: limits shared through Redis"
+            || v["event"] == "cluster_recovered"
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -185,7 +188,7 @@ async fn redis_killed_and_restarted_under_load_with_local_fallback() {
     redis.restart();
     let recovered = Instant::now();
     loop {
-        if kg.events("cluster_recovered").len() >= 2 {
+        if !kg.events("cluster_recovered").is_empty() {
             break;
         }
         assert!(

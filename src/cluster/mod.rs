@@ -90,6 +90,8 @@ pub struct Cluster {
     client: redis::Client,
     conn: ArcSwapOption<MultiplexedConnection>,
     degraded: AtomicBool,
+    /// A `cluster_degraded` event was logged and its `cluster_recovered` is still owed.
+    announced: AtomicBool,
     quota_leases: quota::QuotaLeases,
 }
 
@@ -112,6 +114,7 @@ impl Cluster {
             conn: ArcSwapOption::empty(),
             // Degraded until the first connection succeeds: requests do not wait for it.
             degraded: AtomicBool::new(true),
+            announced: AtomicBool::new(false),
             quota_leases: Default::default(),
         }))
     }
@@ -169,6 +172,7 @@ impl Cluster {
 
     fn degrade(&self, why: &ClusterError) {
         if !self.degraded.swap(true, Relaxed) {
+            self.announced.store(true, Relaxed);
             metrics::global().set_cluster_degraded(true);
             tracing::warn!(
                 event = "cluster_degraded",
@@ -186,11 +190,18 @@ impl Cluster {
     fn recover(&self) {
         if self.degraded.swap(false, Relaxed) {
             metrics::global().set_cluster_degraded(false);
-            tracing::info!(
-                event = "cluster_recovered",
-                instance = %self.settings.instance,
-                "Redis answers again: shared limits resumed"
-            );
+            if self.announced.swap(false, Relaxed) {
+                tracing::info!(
+                    event = "cluster_recovered",
+                    instance = %self.settings.instance,
+                    "Redis answers again: shared limits resumed"
+                );
+            } else {
+                tracing::info!(
+                    instance = %self.settings.instance,
+                    "cluster connected: limits shared through Redis"
+                );
+            }
         }
     }
 
