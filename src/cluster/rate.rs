@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use redis::Script;
 
 use super::{Cluster, ClusterError};
-use crate::limits::{KeyLimiter, RateInfo};
+use crate::limits::{KeyLimiter, Rate, RateInfo};
 
 /// A lease's cells expire this long after they were granted.
 pub const LEASE_TTL: Duration = Duration::from_secs(1);
@@ -85,15 +85,15 @@ fn lease_size(limiter: &KeyLimiter) -> u32 {
     per_span.clamp(1, (limiter.burst() / 4).max(1))
 }
 
-fn interval_us(limiter: &KeyLimiter) -> u64 {
-    let r = limiter.rate();
+/// The GCRA emission interval of `rate` in µs (≥ 1).
+pub(super) fn interval_us(r: Rate) -> u64 {
     (u64::try_from((r.period / r.count.max(1)).as_micros()).unwrap_or(u64::MAX)).max(1)
 }
 
 fn info(limiter: &KeyLimiter, remaining: u32, retry_after: Option<u64>) -> RateInfo {
     let burst = limiter.burst();
     let used = u64::from(burst.saturating_sub(remaining.min(burst)));
-    let reset_us = interval_us(limiter).saturating_mul(used);
+    let reset_us = interval_us(limiter.rate()).saturating_mul(used);
     RateInfo {
         limit: burst,
         remaining,
@@ -103,6 +103,27 @@ fn info(limiter: &KeyLimiter, remaining: u32, retry_after: Option<u64>) -> RateI
 }
 
 impl Cluster {
+    /// Takes up to `want` cells of the GCRA bucket `bucket` (one atomic script on Redis'
+    /// clock): `(granted, remaining after, µs until the next cell when none was granted)`.
+    pub(super) async fn gcra_take(
+        &self,
+        bucket: String,
+        interval_us: u64,
+        burst: u32,
+        want: u32,
+    ) -> Result<(u32, u32, u64), ClusterError> {
+        self.run(|mut c| async move {
+            script()
+                .key(bucket)
+                .arg(interval_us)
+                .arg(burst)
+                .arg(want)
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Takes one cell of `key_id`'s shared bucket: from this instance's lease if it has one,
     /// else by leasing from Redis. Errors only when Redis could not be asked (the caller falls
     /// back per `on_error`).
@@ -134,19 +155,13 @@ impl Cluster {
             }
         }
         let bucket = self.key(&["rl", key_id]);
-        let want = lease_size(limiter);
-        let interval = interval_us(limiter);
-        let burst = limiter.burst();
-        let (granted, remaining, wait_us): (u32, u32, u64) = self
-            .run(|mut c| async move {
-                script()
-                    .key(bucket)
-                    .arg(interval)
-                    .arg(burst)
-                    .arg(want)
-                    .invoke_async(&mut c)
-                    .await
-            })
+        let (granted, remaining, wait_us) = self
+            .gcra_take(
+                bucket,
+                interval_us(limiter.rate()),
+                limiter.burst(),
+                lease_size(limiter),
+            )
             .await?;
         let mut s = lease.lock();
         if granted == 0 {

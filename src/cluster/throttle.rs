@@ -12,24 +12,9 @@ use std::net::IpAddr;
 
 use redis::Script;
 
+use super::rate::interval_us;
 use super::{Cluster, ClusterError};
 use crate::limits::{Rate, client_key};
-
-/// KEYS[1] bucket; ARGV = interval µs, burst. Returns µs to wait (0 = a cell was taken).
-const TAKE_LUA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-if tat + interval - now > burst * interval then
-  return tat - (burst - 1) * interval - now
-end
-tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-return 0
-";
 
 /// KEYS[1] bucket; ARGV = interval µs. Gives one cell back.
 const REFUND_LUA: &str = r"
@@ -40,15 +25,9 @@ end
 return 0
 ";
 
-fn scripts() -> &'static (Script, Script) {
-    static S: std::sync::OnceLock<(Script, Script)> = std::sync::OnceLock::new();
-    S.get_or_init(|| (Script::new(TAKE_LUA), Script::new(REFUND_LUA)))
-}
-
-fn interval_us(rate: Rate) -> u64 {
-    u64::try_from((rate.period / rate.count.max(1)).as_micros())
-        .unwrap_or(u64::MAX)
-        .max(1)
+fn refund_script() -> &'static Script {
+    static S: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    S.get_or_init(|| Script::new(REFUND_LUA))
 }
 
 impl Cluster {
@@ -60,18 +39,8 @@ impl Cluster {
     /// `Ok(Some(seconds ≥ 1))` the budget is used up cluster-wide.
     pub async fn guess_reserve(&self, ip: IpAddr, rate: Rate) -> Result<Option<u64>, ClusterError> {
         let bucket = self.guess_bucket(ip);
-        let interval = interval_us(rate);
-        let burst = rate.count.max(1);
-        let wait_us: u64 = self
-            .run(|mut c| async move {
-                scripts()
-                    .0
-                    .key(bucket)
-                    .arg(interval)
-                    .arg(burst)
-                    .invoke_async(&mut c)
-                    .await
-            })
+        let (_, _, wait_us) = self
+            .gcra_take(bucket, interval_us(rate), rate.count.max(1), 1)
             .await?;
         Ok((wait_us > 0).then(|| wait_us.div_ceil(1_000_000).max(1)))
     }
@@ -83,8 +52,7 @@ impl Cluster {
         let interval = interval_us(rate);
         let _ = self
             .run(|mut c| async move {
-                scripts()
-                    .1
+                refund_script()
                     .key(bucket)
                     .arg(interval)
                     .invoke_async::<i64>(&mut c)
