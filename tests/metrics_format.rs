@@ -126,3 +126,74 @@ async fn live_metrics_pass_promtool_check_metrics() {
     );
     assert_no_secrets(&text, &[&token, &hash, &scoped, &scoped_hash]);
 }
+
+/// docs/alerts.yml passes `promtool check rules`, and `promtool test rules` shows the webhook
+/// signature alert firing for one route's bad and missing signatures, not for its replays,
+/// stale deliveries or a handful of failures.
+#[test]
+fn alert_rules_check_and_the_webhook_signature_alert_fires_on_signature_failures() {
+    let Some(promtool) = promtool() else { return };
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/alerts.yml");
+    let out = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Per minute, for 20 minutes: route "docs" fails 2 signatures a minute (fires), route "pay"
+    // only replays and stale deliveries (silent), route "gh" 4 failures in all (silent).
+    let series = |route: &str, reason: &str, values: &str| {
+        format!(
+            "      - series: 'keygate_webhook_rejected_total{{instance=\"kg:9901\",route=\"{route}\",reason=\"{reason}\"}}'\n        values: '{values}'\n"
+        )
+    };
+    let mut test = String::from(
+        "rule_files:\n  - RULES\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+    );
+    test.push_str(&series("docs", "bad_signature", "0+1x20"));
+    test.push_str(&series("docs", "missing_signature", "0+1x20"));
+    test.push_str(&series("pay", "replayed", "0+10x20"));
+    test.push_str(&series("pay", "stale", "0+10x20"));
+    test.push_str(&series(
+        "gh",
+        "bad_signature",
+        "0 1 2 3 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4",
+    ));
+    test.push_str(
+        "    alert_rule_test:\n      - eval_time: 15m\n        alertname: KeygateWebhookSignatureFailures\n        exp_alerts:\n          - exp_labels:\n              severity: warning\n              instance: kg:9901\n              route: docs\n            exp_annotations:\n              summary: 'SUMMARY'\n              description: 'DESCRIPTION'\n",
+    );
+    // Before 10 minutes of data there is no full window yet: 2/min over 2 minutes is 4.
+    test.push_str(
+        "      - eval_time: 2m\n        alertname: KeygateWebhookSignatureFailures\n        exp_alerts: []\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let test_file = dir.path().join("webhook_alert_test.yml");
+    // The annotations as Prometheus renders them for route "docs" (20 failures in 10 minutes).
+    let summary = "Webhook route docs is refusing deliveries for bad signatures";
+    let description = "20 deliveries to webhook route docs in the last 10 minutes had a bad or \
+        missing signature and were refused (401) before reaching the upstream. If the sender \
+        rotated its secret, add the new one to the route's secrets and reload; if the client IPs \
+        in the `webhook_rejected` log events are not the sender's, someone is probing the route \
+        (restrict it with `allow`). See docs/webhooks.md#keygatewebhooksignaturefailures.";
+    let test = test
+        .replace("RULES", rules.to_str().unwrap())
+        .replace("SUMMARY", summary)
+        .replace("DESCRIPTION", &description.replace('\'', "''"));
+    std::fs::write(&test_file, test).unwrap();
+    let out = Command::new(&promtool)
+        .args(["test", "rules"])
+        .arg(&test_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

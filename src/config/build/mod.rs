@@ -660,7 +660,14 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
 
     let cluster = cluster::build(raw.cluster.as_ref(), base, &mut errs);
     // [[webhooks]]
-    let webhooks = webhooks::build(&raw.webhooks, base, ctx.previous, &mut errs, &mut warnings);
+    let webhooks = webhooks::build(
+        &raw.webhooks,
+        base,
+        ctx.previous,
+        introspection_path.as_deref(),
+        &mut errs,
+        &mut warnings,
+    );
 
     if !errs.0.is_empty() {
         return Err(ConfigErrors(errs.0));

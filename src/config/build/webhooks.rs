@@ -25,10 +25,13 @@ pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 /// Default `tolerance`.
 pub const DEFAULT_TOLERANCE: &str = "5m";
 
+/// `introspection` is the introspection endpoint's path (`None` when turned off): a webhook
+/// route may not share a single request path with it (see [`shadows_introspection`]).
 pub(super) fn build(
     raw: &[RawWebhook],
     base: &Path,
     previous: Option<&Snapshot>,
+    introspection: Option<&str>,
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> Routes {
@@ -52,6 +55,16 @@ pub(super) fn build(
                     );
                 }
             }
+            if let Some(ip) = introspection.filter(|ip| shadows_introspection(&path, ip)) {
+                errs.push(
+                    p("path"),
+                    format!(
+                        "{path:?} overlaps the introspection endpoint {ip:?} (introspection.path): \
+                         webhook routes are matched first, so key holders could no longer reach it; \
+                         choose another path, or move or turn off [introspection]"
+                    ),
+                );
+            }
             if path == "/" {
                 warnings.push(format!(
                     "{}: \"/\" makes every path a webhook route: no request needs an API key",
@@ -66,6 +79,17 @@ pub(super) fn build(
         }
     }
     Routes(routes)
+}
+
+/// Whether webhook route `route` (exact, or a prefix ending in `/`) matches any request path
+/// the introspection endpoint owns: `introspection` itself (with or without a trailing `/`)
+/// and everything under it (answered 404 there). So `/.well-known/keygate/key`,
+/// `/.well-known/keygate/key/`, `/.well-known/keygate/key/x` and the prefixes `/.well-known/`
+/// or `/` all collide; an exact `/.well-known/keygate` does not (it matches no path of the
+/// endpoint's).
+fn shadows_introspection(route: &str, introspection: &str) -> bool {
+    crate::access::path_has_prefix(route, introspection)
+        || (route.ends_with('/') && format!("{introspection}/").starts_with(route))
 }
 
 /// Two route paths overlap if one request path could match both.
@@ -328,6 +352,32 @@ pub fn webhook_route(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn introspection_collisions() {
+        let ip = "/.well-known/keygate/key";
+        for route in [
+            "/.well-known/keygate/key",
+            "/.well-known/keygate/key/",
+            "/.well-known/keygate/key/x",
+            "/.well-known/keygate/key/x/",
+            "/.well-known/keygate/",
+            "/.well-known/",
+            "/",
+        ] {
+            assert!(shadows_introspection(route, ip), "{route}");
+        }
+        for route in [
+            "/.well-known/keygate",
+            "/.well-known/keygate/keys",
+            "/.well-known/keygate/keys/",
+            "/.well-known/keygate/ke",
+            "/.well-known/other/",
+            "/hooks/",
+        ] {
+            assert!(!shadows_introspection(route, ip), "{route}");
+        }
+    }
 
     #[test]
     fn overlap_rules() {
