@@ -534,10 +534,16 @@ pub enum ClientEvent {
     /// Access lines of requests refused before any key was authenticated (401, 400, 403, 429
     /// without a key): anyone can cause them. Requests that authenticated are always logged.
     AccessRefused,
+    /// `key_new_network`: a key holder can cause one per network it can send from (an IPv6
+    /// holder has many /64s).
+    KeyNewNetwork,
+    /// Requests refused because shared state (Redis) is unavailable with
+    /// `[cluster] on_error = "deny"`: one line per request otherwise.
+    ClusterUnavailable,
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 18] = [
+    pub const ALL: [ClientEvent; 20] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -556,6 +562,8 @@ impl ClientEvent {
         ClientEvent::ConnectionError,
         ClientEvent::Protocol,
         ClientEvent::AccessRefused,
+        ClientEvent::KeyNewNetwork,
+        ClientEvent::ClusterUnavailable,
     ];
 
     /// The name in `log_suppressed` lines and the metric's `event` label.
@@ -579,6 +587,8 @@ impl ClientEvent {
             ClientEvent::ConnectionError => "connection_error",
             ClientEvent::Protocol => "protocol",
             ClientEvent::AccessRefused => "access_refused",
+            ClientEvent::KeyNewNetwork => "key_new_network",
+            ClientEvent::ClusterUnavailable => "cluster_unavailable",
         }
     }
 

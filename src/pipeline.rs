@@ -413,13 +413,16 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
         None => local().await,
         Some(cluster) => match cluster.quota_charge(&key.id, quota, cost, now).await {
             Ok(s) => s,
-            Err(e) => match cluster.on_error() {
-                crate::cluster::OnError::Local => local().await,
-                crate::cluster::OnError::Deny => {
-                    tracing::warn!(request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e, "shared quota unavailable; refused (cluster.on_error = deny)");
-                    return Err(Reject::Unavailable { retry_after: 1 });
-                }
-            },
+            Err(e) => {
+                cluster.fall_back(
+                    "quota",
+                    &e,
+                    ctx.client_ip,
+                    request_id_str(ctx.request_id),
+                    Some(&key.id),
+                )?;
+                local().await
+            }
         },
     };
     ctx.quota = Some(state);
@@ -509,13 +512,16 @@ async fn rate_check(
     };
     match cluster.rate_check(&key.id, limiter).await {
         Ok(info) => Ok(info),
-        Err(e) => match cluster.on_error() {
-            crate::cluster::OnError::Local => Ok(limiter.check()),
-            crate::cluster::OnError::Deny => {
-                tracing::warn!(request_id = request_id_str(ctx.request_id), key_id = &*key.id, error = %e, "shared rate limit unavailable; refused (cluster.on_error = deny)");
-                Err(Reject::Unavailable { retry_after: 1 })
-            }
-        },
+        Err(e) => {
+            cluster.fall_back(
+                "rate limit",
+                &e,
+                ctx.client_ip,
+                request_id_str(ctx.request_id),
+                Some(&key.id),
+            )?;
+            Ok(limiter.check())
+        }
     }
 }
 
@@ -638,14 +644,16 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
                     reservation.refund();
                     return Err(refuse(Some(&key.id), retry_after));
                 }
-                Err(e) => match cluster.on_error() {
-                    crate::cluster::OnError::Local => None,
-                    crate::cluster::OnError::Deny => {
+                Err(e) => {
+                    let rid = request_id_str(ctx.request_id);
+                    if let Err(refused) =
+                        cluster.fall_back("failed-auth budget", &e, ctx.client_ip, rid, None)
+                    {
                         reservation.refund();
-                        tracing::warn!(request_id = request_id_str(ctx.request_id), error = %e, "shared failed-auth budget unavailable; refused (cluster.on_error = deny)");
-                        return Err(Reject::Unavailable { retry_after: 1 });
+                        return Err(refused);
                     }
-                },
+                    None
+                }
             },
             None => None,
         };

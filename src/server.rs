@@ -95,6 +95,7 @@ async fn serve(
                 crate::cluster::Cluster::new(settings.clone()).map_err(std::io::Error::other)?;
             tracing::info!(instance = %settings.instance, "cluster mode: rate limits shared through Redis");
             tokio::spawn(c.clone().maintain());
+            crate::cluster::install(c.clone());
             Some(c)
         }
         None => None,

@@ -8,22 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use common::redis::Redis;
+use common::redis::{Redis, cluster_lines, metrics, wait_healthy};
 use common::*;
-
-/// `[cluster]` for a test; `extra` may set `timeout` (default here 1 s, so that a loaded test
-/// machine does not degrade the cluster where the test asserts it does not).
-fn cluster_lines(redis: &Redis, instance: &str, extra: &str) -> String {
-    let timeout = if extra.contains("timeout") {
-        ""
-    } else {
-        "timeout = \"1s\"\n"
-    };
-    format!(
-        "[cluster]\nredis = \"{}\"\ninstance = \"{instance}\"\n{timeout}{extra}\n",
-        redis.url()
-    )
-}
 
 fn instance(
     up: &Upstream,
@@ -67,30 +53,6 @@ async fn hammer(kg: &Keygate, token: &str, conns: usize, d: Duration) -> (u64, u
         t.await.unwrap();
     }
     (ok.load(Relaxed), limited.load(Relaxed))
-}
-
-/// `/metrics` from the admin listener, over plain HTTP/1.1.
-async fn metrics(kg: &Keygate) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n")
-        .expect("HTTP response")
-        .1
-        .to_string()
-}
-
-async fn wait_healthy(kg: &Keygate) {
-    kg.wait_log("cluster connected", |v| {
-        v["msg"] == "cluster connected: limits shared through Redis"
-            || v["event"] == "cluster_recovered"
-    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -19,18 +19,38 @@
 //! cannot be created while Redis is down, and keygate must start (and serve, with local limits)
 //! when Redis is unreachable.
 
+pub mod deliveries;
 pub mod quota;
 pub mod rate;
 pub mod throttle;
 
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
+use tracing::Level;
 
+use crate::log::{ClientEvent, client_event};
 use crate::metrics;
+use crate::reject::Reject;
+
+/// The process' cluster client, once `run` has made it (see [`install`]).
+static RUNNING: OnceLock<Arc<Cluster>> = OnceLock::new();
+
+/// Makes `cluster` reachable from state that is built with the config rather than beside it
+/// (the webhook routes' delivery stores). Called once, at start; later calls are ignored (the
+/// connection is fixed for the life of the process).
+pub fn install(cluster: Arc<Cluster>) {
+    let _ = RUNNING.set(cluster);
+}
+
+/// The running cluster client, if this process serves with `[cluster]`.
+pub fn running() -> Option<&'static Arc<Cluster>> {
+    RUNNING.get()
+}
 
 /// How often a degraded cluster tries to reconnect, and a healthy one probes with `PING`.
 pub const RECONNECT_EVERY: Duration = Duration::from_millis(500);
@@ -125,6 +145,28 @@ impl Cluster {
 
     pub fn on_error(&self) -> OnError {
         self.settings.on_error
+    }
+
+    /// The one place a request decides what to do when shared state could not be used
+    /// (Redis down, slow or erroring): `Ok(())` to carry on with this instance's own state
+    /// (`on_error = "local"`), or a 503 (`"deny"`, logged under the client's log budget, since
+    /// every request a client sends while Redis is down would write one). `what` names the
+    /// shared state in the operator's log line; the client sees the generic 503 only.
+    pub fn fall_back(
+        &self,
+        what: &'static str,
+        error: &ClusterError,
+        client_ip: IpAddr,
+        request_id: &str,
+        key_id: Option<&str>,
+    ) -> Result<(), Reject> {
+        match self.settings.on_error {
+            OnError::Local => Ok(()),
+            OnError::Deny => {
+                client_event!(ClientEvent::ClusterUnavailable, client_ip, Level::WARN, event = "cluster_unavailable", request_id, client_ip = %client_ip, key_id, shared_state = what, error = %error, "shared state unavailable; refused (cluster.on_error = deny)");
+                Err(Reject::Unavailable { retry_after: 1 })
+            }
+        }
     }
 
     /// Whether shared state is in use right now.

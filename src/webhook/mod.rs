@@ -43,7 +43,7 @@ use crate::log::request_id_str;
 use crate::metrics;
 use crate::proto::strip_hop_by_hop;
 use crate::reject::Reject;
-pub use replay::{Claim, DeliveryStore};
+pub use replay::{Asker, Claim, DeliveryStore};
 pub use signature::{Failure, Scheme};
 
 /// The header naming the route a verified delivery came through (SPEC §10).
@@ -311,7 +311,11 @@ async fn deliver_inner(
     let delivery_id = delivery_id(route, h, &body);
     let mut claim_guard = None;
     if let Some(id) = delivery_id {
-        match route.deliveries.claim(&route.id, &id).await {
+        let asker = Asker {
+            client_ip: a.client_ip,
+            request_id: request_id_str(a.request_id),
+        };
+        match route.deliveries.claim(&route.id, &id, &asker).await {
             Claim::Fresh => {
                 claim_guard = Some(ClaimGuard {
                     store: route.deliveries.clone(),
@@ -324,6 +328,7 @@ async fn deliver_inner(
                 return Ok(duplicate_response(a.request_id));
             }
             Claim::InFlight => return Err(refuse(Reason::InFlight, Reject::Conflict)),
+            Claim::Unavailable => return Err(Reject::Unavailable { retry_after: 1 }),
         }
     }
 

@@ -10,13 +10,21 @@
 //! * while a delivery is in flight, a second one with the same id is refused with 409 (it is not
 //!   known yet whether the first will be accepted); senders retry later.
 //!
-//! [`DeliveryStore`] is an enum so that cluster mode (issue 14) can add a shared (Redis)
-//! variant beside [`LocalStore`] without changing the webhook code. Ids are kept as 128-bit
-//! SHA-256 prefixes of `route id, delivery id`: fixed size whatever the sender sends, and no
-//! delivery ids in memory dumps. The local store is bounded: at most `capacity` ids per route
-//! (expired ones are dropped first, then the oldest).
+//! [`DeliveryStore`] has two variants: [`LocalStore`] (one instance) and, with `[cluster]`,
+//! `Shared`: the ids live in Redis (`cluster/deliveries.rs`), so a delivery accepted through
+//! one instance is a duplicate on every instance, and a retry after a failure is forwarded
+//! whichever instance it reaches. While Redis cannot be asked (down, slow past `[cluster]
+//! timeout`), `on_error = "local"` falls back to the instance's own store (ids accepted
+//! meanwhile are known to that instance only) and `"deny"` answers 503 (the sender retries).
+//! Accepted ids are also remembered locally in shared mode, so an instance still recognises
+//! what it accepted itself while Redis is away.
+//!
+//! Ids are kept as 128-bit SHA-256 prefixes of `route id, delivery id`: fixed size whatever
+//! the sender sends, and no delivery ids in memory dumps or in Redis. The local store is
+//! bounded: at most `capacity` ids per route (expired ones are dropped first, then the oldest).
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,6 +42,9 @@ pub enum Claim {
     Accepted,
     /// Being forwarded right now by another request.
     InFlight,
+    /// Cluster mode with `on_error = "deny"`: Redis cannot be asked; answer 503 (already
+    /// logged).
+    Unavailable,
 }
 
 type IdHash = [u8; 16];
@@ -52,6 +63,14 @@ fn id_hash(route: &str, id: &[u8]) -> IdHash {
 /// Where seen delivery ids live.
 pub enum DeliveryStore {
     Local(LocalStore),
+    /// Cluster mode: Redis first, this local store as the fallback (see the module doc).
+    Shared(LocalStore),
+}
+
+/// Who asks, for the operator's log line when shared state is unavailable.
+pub struct Asker<'a> {
+    pub client_ip: IpAddr,
+    pub request_id: &'a str,
 }
 
 impl DeliveryStore {
@@ -59,25 +78,70 @@ impl DeliveryStore {
         DeliveryStore::Local(LocalStore::new(window, capacity))
     }
 
-    /// Records `id` as in flight unless it is known. Async so a shared store can do I/O.
-    pub async fn claim(&self, route: &str, id: &[u8]) -> Claim {
+    /// The store of a cluster member: ids in Redis (through the process' running
+    /// [`Cluster`](crate::cluster::Cluster)), this instance's own store as the fallback.
+    pub fn shared(window: Duration, capacity: usize) -> Self {
+        DeliveryStore::Shared(LocalStore::new(window, capacity))
+    }
+
+    /// Records `id` as in flight unless it is known. In cluster mode one Redis script under
+    /// `[cluster] timeout`.
+    pub async fn claim(&self, route: &str, id: &[u8], asker: &Asker<'_>) -> Claim {
+        let h = id_hash(route, id);
         match self {
-            DeliveryStore::Local(s) => s.claim(id_hash(route, id), Instant::now()),
+            DeliveryStore::Local(s) => s.claim(h, Instant::now()),
+            DeliveryStore::Shared(local) => {
+                let Some(cluster) = crate::cluster::running() else {
+                    return local.claim(h, Instant::now());
+                };
+                // Accepted here while Redis was away: known without asking.
+                if local.is_accepted(&h, Instant::now()) {
+                    return Claim::Accepted;
+                }
+                match cluster.delivery_claim(&h, millis(IN_FLIGHT_LIMIT)).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        match cluster.fall_back(
+                            "webhook delivery ids",
+                            &e,
+                            asker.client_ip,
+                            asker.request_id,
+                            None,
+                        ) {
+                            Ok(()) => local.claim(h, Instant::now()),
+                            Err(_) => Claim::Unavailable,
+                        }
+                    }
+                }
+            }
         }
     }
 
     /// The upstream's answer for a claimed id: `accepted` (2xx) keeps it for the window,
-    /// otherwise it is released so a retry is forwarded.
+    /// otherwise it is released so a retry is forwarded. In cluster mode both the local store
+    /// and Redis are told (a claim may have fallen back to the local store, and Redis may
+    /// have come back since); a Redis failure here is not retried: an acceptance it loses
+    /// makes a later duplicate look fresh on other instances, a release it loses keeps the id
+    /// in flight until the claim expires (10 minutes).
     pub async fn settle(&self, route: &str, id: &[u8], accepted: bool) {
+        let h = id_hash(route, id);
         match self {
-            DeliveryStore::Local(s) => s.settle(id_hash(route, id), accepted, Instant::now()),
+            DeliveryStore::Local(s) => s.settle(h, accepted, Instant::now()),
+            DeliveryStore::Shared(local) => {
+                local.settle(h, accepted, Instant::now());
+                if let Some(cluster) = crate::cluster::running() {
+                    let _ = cluster
+                        .delivery_settle(&h, accepted, millis(local.window))
+                        .await;
+                }
+            }
         }
     }
 
-    /// Ids held now (for tests and metrics).
+    /// Ids held now by this instance (for tests and metrics).
     pub fn len(&self) -> usize {
         match self {
-            DeliveryStore::Local(s) => s.len(),
+            DeliveryStore::Local(s) | DeliveryStore::Shared(s) => s.len(),
         }
     }
 
@@ -85,12 +149,18 @@ impl DeliveryStore {
         self.len() == 0
     }
 
-    /// The window and capacity, to decide whether a reload can keep this store.
-    pub fn settings(&self) -> (Duration, usize) {
+    /// The window, capacity and whether the store is shared, to decide whether a reload can
+    /// keep this store.
+    pub fn settings(&self) -> (Duration, usize, bool) {
         match self {
-            DeliveryStore::Local(s) => (s.window, s.capacity),
+            DeliveryStore::Local(s) => (s.window, s.capacity, false),
+            DeliveryStore::Shared(s) => (s.window, s.capacity, true),
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -150,6 +220,13 @@ impl LocalStore {
         }
         self.insert(&mut g, id, State::InFlight, now);
         Claim::Fresh
+    }
+
+    fn is_accepted(&self, id: &IdHash, now: Instant) -> bool {
+        let g = self.lock();
+        g.entries.get(id).is_some_and(|&(state, since)| {
+            matches!(state, State::Accepted) && self.live(state, since, now)
+        })
     }
 
     fn settle(&self, id: IdHash, accepted: bool, now: Instant) {

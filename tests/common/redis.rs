@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::Keygate;
+
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
@@ -168,4 +170,42 @@ impl Redis {
             dir: tempfile::tempdir().unwrap(),
         }
     }
+}
+
+/// `[cluster]` for a test; `extra` may set `timeout` (default here 1 s, so that a loaded test
+/// machine does not degrade the cluster where the test asserts it does not).
+pub fn cluster_lines(redis: &Redis, instance: &str, extra: &str) -> String {
+    let timeout = if extra.contains("timeout") {
+        ""
+    } else {
+        "timeout = \"1s\"\n"
+    };
+    format!(
+        "[cluster]\nredis = \"{}\"\ninstance = \"{instance}\"\n{timeout}{extra}\n",
+        redis.url()
+    )
+}
+
+/// `/metrics` from the admin listener, over plain HTTP/1.1.
+pub async fn metrics(kg: &Keygate) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw.split_once("\r\n\r\n")
+        .expect("HTTP response")
+        .1
+        .to_string()
+}
+
+pub async fn wait_healthy(kg: &Keygate) {
+    kg.wait_log("cluster connected", |v| {
+        v["msg"] == "cluster connected: limits shared through Redis"
+            || v["event"] == "cluster_recovered"
+    });
 }

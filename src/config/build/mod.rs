@@ -659,12 +659,13 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     });
 
     let cluster = cluster::build(raw.cluster.as_ref(), base, &mut errs);
-    // [[webhooks]]
+    // [[webhooks]]; in cluster mode their delivery ids are shared through Redis.
     let webhooks = webhooks::build(
         &raw.webhooks,
         base,
         ctx.previous,
         introspection_path.as_deref(),
+        cluster.is_some(),
         &mut errs,
         &mut warnings,
     );

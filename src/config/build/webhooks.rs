@@ -32,6 +32,7 @@ pub(super) fn build(
     base: &Path,
     previous: Option<&Snapshot>,
     introspection: Option<&str>,
+    shared: bool,
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> Routes {
@@ -74,7 +75,7 @@ pub(super) fn build(
             paths.push((i, path));
         }
         let old = previous.and_then(|s| s.webhooks.get(&w.id));
-        if let Some(route) = build_route(i, w, base, old.map(|r| &**r), errs) {
+        if let Some(route) = build_route(i, w, base, old.map(|r| &**r), shared, errs) {
             routes.push(Arc::new(route));
         }
     }
@@ -164,6 +165,7 @@ fn build_route(
     w: &RawWebhook,
     base: &Path,
     old: Option<&Route>,
+    shared: bool,
     errs: &mut Errors,
 ) -> Option<Route> {
     let before = errs.0.len();
@@ -298,7 +300,10 @@ fn build_route(
     });
     let window = Duration::from_secs(tolerance);
     let deliveries = match old {
-        Some(o) if o.deliveries.settings() == (window, DEFAULT_CAPACITY) => o.deliveries.clone(),
+        Some(o) if o.deliveries.settings() == (window, DEFAULT_CAPACITY, shared) => {
+            o.deliveries.clone()
+        }
+        _ if shared => Arc::new(DeliveryStore::shared(window, DEFAULT_CAPACITY)),
         _ => Arc::new(DeliveryStore::local(window, DEFAULT_CAPACITY)),
     };
     Some(Route {
@@ -342,7 +347,7 @@ pub fn webhook_route(
         ));
     };
     let mut errs = Errors(Vec::new());
-    let route = build_route(i, &raw.webhooks[i], base, None, &mut errs);
+    let route = build_route(i, &raw.webhooks[i], base, None, false, &mut errs);
     match route {
         Some(r) if errs.0.is_empty() => Ok(Arc::new(r)),
         _ => Err(ConfigErrors(errs.0)),
