@@ -86,9 +86,52 @@ pub enum Command {
         #[arg(long)]
         state: Option<String>,
     },
+    /// Signed webhook routes ([[webhooks]]): tools for testing a route by hand.
+    Webhook {
+        #[command(subcommand)]
+        command: WebhookCommand,
+    },
     /// Write the man pages and shell completions (bash, zsh, fish) into DIR (packaging).
     #[command(hide = true)]
     Assets { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhookCommand {
+    /// Print the headers a sender would add to a body (stdin) for a webhook route.
+    ///
+    /// The signature, and the timestamp and delivery id where the scheme has them. The secret
+    /// comes from the route's own reference (env, file or credential, as `run` reads it) and is
+    /// never printed. Default output: one `-H 'Name: value'` argument per line, to paste into
+    /// curl; with --plain, `Name: value` lines for `curl -H @FILE`. Example
+    /// (docs/webhooks.md has more):
+    ///
+    ///   keygate webhook sign --route docs --plain < event.json > headers.txt
+    ///   curl --data-binary @event.json -H @headers.txt https://HOST:8443/hooks/docs
+    #[command(verbatim_doc_comment)]
+    Sign {
+        /// The route's `id` in [[webhooks]].
+        #[arg(long)]
+        route: String,
+        #[arg(short, long, default_value = "/etc/keygate/keygate.toml")]
+        config: PathBuf,
+        /// Which of the route's secrets signs: its position in `secrets`, from 0 (rotation:
+        /// try the new secret before moving the sender).
+        #[arg(long, default_value_t = 0)]
+        secret_index: usize,
+        /// The delivery id (standard-webhooks `webhook-id`; for github `X-GitHub-Delivery`, or
+        /// the route's `id_from` header). Default: a new random `msg_…` id. Sign again with the
+        /// same id to see a duplicate answered by keygate.
+        #[arg(long)]
+        id: Option<String>,
+        /// Unix time to sign with (stripe, standard-webhooks). Default: now. An old one shows
+        /// the route's `tolerance` at work.
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// `Name: value` lines instead of `-H '…'` (for `curl -H @FILE`).
+        #[arg(long)]
+        plain: bool,
+    },
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -121,7 +164,114 @@ pub fn main(cli: Cli) -> ExitCode {
             group: group.as_deref(),
             state: state.as_deref(),
         }),
+        Command::Webhook {
+            command:
+                WebhookCommand::Sign {
+                    route,
+                    config,
+                    secret_index,
+                    id,
+                    timestamp,
+                    plain,
+                },
+        } => webhook_sign(&WebhookSign {
+            route: &route,
+            config: &config,
+            secret_index,
+            id: id.as_deref(),
+            timestamp,
+            plain,
+        }),
         Command::Assets { dir } => assets(&dir),
+    }
+}
+
+/// What `keygate webhook sign` is asked to do.
+struct WebhookSign<'a> {
+    route: &'a str,
+    config: &'a Path,
+    secret_index: usize,
+    id: Option<&'a str>,
+    timestamp: Option<i64>,
+    plain: bool,
+}
+
+/// `keygate webhook sign`: only the named route is built (its secrets resolved as `run` does);
+/// the rest of the config need not be valid here, `check` is for that. stdout gets only the
+/// headers, so it can be redirected into a file for `curl -H @FILE`.
+fn webhook_sign(o: &WebhookSign<'_>) -> ExitCode {
+    let raw = match config::load_file(o.config) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("invalid config {}:\n{e}", o.config.display())),
+    };
+    if !raw.webhooks.iter().any(|w| w.id == o.route) {
+        let known: Vec<&str> = raw.webhooks.iter().map(|w| w.id.as_str()).collect();
+        return fail(format!(
+            "no webhook route with id {:?} in {} (routes: {})",
+            o.route,
+            o.config.display(),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ));
+    }
+    let base = o.config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let route = match config::webhook_route(&raw, o.route, &base) {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(format!(
+                "webhook route {:?} in {}:\n{e}",
+                o.route,
+                o.config.display()
+            ));
+        }
+    };
+    let mut body = Vec::new();
+    // One byte over the route's limit is enough to say that keygate would refuse it.
+    let limit = route.max_body_bytes.saturating_add(1);
+    if let Err(e) = std::io::stdin().take(limit).read_to_end(&mut body) {
+        return fail(format!("cannot read the body from stdin: {e}"));
+    }
+    if body.len() as u64 > route.max_body_bytes {
+        return fail(format!(
+            "the body on stdin is over the route's max_body_bytes ({}): keygate would refuse it with 413",
+            route.max_body_bytes
+        ));
+    }
+    let id = o.id.map_or_else(
+        || format!("msg_{}", hex::encode(rand::random::<[u8; 12]>())),
+        str::to_string,
+    );
+    let now = o
+        .timestamp
+        .unwrap_or_else(|| jiff::Timestamp::now().as_second());
+    let headers = match route.sign(o.secret_index, &body, now, &id) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
+    let mut out = std::io::stdout().lock();
+    for (name, value) in headers {
+        if http::HeaderValue::from_str(&value).is_err() {
+            return fail(format!(
+                "{name}: the value (from --id) is not a valid header value"
+            ));
+        }
+        let line = format!("{name}: {value}");
+        let written = if o.plain {
+            writeln!(out, "{line}")
+        } else {
+            // Single-quoted for a POSIX shell: a ' inside becomes '\''.
+            writeln!(out, "-H '{}'", line.replace('\'', "'\\''"))
+        };
+        if let Err(e) = written {
+            return fail(format!("cannot write the headers: {e}"));
+        }
+    }
+    match out.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("cannot write the headers: {e}")),
     }
 }
 

@@ -150,6 +150,74 @@ impl Route {
     }
 }
 
+impl Route {
+    /// The headers a sender of this route adds to `body` (what `keygate webhook sign` prints), signed with the route's secret at
+    /// `secret_index` (its position in `secrets`, 0-based) at unix time `now`:
+    ///
+    /// * `hmac-sha256-hex`: the route's header (default `X-Webhook-Signature`) with the hex MAC;
+    /// * `github`: `X-Hub-Signature-256: sha256=<hex>` (or the configured header);
+    /// * `stripe`: `Stripe-Signature: t=<now>,v1=<hex>`;
+    /// * `standard-webhooks`: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<b64>`
+    ///   (with the route's prefix, e.g. `svix-*`, when its header is `svix-signature`).
+    ///
+    /// `delivery_id` is the Standard Webhooks message id; for the other schemes, when the
+    /// route takes its delivery id from a header (`id_from = { header = … }`, or GitHub's
+    /// `X-GitHub-Delivery`), that header is added with it, so duplicate detection sees what a
+    /// real sender's delivery carries. A JSON-field id is the body's business.
+    ///
+    /// Errors: `secret_index` is not below the number of secrets (the message says how many).
+    pub fn sign(
+        &self,
+        secret_index: usize,
+        body: &[u8],
+        now: i64,
+        delivery_id: &str,
+    ) -> Result<Vec<(String, String)>, String> {
+        let Some(key) = self.keys.get(secret_index) else {
+            return Err(format!(
+                "--secret-index {secret_index}: route {:?} has {} secret{} (0 to {})",
+                &*self.id,
+                self.keys.len(),
+                if self.keys.len() == 1 { "" } else { "s" },
+                self.keys.len().saturating_sub(1)
+            ));
+        };
+        let mut headers = signature::sign(
+            self.scheme,
+            self.header.as_str(),
+            key,
+            body,
+            now,
+            delivery_id,
+        );
+        if self.scheme == Scheme::StandardWebhooks {
+            for (name, _) in &mut headers {
+                if name == "webhook-id" {
+                    *name = self.std_id_header.as_str().to_string();
+                } else if name == "webhook-timestamp" {
+                    *name = self.std_timestamp_header.as_str().to_string();
+                }
+            }
+        } else if let Some(IdSource::Header(h)) = self.delivery_id_source() {
+            headers.push((h.as_str().to_string(), delivery_id.to_string()));
+        }
+        Ok(headers)
+    }
+
+    /// Where this route's delivery ids come from: `id_from`, else the scheme's own
+    /// (`webhook-id`, `X-GitHub-Delivery`, Stripe's event `id`); `None`: no duplicate detection.
+    pub fn delivery_id_source(&self) -> Option<IdSource> {
+        static GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");
+        Some(match (&self.id_from, self.scheme) {
+            (Some(s), _) => s.clone(),
+            (None, Scheme::StandardWebhooks) => IdSource::Header(self.std_id_header.clone()),
+            (None, Scheme::Github) => IdSource::Header(GITHUB_DELIVERY.clone()),
+            (None, Scheme::Stripe) => IdSource::JsonField("id".into()),
+            (None, Scheme::HmacSha256Hex) => return None,
+        })
+    }
+}
+
 /// Every configured route. Few, so a linear scan; routes never overlap (`check` refuses it).
 #[derive(Default)]
 pub struct Routes(pub Vec<Arc<Route>>);
@@ -409,15 +477,7 @@ fn single<'h>(h: &'h HeaderMap, name: Option<&HeaderName>) -> Option<Option<&'h 
 /// The delivery id: `id_from` if configured, else the scheme's own (`webhook-id`,
 /// `X-GitHub-Delivery`, Stripe's event `id`); `None` means no duplicate detection.
 fn delivery_id(route: &Route, h: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
-    static GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");
-    let source = match (&route.id_from, route.scheme) {
-        (Some(s), _) => s.clone(),
-        (None, Scheme::StandardWebhooks) => IdSource::Header(route.std_id_header.clone()),
-        (None, Scheme::Github) => IdSource::Header(GITHUB_DELIVERY.clone()),
-        (None, Scheme::Stripe) => IdSource::JsonField("id".into()),
-        (None, Scheme::HmacSha256Hex) => return None,
-    };
-    let id = match source {
+    let id = match route.delivery_id_source()? {
         IdSource::Header(name) => h.get(&name).map(|v| v.as_bytes().to_vec()),
         IdSource::JsonField(field) => json_field(body, &field),
     };
