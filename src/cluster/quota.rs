@@ -8,7 +8,12 @@
 //! 1 000 per window and `limit / 1000` above (at most 100), so for a `10000/day` key one Redis
 //! round trip pays for 10 requests.
 //!
-//! `quota_exceeded` is logged once per key and window **per instance**.
+//! `quota_exceeded` is logged once per key and window **cluster-wide**: the refusal that finds
+//! the window's flag (`<prefix>qx:<key id>:<window start>`, `SET NX` in the lease script) unset
+//! logs it. Once the shared counter is at the limit an instance refuses without asking Redis
+//! until the window ends (the counter never goes down within a window), so an over-quota
+//! client costs Redis nothing. While Redis is unavailable (`on_error = "local"`) each
+//! instance counts and logs on its own, as without cluster mode.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,17 +23,21 @@ use redis::Script;
 use super::{Cluster, ClusterError};
 use crate::quota::{Quota, QuotaState, window};
 
-/// KEYS[1] = counter; ARGV = limit, units wanted, TTL seconds. Returns {granted, used after}.
+/// KEYS[1] = counter, KEYS[2] = the window's "exceeded" flag; ARGV = limit, units wanted,
+/// TTL seconds, units needed now. Grants `wanted` (or what is left, if at least `needed`) or
+/// nothing: {granted, used after, 1 when this is the window's first refusal cluster-wide}.
+/// Both keys get the TTL in the same atomic script (no key without an expiry).
 const LEASE_LUA: &str = r"
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local grant = math.min(tonumber(ARGV[2]), tonumber(ARGV[1]) - used)
-if grant > 0 then
+local avail = tonumber(ARGV[1]) - used
+if avail >= tonumber(ARGV[4]) and avail > 0 then
+  local grant = math.min(tonumber(ARGV[2]), avail)
   used = redis.call('INCRBY', KEYS[1], grant)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-else
-  grant = 0
+  return {grant, used, 0}
 end
-return {grant, used}
+local first = redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3])
+return {0, used, first and 1 or 0}
 ";
 
 fn script() -> &'static Script {
@@ -49,7 +58,6 @@ struct KeyLease {
     units: u64,
     /// The window's counter in Redis after this instance's last lease.
     used_shared: u64,
-    exceeded_logged: bool,
 }
 
 fn lease_size(q: Quota) -> u64 {
@@ -90,6 +98,9 @@ impl Cluster {
             if l.units >= cost {
                 l.units -= cost;
                 Some(state(quota, l, now, end, None))
+            } else if l.used_shared >= quota.limit {
+                // Used up cluster-wide: no Redis call until the window ends.
+                Some(state(quota, l, now, end, Some(false)))
             } else {
                 None
             }
@@ -98,16 +109,20 @@ impl Cluster {
         if let Some(s) = taken {
             return Ok(s);
         }
-        let want = (cost - held).max(lease_size(quota));
+        let need = cost - held;
+        let want = need.max(lease_size(quota));
         let counter = self.key(&["q", key_id, &start.to_string()]);
+        let flag = self.key(&["qx", key_id, &start.to_string()]);
         let ttl = (end - now).max(1) + 86_400;
-        let (granted, used): (u64, u64) = self
+        let (granted, used, first): (u64, u64, u8) = self
             .run(|mut c| async move {
                 script()
                     .key(counter)
+                    .key(flag)
                     .arg(quota.limit)
                     .arg(want)
                     .arg(ttl)
+                    .arg(need)
                     .invoke_async(&mut c)
                     .await
             })
@@ -125,9 +140,7 @@ impl Cluster {
                 l.units -= cost;
                 return state(quota, l, now, end, None);
             }
-            let first = !l.exceeded_logged;
-            l.exceeded_logged = true;
-            state(quota, l, now, end, Some(first))
+            state(quota, l, now, end, Some(first == 1))
         }))
     }
 
