@@ -540,10 +540,13 @@ pub enum ClientEvent {
     /// Requests refused because shared state (Redis) is unavailable with
     /// `[cluster] on_error = "deny"`: one line per request otherwise.
     ClusterUnavailable,
+    /// `webhook_rejected`: anyone who can reach a webhook route can send unsigned or forged
+    /// deliveries (`keygate_webhook_rejected_total` counts every one).
+    WebhookRejected,
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 20] = [
+    pub const ALL: [ClientEvent; 21] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -564,6 +567,7 @@ impl ClientEvent {
         ClientEvent::AccessRefused,
         ClientEvent::KeyNewNetwork,
         ClientEvent::ClusterUnavailable,
+        ClientEvent::WebhookRejected,
     ];
 
     /// The name in `log_suppressed` lines and the metric's `event` label.
@@ -589,6 +593,7 @@ impl ClientEvent {
             ClientEvent::AccessRefused => "access_refused",
             ClientEvent::KeyNewNetwork => "key_new_network",
             ClientEvent::ClusterUnavailable => "cluster_unavailable",
+            ClientEvent::WebhookRejected => "webhook_rejected",
         }
     }
 

@@ -276,3 +276,76 @@ async fn another_clients_events_are_still_written_during_a_flood() {
         v["event"] == "auth_failed" && v["client_ip"] == "127.0.0.2"
     });
 }
+
+/// Forged deliveries to a signed webhook route (no API key needed to send them): 500 bad
+/// signatures and 200 missing ones from one client write a bounded number of
+/// `webhook_rejected` lines and a `log_suppressed` summary; the per-route counter has every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_webhook_deliveries_are_bounded_in_the_log_and_all_counted() {
+    let up = Upstream::start().await;
+    let (_, hash) = new_key("k");
+    let secret = format!("budget-secret-{:016x}", rand::random::<u64>());
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("k", &hash, "")
+        .log("client_event_limit = \"10/s\"")
+        .admin()
+        .raw("[[webhooks]]\nid = \"gh\"\npath = \"/hooks/gh\"\nscheme = \"github\"\nsecret = { env = \"BUDGET_WH\" }\n")
+        .start_with(&[("BUDGET_WH", secret.as_str())], None);
+    let c = kg.client_h2();
+    let url = kg.url("/hooks/gh");
+    let post = |sig: Option<&str>| {
+        let mut b = hyper::Request::post(&url);
+        if let Some(sig) = sig {
+            b = b.header("x-hub-signature-256", sig);
+        }
+        c.send(b.body(full("{\"forged\":true}")).unwrap())
+    };
+    let forged = format!("sha256={}", "ab".repeat(32));
+    let started = Instant::now();
+    for _ in 0..5 {
+        let replies = futures_util::future::join_all((0..100).map(|_| post(Some(&forged)))).await;
+        assert!(replies.iter().all(|r| r.status == 401));
+    }
+    for _ in 0..2 {
+        let replies = futures_util::future::join_all((0..100).map(|_| post(None))).await;
+        assert!(replies.iter().all(|r| r.status == 401));
+    }
+    let (written, suppressed) = settle(&kg, "webhook_rejected", 700, |kg| {
+        kg.events("webhook_rejected").len() as u64
+    });
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(written + suppressed, 700);
+    assert!(
+        written <= bound(secs),
+        "{written} webhook_rejected lines for 700 forged deliveries in {secs:.1} s"
+    );
+    let summary = kg.wait_log("webhook summary", |v| {
+        v["event"] == "log_suppressed" && v["kind"] == "webhook_rejected"
+    });
+    assert_eq!(summary["top_client"], "127.0.0.1");
+    let m = metrics(&kg).await;
+    assert_eq!(
+        metric(
+            &m,
+            "keygate_webhook_rejected_total{route=\"gh\",reason=\"bad_signature\"}"
+        ),
+        500
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "keygate_webhook_rejected_total{route=\"gh\",reason=\"missing_signature\"}"
+        ),
+        200
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "keygate_log_lines_suppressed_total{event=\"webhook_rejected\"}"
+        ),
+        suppressed
+    );
+    assert_eq!(up.count(), 0);
+    assert_no_secrets(&kg.logs(), &[&secret, &forged["sha256=".len()..]]);
+}

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tracing::Level;
 
 use crate::access::IpList;
 use crate::body::{RequestBody, RequestStats, ResponseBody};
@@ -39,7 +40,7 @@ use crate::config::Snapshot;
 use crate::config::secret::Secret;
 use crate::forward::{ForwardInfo, UpstreamError, rewrite_request_headers};
 use crate::limits::KeyLimiter;
-use crate::log::request_id_str;
+use crate::log::{ClientEvent, client_event, request_id_str};
 use crate::metrics;
 use crate::proto::strip_hop_by_hop;
 use crate::reject::Reject;
@@ -258,7 +259,12 @@ pub struct Outcome {
 
 fn rejected(route: &Route, a: &Arrival<'_>, reason: Reason) {
     metrics::global().webhook_rejected(&route.id, reason.as_str());
-    tracing::warn!(
+    // The counter above is complete; the line is under the client's log budget (a sender
+    // can cause one per request).
+    client_event!(
+        ClientEvent::WebhookRejected,
+        a.client_ip,
+        Level::WARN,
         event = "webhook_rejected",
         reason = reason.as_str(),
         route = &*route.id,
@@ -340,7 +346,10 @@ async fn deliver_inner(
             return Err(refuse(Reason::TooLarge, Reject::PayloadTooLarge));
         }
         Err(BodyError::Client) => {
-            tracing::info!(
+            client_event!(
+                ClientEvent::ClientBody,
+                a.client_ip,
+                Level::INFO,
                 request_id = request_id_str(a.request_id),
                 route = &*route.id,
                 "webhook body failed (malformed framing or aborted)"
@@ -349,7 +358,7 @@ async fn deliver_inner(
         }
         Err(BodyError::Stalled) => {
             metrics::global().client_timeout("body");
-            tracing::info!(event = "client_timeout", phase = "body", request_id = request_id_str(a.request_id), client_ip = %a.client_ip, route = &*route.id, "the sender sent no body byte within body_read_timeout");
+            client_event!(ClientEvent::ClientTimeout, a.client_ip, Level::INFO, event = "client_timeout", phase = "body", request_id = request_id_str(a.request_id), client_ip = %a.client_ip, route = &*route.id, "the sender sent no body byte within body_read_timeout");
             return Err(Reject::RequestTimeout);
         }
     };
@@ -444,7 +453,7 @@ async fn deliver_inner(
                 g.settle(false).await;
             }
             metrics::global().upstream_error(e.kind());
-            tracing::error!(event = "upstream_error", kind = e.kind(), request_id = request_id_str(a.request_id), route = &*route.id, error = %e);
+            client_event!(ClientEvent::UpstreamError, a.client_ip, Level::ERROR, event = "upstream_error", kind = e.kind(), request_id = request_id_str(a.request_id), route = &*route.id, error = %e);
             return Err(match e {
                 UpstreamError::Timeout => Reject::GatewayTimeout,
                 _ => Reject::BadGateway,
