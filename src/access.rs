@@ -125,6 +125,9 @@ impl Scope {
         self.paths.as_deref()
     }
 
+    /// Whether `method` and the raw request-target `path` lie inside this scope. The path must
+    /// lie inside it however an origin server reads it ([`every_reading`]): a path that one
+    /// server would resolve outside the prefixes is refused even if another would not.
     pub fn permits(&self, method: &Method, path: &str) -> bool {
         if let Some(ms) = &self.methods {
             if !ms.contains(method) {
@@ -134,10 +137,7 @@ impl Scope {
         let Some(prefixes) = &self.paths else {
             return true;
         };
-        let Some(path) = normalize_path(path) else {
-            return false;
-        };
-        prefixes.iter().any(|p| path_has_prefix(&path, p))
+        every_reading(path, |p| prefixes.iter().any(|pre| path_has_prefix(p, pre)))
     }
 }
 
@@ -149,20 +149,81 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
             || path.as_bytes()[prefix.len()] == b'/')
 }
 
-/// The path as an upstream would resolve it: percent-decoded once, `\` read as `/`, repeated
-/// slashes folded, and dot-segments removed (RFC 3986 §5.2.4). `None` if it decodes to
-/// something no sane path holds (NUL, invalid UTF-8, a bad escape). Used only to decide scope;
-/// the request is forwarded unchanged.
+/// How an origin server may read a request path. RFC 3986 leaves room for servers to differ,
+/// and a scope decision taken on one reading while the upstream uses another is the classic
+/// proxy bypass (e.g. `/public/..;/admin`, which Tomcat, Jetty and Spring serve as `/admin`).
+/// So keygate computes every reading and a path-dependent decision must hold under each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathReading {
+    /// Dot-segments removed as RFC 3986 §5.2.4 says: only a segment that is exactly `.` or
+    /// `..` is one.
+    Rfc3986,
+    /// As Java servlet containers read it: each segment's path parameters (from the first
+    /// `;`, RFC 3986 §3.3) are removed, then dot-segments; so `..;x` is `..` and `a;x` is `a`.
+    PathParameters,
+    /// As a server that routes on the path as sent reads it: no dot-segment removal at all, so
+    /// `/x/../v1` is under `/x/`, not `/v1/` (a catch-all route such as FastAPI's
+    /// `/x/{rest:path}` would serve it).
+    Literal,
+}
+
+impl PathReading {
+    pub const ALL: [PathReading; 3] = [
+        PathReading::Rfc3986,
+        PathReading::PathParameters,
+        PathReading::Literal,
+    ];
+}
+
+/// The path as an upstream would resolve it under RFC 3986 ([`PathReading::Rfc3986`]); see
+/// [`read_path`].
+pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
+    read_path(raw, PathReading::Rfc3986)
+}
+
+/// Whether `raw` needs no work under any reading: it starts with `/` and has no escape,
+/// backslash, NUL, path parameter, empty segment or segment starting with a dot. Then every
+/// reading is `raw` itself, with no allocation (the common case on the hot path).
+fn is_plain_path(raw: &str) -> bool {
+    raw.starts_with('/')
+        && !raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b';' | 0))
+        && !raw.contains("//")
+        && !raw.contains("/.")
+}
+
+/// Whether `decide` holds for `raw` under every [`PathReading`]. A path that does not decode
+/// (see [`read_path`]) never satisfies it. One call of `decide` with `raw` itself when the path
+/// is plain.
+pub fn every_reading(raw: &str, mut decide: impl FnMut(&str) -> bool) -> bool {
+    if is_plain_path(raw) {
+        return decide(raw);
+    }
+    PathReading::ALL
+        .iter()
+        .all(|&r| read_path(raw, r).is_some_and(|p| decide(&p)))
+}
+
+/// Whether `raw` reads the same under every [`PathReading`] (so it is its own normal form):
+/// no escape, backslash, empty or dot segment, or path parameter (`/.well-known/x` is normal).
+pub fn is_normal_path(raw: &str) -> bool {
+    is_plain_path(raw)
+        || PathReading::ALL
+            .iter()
+            .all(|&r| read_path(raw, r).is_some_and(|p| p == raw))
+}
+
+/// The path as an upstream would read it under `reading`: percent-decoded once, `\` read as
+/// `/`, repeated slashes folded, then (unless [`PathReading::Literal`]) dot-segments removed
+/// (RFC 3986 §5.2.4, with [`PathReading::PathParameters`] first dropping each segment's
+/// `;` parameters). `None` if it decodes to something no sane path holds (NUL, invalid UTF-8,
+/// a bad escape). Used only to decide scope, quota cost and routes; the request is forwarded
+/// unchanged.
 ///
 /// A literal `%` in the result (from `%25`) is written back as `%25`, so the result is a fixed
-/// point: normalising it again gives it unchanged, and `%252e%252e` can never turn into `..`
-/// by a second pass (found by the `path` fuzz target).
-pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
-    // NUL goes the slow way too, to be refused there (found by the `path` fuzz target).
-    let needs_work = raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b'.' | 0))
-        || raw.contains("//")
-        || !raw.starts_with('/');
-    if !needs_work {
+/// point: reading it again the same way gives it unchanged, and `%252e%252e` can never turn
+/// into `..` by a second pass (found by the `path` fuzz target).
+pub fn read_path(raw: &str, reading: PathReading) -> Option<Cow<'_, str>> {
+    if is_plain_path(raw) {
         return Some(Cow::Borrowed(raw));
     }
     let bytes = raw.as_bytes();
@@ -189,12 +250,21 @@ pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
         return None;
     }
     let text = String::from_utf8(decoded).ok()?.replace('\\', "/");
+    fn segment(seg: &str, reading: PathReading) -> &str {
+        match reading {
+            PathReading::PathParameters => seg.split(';').next().unwrap_or(""),
+            _ => seg,
+        }
+    }
+    let dots = reading != PathReading::Literal;
+    let last = segment(text.rsplit('/').next().unwrap_or(""), reading);
+    let ends_with_slash = last.is_empty() || (dots && (last == "." || last == ".."));
     let mut out: Vec<&str> = Vec::new();
-    let ends_with_slash = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
-    for seg in text.split('/') {
+    for seg in text.split('/').map(|seg| segment(seg, reading)) {
         match seg {
-            "" | "." => {}
-            ".." => {
+            "" => {}
+            "." if dots => {}
+            ".." if dots => {
                 out.pop();
             }
             s => out.push(s),
@@ -295,6 +365,28 @@ mod tests {
             assert!(!s.permits(&Method::GET, escape), "{escape}");
         }
         assert!(s.permits(&Method::GET, "/v1/./a/../b"));
+        // Path parameters: servlet containers drop them before resolving dot-segments.
+        for escape in [
+            "/v1/..;/admin",
+            "/v1/..;jsessionid=x/admin",
+            "/v1/..%3b/admin",
+            "/v1/%2e%2e;/admin",
+            "/v1/.%2e;x/admin",
+            "/v1/x/..;/..;/admin",
+            "/v1;x/..;/..;/admin",
+        ] {
+            assert!(!s.permits(&Method::GET, escape), "{escape}");
+        }
+        // Literal readers route on the path as sent: `/x/../v1/` is under `/x/` for them.
+        for escape in ["/admin/../v1/a", "/admin/%2e%2e/v1/a", "/admin/..;/v1/a"] {
+            assert!(!s.permits(&Method::GET, escape), "{escape}");
+        }
+        assert!(s.permits(&Method::GET, "/v1/a;x"));
+        assert!(s.permits(&Method::GET, "/v1/a;x/b/..;/c"));
+        assert!(
+            !s.permits(&Method::GET, "/v1;x/a"),
+            "servlets read /v1/a, others /v1;x/a"
+        );
         let s = Scope::new(Some(vec![Method::GET]), Some(vec!["/v1".into()]));
         assert!(s.permits(&Method::GET, "/v1"));
         assert!(s.permits(&Method::GET, "/v1/x"));
@@ -302,6 +394,49 @@ mod tests {
         assert!(!s.permits(&Method::POST, "/v1/x"));
         assert_eq!(normalize_path("/a//b/./c/..").unwrap(), "/a/b/");
         assert_eq!(normalize_path("/../..").unwrap(), "/");
+    }
+
+    #[test]
+    fn every_reading_of_a_path() {
+        fn read(raw: &str, r: PathReading) -> String {
+            read_path(raw, r).unwrap().into_owned()
+        }
+        use PathReading::*;
+        for (raw, rfc, params, literal) in [
+            ("/a/..;/b", "/a/..;/b", "/b", "/a/..;/b"),
+            ("/a/b;x=1/c", "/a/b;x=1/c", "/a/b/c", "/a/b;x=1/c"),
+            ("/a/%2e%2e/b", "/b", "/b", "/a/../b"),
+            ("/a/./b/", "/a/b/", "/a/b/", "/a/./b/"),
+            ("/a/b/..;", "/a/b/..;", "/a/", "/a/b/..;"),
+            ("/a//b", "/a/b", "/a/b", "/a/b"),
+            ("/a/;x/b", "/a/;x/b", "/a/b", "/a/;x/b"),
+            (
+                "/.well-known/x",
+                "/.well-known/x",
+                "/.well-known/x",
+                "/.well-known/x",
+            ),
+        ] {
+            assert_eq!(read(raw, Rfc3986), rfc, "{raw}");
+            assert_eq!(read(raw, PathParameters), params, "{raw}");
+            assert_eq!(read(raw, Literal), literal, "{raw}");
+            for r in PathReading::ALL {
+                let once = read(raw, r);
+                assert_eq!(read(&once, r), once, "{raw} {r:?} is not a fixed point");
+            }
+        }
+        assert!(is_normal_path("/hooks/docs"));
+        assert!(is_normal_path("/.well-known/x"));
+        for raw in [
+            "/hooks/a;b",
+            "/hooks/..;/x",
+            "/hooks/%41",
+            "/hooks//x",
+            "/hooks/./x",
+            "hooks",
+        ] {
+            assert!(!is_normal_path(raw), "{raw}");
+        }
     }
 
     /// Regressions from the `path` fuzz target: the result must be a fixed point, and only two

@@ -122,19 +122,34 @@ impl CostTable {
         CostTable { default, rules }
     }
 
-    /// What this request costs. A path that does not normalise (a bad escape) costs the default.
+    /// What this request costs: the highest cost of any rule matching the path under some
+    /// [`PathReading`](crate::access::PathReading), so no spelling of a costly path (e.g.
+    /// `/jobs/..;/convert` under a free `/jobs/` rule) is cheaper than the path itself. A path
+    /// that does not decode (a bad escape) costs the default.
     pub fn cost(&self, method: &Method, path: &str) -> u64 {
         if self.rules.is_empty() {
             return self.default;
         }
-        let Some(path) = crate::access::normalize_path(path) else {
-            return self.default;
-        };
+        let mut cost = None;
+        let decoded = crate::access::every_reading(path, |p| {
+            let c = self.cost_of_normal(method, p);
+            cost = Some(cost.map_or(c, |prev: u64| prev.max(c)));
+            true
+        });
+        if decoded {
+            cost.unwrap_or(self.default)
+        } else {
+            self.default
+        }
+    }
+
+    /// The cost of the first (most specific) rule matching an already-read path.
+    fn cost_of_normal(&self, method: &Method, path: &str) -> u64 {
         self.rules
             .iter()
             .find(|r| {
                 r.methods.as_ref().is_none_or(|ms| ms.contains(method))
-                    && crate::access::path_has_prefix(&path, &r.path)
+                    && crate::access::path_has_prefix(path, &r.path)
             })
             .map_or(self.default, |r| r.cost)
     }
@@ -453,6 +468,10 @@ mod tests {
             "/api/v1/jobs/..%2fconvert",
             "//api/v1/convert",
             "/api/v1/jobs/..\\convert",
+            "/api/v1/jobs/..;/convert",
+            "/api/v1/jobs/..%3bx/convert",
+            "/api/v1/convert;v=2",
+            "/api/v1/convert/../jobs/../convert",
         ] {
             assert_eq!(t.cost(&Method::POST, sneaky), 10, "{sneaky}");
         }

@@ -449,6 +449,17 @@ async fn scope_methods_and_paths_cannot_be_escaped() {
         "/v1//../../admin",
         "/v1/%2e%2e%2f%2e%2e/admin",
         "/v1/%00/../admin",
+        // Path parameters: Tomcat, Jetty and Spring drop `;…` before resolving dot-segments.
+        "/v1/..;/admin",
+        "/v1/..;jsessionid=1/admin",
+        "/v1/..%3b/admin",
+        "/v1/%2e%2e;/admin",
+        "/status/..;/admin",
+        "/status;x/..;/..;/admin",
+        // A server that routes on the path as sent reads these under /admin/.
+        "/admin/../v1/docs",
+        "/admin/..;/v1/docs",
+        "/admin/%2e%2e/v1/docs",
     ] {
         let mut s = kg.tls_stream().await;
         let (status, _) = raw_request(&mut s, "GET", escape, &[key]).await;

@@ -247,6 +247,7 @@ async fn costs_are_applied_per_route() {
         "/api/v1/jobs/..%2fconvert",
         "/api/v1//convert",
         "/api/v1/jobs/..\\convert",
+        "/api/v1/jobs/..;/convert",
     ] {
         let r = h2.send(req("POST", &kg.url(sneaky), &token)).await;
         assert_eq!(r.version, http::Version::HTTP_2);

@@ -203,6 +203,19 @@ async fn every_scheme_forwards_a_valid_delivery_byte_for_byte_without_an_api_key
         assert_eq!(got.status, 401, "{path}");
         assert_eq!(up.count(), before, "{path} reached the upstream");
     }
+    // A validly signed delivery under the prefix route, spelled so that a servlet container
+    // (Tomcat, Jetty, Spring) would serve another path: `..;` is `..` there.
+    for path in [
+        "/hooks/stripe/..;/..;/admin",
+        "/hooks/stripe/..;x/..;x/admin",
+        "/hooks/stripe/a;x",
+    ] {
+        let (_, headers) = signed(&s, "pay", &body, "");
+        let before = up.count();
+        let got = c.send(post(&kg.url(path), &headers, &body)).await;
+        assert_eq!(got.status, 401, "{path}");
+        assert_eq!(up.count(), before, "{path} reached the upstream");
+    }
 }
 
 #[tokio::test]

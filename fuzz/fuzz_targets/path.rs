@@ -4,8 +4,10 @@
 //! - the result starts with `/`, has no `.`/`..` segment, no `//`, no `\` and no NUL;
 //! - normalising is idempotent: `normalize(normalize(p)) == normalize(p)`, so a scope decision
 //!   cannot change if something downstream normalises again;
-//! - a scope with prefix `/v1/` never permits a path whose normalised form does not start with
-//!   `/v1/`, and `/v1` permits only `/v1` itself and what lies below `/v1/`.
+//! - a scope with prefix `/v1/` never permits a path that any reading (RFC 3986, path
+//!   parameters dropped as servlet containers do, or literal) puts outside `/v1/`, and `/v1`
+//!   permits only `/v1` itself and what lies below `/v1/`, under every reading;
+//! - every reading is a fixed point of itself.
 //!
 //! The first input byte picks raw UTF-8 or a path assembled from the pieces that matter
 //! (dot-segments, encoded dots and slashes, backslashes, double encoding), which libFuzzer
@@ -14,13 +16,13 @@
 #![no_main]
 
 use http::Method;
-use keygate::access::{Scope, normalize_path};
+use keygate::access::{PathReading, Scope, normalize_path, read_path};
 use libfuzzer_sys::fuzz_target;
 
 const PIECES: &[&str] = &[
     "/", "//", ".", "..", "%2e", "%2E", "%2e%2e", "%2f", "%2F", "%5c", "%5C", "\\", "v1", "v1/",
     "admin", "%25", "%252e", "%252f", "%", "%00", "%zz", "%c3%a9", "é", "a", ";", "?", "%3f", "%2",
-    "v1%2f", "/v1", "/v1/", "/..", "/.", "./", "../",
+    "v1%2f", "/v1", "/v1/", "/..", "/.", "./", "../", "..;", "%3b", ";x=1", "..%3b",
 ];
 
 fn check(raw: &str) {
@@ -43,15 +45,24 @@ fn check(raw: &str) {
     assert_eq!(&*again, norm, "not idempotent for {raw:?}");
 
     let v1_dir = Scope::new(None, Some(vec!["/v1/".into()]));
-    if v1_dir.permits(&Method::GET, raw) {
-        assert!(norm.starts_with("/v1/"), "/v1/ permits {raw:?} -> {norm:?}");
-    }
     let v1 = Scope::new(None, Some(vec!["/v1".into()]));
-    if v1.permits(&Method::GET, raw) {
-        assert!(
-            norm == "/v1" || norm.starts_with("/v1/"),
-            "/v1 permits {raw:?} -> {norm:?}"
-        );
+    let (dir_ok, exact_ok) = (
+        v1_dir.permits(&Method::GET, raw),
+        v1.permits(&Method::GET, raw),
+    );
+    for reading in PathReading::ALL {
+        let read = read_path(raw, reading).expect("a path that decodes once decodes every way");
+        let again = read_path(&read, reading).expect("a read path reads again");
+        assert_eq!(again, read, "{reading:?} not a fixed point for {raw:?}");
+        if dir_ok {
+            assert!(read.starts_with("/v1/"), "/v1/ permits {raw:?}: {reading:?} {read:?}");
+        }
+        if exact_ok {
+            assert!(
+                read == "/v1" || read.starts_with("/v1/"),
+                "/v1 permits {raw:?}: {reading:?} {read:?}"
+            );
+        }
     }
     // A method-only scope ignores the path entirely.
     assert!(Scope::new(Some(vec![Method::GET]), None).permits(&Method::GET, raw));

@@ -268,6 +268,21 @@ mod tests {
         assert!(!truncated.contains("cLGidnkrA"), "{truncated}");
     }
 
+    /// A prefix no request could be inside under every path reading is refused, not ignored.
+    #[test]
+    fn scope_prefixes_with_path_parameters_are_refused() {
+        let errs = errors_of(&format!(
+            "[[keys]]\nid = \"a\"\nhash = \"{HASH}\"\npaths = [\"/ok/\", \"/v1;x/\"]\n"
+        ));
+        assert!(
+            errs.contains(
+                "keys[0].paths[1] (id \"a\"): path prefix \"/v1;x/\" must not contain ';'"
+            ),
+            "{errs}"
+        );
+        assert!(!errs.contains("paths[0]"), "{errs}");
+    }
+
     #[test]
     fn scrubbing_leaves_ordinary_text_alone() {
         for plain in [

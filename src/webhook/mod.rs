@@ -224,13 +224,12 @@ impl Route {
 pub struct Routes(pub Vec<Arc<Route>>);
 
 impl Routes {
-    /// The route for a request path, if the path is in normal form and matches one.
+    /// The route for a request path, if the path is in normal form under every reading
+    /// ([`crate::access::is_normal_path`]: no escape, dot-segment or `;` parameter, so no
+    /// origin server can read it as another path) and matches one. Any other spelling goes
+    /// through key authentication like every non-webhook path.
     pub fn find(&self, raw_path: &str) -> Option<&Arc<Route>> {
-        if self.0.is_empty() {
-            return None;
-        }
-        let normal = crate::access::normalize_path(raw_path)?;
-        if normal != raw_path {
+        if self.0.is_empty() || !crate::access::is_normal_path(raw_path) {
             return None;
         }
         self.0.iter().find(|r| r.matches(raw_path))

@@ -79,6 +79,15 @@ pub(super) fn parse_path_prefix(s: &str, path: &str, errs: &mut Errors) -> Optio
         errs.push(path, format!("path prefix {s:?} must start with '/'"));
         return None;
     }
+    if s.contains(';') {
+        // A servlet container reads `/a;b/` as `/a/`, others as `/a;b/`: no request could be
+        // inside this prefix under every reading, so it would silently match nothing.
+        errs.push(
+            path,
+            format!("path prefix {s:?} must not contain ';' (path parameters)"),
+        );
+        return None;
+    }
     match crate::access::normalize_path(s) {
         Some(n) => Some(n.into_owned()),
         None => {

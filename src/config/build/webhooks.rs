@@ -103,18 +103,16 @@ fn check_path(s: &str, path: &str, errs: &mut Errors) -> Option<String> {
         errs.push(path, format!("path {s:?} must start with '/'"));
         return None;
     }
-    match crate::access::normalize_path(s) {
-        Some(n) if n == s && !s.contains('?') && !s.contains('#') => Some(s.to_string()),
-        _ => {
-            errs.push(
-                path,
-                format!(
-                    "path {s:?} must be in normal form (no '.'/'..' segments, '//', '\\\\', percent escapes, query or fragment)"
-                ),
-            );
-            None
-        }
+    if crate::access::is_normal_path(s) && !s.contains('?') && !s.contains('#') {
+        return Some(s.to_string());
     }
+    errs.push(
+        path,
+        format!(
+            "path {s:?} must be in normal form (no '.'/'..' segments, '//', '\\\\', percent escapes, ';' parameters, query or fragment)"
+        ),
+    );
+    None
 }
 
 /// The HMAC keys of one route, resolved from its references.
