@@ -77,6 +77,10 @@ pub enum Command {
         /// IPv6, "127.0.0.1:8443" allows local clients only.
         #[arg(long, default_value = "0.0.0.0:8443")]
         listen: String,
+        /// Admin listener (healthz, readyz, metrics; plain HTTP, keep it on loopback). Change
+        /// it when several instances share a host, or when 9901 is taken.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
         /// Group that may read the files (the service's). Default: `keygate` when run as root
         /// and that group exists, else the caller's own.
         #[arg(long)]
@@ -155,12 +159,14 @@ pub fn main(cli: Cli) -> ExitCode {
             dir,
             upstream,
             listen,
+            admin,
             group,
             state,
         } => init(&InitOptions {
             dir: &dir,
             upstream: &upstream,
             listen: &listen,
+            admin: &admin,
             group: group.as_deref(),
             state: state.as_deref(),
         }),
@@ -356,7 +362,10 @@ fn check(path: &Path) -> ExitCode {
                 );
             }
             if !path.exists() {
-                let dir = path.parent().unwrap_or(Path::new("."));
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
                 let _ = writeln!(
                     std::io::stderr(),
                     "make one: keygate init {} (config, certificate, first key; every option: \
@@ -607,6 +616,8 @@ pub struct InitOptions<'a> {
     pub dir: &'a Path,
     pub upstream: &'a str,
     pub listen: &'a str,
+    /// The admin listener's address.
+    pub admin: &'a str,
     pub group: Option<&'a str>,
     pub state: Option<&'a str>,
 }
@@ -638,8 +649,23 @@ fn init(o: &InitOptions<'_>) -> ExitCode {
             config_path.display()
         ));
     }
-    if let Err(e) = o.listen.parse::<std::net::SocketAddr>() {
-        return fail(format!("--listen {:?}: {e}", o.listen));
+    let (listen, admin) = match (
+        o.listen.parse::<std::net::SocketAddr>(),
+        o.admin.parse::<std::net::SocketAddr>(),
+    ) {
+        (Err(e), _) => return fail(format!("--listen {:?}: {e}", o.listen)),
+        (_, Err(e)) => return fail(format!("--admin {:?}: {e}", o.admin)),
+        (Ok(l), Ok(a)) => (l, a),
+    };
+    if listen.port() == admin.port()
+        && (listen.ip() == admin.ip()
+            || listen.ip().is_unspecified()
+            || admin.ip().is_unspecified())
+    {
+        return fail(format!(
+            "--listen {} and --admin {} would share a port; give --admin another address",
+            o.listen, o.admin
+        ));
     }
     let root = effective_uid() == Some(0);
     // Who may read: the service's group when root sets up a system install.
@@ -702,12 +728,15 @@ fn init(o: &InitOptions<'_>) -> ExitCode {
          # (certs/README.md), then reload.\n\
          cert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
          [upstream]\nurl = {upstream:?}\n\n\
-         [admin]\nlisten = \"127.0.0.1:9901\"\n\n\
+         [admin]\n\
+         # healthz, readyz, metrics: plain HTTP, keep it on loopback.\n\
+         listen = {admin:?}\n\n\
          [state]\n\
          # Last-used times of keys (`keygate keys`); the systemd unit can write only\n\
          # /var/lib/keygate (its StateDirectory).\n\
          path = {state:?}\n\n{snippet}",
         listen = o.listen,
+        admin = o.admin,
         mib = max_body / (1024 * 1024),
         days = INIT_CERT_DAYS,
         upstream = o.upstream,
@@ -749,8 +778,9 @@ fn init(o: &InitOptions<'_>) -> ExitCode {
         "Certificate: self-signed for localhost and this host, valid {INIT_CERT_DAYS} days (until {until}); replace it with a real one."
     );
     println!(
-        "Listening on {} (change [server] listen); state file {state}; max_body_bytes {} MiB.",
+        "Listening on {} (change [server] listen), admin on {}; state file {state}; max_body_bytes {} MiB.",
         o.listen,
+        o.admin,
         max_body / (1024 * 1024)
     );
     println!("API key \"first\" (shown once): {}", token.reveal());
@@ -759,10 +789,7 @@ fn init(o: &InitOptions<'_>) -> ExitCode {
         "Start:  systemctl enable --now keygate   (or: keygate run -c {})",
         config_path.display()
     );
-    let port = o
-        .listen
-        .parse::<std::net::SocketAddr>()
-        .map_or(8443, |a| a.port());
+    let port = listen.port();
     println!(
         "Try:    curl --cacert {} -H 'X-API-Key: {}' https://localhost:{port}/",
         dir.join("cert.pem").display(),

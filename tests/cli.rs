@@ -305,6 +305,22 @@ async fn init_writes_files_that_run_serves() {
     let dir = tempfile::tempdir().unwrap();
     let kdir = dir.path().join("etc");
     // A state file next to the config (root's default is /var/lib/keygate, tests/first_run.rs).
+    // The listeners it writes are the ones asked for (free ports, so it can run as written).
+    let port = free_port();
+    let admin = free_port();
+    let (listen_at, admin_at) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin}"));
+    // Two listeners on one port is refused before anything is written.
+    let (code, _, err) = keygate(&[
+        "init",
+        kdir.to_str().unwrap(),
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+        "--admin",
+        &listen_at,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("would share a port"), "{err}");
+    assert!(!kdir.join("keygate.toml").exists());
     let (code, out, err) = keygate(&[
         "init",
         kdir.to_str().unwrap(),
@@ -312,6 +328,10 @@ async fn init_writes_files_that_run_serves() {
         &up.url(),
         "--state",
         "state.json",
+        "--listen",
+        &listen_at,
+        "--admin",
+        &admin_at,
     ]);
     assert_eq!(code, 0, "{err}");
     let token = out.lines().find_map(token_in).expect("token printed");
@@ -326,8 +346,8 @@ async fn init_writes_files_that_run_serves() {
         "private key is private: {mode:o}"
     );
     assert!(
-        out.contains("0.0.0.0:8443"),
-        "the public address is stated: {out}"
+        out.contains(&listen_at) && out.contains(&admin_at),
+        "the addresses are stated: {out}"
     );
     let cfg = kdir.join("keygate.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -335,15 +355,6 @@ async fn init_writes_files_that_run_serves() {
     // Second init refuses to overwrite.
     assert_eq!(keygate(&["init", kdir.to_str().unwrap()]).0, 1);
 
-    // Run it on free ports (the file says 8443/9901; point them elsewhere for the test).
-    let port = free_port();
-    let admin = free_port();
-    std::fs::write(
-        &cfg,
-        text.replace("\"0.0.0.0:8443\"", &format!("\"127.0.0.1:{port}\""))
-            .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}")),
-    )
-    .unwrap();
     assert_eq!(
         keygate(&["check", "-c", cfg.to_str().unwrap()]).1.trim(),
         "ok"

@@ -388,4 +388,12 @@ fn check_of_the_example_config_says_what_to_fill_in() {
     let (code, _, err) = keygate(&["check", "-c", missing.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("make one: keygate init"), "{err}");
+    // A bare file name: the directory to init is the current one, never "" or "/".
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["check", "-c", "keygate.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("make one: keygate init . ("), "{err}");
 }
