@@ -143,16 +143,31 @@ impl CostTable {
         }
     }
 
-    /// The cost of the first (most specific) rule matching an already-read path.
+    /// The cost of an already-read path: the first (most specific) rule matching it, or the
+    /// first matching it with ASCII case ignored if that costs more, because case-insensitive
+    /// routers (ASP.NET Core's default, IIS, Windows file systems) serve `/CONVERT` as
+    /// `/convert`.
     fn cost_of_normal(&self, method: &Method, path: &str) -> u64 {
-        self.rules
-            .iter()
-            .find(|r| {
-                r.methods.as_ref().is_none_or(|ms| ms.contains(method))
-                    && crate::access::path_has_prefix(path, &r.path)
-            })
-            .map_or(self.default, |r| r.cost)
+        let first = |prefix_of: fn(&str, &str) -> bool| {
+            self.rules
+                .iter()
+                .find(|r| {
+                    r.methods.as_ref().is_none_or(|ms| ms.contains(method))
+                        && prefix_of(path, &r.path)
+                })
+                .map_or(self.default, |r| r.cost)
+        };
+        first(crate::access::path_has_prefix).max(first(path_has_prefix_ignore_ascii_case))
     }
+}
+
+/// [`crate::access::path_has_prefix`] with ASCII case ignored.
+fn path_has_prefix_ignore_ascii_case(path: &str, prefix: &str) -> bool {
+    path.len() >= prefix.len()
+        && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
 }
 
 /// A key's quota state after a request was counted (or refused), for the headers, the
@@ -472,6 +487,9 @@ mod tests {
             "/api/v1/jobs/..%3bx/convert",
             "/api/v1/convert;v=2",
             "/api/v1/convert/../jobs/../convert",
+            "/api/v1/CONVERT",
+            "/API/V1/Convert",
+            "/api/v1/jobs/../Convert;x",
         ] {
             assert_eq!(t.cost(&Method::POST, sneaky), 10, "{sneaky}");
         }
