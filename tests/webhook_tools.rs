@@ -32,7 +32,8 @@ fn keygate(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, S
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    // A command that refuses before reading stdin closes it: a broken pipe here is fine.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -453,4 +454,84 @@ async fn webhook_sign_output_sent_with_curl_reaches_the_upstream_byte_for_byte()
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     assert_no_secrets(&printed, &secrets);
     assert_no_secrets(&kg.logs(), &secrets);
+}
+
+/// Duplicate detection lasts `dedupe_window` (default 24 h), not `tolerance`: a GitHub route
+/// (no timestamp) with a 1 s tolerance still answers a re-sent accepted delivery itself after
+/// the tolerance has passed; a route with `dedupe_window = "1s"` forwards it again once the
+/// window is over. A window shorter than a timestamped scheme's tolerance is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_remembered_for_the_dedupe_window_not_the_tolerance() {
+    let up = RecordingUpstream::start().await;
+    let (_, hash) = new_key("app");
+    let secret = format!("dedupe-{:016x}", rand::random::<u64>());
+    let routes = "[[webhooks]]\nid = \"long\"\npath = \"/hooks/long\"\nscheme = \"github\"\nsecret = { env = \"DEDUPE_SECRET\" }\ntolerance = \"1s\"\n\n\
+                  [[webhooks]]\nid = \"short\"\npath = \"/hooks/short\"\nscheme = \"github\"\nsecret = { env = \"DEDUPE_SECRET\" }\ndedupe_window = \"1s\"\n";
+    let env = [("DEDUPE_SECRET", secret.as_str())];
+    let kg = Keygate::builder()
+        .upstream_url(&up.url())
+        .key("app", &hash, "")
+        .raw(routes)
+        .start_with(&env, None);
+    let c = kg.client();
+    let body = b"{\"action\":\"opened\"}";
+    let send = |path: &'static str, delivery: &'static str| {
+        let headers = sign_github(&secret, body, delivery);
+        c.send(post(&kg.url(path), &headers, body))
+    };
+    assert_eq!(send("/hooks/long", "d-long").await.status, 200);
+    assert_eq!(send("/hooks/short", "d-short").await.status, 200);
+    assert_eq!(up.count(), 2);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let again = send("/hooks/long", "d-long").await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["status"], "duplicate");
+    assert_eq!(
+        up.count(),
+        2,
+        "a duplicate within dedupe_window was forwarded"
+    );
+    let again = send("/hooks/short", "d-short").await;
+    assert_eq!(again.text(), "upstream says hi");
+    assert_eq!(
+        up.count(),
+        3,
+        "past dedupe_window the delivery is new again"
+    );
+
+    // check: a window shorter than the tolerance of a timestamped scheme; nonsense values.
+    for (extra, field, expect) in [
+        (
+            "scheme = \"stripe\"\ndedupe_window = \"1m\"",
+            "webhooks[0].dedupe_window",
+            "at least the tolerance",
+        ),
+        (
+            "scheme = \"github\"\ndedupe_window = \"0s\"",
+            "webhooks[0].dedupe_window",
+            "at least 1s",
+        ),
+        (
+            "scheme = \"github\"\ndedupe_max_ids = 0",
+            "webhooks[0].dedupe_max_ids",
+            "between 1 and",
+        ),
+    ] {
+        let b = Keygate::builder().key("app", &hash, "").raw(&format!(
+            "[[webhooks]]\nid = \"w\"\npath = \"/w\"\nsecret = {{ env = \"DEDUPE_SECRET\" }}\n{extra}\n"
+        ));
+        let (_dir, config) = config_dir(b);
+        let (code, _, err) = keygate(&["check", "-c", config.to_str().unwrap()], &env, b"");
+        assert_eq!(code, 1, "{extra}");
+        assert!(
+            err.contains(field) && err.contains(expect),
+            "{extra}: {err}"
+        );
+    }
+    let b = Keygate::builder().key("app", &hash, "").raw(
+        "[[webhooks]]\nid = \"w\"\npath = \"/w\"\nscheme = \"stripe\"\nsecret = { env = \"DEDUPE_SECRET\" }\ndedupe_window = \"72h\"\ndedupe_max_ids = 500000\n",
+    );
+    let (_dir, config) = config_dir(b);
+    let (code, out, err) = keygate(&["check", "-c", config.to_str().unwrap()], &env, b"");
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
 }

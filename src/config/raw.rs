@@ -255,6 +255,10 @@ pub struct RawWebhook {
     pub methods: Option<Vec<String>>,
     pub max_body_bytes: Option<u64>,
     pub tolerance: Option<String>,
+    /// How long an accepted delivery id is remembered (duplicates answered 200 by keygate).
+    pub dedupe_window: Option<String>,
+    /// At most this many ids remembered per route (memory bound); the oldest go first.
+    pub dedupe_max_ids: Option<usize>,
     pub id_from: Option<RawIdFrom>,
     pub allow: Option<Vec<String>>,
     pub rate_limit: Option<String>,

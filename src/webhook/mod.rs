@@ -129,7 +129,8 @@ pub struct Route {
     /// `Allow` for a 405: the methods, comma-separated (RFC 9110 §10.2.1).
     pub allow_header: HeaderValue,
     pub max_body_bytes: u64,
-    /// Timestamp tolerance and the duplicate window, in seconds.
+    /// Timestamp tolerance, in seconds. (How long accepted delivery ids are remembered is the
+    /// store's `dedupe_window`, default 24 h: at least the tolerance.)
     pub tolerance: u64,
     pub id_from: Option<IdSource>,
     pub allow: Option<IpList>,

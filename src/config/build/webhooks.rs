@@ -24,6 +24,13 @@ use crate::webhook::{IdSource, Route, Routes, Scheme};
 pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 /// Default `tolerance`.
 pub const DEFAULT_TOLERANCE: &str = "5m";
+/// Default `dedupe_window`: a day, so a sender's retries of a delivery whose 2xx it never saw
+/// (GitHub redeliveries, Stripe's and Standard Webhooks' retry schedules over hours) are still
+/// recognised; independent of `tolerance` so schemes without a timestamp are covered too.
+pub const DEFAULT_DEDUPE_WINDOW: &str = "24h";
+/// Most ids `dedupe_window` ever needs: 1 000 000 per route (~ 200 MiB locally); more is a
+/// config mistake.
+pub const MAX_DEDUPE_IDS: usize = 1_000_000;
 
 /// `introspection` is the introspection endpoint's path (`None` when turned off): a webhook
 /// route may not share a single request path with it (see [`shadows_introspection`]).
@@ -255,6 +262,36 @@ fn build_route(
             1
         }
     };
+    let dedupe_window = match parse_duration(
+        w.dedupe_window.as_deref().unwrap_or(DEFAULT_DEDUPE_WINDOW),
+    ) {
+        Ok(d) if d < Duration::from_secs(1) => {
+            errs.push(p("dedupe_window"), "must be at least 1s");
+            d
+        }
+        // A replay within the tolerance must still be recognised as one.
+        Ok(d) if scheme.is_some_and(Scheme::is_timestamped) && d.as_secs() < tolerance => {
+            errs.push(
+                p("dedupe_window"),
+                format!(
+                    "must be at least the tolerance ({tolerance}s): a delivery replayed within the tolerance would be forwarded again"
+                ),
+            );
+            d
+        }
+        Ok(d) => d,
+        Err(m) => {
+            errs.push(p("dedupe_window"), m);
+            Duration::ZERO
+        }
+    };
+    let dedupe_max_ids = w.dedupe_max_ids.unwrap_or(DEFAULT_CAPACITY);
+    if !(1..=MAX_DEDUPE_IDS).contains(&dedupe_max_ids) {
+        errs.push(
+            p("dedupe_max_ids"),
+            format!("must be between 1 and {MAX_DEDUPE_IDS}"),
+        );
+    }
     let id_from = w.id_from.as_ref().and_then(|f| match (&f.header, &f.json) {
         (Some(h), None) => match HeaderName::from_bytes(h.as_bytes()) {
             Ok(h) => Some(IdSource::Header(h)),
@@ -296,13 +333,13 @@ fn build_route(
             _ => Arc::new(KeyLimiter::new(r, burst)),
         }
     });
-    let window = Duration::from_secs(tolerance);
+    let window = dedupe_window;
     let deliveries = match old {
-        Some(o) if o.deliveries.settings() == (window, DEFAULT_CAPACITY, shared) => {
+        Some(o) if o.deliveries.settings() == (window, dedupe_max_ids, shared) => {
             o.deliveries.clone()
         }
-        _ if shared => Arc::new(DeliveryStore::shared(window, DEFAULT_CAPACITY)),
-        _ => Arc::new(DeliveryStore::local(window, DEFAULT_CAPACITY)),
+        _ if shared => Arc::new(DeliveryStore::shared(window, dedupe_max_ids)),
+        _ => Arc::new(DeliveryStore::local(window, dedupe_max_ids)),
     };
     Some(Route {
         id: w.id.as_str().into(),
