@@ -189,28 +189,20 @@ async fn every_scheme_forwards_a_valid_delivery_byte_for_byte_without_an_api_key
     // webhook route (it would reach another upstream path).
     let c = kg.client();
     let body = awkward_body(9);
-    for path in [
-        "/other",
-        "/hooks/plain/../../admin",
-        "/hooks/%70lain",
-        "/hooks//plain",
-        "/hooks/github/x",
-        "/hooks/stripe",
+    // The last three are validly signed for the prefix route, spelled so that a servlet
+    // container (Tomcat, Jetty, Spring) would serve another path: `..;` is `..` there.
+    for (path, scheme) in [
+        ("/other", "plain"),
+        ("/hooks/plain/../../admin", "plain"),
+        ("/hooks/%70lain", "plain"),
+        ("/hooks//plain", "plain"),
+        ("/hooks/github/x", "plain"),
+        ("/hooks/stripe", "plain"),
+        ("/hooks/stripe/..;/..;/admin", "pay"),
+        ("/hooks/stripe/..;x/..;x/admin", "pay"),
+        ("/hooks/stripe/a;x", "pay"),
     ] {
-        let (_, headers) = signed(&s, "plain", &body, "");
-        let before = up.count();
-        let got = c.send(post(&kg.url(path), &headers, &body)).await;
-        assert_eq!(got.status, 401, "{path}");
-        assert_eq!(up.count(), before, "{path} reached the upstream");
-    }
-    // A validly signed delivery under the prefix route, spelled so that a servlet container
-    // (Tomcat, Jetty, Spring) would serve another path: `..;` is `..` there.
-    for path in [
-        "/hooks/stripe/..;/..;/admin",
-        "/hooks/stripe/..;x/..;x/admin",
-        "/hooks/stripe/a;x",
-    ] {
-        let (_, headers) = signed(&s, "pay", &body, "");
+        let (_, headers) = signed(&s, scheme, &body, "");
         let before = up.count();
         let got = c.send(post(&kg.url(path), &headers, &body)).await;
         assert_eq!(got.status, 401, "{path}");
