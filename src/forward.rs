@@ -462,6 +462,8 @@ impl<T: hyper::rt::Write> hyper::rt::Write for Tracked<T> {
 /// What the upstream must be told about the client (SPEC §4).
 pub struct ForwardInfo<'a> {
     pub peer: IpAddr,
+    /// `peer` as a field value ([`ip_value`]); a connection makes it once for all its requests.
+    pub peer_value: HeaderValue,
     pub peer_is_trusted_proxy: bool,
     /// The client address keygate decided on (SPEC §5), sent as `X-Real-IP`.
     pub client_ip: IpAddr,
@@ -511,13 +513,14 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             }
         }
     }
-    if !xff.is_empty() {
+    if xff.is_empty() {
+        h.insert(X_FORWARDED_FOR.clone(), info.peer_value.clone());
+    } else {
         xff.push_str(", ");
-    }
-    use std::fmt::Write as _;
-    let _ = write!(xff, "{}", info.peer);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(X_FORWARDED_FOR.clone(), v);
+        xff.push_str(info.peer_value.to_str().unwrap_or_default());
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     if !h.contains_key(&X_FORWARDED_HOST) {
@@ -525,10 +528,24 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             h.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&info.client_ip.to_string()) {
-        h.insert(X_REAL_IP.clone(), v);
-    }
+    let real_ip = if info.client_ip == info.peer {
+        info.peer_value.clone()
+    } else {
+        ip_value(info.client_ip)
+    };
+    h.insert(X_REAL_IP.clone(), real_ip);
     h.insert(X_REQUEST_ID.clone(), info.request_id.clone());
+}
+
+/// An IP address as a field value (`192.0.2.1`, `2001:db8::1`), formatted without a `String`.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    use std::io::Write as _;
+    // The longest text form is 45 bytes (`ffff:…:255.255.255.255`).
+    let mut buf = [0u8; 48];
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{ip}");
+    let n = 48 - w.len();
+    HeaderValue::from_bytes(&buf[..n]).expect("an IP address is a valid field value")
 }
 
 impl Upstream {

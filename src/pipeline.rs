@@ -80,6 +80,9 @@ impl Shared {
 /// Per-connection state: who is on the other end, and whether it is busy (for idle timeout).
 pub struct Conn {
     pub peer: SocketAddr,
+    /// The peer's address (canonical) as a field value, for `X-Forwarded-For` and `X-Real-IP`:
+    /// made once per connection rather than once per request.
+    pub peer_value: HeaderValue,
     pub in_flight: AtomicU32,
     /// Milliseconds since `opened` at which the last request finished.
     pub last_active_ms: AtomicU64,
@@ -90,6 +93,7 @@ impl Conn {
     pub fn new(peer: SocketAddr) -> Self {
         Conn {
             peer,
+            peer_value: crate::forward::ip_value(peer.ip().to_canonical()),
             in_flight: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(0),
             opened: Instant::now(),
@@ -290,6 +294,9 @@ fn request_id<B>(req: &Request<B>) -> HeaderValue {
 }
 
 /// 128 random bits as 32 hex digits.
+///
+/// The value is copied three times per request (access record, upstream request, response);
+/// held by a shared buffer from the start, each copy is a reference count, not an allocation.
 pub fn new_request_id() -> HeaderValue {
     let n: u128 = rand::random();
     let mut buf = [0u8; 32];
@@ -297,7 +304,8 @@ pub fn new_request_id() -> HeaderValue {
     for (i, slot) in buf.iter_mut().enumerate() {
         *slot = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("hex is a valid header value")
 }
 
 /// How long a 429 to a client over `failed_auth_limit` is held back (see `admit`).
@@ -755,6 +763,7 @@ async fn forward(
         req.headers_mut(),
         &ForwardInfo {
             peer,
+            peer_value: ctx.conn.peer_value.clone(),
             peer_is_trusted_proxy: snap.access.is_trusted_proxy(peer),
             request_id: ctx.request_id,
             identity_header: &snap.auth.identity_header,

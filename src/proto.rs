@@ -18,51 +18,70 @@ static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// `Proxy-Authorization`: meant for a proxy, keygate is the last one), `Trailer` and
 /// `HTTP2-Settings` (RFC 7540 §3.2.1). None of them is ever forwarded as received.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == HTTP2_SETTINGS
+    HOP_BY_HOP.contains(&name)
 }
+
+/// The fields [`is_hop_by_hop`] names; `Connection` first.
+static HOP_BY_HOP: [&HeaderName; 10] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &HTTP2_SETTINGS,
+];
 
 /// Removes hop-by-hop fields and every field the `Connection` field names (RFC 9110 §7.6.1).
 /// With `upgrade`, that value is sent as `Upgrade` with `Connection: upgrade` (RFC 9110 §7.8:
 /// a sender of `Upgrade` must also send the `upgrade` connection option).
+///
+/// Runs on every request and response, so it looks before it removes: one pass over the field
+/// names, and only the fields present are removed (a response with `Connection: keep-alive`
+/// costs one removal and no allocation).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(&n);
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
         }
     }
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &HTTP2_SETTINGS,
-    ] {
-        headers.remove(n);
+    if present & 1 != 0 {
+        remove_connection_options(headers);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
     if let Some(u) = upgrade {
         headers.insert(header::UPGRADE, u);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Removes the fields the `Connection` options name (`Connection: close, X-Private` removes
+/// `X-Private`). Allocates only when one of them is present.
+fn remove_connection_options(headers: &mut HeaderMap) {
+    let options = || {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    if !options().any(|t| headers.contains_key(t)) {
+        return;
+    }
+    let named: Vec<HeaderName> = options()
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(&n);
     }
 }
 
@@ -568,13 +587,18 @@ pub fn decrement_max_forwards(method: &http::Method, h: &mut HeaderMap) -> bool 
 /// MAY). Note for nginx upstreams: with `gzip_proxied off` (its default) nginx does not compress
 /// responses to requests carrying `Via`.
 pub fn append_via(version: http::Version, h: &mut HeaderMap) {
-    let proto = match version {
-        http::Version::HTTP_09 => "0.9",
-        http::Version::HTTP_10 => "1.0",
-        http::Version::HTTP_2 => "2",
-        http::Version::HTTP_3 => "3",
-        _ => "1.1",
+    let (proto, alone) = match version {
+        http::Version::HTTP_09 => ("0.9", "0.9 keygate"),
+        http::Version::HTTP_10 => ("1.0", "1.0 keygate"),
+        http::Version::HTTP_2 => ("2", "2 keygate"),
+        http::Version::HTTP_3 => ("3", "3 keygate"),
+        _ => ("1.1", "1.1 keygate"),
     };
+    if !h.contains_key(header::VIA) {
+        // The common case: nothing to append to, and no allocation.
+        h.insert(header::VIA, HeaderValue::from_static(alone));
+        return;
+    }
     let mut via = Vec::with_capacity(32);
     for v in h.get_all(header::VIA) {
         via.extend_from_slice(v.as_bytes().trim_ascii());
@@ -1227,5 +1251,31 @@ mod tests {
         let mut h = headers(&[("location", "http://backend:80/x")]);
         rewrite_upstream_urls(&mut h, (&scheme, &default_port, ""), &public);
         assert_eq!(h["location"], "https://api.example.com/x");
+    }
+
+    /// RFC 9110 §7.6.3: keygate's entry alone, or appended to the client's in one field line.
+    #[test]
+    fn via_names_keygate_after_any_earlier_recipients() {
+        use http::Version;
+        let rows: &[(Version, &[&str], &str)] = &[
+            (Version::HTTP_11, &[], "1.1 keygate"),
+            (Version::HTTP_2, &[], "2 keygate"),
+            (Version::HTTP_10, &[], "1.0 keygate"),
+            (Version::HTTP_11, &["1.1 edge"], "1.1 edge, 1.1 keygate"),
+            (
+                Version::HTTP_2,
+                &["1.1 a", " 2 b "],
+                "1.1 a, 2 b, 2 keygate",
+            ),
+        ];
+        for (version, sent, want) in rows {
+            let mut h = HeaderMap::new();
+            for v in *sent {
+                h.append(header::VIA, HeaderValue::from_str(v).unwrap());
+            }
+            append_via(*version, &mut h);
+            let got: Vec<_> = h.get_all(header::VIA).iter().collect();
+            assert_eq!(got, [*want], "{version:?} {sent:?}");
+        }
     }
 }

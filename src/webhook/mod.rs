@@ -426,6 +426,7 @@ async fn deliver_inner(
         &mut parts.headers,
         &ForwardInfo {
             peer,
+            peer_value: crate::forward::ip_value(peer),
             peer_is_trusted_proxy,
             request_id: a.request_id,
             identity_header: &X_KEYGATE_WEBHOOK,
