@@ -478,11 +478,73 @@ fn keys(path: &Path) -> ExitCode {
         }
         None => Default::default(),
     };
+    let mut usage = usage;
+    let mut note = crate::keys_report::FRESHNESS_NOTE;
+    if let Some(settings) = &snap.cluster {
+        match cluster_figures(&snap, settings) {
+            Ok((ids, shared)) => {
+                let keys: Vec<(&str, Option<i64>)> =
+                    ids.iter().map(|(id, w)| (id.as_str(), *w)).collect();
+                crate::keys_report::merge_cluster(&mut usage, &snap, &keys, shared);
+                note = crate::keys_report::CLUSTER_NOTE;
+            }
+            Err(e) => eprintln!(
+                "warning: cluster mode, but Redis could not be read ({e}); \
+                 LAST USED, NETWORKS and QUOTA below are this host's state file only"
+            ),
+        }
+    }
     print!(
         "{}",
-        crate::keys_report::render(&snap, &usage, rotation, jiff::Timestamp::now())
+        crate::keys_report::render(&snap, &usage, rotation, jiff::Timestamp::now(), note)
     );
     ExitCode::SUCCESS
+}
+
+/// How long `keygate keys` waits for Redis before it falls back to the state file.
+const KEYS_REDIS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The cluster's figures for every configured key (one connection, one pipelined round trip,
+/// [`KEYS_REDIS_WAIT`] at most).
+#[allow(clippy::type_complexity)]
+fn cluster_figures(
+    snap: &config::Snapshot,
+    settings: &crate::cluster::ClusterSettings,
+) -> Result<
+    (
+        Vec<(String, Option<i64>)>,
+        Vec<crate::cluster::history::SharedUsage>,
+    ),
+    String,
+> {
+    let now = crate::clock::now();
+    let ids: Vec<(String, Option<i64>)> = snap
+        .keys
+        .iter()
+        .map(|(id, k)| {
+            let window = k.quota.map(|q| crate::quota::window(q.period, now).0);
+            (id.to_string(), window)
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let cluster = crate::cluster::Cluster::new(settings.clone())?;
+    rt.block_on(async {
+        let read = async {
+            cluster.connect_once(KEYS_REDIS_WAIT).await?;
+            let keys: Vec<(&str, Option<i64>)> =
+                ids.iter().map(|(id, w)| (id.as_str(), *w)).collect();
+            cluster.shared_usage(&keys).await
+        };
+        match tokio::time::timeout(KEYS_REDIS_WAIT, read).await {
+            Ok(Ok(shared)) => Ok(shared),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 2 s".to_string()),
+        }
+    })
+    .map(|shared| (ids, shared))
 }
 
 /// How long `init`'s self-signed certificate is valid. Short on purpose: it is for a first

@@ -18,6 +18,7 @@ pub fn render(
     state: &StateFile,
     rotation: Duration,
     now: jiff::Timestamp,
+    note: &str,
 ) -> String {
     let usage = &state.keys;
     let networks = networks_in_history(snap, state, now);
@@ -106,7 +107,7 @@ pub fn render(
             warnings.join("; ")
         );
     }
-    out.push_str(FRESHNESS_NOTE);
+    out.push_str(note);
     out
 }
 
@@ -132,6 +133,60 @@ fn networks_in_history(
 /// Printed under the table: a running keygate writes the state file behind the requests (at
 /// most every 5 seconds, and at stop), so the file read here can lag behind a little.
 pub const FRESHNESS_NOTE: &str = "LAST USED, NETWORKS and QUOTA come from the state file, which a running keygate writes every 5 seconds when something changed and at stop: they may be a few seconds old.\n";
+
+/// Printed under the table when the figures are the cluster's (`[cluster]`, Redis answered).
+pub const CLUSTER_NOTE: &str = "LAST USED, NETWORKS and QUOTA are the cluster's, read from Redis (every instance writes its uses there at most 2 seconds behind), merged with this host's state file.\n";
+
+/// Folds the cluster's figures (`keys[i]` ↔ `shared[i]`) into `state` read from this host's
+/// state file: the later last use of the two, the cluster's network history (bounded as in
+/// Redis; this host's own list only for keys Redis has none for), and the cluster's quota counter (the state file holds only what this instance
+/// counted while Redis was unavailable).
+pub fn merge_cluster(
+    state: &mut StateFile,
+    snap: &Snapshot,
+    keys: &[(&str, Option<i64>)],
+    shared: Vec<crate::cluster::history::SharedUsage>,
+) {
+    for ((id, window), s) in keys.iter().zip(shared) {
+        if let Some((t, ip)) = s.last_used {
+            let later = state.keys.get(*id).is_none_or(|u| u.last_used < t);
+            if later {
+                state.keys.insert(
+                    id.to_string(),
+                    crate::usage::KeyUsage {
+                        last_used: t,
+                        last_ip: ip,
+                    },
+                );
+            }
+        }
+        if let (Some(used), Some(start), Some(q)) = (
+            s.quota_used,
+            window,
+            snap.keys.get(*id).and_then(|k| k.quota),
+        ) {
+            state.quotas.insert(
+                id.to_string(),
+                crate::quota::QuotaRecord {
+                    period: q.period,
+                    window_start: *start,
+                    used,
+                    exceeded_logged: false,
+                    window_end: 0,
+                },
+            );
+        }
+        if !s.networks.is_empty() {
+            state.networks.insert(
+                id.to_string(),
+                s.networks
+                    .into_iter()
+                    .map(|(net, last_seen)| crate::networks::NetworkRecord { net, last_seen })
+                    .collect(),
+            );
+        }
+    }
+}
 
 /// `secs` (> 0) as "N days" from a day on, "N hours" below it, "N minutes" below an hour.
 fn time_left(secs: i64) -> String {

@@ -41,6 +41,18 @@ impl Default for NetworkPolicy {
 }
 
 impl NetworkPolicy {
+    /// The client's network as a CIDR (`192.0.2.0/24`, `2001:db8::/64` by default), as the
+    /// state file and Redis (cluster mode) store it.
+    pub fn network(&self, ip: IpAddr) -> IpNet {
+        let ip = ip.to_canonical();
+        let len = if ip.is_ipv4() {
+            self.ipv4_prefix
+        } else {
+            self.ipv6_prefix
+        };
+        IpNet::new(ip, len).map_or(IpNet::from(ip), |n| n.trunc())
+    }
+
     /// The client's network as (address bits as IPv6, prefix length in IPv6 terms).
     fn network_of(&self, ip: IpAddr) -> (u128, u8) {
         match ip.to_canonical() {

@@ -328,7 +328,18 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         Err(reject) => return Err(reject),
     };
     ctx.key = Some(key.clone());
-    ctx.shared.state.usage.touch(&key.id, ctx.client_ip);
+    let used_at = jiff::Timestamp::now().as_second();
+    if ctx
+        .shared
+        .state
+        .usage
+        .touch(&key.id, ctx.client_ip, used_at)
+    {
+        if let Some(cluster) = &ctx.shared.cluster {
+            let seen_at = crate::clock::now();
+            cluster.note_use(&key.id, ctx.client_ip, used_at, seen_at, &snap.key_networks);
+        }
+    }
 
     if let Some(allow) = &key.allow {
         if !allow.contains(ctx.client_ip) {
@@ -453,19 +464,29 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
     })
 }
 
-/// Key networks (SPEC §9): `key_first_use` or `key_new_network` when this network is new.
+/// Key networks (SPEC §9): `key_first_use` or `key_new_network` when this network is new. In
+/// cluster mode a network new to this instance is checked against the cluster's history in
+/// Redis, so each is logged once cluster-wide (`cluster/history.rs` states the bounds); when
+/// Redis cannot be asked this instance's own history decides (never a refusal).
 async fn track_network(key: &Key, ctx: &Ctx<'_>) {
-    let sighting = ctx
+    let now = crate::clock::now();
+    let policy = &ctx.snap.key_networks;
+    let mut sighting = ctx
         .shared
         .state
         .networks
-        .observe(
-            &key.id,
-            ctx.client_ip,
-            crate::clock::now(),
-            &ctx.snap.key_networks,
-        )
+        .observe(&key.id, ctx.client_ip, now, policy)
         .await;
+    if sighting != crate::networks::Sighting::Known {
+        if let Some(cluster) = &ctx.shared.cluster {
+            if let Ok(shared) = cluster
+                .network_sighting(&key.id, ctx.client_ip, now, policy, sighting)
+                .await
+            {
+                sighting = shared;
+            }
+        }
+    }
     match sighting {
         crate::networks::Sighting::Known => {}
         crate::networks::Sighting::FirstUse => {
@@ -473,7 +494,7 @@ async fn track_network(key: &Key, ctx: &Ctx<'_>) {
         }
         crate::networks::Sighting::NewNetwork { previous } => {
             metrics::global().key_new_network(&key.id);
-            tracing::warn!(event = "key_new_network", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, previous_networks = previous, "key used from a network outside its recent history");
+            client_event!(ClientEvent::KeyNewNetwork, ctx.client_ip, Level::WARN, event = "key_new_network", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, previous_networks = previous, "key used from a network outside its recent history");
         }
     }
 }

@@ -101,6 +101,13 @@ async fn serve(
         None => None,
     };
     let shared = Arc::new(Shared::new(snapshot, state, cluster));
+    if let Some(c) = &shared.cluster {
+        let s = shared.clone();
+        tokio::spawn(
+            c.clone()
+                .write_behind(move || s.snapshot.load().key_networks),
+        );
+    }
 
     if let Some(addr) = admin {
         let l = TcpListener::bind(addr).await.map_err(|e| {
@@ -185,6 +192,11 @@ async fn serve(
         );
     }
     save_state(&shared, true);
+    if let Some(c) = &shared.cluster {
+        // The last uses noted since the last flush (bounded by the cluster timeout).
+        let policy = shared.snapshot.load().key_networks;
+        let _ = c.flush_uses(&policy, crate::clock::now()).await;
+    }
     tracing::info!("stopped");
     drop(log);
     Ok(())

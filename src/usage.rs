@@ -145,14 +145,14 @@ pub struct Usage {
 
 impl Usage {
     /// Called on every authenticated request: one uncontended lock, no allocation after the
-    /// key's first use.
-    pub fn touch(&self, id: &str, ip: IpAddr) {
-        let now = jiff::Timestamp::now().as_second();
+    /// key's first use. Returns whether anything changed (a new second or client address),
+    /// so cluster mode notes the use for Redis at most that often.
+    pub fn touch(&self, id: &str, ip: IpAddr, now: i64) -> bool {
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match e.get_mut(id) {
             Some(slot) => {
                 if slot.0 == now && slot.1 == ip {
-                    return;
+                    return false;
                 }
                 *slot = (now, ip);
             }
@@ -161,6 +161,7 @@ impl Usage {
             }
         }
         self.dirty.store(true, Relaxed);
+        true
     }
 
     pub fn get(&self, id: &str) -> Option<KeyUsage> {
@@ -234,7 +235,8 @@ mod tests {
         let path = dir.path().join("state.json");
         let p = NetworkPolicy::default();
         let s = State::default();
-        s.usage.touch("alpha", "192.0.2.7".parse().unwrap());
+        s.usage
+            .touch("alpha", "192.0.2.7".parse().unwrap(), crate::clock::now());
         let q = crate::quota::parse_quota("10/day").unwrap();
         let now = crate::clock::now();
         s.quotas.local().unwrap().charge("alpha", q, 3, now);
@@ -278,7 +280,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = NetworkPolicy::default();
         let s = State::default();
-        s.usage.touch("alpha", "192.0.2.7".parse().unwrap());
+        s.usage
+            .touch("alpha", "192.0.2.7".parse().unwrap(), crate::clock::now());
         let nowhere = dir.path().join("missing-dir").join("state.json");
         assert!(s.save(&nowhere, false, &p).is_err());
         let path = dir.path().join("state.json");

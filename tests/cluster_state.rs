@@ -260,3 +260,269 @@ async fn webhook_ids_fall_back_to_the_instance_when_redis_is_down_and_deny_mode_
         v["event"] == "cluster_unavailable" && v["shared_state"] == "webhook delivery ids"
     });
 }
+
+/// `keygate <args> -c <config>`: (exit code, stdout, stderr).
+fn keygate_cli(args: &[&str], config: &std::path::Path) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A request for `key` through `kg` from client address `ip` (the test is the trusted proxy).
+async fn get_as(kg: &Keygate, ip: &str, token: &str) -> Got {
+    kg.client()
+        .get(
+            &kg.url("/"),
+            &[("x-api-key", token), ("x-forwarded-for", ip)],
+        )
+        .await
+}
+
+fn history_instance(up: &Upstream, redis: &Redis, name: &str, hash: &str, extra: &str) -> Keygate {
+    Keygate::builder()
+        .upstream(up)
+        .admin()
+        .state()
+        .access(r#"trusted_proxies = ["127.0.0.1/32"]"#)
+        .raw("[key_networks]\nmax_per_key = 4\n")
+        .key("roam", hash, extra)
+        .raw(&cluster_lines(redis, name, ""))
+        .start()
+}
+
+/// Sum over the instances of one event's lines, after the logs settled.
+async fn events_settled(kgs: &[Keygate], name: &str) -> Vec<serde_json::Value> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kgs.iter().flat_map(|kg| kg.events(name)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn first_use_and_new_networks_are_logged_once_cluster_wide_and_keys_shows_the_cluster() {
+    let up = Upstream::start().await;
+    let mut redis = Redis::start();
+    let (token, hash) = new_key("roam");
+    let kgs: Vec<Keygate> = ["a", "b", "c"]
+        .iter()
+        .map(|n| history_instance(&up, &redis, n, &hash, ""))
+        .collect();
+    for kg in &kgs {
+        wait_healthy(kg).await;
+    }
+    // (instance, client address, new to the cluster?) — IPv4 /24 and IPv6 /64 networks, each
+    // first seen by one instance and then by others that never saw it themselves.
+    let steps: [(usize, &str, bool); 9] = [
+        (0, "198.51.100.7", true), // first use
+        (1, "198.51.100.9", false),
+        (2, "198.51.100.200", false),
+        (1, "203.0.113.5", true),
+        (0, "203.0.113.77", false),
+        (2, "2001:db8:aa:1::1", true),
+        (0, "2001:db8:aa:1:ffff::2", false),
+        (1, "2001:db8:aa:2::1", true),
+        (2, "2001:db8:aa:2:1::9", false),
+    ];
+    for (i, ip, _) in steps {
+        let r = get_as(&kgs[i], ip, &token).await;
+        assert_eq!(r.status, 200, "{ip} via {i}: {}", r.text());
+    }
+    let first = events_settled(&kgs, "key_first_use").await;
+    assert_eq!(
+        first.len(),
+        1,
+        "key_first_use once for the cluster: {first:?}"
+    );
+    assert_eq!(first[0]["client_ip"], "198.51.100.7");
+    let new = events_settled(&kgs, "key_new_network").await;
+    let mut new_ips: Vec<&str> = new
+        .iter()
+        .map(|v| v["client_ip"].as_str().unwrap())
+        .collect();
+    new_ips.sort_unstable();
+    assert_eq!(
+        new_ips,
+        ["2001:db8:aa:1::1", "2001:db8:aa:2::1", "203.0.113.5"],
+        "key_new_network once per network for the cluster: {new:?}"
+    );
+    let previous: Vec<u64> = new
+        .iter()
+        .map(|v| v["previous_networks"].as_u64().unwrap())
+        .collect();
+    assert!(
+        previous.contains(&1) && previous.contains(&3),
+        "{previous:?}"
+    );
+
+    // A race: one new network reaches the three instances at the same moment. Once.
+    let race = kgs.iter().map(|kg| get_as(kg, "192.0.2.10", &token));
+    for r in futures_util::future::join_all(race).await {
+        assert_eq!(r.status, 200);
+    }
+    let new = events_settled(&kgs, "key_new_network").await;
+    let raced = new
+        .iter()
+        .filter(|v| v["client_ip"] == "192.0.2.10")
+        .count();
+    assert_eq!(raced, 1, "{new:?}");
+
+    // Redis holds at most max_per_key = 4 networks (the oldest, 198.51.100.0/24, dropped),
+    // with an expiry; the last use too.
+    let nets = redis.cli(&["HKEYS", "keygate:net:roam"]);
+    let mut nets: Vec<&str> = nets.lines().collect();
+    nets.sort_unstable();
+    assert_eq!(
+        nets,
+        [
+            "192.0.2.0/24",
+            "2001:db8:aa:1::/64",
+            "2001:db8:aa:2::/64",
+            "203.0.113.0/24"
+        ]
+    );
+    let ttl: i64 = redis.cli(&["TTL", "keygate:net:roam"]).parse().unwrap();
+    assert!((1..=30 * 86_400).contains(&ttl), "{ttl}");
+    let ttl: i64 = redis.cli(&["TTL", "keygate:lu:roam"]).parse().unwrap();
+    assert!(
+        ttl > 90 * 86_400,
+        "last use outlives the 90-day warning: {ttl}"
+    );
+
+    // The last use, through a only, shows in `keygate keys` run on c's host: written behind
+    // within seconds. c's own state file never saw that address.
+    assert_eq!(get_as(&kgs[0], "192.0.2.250", &token).await.status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let (code, out, err) = keygate_cli(&["keys"], &kgs[2].config);
+        assert_eq!(code, 0, "{err}");
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("roam"))
+            .unwrap()
+            .to_string();
+        if row.contains("192.0.2.250") {
+            assert!(out.contains("read from Redis"), "{out}");
+            break row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never showed the cluster's last use:\n{out}\n{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        row.split_whitespace().any(|w| w == "4"),
+        "four networks: {row}"
+    );
+
+    // Redis unreachable: `keygate keys` says so and shows the state file, quickly.
+    redis.kill();
+    let t = std::time::Instant::now();
+    let (code, out, err) = keygate_cli(&["keys"], &kgs[2].config);
+    assert_eq!(code, 0, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(err.contains("Redis could not be read"), "{err}");
+    assert!(out.contains("come from the state file"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("roam")), "{out}");
+    for kg in &kgs {
+        assert_no_secrets(&(kg.logs() + &out + &err), &[&token, &hash]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_and_introspection_show_the_clusters_quota_and_rate_figures() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (token, hash) = new_key("roam");
+    let extra = "quota = \"50/day\"\nrate_limit = \"100/min\"";
+    let a = history_instance(&up, &redis, "a", &hash, extra);
+    let b = history_instance(&up, &redis, "b", &hash, extra);
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    for _ in 0..10 {
+        assert_eq!(get_as(&a, "198.51.100.7", &token).await.status, 200);
+    }
+    // b has served nothing: its view is the cluster's.
+    let r = b
+        .client()
+        .get(&b.url("/.well-known/keygate/key"), &[("x-api-key", &token)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["quota"]["used"], 10, "{v}");
+    assert_eq!(v["quota"]["remaining"], 40, "{v}");
+    let remaining = v["rate_limit"]["remaining"].as_u64().unwrap();
+    // 100 cells, 11 taken cluster-wide (the introspection request too), a few refilled.
+    assert!(remaining <= 92, "shared bucket, not b's own (99): {v}");
+    let (code, out, err) = keygate_cli(&["keys"], &b.config);
+    assert_eq!(code, 0, "{err}");
+    let row = out.lines().find(|l| l.starts_with("roam")).unwrap();
+    assert!(row.contains("10/50/day"), "{out}");
+    assert_no_secrets(&(a.logs() + &b.logs() + &out + &err), &[&token, &hash]);
+}
+
+/// Kong's redis rate limiting once wrote counters without a TTL (Kong/kong#5763: the EXPIRE
+/// was a separate, conditional call), and they piled up in Redis. Every key keygate writes —
+/// rate-limit buckets, quota counters and flags, failed-auth buckets, delivery ids, last use,
+/// network history — must carry an expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_key_keygate_writes_in_redis_expires() {
+    let up = RecordingUpstream::start().await;
+    let redis = Redis::start();
+    let s = Secrets::new();
+    let env = s.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (token, hash) = new_key("metered");
+    let kg = Keygate::builder()
+        .upstream_url(&up.url())
+        .admin()
+        .auth("failed_auth_limit = \"5/h\"")
+        .key(
+            "metered",
+            &hash,
+            "quota = \"3/day\"\nrate_limit = \"10/min\"",
+        )
+        .raw(ROUTES)
+        .raw(&cluster_lines(&redis, "a", ""))
+        .start_with(&env, None);
+    wait_healthy(&kg).await;
+    let c = kg.client();
+    for _ in 0..5 {
+        let st = c.get(&kg.url("/"), &[("x-api-key", &token)]).await.status;
+        assert!(st == 200 || st == 429, "{st}");
+    }
+    let wrong = new_key("metered").0;
+    assert_eq!(
+        c.get(&kg.url("/"), &[("x-api-key", &wrong)]).await.status,
+        401
+    );
+    let body = b"{\"request_id\":\"ttl-1\"}".to_vec();
+    let got = c
+        .send(post(
+            &kg.url("/hooks/plain"),
+            &sign_hex(&s.hex, &body),
+            &body,
+        ))
+        .await;
+    assert_eq!(got.status, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await; // one write-behind flush
+    assert_eq!(kg.events("quota_exceeded").len(), 1, "{}", kg.logs());
+    let keys = redis_keys(&redis);
+    let prefixes: std::collections::BTreeSet<&str> = keys
+        .iter()
+        .map(|(k, _)| k.split(':').nth(1).unwrap())
+        .collect();
+    for p in ["rl", "q", "qx", "fa", "wh", "lu", "net"] {
+        assert!(prefixes.contains(p), "no {p} key written: {keys:?}");
+    }
+    for (k, ttl) in &keys {
+        assert!(*ttl > 0, "{k} has no expiry (PTTL {ttl})");
+    }
+    assert_no_secrets(&kg.logs(), &[&token, &wrong, &hash]);
+}

@@ -20,6 +20,7 @@
 //! when Redis is unreachable.
 
 pub mod deliveries;
+pub mod history;
 pub mod quota;
 pub mod rate;
 pub mod throttle;
@@ -113,6 +114,7 @@ pub struct Cluster {
     /// A `cluster_degraded` event was logged and its `cluster_recovered` is still owed.
     announced: AtomicBool,
     quota_leases: quota::QuotaLeases,
+    pending_uses: history::PendingUses,
 }
 
 impl Cluster {
@@ -136,6 +138,7 @@ impl Cluster {
             degraded: AtomicBool::new(true),
             announced: AtomicBool::new(false),
             quota_leases: Default::default(),
+            pending_uses: Default::default(),
         }))
     }
 
@@ -253,32 +256,14 @@ impl Cluster {
         let mut first = true;
         loop {
             if self.conn.load().is_none() || !self.healthy() {
-                let cfg = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.settings.timeout.max(RECONNECT_EVERY)))
-                    .set_response_timeout(Some(self.settings.timeout));
-                match tokio::time::timeout(
-                    self.settings.timeout.max(RECONNECT_EVERY),
-                    self.client
-                        .get_multiplexed_async_connection_with_config(&cfg),
-                )
-                .await
+                match self
+                    .connect(self.settings.timeout.max(RECONNECT_EVERY))
+                    .await
                 {
-                    Ok(Ok(mut c)) => {
-                        let pong: redis::RedisResult<String> =
-                            redis::cmd("PING").query_async(&mut c).await;
-                        if pong.is_ok() {
-                            self.conn.store(Some(Arc::new(c)));
-                            self.recover();
-                        }
-                    }
-                    Ok(Err(e)) => {
+                    Ok(()) => self.recover(),
+                    Err(e) => {
                         if first {
-                            self.announce_down(&ClusterError::Redis(e));
-                        }
-                    }
-                    Err(_) => {
-                        if first {
-                            self.announce_down(&ClusterError::Timeout);
+                            self.announce_down(&e);
                         }
                     }
                 }
@@ -293,6 +278,39 @@ impl Cluster {
             }
             tokio::time::sleep(RECONNECT_EVERY).await;
         }
+    }
+
+    /// One connection attempt (connect, `PING`) within `within`; on success the connection
+    /// is the one commands use. Does not change the degraded state (see [`Cluster::maintain`];
+    /// one-shot users such as `keygate keys` call [`Cluster::connect_once`]).
+    async fn connect(&self, within: Duration) -> Result<(), ClusterError> {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(within))
+            .set_response_timeout(Some(self.settings.timeout));
+        let attempt = async {
+            let mut c = self
+                .client
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await?;
+            redis::cmd("PING").query_async::<String>(&mut c).await?;
+            Ok::<_, redis::RedisError>(c)
+        };
+        match tokio::time::timeout(within, attempt).await {
+            Ok(Ok(c)) => {
+                self.conn.store(Some(Arc::new(c)));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(ClusterError::Redis(e)),
+            Err(_) => Err(ClusterError::Timeout),
+        }
+    }
+
+    /// Connects once, for a command that reads shared state and exits (`keygate keys`): no
+    /// events, no reconnect task.
+    pub async fn connect_once(&self, within: Duration) -> Result<(), ClusterError> {
+        self.connect(within).await?;
+        self.degraded.store(false, Relaxed);
+        Ok(())
     }
 
     /// At start Redis may simply be down: say so once, as a degradation.

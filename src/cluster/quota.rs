@@ -58,6 +58,9 @@ struct KeyLease {
     units: u64,
     /// The window's counter in Redis after this instance's last lease.
     used_shared: u64,
+    /// Redis refused a lease because the counter is at the limit: later refusals in this
+    /// window need not ask (the first one did, for the once-per-cluster `quota_exceeded`).
+    exhausted: bool,
 }
 
 fn lease_size(q: Quota) -> u64 {
@@ -98,7 +101,7 @@ impl Cluster {
             if l.units >= cost {
                 l.units -= cost;
                 Some(state(quota, l, now, end, None))
-            } else if l.used_shared >= quota.limit {
+            } else if l.exhausted && l.used_shared >= quota.limit {
                 // Used up cluster-wide: no Redis call until the window ends.
                 Some(state(quota, l, now, end, Some(false)))
             } else {
@@ -140,6 +143,7 @@ impl Cluster {
                 l.units -= cost;
                 return state(quota, l, now, end, None);
             }
+            l.exhausted = l.used_shared >= quota.limit;
             state(quota, l, now, end, Some(first == 1))
         }))
     }
