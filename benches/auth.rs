@@ -92,7 +92,9 @@ fn bench(c: &mut Criterion) {
             assert!(q.refused.is_none());
             let seen = networks.observe(&k.id, ip, now, &policy);
             assert_eq!(seen, keygate::networks::Sighting::Known);
-            state.usage.touch(&k.id, ip, jiff::Timestamp::now().as_second());
+            state
+                .usage
+                .touch(&k.id, ip, jiff::Timestamp::now().as_second());
         })
     });
     c.bench_function("quota_and_networks_only", |b| {
@@ -103,7 +105,9 @@ fn bench(c: &mut Criterion) {
             let q = quotas.charge(&k.id, quota, cost, now);
             std::hint::black_box(q);
             std::hint::black_box(networks.observe(&k.id, ip, now, &policy));
-            state.usage.touch(&k.id, ip, jiff::Timestamp::now().as_second());
+            state
+                .usage
+                .touch(&k.id, ip, jiff::Timestamp::now().as_second());
         })
     });
     c.bench_function("reject_malformed", |b| {

@@ -396,6 +396,8 @@ async fn first_use_and_new_networks_are_logged_once_cluster_wide_and_keys_shows_
 
     // The last use, through a only, shows in `keygate keys` run on c's host: written behind
     // within seconds. c's own state file never saw that address.
+    // (A second later than any other use, so it is the latest whichever instance flushes last.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(get_as(&kgs[0], "192.0.2.250", &token).await.status, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let row = loop {

@@ -31,8 +31,8 @@
 //! cluster mode, and a network first seen then reaches Redis only with the next flush after
 //! recovery), when Redis lost its data (restart without persistence: known networks are new
 //! again), or after Redis dropped a network (over `max_per_key`, or unseen for `remember`)
-//! that an instance still remembers. Last use written behind can lag by [`FLUSH_EVERY`], and
-//! a batch that fails (Redis down) is dropped, not retried: the next use writes it again.
+//! that an instance still remembers. Last use written behind lags by up to [`FLUSH_EVERY`]
+//! (more while Redis is unavailable; written when it is back).
 //! Nothing here ever refuses a request, whatever `on_error` says.
 
 use std::collections::HashMap;
@@ -167,7 +167,10 @@ impl Cluster {
         seen_at: i64,
         policy: &NetworkPolicy,
     ) {
-        let net = policy.network(ip);
+        self.note(key_id, ip, used_at, &[(policy.network(ip), seen_at)]);
+    }
+
+    fn note(&self, key_id: &str, ip: IpAddr, used_at: i64, nets: &[(IpNet, i64)]) {
         let mut g = self
             .pending_uses
             .keys
@@ -185,10 +188,12 @@ impl Cluster {
             noted.last_used = used_at;
             noted.ip = ip;
         }
-        if let Some((_, seen)) = noted.nets.iter_mut().find(|(n, _)| *n == net) {
-            *seen = (*seen).max(seen_at);
-        } else if noted.nets.len() < NETS_PER_FLUSH {
-            noted.nets.push((net, seen_at));
+        for &(net, seen_at) in nets {
+            if let Some((_, seen)) = noted.nets.iter_mut().find(|(n, _)| *n == net) {
+                *seen = (*seen).max(seen_at);
+            } else if noted.nets.len() < NETS_PER_FLUSH {
+                noted.nets.push((net, seen_at));
+            }
         }
     }
 
@@ -268,9 +273,18 @@ impl Cluster {
                 script.arg(net.to_string()).arg(*seen);
             }
         }
-        self.run(|mut c| async move { script.invoke_async::<i64>(&mut c).await })
+        let written = self
+            .run(|mut c| async move { script.invoke_async::<i64>(&mut c).await })
             .await
-            .map(|_| ())
+            .map(|_| ());
+        if written.is_err() {
+            // Kept for the next flush (merged with what was noted meanwhile): bounded by the
+            // number of keys, so an outage costs no memory growth and loses nothing.
+            for (id, n) in noted {
+                self.note(&id, n.ip, n.last_used, &n.nets);
+            }
+        }
+        written
     }
 
     /// Flushes noted uses every [`FLUSH_EVERY`] for the life of the process. `policy` reads
