@@ -534,6 +534,77 @@ mod tests {
         );
     }
 
+    /// Senders rotating secrets put several signatures in one header; verifiers have dropped
+    /// the last one (svix-webhooks#2393, C#: a do/while loop left the final item unread) or
+    /// only tried the first. svix-webhooks#55: `v1,BAD v1,GOOD v2,BAD` must verify. The good
+    /// signature first, in the middle and last, with other versions and extra spaces around.
+    #[test]
+    fn a_good_signature_anywhere_in_a_multi_signature_header_verifies() {
+        let key = Scheme::StandardWebhooks
+            .key_from_secret(&secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"))
+            .unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        let good = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+        let bad = "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=";
+        let v2 = "v2,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+        let keys = [key];
+        for header in [
+            format!("{good} {bad}"),
+            format!("{bad} {good} {v2}"),
+            format!("{bad} {bad}  {good}"),
+            format!("{v2} v1a,xyz {good}"),
+        ] {
+            let d = Signed {
+                signature: Some(header.as_bytes()),
+                id: Some(b"msg_p5jXN8AQM9LWM0D4loKWxJek"),
+                timestamp: Some(b"1614265330"),
+                body,
+            };
+            assert_eq!(
+                verify(Scheme::StandardWebhooks, &keys, &d, 1614265330, 300),
+                Ok(()),
+                "{header}"
+            );
+        }
+        // Only bad ones, or the good one under another version: refused.
+        for header in [format!("{bad} {bad}"), v2.to_string()] {
+            let d = Signed {
+                signature: Some(header.as_bytes()),
+                id: Some(b"msg_p5jXN8AQM9LWM0D4loKWxJek"),
+                timestamp: Some(b"1614265330"),
+                body,
+            };
+            assert_eq!(
+                verify(Scheme::StandardWebhooks, &keys, &d, 1614265330, 300),
+                Err(Failure::BadSignature),
+                "{header}"
+            );
+        }
+        // Stripe: the good v1 first, between two bad ones, last.
+        let key = secret("whsec_multi");
+        let t = 1_700_000_000i64;
+        let good = hex::encode(mac(b"whsec_multi", &[t.to_string().as_bytes(), b".", body]));
+        let bad = "ab".repeat(32);
+        for sigs in [
+            format!("v1={good},v1={bad}"),
+            format!("v1={bad},v1={good},v1={bad}"),
+            format!("v1={bad}, v1={bad}, v1={good}"),
+        ] {
+            let header = format!("t={t},{sigs}");
+            assert_eq!(
+                verify(
+                    Scheme::Stripe,
+                    std::slice::from_ref(&key),
+                    &signed(&header, body),
+                    t,
+                    300
+                ),
+                Ok(()),
+                "{header}"
+            );
+        }
+    }
+
     #[test]
     fn standard_secrets() {
         assert!(
