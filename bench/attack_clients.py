@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Hostile-but-simple clients for bench/attack.sh (stdlib only: asyncio + ssl).
 
-  idle  N HOST PORT TOKEN [PATH]  open N TLS connections (ALPN http/1.1), send one keep-alive
-                                  GET each, read the response, then hold them idle. Prints
+  idle  N HOST PORT TOKEN [PATH] [ADDRS]
+                                  open N TLS connections (ALPN http/1.1), send one keep-alive
+                                  GET each, read the response, then hold them idle. Connection i
+                                  comes from 127.0.0.(10 + i % ADDRS) (default 200 addresses,
+                                  so that a per-address cap does not decide the figure). Prints
                                   "ready <n>" once all are idle, then waits for SIGTERM.
   bare  N HOST PORT [SRC]         open N TCP connections from SRC (default 127.0.0.1) that never
                                   send a byte; prints "ready <n>" and holds them until SIGTERM.
@@ -48,17 +51,25 @@ async def wait_term():
     await stop.wait()
 
 
-async def idle(n, host, port, token, path="/small"):
+async def idle(n, host, port, token, path="/small", addrs="200"):
     ctx = tls_ctx()
     conns = []
     sem = asyncio.Semaphore(64)
     statuses = {}
+    addrs = int(addrs)
 
-    async def one():
+    async def one(i):
         async with sem:
             try:
                 r, w = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost"), 60
+                    asyncio.open_connection(
+                        host,
+                        port,
+                        ssl=ctx,
+                        server_hostname="localhost",
+                        local_addr=(f"127.0.0.{10 + i % addrs}", 0),
+                    ),
+                    60,
                 )
                 w.write(
                     f"GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\n\r\n".encode()
@@ -69,7 +80,7 @@ async def idle(n, host, port, token, path="/small"):
             except Exception as e:  # counted, not fatal: the report shows how many are held
                 statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
 
-    await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.gather(*(one(i) for i in range(n)))
     print(f"ready {len(conns)} {statuses}", flush=True)
     await wait_term()
 
@@ -131,7 +142,7 @@ async def probe(host, port, token, src, count, interval):
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "idle":
-        asyncio.run(idle(int(args[0]), args[1], int(args[2]), args[3], *args[4:5]))
+        asyncio.run(idle(int(args[0]), args[1], int(args[2]), args[3], *args[4:6]))
     elif cmd == "bare":
         asyncio.run(bare(int(args[0]), args[1], int(args[2]), *args[3:4]))
     elif cmd == "probe":

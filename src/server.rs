@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use crate::config::{self, BuildContext, Snapshot};
 use crate::conn_limits::{ConnSlot, ConnTable};
@@ -332,6 +333,26 @@ impl Drop for OpenConnection {
     }
 }
 
+/// The TLS handshake within `tls_handshake_timeout`; `None` (logged, budgeted) when it fails.
+async fn tls_handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    snap: &Snapshot,
+) -> Option<Box<TlsStream<TcpStream>>> {
+    let accept = TlsAcceptor::from(snap.tls.clone()).accept(stream);
+    match tokio::time::timeout(snap.server.tls_handshake_timeout, accept).await {
+        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Err(e)) => {
+            client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -342,25 +363,18 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let s = &snap.server;
-    let handshake = tokio::time::timeout(
-        s.tls_handshake_timeout,
-        TlsAcceptor::from(snap.tls.clone()).accept(stream),
-    );
+    // Memory per connection (issue 9 §3): the handshake's state (a TLS stream and a timer) is
+    // boxed and freed once it is done, and the TLS stream it yields is boxed too, so that the
+    // task keeps no room for either for the rest of the connection's life (an async fn keeps
+    // a slot for every local that lives across an await, moved-out or not).
+    let handshake = Box::pin(tls_handshake(stream, peer, &snap));
     // A connection still in its handshake is the first to go when the table is full.
-    let handshake = tokio::select! {
+    let tls = tokio::select! {
         r = handshake => r,
         () = slot.reclaimed() => return,
     };
-    let tls = match handshake {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, "TLS handshake timed out");
-            return;
-        }
+    let Some(tls) = tls else {
+        return;
     };
 
     // Explicit limits against hostile clients (tests/hostile.rs, docs/hardening.md).
@@ -374,7 +388,10 @@ async fn serve_connection(
         let started = started.clone();
         hyper::service::service_fn(move |req| {
             started.store(true, Relaxed);
-            pipeline::handle(req, shared.clone(), conn.clone())
+            // Boxed: hyper keeps room for this future in every connection, idle or not
+            // (`Box<Option<future>>`), and the pipeline's future is ~5.5 KiB; boxed, an idle
+            // connection holds a pointer and the request pays one allocation (issue 9 §3).
+            Box::pin(pipeline::handle(req, shared.clone(), conn.clone()))
         })
     };
     let watch = Watch {
@@ -387,33 +404,39 @@ async fn serve_connection(
     // The protocol is the one negotiated by ALPN (RFC 9113 §3.2, RFC 7301), never guessed from
     // the first bytes: `h2` speaks HTTP/2 only, `http/1.1` or no ALPN HTTP/1.1 only.
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-        let Some(io) = h2_preface(tls, peer, header_read_timeout).await else {
-            return;
-        };
-        // The same two tiers as HTTP/1.1 below: h2 counts 32 bytes more per field than the
-        // wire does (pseudo-headers included), so twice `max_header_bytes` lets the pipeline
-        // answer the JSON 431 exactly; h2 answers a bare 431 above that, and ends the
-        // connection (GOAWAY) for a block too large to decode or a CONTINUATION flood.
-        let h2_header_list = u32::try_from((s.max_header_bytes * 2).max(8192)).unwrap_or(u32::MAX);
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            // Streams over the limit are refused (RST_STREAM REFUSED_STREAM); refusals count
-            // towards the local-reset cap below.
-            .max_concurrent_streams(s.h2_max_concurrent_streams)
-            .max_header_list_size(h2_header_list)
-            // Rapid reset (CVE-2023-44487): streams the client resets before keygate has
-            // accepted them; more than 20 pending at once is GOAWAY ENHANCE_YOUR_CALM.
-            .max_pending_accept_reset_streams(Some(20))
-            // "MadeYouReset" (CVE-2025-8671): streams keygate had to reset for the client's
-            // protocol errors; past 1024 on one connection, GOAWAY ENHANCE_YOUR_CALM.
-            .max_local_error_reset_streams(Some(1024))
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let http = b.serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(http);
-        watch
-            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain, slot)
-            .await;
+        // Boxed so that the (larger) HTTP/2 state is not part of every HTTP/1.1 connection's
+        // task (issue 9 §3).
+        Box::pin(async move {
+            let Some(io) = h2_preface(tls, peer, header_read_timeout).await else {
+                return;
+            };
+            // The same two tiers as HTTP/1.1 below: h2 counts 32 bytes more per field than the
+            // wire does (pseudo-headers included), so twice `max_header_bytes` lets the pipeline
+            // answer the JSON 431 exactly; h2 answers a bare 431 above that, and ends the
+            // connection (GOAWAY) for a block too large to decode or a CONTINUATION flood.
+            let h2_header_list =
+                u32::try_from((s.max_header_bytes * 2).max(8192)).unwrap_or(u32::MAX);
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                // Streams over the limit are refused (RST_STREAM REFUSED_STREAM); refusals count
+                // towards the local-reset cap below.
+                .max_concurrent_streams(s.h2_max_concurrent_streams)
+                .max_header_list_size(h2_header_list)
+                // Rapid reset (CVE-2023-44487): streams the client resets before keygate has
+                // accepted them; more than 20 pending at once is GOAWAY ENHANCE_YOUR_CALM.
+                .max_pending_accept_reset_streams(Some(20))
+                // "MadeYouReset" (CVE-2025-8671): streams keygate had to reset for the client's
+                // protocol errors; past 1024 on one connection, GOAWAY ENHANCE_YOUR_CALM.
+                .max_local_error_reset_streams(Some(1024))
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let http = b.serve_connection(TokioIo::new(io), svc);
+            tokio::pin!(http);
+            watch
+                .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain, slot)
+                .await;
+        })
+        .await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -441,10 +464,10 @@ async fn serve_connection(
 /// with SETTINGS and GOAWAY(PROTOCOL_ERROR) and the connection closed; a valid one is handed
 /// on to hyper, replayed in front of the stream.
 async fn h2_preface(
-    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    mut tls: Box<TlsStream<TcpStream>>,
     peer: SocketAddr,
     within: Duration,
-) -> Option<Prefaced<tokio_rustls::server::TlsStream<TcpStream>>> {
+) -> Option<Prefaced<Box<TlsStream<TcpStream>>>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut got = [0u8; H2_PREFACE.len()];
     let read = tokio::time::timeout(within, tls.read_exact(&mut got)).await;
