@@ -418,8 +418,19 @@ pin_project_lite::pin_project! {
 }
 
 impl<T: Connection> Connection for Tracked<T> {
+    /// The inner connection's flags with [`ConnUses`] as the only extra: hyper-util copies
+    /// every extra into every response's extensions (an allocation each), and the HTTP
+    /// connector's own (`HttpInfo`, the socket addresses) is never read.
     fn connected(&self) -> Connected {
-        self.io.connected().extra(self.uses.clone())
+        let inner = self.io.connected();
+        let c = Connected::new()
+            .proxy(inner.is_proxied())
+            .extra(self.uses.clone());
+        if inner.is_negotiated_h2() {
+            c.negotiated_h2()
+        } else {
+            c
+        }
     }
 }
 

@@ -427,6 +427,11 @@ fn managed_verdict(
 /// any number of copies) — except the exact `ProxyContext` names when the peer is a trusted
 /// proxy. Allocates only when something is removed.
 pub fn remove_managed_fields(h: &mut HeaderMap, extra: &[&HeaderName], from_trusted_proxy: bool) {
+    // The exact names first (the credential is in every request): then the scan below finds
+    // nothing and allocates nothing in the common case.
+    for name in extra {
+        h.remove(*name);
+    }
     let found: Vec<HeaderName> = h
         .keys()
         .filter(|n| managed_verdict(n, extra, from_trusted_proxy) == Some(true))
