@@ -8,7 +8,8 @@
 //! `max_per_key` 17-byte entries, and no allocation unless the network is new. `last_seen` is
 //! refreshed at most once an hour per network, so steady traffic does not dirty the state file.
 //!
-//! The history lives in a [`NetworkStore`]; cluster mode (issue 14) adds a shared variant.
+//! The history lives in a [`NetworkStore`]. In cluster mode this instance's history is the first
+//! filter: only a network new to it asks the cluster's history in Redis (`cluster/history.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

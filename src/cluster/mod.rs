@@ -1,7 +1,8 @@
 //! Cluster mode (SPEC §11): several keygate instances behind an L4 balancer share their
-//! per-key rate limits (and, as they are wired in, quotas, the failed-auth throttle and webhook
-//! delivery ids) through one Redis server. Keys and config stay files, deployed alike to every
-//! instance.
+//! per-key rate limits (`rate.rs`), quotas (`quota.rs`), the failed-auth budget
+//! (`throttle.rs`), webhook delivery ids (`deliveries.rs`), last use and network history
+//! (`history.rs`) through one Redis server. Keys and config stay files, deployed alike to every
+//! instance. Every Redis key written carries an expiry, set by the same atomic script.
 //!
 //! Place in the request path: the rate-limit stage of `pipeline.rs` asks [`Cluster`] instead
 //! of the key's local bucket while Redis is healthy. Redis is never on the path of a request

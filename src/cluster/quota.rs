@@ -16,7 +16,7 @@
 //! instance counts and logs on its own, as without cluster mode.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redis::Script;
 
@@ -49,6 +49,9 @@ fn script() -> &'static Script {
 #[derive(Default)]
 pub struct QuotaLeases {
     keys: Mutex<HashMap<Box<str>, KeyLease>>,
+    /// One lease request at a time per key (as for rate limits, `rate.rs`): concurrent
+    /// requests that find no units wait for the one in flight instead of each leasing a block.
+    fetching: Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -108,6 +111,11 @@ impl Cluster {
                 None
             }
         };
+        if let Some(s) = self.quota_leases.with(key_id, take) {
+            return Ok(s);
+        }
+        let gate = self.quota_leases.fetch_gate(key_id);
+        let _fetching = gate.lock().await;
         let (taken, held) = self.quota_leases.with(key_id, |l| (take(l), l.units));
         if let Some(s) = taken {
             return Ok(s);
@@ -179,6 +187,14 @@ impl Cluster {
 }
 
 impl QuotaLeases {
+    fn fetch_gate(&self, key_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut g = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = g.get(key_id) {
+            return m.clone();
+        }
+        g.entry(key_id.into()).or_default().clone()
+    }
+
     /// Runs `f` on the key's lease (created empty the first time) under the lock; never held
     /// across a Redis call. No allocation once the key has a lease.
     fn with<T>(&self, key_id: &str, f: impl FnOnce(&mut KeyLease) -> T) -> T {

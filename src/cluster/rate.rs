@@ -59,6 +59,11 @@ fn script() -> &'static Script {
 #[derive(Default)]
 pub struct Lease {
     state: Mutex<LeaseState>,
+    /// One lease request at a time per key and instance: concurrent requests that find the
+    /// lease empty wait for the one in flight and share its cells, instead of each leasing a
+    /// block (hundreds of requests in flight would otherwise take hundreds of blocks at once,
+    /// draining the shared bucket into leases that expire unspent).
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -133,6 +138,21 @@ impl Cluster {
         limiter: &KeyLimiter,
     ) -> Result<RateInfo, ClusterError> {
         let lease = limiter.lease();
+        if let Some(info) = Self::from_lease(lease, limiter) {
+            return Ok(info);
+        }
+        // Single flight: whoever holds this leases; the others then find its cells. Waiting is
+        // bounded by the holder's Redis call (the cluster timeout).
+        let _fetching = lease.fetching.lock().await;
+        if let Some(info) = Self::from_lease(lease, limiter) {
+            return Ok(info);
+        }
+        self.lease_more(key_id, limiter).await
+    }
+
+    /// A cell from this instance's lease, or the refusal it already knows; `None` when Redis
+    /// must be asked.
+    fn from_lease(lease: &Lease, limiter: &KeyLimiter) -> Option<RateInfo> {
         let now = Instant::now();
         {
             let mut s = lease.lock();
@@ -143,17 +163,27 @@ impl Cluster {
             if s.cells > 0 {
                 s.cells -= 1;
                 let remaining = s.cells.saturating_add(s.shared_remaining);
-                return Ok(info(limiter, remaining, None));
+                return Some(info(limiter, remaining, None));
             }
             if let Some(until) = s.refused_until {
                 if until > now {
                     let wait = until - now;
                     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                    return Ok(info(limiter, 0, Some(secs.max(1))));
+                    return Some(info(limiter, 0, Some(secs.max(1))));
                 }
                 s.refused_until = None;
             }
         }
+        None
+    }
+
+    /// Leases a block from Redis and takes one cell of it.
+    async fn lease_more(
+        &self,
+        key_id: &str,
+        limiter: &KeyLimiter,
+    ) -> Result<RateInfo, ClusterError> {
+        let lease = limiter.lease();
         let bucket = self.key(&["rl", key_id]);
         let (granted, remaining, wait_us) = self
             .gcra_take(
