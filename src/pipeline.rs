@@ -173,6 +173,11 @@ struct Ctx<'a> {
 }
 
 /// The hyper service body: never fails, every outcome is a response.
+///
+/// This future is allocated for every request and moved whole, so its size is per-request
+/// cost: sub-futures of rare paths (webhook delivery, introspection, argon2 verification,
+/// every Redis call in cluster mode) are boxed where they are awaited, and only a request
+/// that takes such a path pays for its state.
 pub async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
@@ -229,7 +234,7 @@ pub async fn handle(
                     client_ip,
                     request_id: &request_id,
                 };
-                let out = crate::webhook::deliver(req, &route, &arrival).await;
+                let out = Box::pin(crate::webhook::deliver(req, &route, &arrival)).await;
                 ctx.upstream_status = out.upstream_status;
                 ctx.stats = out.stats;
                 out.response
@@ -243,12 +248,12 @@ pub async fn handle(
         None => match admit(&req, &mut ctx).await {
             Ok(key) if ctx.introspect => {
                 linger(req.into_body());
-                own(crate::introspection::answer(
+                own(Box::pin(crate::introspection::answer(
                     &key,
                     ctx.rate,
                     &ctx.shared.state,
                     ctx.shared.cluster.as_deref(),
-                )
+                ))
                 .await)
             }
             Ok(key) => match forward(req, key, &mut ctx).await {
@@ -430,7 +435,7 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
     let local = || ctx.shared.state.quotas.charge(&key.id, quota, cost, now);
     let state = match &ctx.shared.cluster {
         None => local().await,
-        Some(cluster) => match cluster.quota_charge(&key.id, quota, cost, now).await {
+        Some(cluster) => match Box::pin(cluster.quota_charge(&key.id, quota, cost, now)).await {
             Ok(s) => s,
             Err(e) => {
                 cluster.fall_back(
@@ -479,9 +484,9 @@ async fn track_network(key: &Key, ctx: &Ctx<'_>) {
         .await;
     if sighting != crate::networks::Sighting::Known {
         if let Some(cluster) = &ctx.shared.cluster {
-            if let Ok(shared) = cluster
-                .network_sighting(&key.id, ctx.client_ip, now, policy, sighting)
-                .await
+            if let Ok(shared) =
+                Box::pin(cluster.network_sighting(&key.id, ctx.client_ip, now, policy, sighting))
+                    .await
             {
                 sighting = shared;
             }
@@ -539,7 +544,7 @@ async fn rate_check(
     let Some(cluster) = &ctx.shared.cluster else {
         return Ok(limiter.check());
     };
-    match cluster.rate_check(&key.id, limiter).await {
+    match Box::pin(cluster.rate_check(&key.id, limiter)).await {
         Ok(info) => Ok(info),
         Err(e) => {
             cluster.fall_back(
@@ -667,33 +672,36 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         let (priority, exhausted) = (reservation.priority, reservation.exhausted);
         // Cluster mode: the same budget, shared by every instance (cluster/throttle.rs).
         let shared_guess = match &ctx.shared.cluster {
-            Some(cluster) => match cluster.guess_reserve(ctx.client_ip, throttle.rate()).await {
-                Ok(None) => Some(cluster),
-                Ok(Some(retry_after)) => {
-                    reservation.refund();
-                    return Err(refuse(Some(&key.id), retry_after));
-                }
-                Err(e) => {
-                    let rid = request_id_str(ctx.request_id);
-                    if let Err(refused) =
-                        cluster.fall_back("failed-auth budget", &e, ctx.client_ip, rid, None)
-                    {
+            Some(cluster) => {
+                match Box::pin(cluster.guess_reserve(ctx.client_ip, throttle.rate())).await {
+                    Ok(None) => Some(cluster),
+                    Ok(Some(retry_after)) => {
                         reservation.refund();
-                        return Err(refused);
+                        return Err(refuse(Some(&key.id), retry_after));
                     }
-                    None
+                    Err(e) => {
+                        let rid = request_id_str(ctx.request_id);
+                        if let Err(refused) =
+                            cluster.fall_back("failed-auth budget", &e, ctx.client_ip, rid, None)
+                        {
+                            reservation.refund();
+                            return Err(refused);
+                        }
+                        None
+                    }
                 }
-            },
+            }
             None => None,
         };
-        let outcome = ctx
-            .shared
-            .verifier
-            .verify(key, token.expose(), digest, priority)
-            .await;
+        let outcome = Box::pin(
+            ctx.shared
+                .verifier
+                .verify(key, token.expose(), digest, priority),
+        )
+        .await;
         if let Some(cluster) = shared_guess {
             if !matches!(outcome, Ok(Outcome::Invalid)) {
-                cluster.guess_refund(ctx.client_ip, throttle.rate()).await;
+                Box::pin(cluster.guess_refund(ctx.client_ip, throttle.rate())).await;
             }
         }
         match outcome {
