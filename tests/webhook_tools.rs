@@ -535,3 +535,48 @@ async fn duplicates_are_remembered_for_the_dedupe_window_not_the_tolerance() {
     let (code, out, err) = keygate(&["check", "-c", config.to_str().unwrap()], &env, b"");
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
 }
+
+/// `forward_signature = false`: the verified signature header, and any look-alike spelling of
+/// it, is removed before forwarding; the Standard Webhooks id and timestamp stay. By default
+/// the signature goes on (tests/webhooks.rs).
+#[tokio::test]
+async fn forward_signature_false_removes_the_signature_and_its_look_alikes() {
+    let up = RecordingUpstream::start().await;
+    let (_, hash) = new_key("app");
+    let secret = {
+        use base64::Engine as _;
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+        )
+    };
+    let kg = Keygate::builder()
+        .upstream_url(&up.url())
+        .key("app", &hash, "")
+        .raw("[[webhooks]]\nid = \"std\"\npath = \"/hooks/std\"\nscheme = \"standard-webhooks\"\nsecret = { env = \"FWD_SECRET\" }\nforward_signature = false\n")
+        .start_with(&[("FWD_SECRET", secret.as_str())], None);
+    let body = b"{\"type\":\"x\"}";
+    let mut headers = sign_standard(&secret, body, "msg_fwd", now());
+    headers.push(("webhook_signature".into(), "v1,bG9vay1hbGlrZQ==".into()));
+    headers.push(("Webhook.Signature".into(), "v1,bG9vay1hbGlrZQ==".into()));
+    for client in [kg.client(), kg.client_h2()] {
+        let id = format!("msg_fwd_{}", rand::random::<u32>());
+        let mut headers = headers.clone();
+        headers[..3].clone_from_slice(&sign_standard(&secret, body, &id, now()));
+        let got = client
+            .send(post(&kg.url("/hooks/std"), &headers, body))
+            .await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        let d = up.deliveries().pop().unwrap();
+        assert_eq!(d.body, &body[..]);
+        for gone in [
+            "webhook-signature",
+            "webhook_signature",
+            "webhook.signature",
+        ] {
+            assert!(!d.headers.contains_key(gone), "{gone}: {:?}", d.headers);
+        }
+        assert_eq!(d.headers.get("webhook-id").unwrap(), id.as_str());
+        assert!(d.headers.contains_key("webhook-timestamp"));
+    }
+}

@@ -259,6 +259,8 @@ pub struct RawWebhook {
     pub dedupe_window: Option<String>,
     /// At most this many ids remembered per route (memory bound); the oldest go first.
     pub dedupe_max_ids: Option<usize>,
+    /// Whether the verified signature header goes on to the upstream (default true).
+    pub forward_signature: Option<bool>,
     pub id_from: Option<RawIdFrom>,
     pub allow: Option<Vec<String>>,
     pub rate_limit: Option<String>,

@@ -136,6 +136,10 @@ pub struct Route {
     pub allow: Option<IpList>,
     pub limiter: Option<Arc<KeyLimiter>>,
     pub deliveries: Arc<DeliveryStore>,
+    /// `forward_signature` (default true): the signature header goes on to the upstream, so an
+    /// application that verifies again still can. False removes it once verified (the
+    /// Standard Webhooks id and timestamp headers stay: they carry no secret-derived value).
+    pub forward_signature: bool,
 }
 
 impl Route {
@@ -415,11 +419,15 @@ async fn deliver_inner(
     let peer_is_trusted_proxy = snap.access.is_trusted_proxy(peer);
     // No API key is involved: no key identity reaches the upstream, whatever the sender wrote
     // (the configured identity header may be outside keygate's X-Keygate-* namespace).
-    crate::proto::remove_managed_fields(
-        &mut parts.headers,
-        &[&snap.auth.identity_header],
-        peer_is_trusted_proxy,
-    );
+    // With `forward_signature = false` the signature header goes too, with its look-alikes
+    // (`X_Hub_Signature_256` reads as the same name to a CGI/WSGI/ASGI server).
+    let identity_and_signature: [&HeaderName; 2] = [&snap.auth.identity_header, &route.header];
+    let managed = if route.forward_signature {
+        &identity_and_signature[..1]
+    } else {
+        &identity_and_signature[..]
+    };
+    crate::proto::remove_managed_fields(&mut parts.headers, managed, peer_is_trusted_proxy);
     crate::proto::join_cookie_crumbs(&mut parts.headers);
     crate::proto::append_via(parts.version, &mut parts.headers);
     rewrite_request_headers(

@@ -365,6 +365,7 @@ fn build_route(
         allow,
         limiter,
         deliveries,
+        forward_signature: w.forward_signature.unwrap_or(true),
     })
 }
 
