@@ -176,6 +176,7 @@ path = "/hooks/plain"
 scheme = "hmac-sha256-hex"
 header = "X-Signature"
 secret = { env = "SIGN_HEX" }
+id_from = { header = "X-Delivery-Id" }
 
 [[webhooks]]
 id = "gh"
@@ -265,7 +266,11 @@ async fn webhook_sign_output_sent_with_curl_reaches_the_upstream_byte_for_byte()
     };
 
     for (n, (route, path, expect_headers)) in [
-        ("plain", "/hooks/plain", &["x-signature"][..]),
+        (
+            "plain",
+            "/hooks/plain",
+            &["x-signature", "x-delivery-id"][..],
+        ),
         (
             "gh",
             "/hooks/gh",
