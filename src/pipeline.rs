@@ -720,7 +720,8 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
     if key.disabled {
         return Err(fail(AuthFailure::Disabled, Some(&key.id)));
     }
-    if key.is_expired(jiff::Timestamp::now()) {
+    // The clock is read only for a key that can expire.
+    if key.expires.is_some() && key.is_expired(jiff::Timestamp::now()) {
         return Err(fail(AuthFailure::Expired, Some(&key.id)));
     }
     Ok(key.clone())
