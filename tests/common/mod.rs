@@ -340,7 +340,15 @@ impl KeygateBuilder {
 
     pub fn config_text(&self) -> String {
         let mut s = String::new();
-        s.push_str("[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n");
+        s.push_str("[server]\nlisten = \"127.0.0.1:0\"\n");
+        // Two event loops unless the test asks for another number.
+        if !self
+            .server
+            .iter()
+            .any(|l| l.trim_start().starts_with("workers"))
+        {
+            s.push_str("workers = 2\n");
+        }
         for l in &self.server {
             s.push_str(l);
             s.push('\n');
