@@ -539,7 +539,7 @@ fn introspection_target<B>(req: &Request<B>, path: &str) -> Result<bool, Reject>
 async fn rate_check(
     ctx: &Ctx<'_>,
     key: &Key,
-    limiter: &crate::limits::KeyLimiter,
+    limiter: &Arc<crate::limits::KeyLimiter>,
 ) -> Result<RateInfo, Reject> {
     let Some(cluster) = &ctx.shared.cluster else {
         return Ok(limiter.check());

@@ -477,7 +477,7 @@ async fn concurrent_requests_share_one_lease_instead_of_draining_the_bucket() {
         &redis,
         "a",
         ("busy", &hash),
-        "rate_limit = \"100000/s\"\nburst = 2000\nmax_concurrent = 1024",
+        "rate_limit = \"100000/s\"\nburst = 2000\nmax_concurrent = 1024\nquota = \"1000000/day\"",
         "",
     );
     wait_healthy(&kg).await;
@@ -503,4 +503,15 @@ async fn concurrent_requests_share_one_lease_instead_of_draining_the_bucket() {
         [(200, 400)].into_iter().collect(),
         "400 requests at once, within a burst of 2 000"
     );
+    // Quota leases (100 units, renewed in the background when a quarter is left) count
+    // exactly: units leased and not spent are not "used".
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c
+        .get(
+            &kg.url("/.well-known/keygate/key"),
+            &[("x-api-key", &token)],
+        )
+        .await;
+    assert_eq!(r.json()["quota"]["used"], 401, "{}", r.text());
+    assert!(kg.events("cluster_degraded").is_empty(), "{}", kg.logs());
 }

@@ -10,8 +10,9 @@
 //! leases run out within [`BUSY`] of each other the next is twice the last, up to
 //! `limit / 1000` (at most [`MAX_LEASE`]), so a busy key costs a few Redis calls per second
 //! instead of hundreds, and its requests rarely wait for one; a second without a lease
-//! request brings it back to the start size. So the under-use bound is instances ×
-//! `limit / 1000` units (0.1% of the quota per instance), at most instances × 10 000.
+//! request brings it back to the start size. A lease of 4 units or more is renewed in the
+//! background when a quarter of it is left. So the under-use bound is instances × 1.25 ×
+//! `limit / 1000` units (0.125% of the quota per instance), at most instances × 12 500.
 //!
 //! `quota_exceeded` is logged once per key and window **cluster-wide**: the refusal that finds
 //! the window's flag (`<prefix>qx:<key id>:<window start>`, `SET NX` in the lease script) unset
@@ -30,7 +31,7 @@ use super::{Cluster, ClusterError};
 use crate::quota::{Quota, QuotaState, window};
 
 /// KEYS[1] = counter, KEYS[2] = the window's "exceeded" flag; ARGV = limit, units wanted,
-/// TTL seconds, units needed now. Grants `wanted` (or what is left, if at least `needed`) or
+/// TTL seconds, units needed now, 1 for a prefetch (a refusal then sets no flag). Grants `wanted` (or what is left, if at least `needed`) or
 /// nothing: {granted, used after, 1 when this is the window's first refusal cluster-wide}.
 /// Both keys get the TTL in the same atomic script (no key without an expiry).
 const LEASE_LUA: &str = r"
@@ -42,6 +43,7 @@ if avail >= tonumber(ARGV[4]) and avail > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {grant, used, 0}
 end
+if ARGV[5] == '1' then return {0, used, 0} end
 local first = redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3])
 return {0, used, first and 1 or 0}
 ";
@@ -73,7 +75,22 @@ struct KeyLease {
     /// The size of the last lease requested, and when.
     lease: u64,
     last_fetch: Option<Instant>,
+    /// A background lease request is under way.
+    prefetching: bool,
 }
+
+/// A new window (or a changed period) starts from an empty lease.
+fn reset_on_new_window(l: &mut KeyLease, start: i64) {
+    if l.window_start != start {
+        *l = KeyLease {
+            window_start: start,
+            ..KeyLease::default()
+        };
+    }
+}
+
+/// Leases of at least this many units are renewed in the background when a quarter is left.
+const PREFETCH_FROM: u64 = 4;
 
 /// Leases requested closer together than this grow (see the module doc).
 const BUSY: Duration = Duration::from_millis(100);
@@ -115,7 +132,7 @@ impl Cluster {
     /// Counts `cost` units against `key_id`'s shared quota, or refuses (nothing counted). A
     /// cost of 0 always passes without asking Redis. Errors only when Redis could not be asked.
     pub async fn quota_charge(
-        &self,
+        self: &Arc<Self>,
         key_id: &str,
         quota: Quota,
         cost: u64,
@@ -123,65 +140,50 @@ impl Cluster {
     ) -> Result<QuotaState, ClusterError> {
         let (start, end) = window(quota.period, now);
         let take = |l: &mut KeyLease| {
-            if l.window_start != start {
-                *l = KeyLease {
-                    window_start: start,
-                    ..KeyLease::default()
-                };
-            }
+            reset_on_new_window(l, start);
             if l.units >= cost {
                 l.units -= cost;
-                Some(state(quota, l, now, end, None))
+                // Running low: lease the next block in the background (see `prefetch`).
+                let low = cost > 0
+                    && l.lease >= PREFETCH_FROM
+                    && l.units <= l.lease / 4
+                    && !l.prefetching
+                    && !l.exhausted;
+                l.prefetching |= low;
+                Some((state(quota, l, now, end, None), low))
             } else if l.exhausted && l.used_shared >= quota.limit {
                 // Used up cluster-wide: no Redis call until the window ends.
-                Some(state(quota, l, now, end, Some(false)))
+                Some((state(quota, l, now, end, Some(false)), false))
             } else {
                 None
             }
         };
-        if let Some(s) = self.quota_leases.with(key_id, take) {
+        if let Some((s, low)) = self.quota_leases.with(key_id, take) {
+            if low {
+                self.quota_prefetch(key_id, quota, now);
+            }
             return Ok(s);
         }
         let gate = self.quota_leases.fetch_gate(key_id);
         let _fetching = gate.lock().await;
         let (taken, held, lease) = self.quota_leases.with(key_id, |l| {
             let taken = take(l);
-            let at = Instant::now();
-            let lease = next_lease(quota, l, at);
+            let lease = next_lease(quota, l, Instant::now());
             if taken.is_none() {
                 l.lease = lease;
-                l.last_fetch = Some(at);
+                l.last_fetch = Some(Instant::now());
             }
             (taken, l.units, lease)
         });
-        if let Some(s) = taken {
+        if let Some((s, _)) = taken {
             return Ok(s);
         }
         let need = cost - held;
-        let want = need.max(lease);
-        let counter = self.key(&["q", key_id, &start.to_string()]);
-        let flag = self.key(&["qx", key_id, &start.to_string()]);
-        let ttl = (end - now).max(1) + 86_400;
-        let (granted, used, first): (u64, u64, u8) = self
-            .run(|mut c| async move {
-                script()
-                    .key(counter)
-                    .key(flag)
-                    .arg(quota.limit)
-                    .arg(want)
-                    .arg(ttl)
-                    .arg(need)
-                    .invoke_async(&mut c)
-                    .await
-            })
+        let (granted, used, first) = self
+            .quota_lease(key_id, quota, now, need, need.max(lease), false)
             .await?;
         Ok(self.quota_leases.with(key_id, |l| {
-            if l.window_start != start {
-                *l = KeyLease {
-                    window_start: start,
-                    ..KeyLease::default()
-                };
-            }
+            reset_on_new_window(l, start);
             l.units += granted;
             l.used_shared = l.used_shared.max(used);
             if l.units >= cost {
@@ -191,6 +193,70 @@ impl Cluster {
             l.exhausted = l.used_shared >= quota.limit;
             state(quota, l, now, end, Some(first == 1))
         }))
+    }
+
+    /// One lease script call: `(granted, used after, first refusal of the window)`. A
+    /// prefetch never sets the window's `quota_exceeded` flag (no request was refused).
+    async fn quota_lease(
+        &self,
+        key_id: &str,
+        quota: Quota,
+        now: i64,
+        need: u64,
+        want: u64,
+        prefetch: bool,
+    ) -> Result<(u64, u64, u8), ClusterError> {
+        let (start, end) = window(quota.period, now);
+        let counter = self.key(&["q", key_id, &start.to_string()]);
+        let flag = self.key(&["qx", key_id, &start.to_string()]);
+        let ttl = (end - now).max(1) + 86_400;
+        self.run(|mut c| async move {
+            script()
+                .key(counter)
+                .key(flag)
+                .arg(quota.limit)
+                .arg(want)
+                .arg(ttl)
+                .arg(need)
+                .arg(u8::from(prefetch))
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Leases the key's next block in the background when its units run low (a quarter of the
+    /// last lease left), so that a busy key's requests do not wait for Redis. One at a time
+    /// per key; only for leases of [`PREFETCH_FROM`] units or more.
+    fn quota_prefetch(self: &Arc<Self>, key_id: &str, quota: Quota, now: i64) {
+        let (cluster, key_id) = (self.clone(), key_id.to_owned());
+        tokio::spawn(async move {
+            let gate = cluster.quota_leases.fetch_gate(&key_id);
+            let (start, _) = window(quota.period, now);
+            {
+                let _fetching = gate.lock().await;
+                let lease = cluster.quota_leases.with(&key_id, |l| {
+                    let lease = next_lease(quota, l, Instant::now());
+                    l.lease = lease;
+                    l.last_fetch = Some(Instant::now());
+                    lease
+                });
+                if let Ok((granted, used, _)) = cluster
+                    .quota_lease(&key_id, quota, now, 1, lease, true)
+                    .await
+                {
+                    cluster.quota_leases.with(&key_id, |l| {
+                        if l.window_start == start {
+                            l.units += granted;
+                            l.used_shared = l.used_shared.max(used);
+                        }
+                    });
+                }
+            }
+            cluster
+                .quota_leases
+                .with(&key_id, |l| l.prefetching = false);
+        });
     }
 
     /// The shared state without counting (introspection): the window's counter in Redis.
