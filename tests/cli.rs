@@ -41,10 +41,40 @@ fn version_and_help() {
     let (code, out, _) = keygate(&["--version"]);
     assert_eq!(code, 0);
     assert_eq!(out.trim(), format!("keygate {}", env!("CARGO_PKG_VERSION")));
-    for sub in ["run", "check", "keygen", "hash", "keys", "demo", "init"] {
-        let (code, out, _) = keygate(&[sub, "--help"]);
-        assert_eq!(code, 0, "{sub} --help");
-        assert!(out.contains("Usage"), "{sub}: {out}");
+    let subcommands = [
+        &["run"][..],
+        &["check"],
+        &["keygen"],
+        &["hash"],
+        &["keys"],
+        &["demo"],
+        &["init"],
+        &["webhook"],
+        &["webhook", "sign"],
+    ];
+    for sub in subcommands {
+        let (code, out, _) = keygate(&[sub, &["--help"]].concat());
+        assert_eq!(code, 0, "{sub:?} --help");
+        assert!(out.contains("Usage"), "{sub:?}: {out}");
+    }
+    // Every subcommand the top-level help lists is in the list above (none forgotten).
+    let (_, top, _) = keygate(&["--help"]);
+    let listed: Vec<&str> = top
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|&c| c != "help")
+        .collect();
+    assert!(listed.len() >= 8, "{top}");
+    for c in listed {
+        assert!(
+            subcommands.iter().any(|s| s[0] == c),
+            "{c} has no --help check"
+        );
     }
 }
 
