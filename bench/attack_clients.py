@@ -7,6 +7,13 @@
                                   comes from 127.0.0.(10 + i % ADDRS) (default 200 addresses,
                                   so that a per-address cap does not decide the figure). Prints
                                   "ready <n>" once all are idle, then waits for SIGTERM.
+  slowread N HOST PORT TOKEN PATH SECS [PIPELINE]
+                                  open N TLS connections (from 127.0.0.10.. like idle), each
+                                  with a 4 KiB receive buffer, send PIPELINE (default 3) keep-alive
+                                  GETs of PATH at once, then read 32 bytes every 5 s for SECS
+                                  seconds (slowhttptest -X, which cannot send an API key).
+                                  Prints "ready <n>" once all have sent, and at the end
+                                  "done <n> <bytes read>".
   bare  N HOST PORT [SRC]         open N TCP connections from SRC (default 127.0.0.1) that never
                                   send a byte; prints "ready <n>" and holds them until SIGTERM.
   probe HOST PORT TOKEN SRC COUNT INTERVAL
@@ -85,6 +92,60 @@ async def idle(n, host, port, token, path="/small", addrs="200"):
     await wait_term()
 
 
+async def slowread(n, host, port, token, path, secs, pipeline="3", addrs="200"):
+    ctx = tls_ctx()
+    conns = []
+    sem = asyncio.Semaphore(64)
+    loop = asyncio.get_running_loop()
+    pipeline, addrs, secs = int(pipeline), int(addrs), float(secs)
+    req = (
+        f"GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\n\r\n" * pipeline
+    ).encode()
+
+    async def one(i):
+        async with sem:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # A small receive buffer (set before connect, so the window stays small), as
+            # slowhttptest -w/-y do: the server's data waits in its own buffers.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.setblocking(False)
+            try:
+                s.bind((f"127.0.0.{10 + i % addrs}", 0))
+                await asyncio.wait_for(loop.sock_connect(s, (host, port)), 10)
+                r, w = await asyncio.wait_for(
+                    asyncio.open_connection(
+                        sock=s, ssl=ctx, server_hostname="localhost", limit=4096
+                    ),
+                    30,
+                )
+                w.write(req)
+                conns.append((r, w))
+            except Exception:
+                s.close()
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    print(f"ready {len(conns)}", flush=True)
+    got = 0
+    end = time.monotonic() + secs
+
+    async def reader(r):
+        nonlocal got
+        while time.monotonic() < end:
+            try:
+                b = await asyncio.wait_for(r.read(32), max(0.1, end - time.monotonic()))
+            except Exception:
+                return
+            if not b:
+                return
+            got += len(b)
+            await asyncio.sleep(5)
+
+    await asyncio.gather(*(reader(r) for r, _ in conns))
+    for _, w in conns:
+        w.transport.abort()
+    print(f"done {len(conns)} {got}", flush=True)
+
+
 async def bare(n, host, port, src="127.0.0.1"):
     socks = []
     loop = asyncio.get_running_loop()
@@ -143,6 +204,8 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "idle":
         asyncio.run(idle(int(args[0]), args[1], int(args[2]), args[3], *args[4:6]))
+    elif cmd == "slowread":
+        asyncio.run(slowread(int(args[0]), args[1], int(args[2]), *args[3:8]))
     elif cmd == "bare":
         asyncio.run(bare(int(args[0]), args[1], int(args[2]), *args[3:4]))
     elif cmd == "probe":

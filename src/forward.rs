@@ -176,7 +176,7 @@ impl Upstream {
         let connector = Tracking(connector);
         let fresh = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .http1_max_buf_size(UPSTREAM_READ_BUF_MAX)
+            .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
             .timer(hyper_util::rt::TokioTimer::new())
             .build(connector.clone());
         Ok(Upstream {
@@ -288,10 +288,13 @@ type UpstreamClient = Client<Connector, RequestBody>;
 /// Connection pools per [`Upstream`]: one per worker thread (threads past this share).
 const POOLS: usize = 64;
 
-/// An upstream connection's read buffer grows to at most this (hyper's default is ~400 KiB):
-/// large bodies still stream at full speed in 64 KiB reads, and memory per busy upstream
-/// connection stays near nginx's `proxy_buffers`.
-const UPSTREAM_READ_BUF_MAX: usize = 64 * 1024;
+/// An upstream connection reads into buffers of exactly this size (hyper's adaptive default
+/// grows to ~400 KiB). Each body chunk passed on to the client keeps its whole read buffer
+/// alive until it is written, so the buffer size is what a slow reader can pin per chunk
+/// (issue 9 §3: 1,000 slow readers of 1 MiB bodies); 16 KiB is one TLS record. It is also the
+/// largest upstream response head accepted (nginx's `proxy_buffer_size` default is 4–8 KiB);
+/// a larger one is a 502.
+pub const UPSTREAM_READ_BUF: usize = 16 * 1024;
 
 static NEXT_POOL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -311,7 +314,7 @@ impl Upstream {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(self.pool_idle_timeout)
                 .pool_max_idle_per_host(1024)
-                .http1_max_buf_size(UPSTREAM_READ_BUF_MAX)
+                .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
                 .pool_timer(hyper_util::rt::TokioTimer::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .build(self.connector.clone())

@@ -333,6 +333,16 @@ impl Drop for OpenConnection {
     }
 }
 
+/// What one connection may have encrypted and waiting for the client's socket (rustls'
+/// default is 64 KiB): one TLS record. With hyper's write buffer (at most `max_buf_size`)
+/// and the upstream read buffers a response's chunks pin ([`crate::forward::UPSTREAM_READ_BUF`]),
+/// this bounds what a client that reads slowly can make keygate hold (README, "Memory").
+pub const TLS_SEND_BUFFER: usize = 16 * 1024;
+
+/// What one HTTP/2 stream may have queued for a client that does not open its flow-control
+/// window (hyper's default is ~400 KiB per stream).
+pub const H2_STREAM_SEND_BUFFER: usize = 16 * 1024;
+
 /// The TLS handshake within `tls_handshake_timeout`; `None` (logged, budgeted) when it fails.
 async fn tls_handshake(
     stream: TcpStream,
@@ -341,7 +351,10 @@ async fn tls_handshake(
 ) -> Option<Box<TlsStream<TcpStream>>> {
     let accept = TlsAcceptor::from(snap.tls.clone()).accept(stream);
     match tokio::time::timeout(snap.server.tls_handshake_timeout, accept).await {
-        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Ok(mut tls)) => {
+            tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+            Some(Box::new(tls))
+        }
         Ok(Err(e)) => {
             client_event!(ClientEvent::TlsHandshake, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "TLS handshake failed");
             None
@@ -428,6 +441,7 @@ async fn serve_connection(
                 // "MadeYouReset" (CVE-2025-8671): streams keygate had to reset for the client's
                 // protocol errors; past 1024 on one connection, GOAWAY ENHANCE_YOUR_CALM.
                 .max_local_error_reset_streams(Some(1024))
+                .max_send_buf_size(H2_STREAM_SEND_BUFFER)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(20));
             let http = b.serve_connection(TokioIo::new(io), svc);
