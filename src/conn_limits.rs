@@ -18,7 +18,8 @@
 //! Refusals and reclaims are counted in metrics (`keygate_connections_refused_total`,
 //! `keygate_connections_reclaimed_total`) and logged as `connection_limited` events, at most
 //! one line per reason every [`LOG_EVERY`], with the number of occurrences since the last line,
-//! so that a flood of connections cannot become a flood of log lines.
+//! and within the client's log budget ([`ClientEvent::ConnectionLimited`]), so that a flood of
+//! connections cannot become a flood of log lines.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,8 +29,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::log::{ClientEvent, client_event};
 use crate::metrics;
 use crate::pipeline::Conn;
+use tracing::Level;
 
 /// At most one `connection_limited` log line per reason per interval.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -263,7 +266,10 @@ impl ConnTable {
         if let Some(count) = self.log[i].tick() {
             let ip = ip.to_canonical();
             match why {
-                Limited::PerIp | Limited::Full => tracing::warn!(
+                Limited::PerIp | Limited::Full => client_event!(
+                    ClientEvent::ConnectionLimited,
+                    ip,
+                    Level::WARN,
                     event = "connection_limited",
                     reason = why.as_str(),
                     client_ip = %ip,
@@ -274,7 +280,10 @@ impl ConnTable {
                         _ => "server.max_connections reached and every connection is busy",
                     }
                 ),
-                _ => tracing::info!(
+                _ => client_event!(
+                    ClientEvent::ConnectionLimited,
+                    ip,
+                    Level::INFO,
                     event = "connection_limited",
                     reason = why.as_str(),
                     client_ip = %ip,

@@ -543,10 +543,18 @@ pub enum ClientEvent {
     /// `webhook_rejected`: anyone who can reach a webhook route can send unsigned or forged
     /// deliveries (`keygate_webhook_rejected_total` counts every one).
     WebhookRejected,
+    /// Requests refused by the protocol checks (contradictory authority, CONNECT, TRACE).
+    MalformedRequest,
+    /// Connections refused or reclaimed at accept (`conn_limits.rs`; also at most one line per
+    /// reason per 10 s in all).
+    ConnectionLimited,
+    /// `accept()` failures (EMFILE and the like), which a connection flood can cause. Counted
+    /// under the unspecified address: they name no client.
+    AcceptFailed,
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 21] = [
+    pub const ALL: [ClientEvent; 24] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -568,6 +576,9 @@ impl ClientEvent {
         ClientEvent::KeyNewNetwork,
         ClientEvent::ClusterUnavailable,
         ClientEvent::WebhookRejected,
+        ClientEvent::MalformedRequest,
+        ClientEvent::ConnectionLimited,
+        ClientEvent::AcceptFailed,
     ];
 
     /// The name in `log_suppressed` lines and the metric's `event` label.
@@ -594,6 +605,9 @@ impl ClientEvent {
             ClientEvent::KeyNewNetwork => "key_new_network",
             ClientEvent::ClusterUnavailable => "cluster_unavailable",
             ClientEvent::WebhookRejected => "webhook_rejected",
+            ClientEvent::MalformedRequest => "malformed_request",
+            ClientEvent::ConnectionLimited => "connection_limited",
+            ClientEvent::AcceptFailed => "accept_failed",
         }
     }
 

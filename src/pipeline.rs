@@ -414,11 +414,11 @@ async fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
 /// all, and keygate's identity header, back to a browser).
 fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
     if let Err(m) = proto::check_authority(req) {
-        tracing::info!(request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = m.as_str(), error = %m, "malformed request refused");
+        client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = m.as_str(), error = %m, "malformed request refused");
         return Err(Reject::BadRequest);
     }
     if req.method() == http::Method::CONNECT || req.method() == http::Method::TRACE {
-        tracing::info!(request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, method = req.method().as_str(), "method not implemented by keygate");
+        client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, method = req.method().as_str(), "method not implemented by keygate");
         return Err(Reject::NotImplemented);
     }
     Ok(())
@@ -1014,7 +1014,7 @@ async fn buffer_small_body(
         Ok(Ok(prefix)) => Ok(prefix),
         Ok(Err(crate::body::PrefixError::Stalled)) => Err(timed_out("body", read_timeout)),
         Ok(Err(e)) => {
-            tracing::info!(request_id = request_id_str(ctx.request_id), error = %e, "the client's request body failed (malformed framing or aborted) before the upstream was contacted");
+            client_event!(ClientEvent::ClientBody, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), error = %e, "the client's request body failed (malformed framing or aborted) before the upstream was contacted");
             Err(Reject::BadRequest)
         }
         Err(_) => Err(timed_out("request_buffer", caps.request_buffer_timeout)),

@@ -218,8 +218,9 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning. A connection flood can
+                    // cause it, so the line is budgeted (under the unspecified address).
+                    client_event!(ClientEvent::AcceptFailed, std::net::Ipv4Addr::UNSPECIFIED.into(), Level::WARN, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

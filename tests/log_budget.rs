@@ -349,3 +349,39 @@ async fn forged_webhook_deliveries_are_bounded_in_the_log_and_all_counted() {
     assert_eq!(up.count(), 0);
     assert_no_secrets(&kg.logs(), &[&secret, &forged["sha256=".len()..]]);
 }
+
+/// Issue 9 §5 leftovers: requests refused by the protocol checks (here `TRACE`, 501) wrote an
+/// info line each without limit; they are budgeted as `malformed_request` like the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_refusals_are_bounded_per_client() {
+    let up = Upstream::start().await;
+    let kg = start(&up);
+    let c = kg.client_h2();
+    let url = kg.url("/");
+    let started = Instant::now();
+    for _ in 0..5 {
+        let replies = futures_util::future::join_all((0..100).map(|_| {
+            let req = http::Request::builder()
+                .method(http::Method::TRACE)
+                .uri(&url)
+                .body(empty())
+                .unwrap();
+            c.send(req)
+        }))
+        .await;
+        assert!(replies.iter().all(|r| r.status == 501));
+    }
+    let lines = |kg: &Keygate| {
+        kg.logs()
+            .lines()
+            .filter(|l| l.contains("method not implemented by keygate"))
+            .count() as u64
+    };
+    let (written, suppressed) = settle(&kg, "malformed_request", 500, lines);
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(written + suppressed, 500);
+    assert!(
+        written >= 1 && written <= bound(secs),
+        "{written} lines for 500 TRACE requests in {secs:.1} s"
+    );
+}
