@@ -39,6 +39,51 @@ use crate::log::{ClientEvent, client_event};
 use crate::metrics;
 use crate::reject::Reject;
 
+/// Single flight for lease requests (rate-limit cells, quota units) of one key on one instance:
+/// one caller fetches, the others wait for it to end and then all take from the new lease at
+/// once (no hand-over from waiter to waiter, which on one runtime thread queues hundreds of
+/// requests behind each other).
+#[derive(Default)]
+pub struct FetchGate {
+    busy: AtomicBool,
+    done: tokio::sync::Notify,
+}
+
+/// The right to fetch; dropping it (fetch done, or the request cancelled) wakes every waiter.
+pub struct FetchTurn<'a>(&'a FetchGate);
+
+impl FetchGate {
+    /// `Some` when it is this caller's turn to fetch; `None` once the fetch in flight ended
+    /// (the caller then looks at the lease again).
+    pub async fn turn(&self) -> Option<FetchTurn<'_>> {
+        let notified = self.done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(t) = self.try_turn() {
+            return Some(t);
+        }
+        notified.await;
+        None
+    }
+
+    /// `Some` if no fetch is in flight (for prefetches, which never wait).
+    pub fn try_turn(&self) -> Option<FetchTurn<'_>> {
+        self.busy
+            .compare_exchange(false, true, std::sync::atomic::Ordering::AcqRel, Relaxed)
+            .ok()
+            .map(|_| FetchTurn(self))
+    }
+}
+
+impl Drop for FetchTurn<'_> {
+    fn drop(&mut self) {
+        self.0
+            .busy
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.0.done.notify_waiters();
+    }
+}
+
 /// The process' cluster client, once `run` has made it (see [`install`]).
 static RUNNING: OnceLock<Arc<Cluster>> = OnceLock::new();
 
@@ -318,5 +363,31 @@ impl Cluster {
     fn announce_down(&self, why: &ClusterError) {
         self.degraded.store(false, Relaxed);
         self.degrade(why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fetch_turn_dropped_by_a_cancelled_request_wakes_every_waiter() {
+        let gate = Arc::new(FetchGate::default());
+        let turn = gate.turn().await;
+        assert!(turn.is_some(), "first caller fetches");
+        assert!(gate.try_turn().is_none(), "one fetch at a time");
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let g = gate.clone();
+                tokio::spawn(async move { g.turn().await.is_none() })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        drop(turn); // e.g. the fetching request's client went away
+        for w in waiters {
+            let woke = tokio::time::timeout(Duration::from_secs(5), w).await;
+            assert!(woke.expect("waiter woken").unwrap(), "waiters look again");
+        }
+        assert!(gate.try_turn().is_some(), "free again");
     }
 }

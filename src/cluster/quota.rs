@@ -11,8 +11,8 @@
 //! `limit / 1000` (at most [`MAX_LEASE`]), so a busy key costs a few Redis calls per second
 //! instead of hundreds, and its requests rarely wait for one; a second without a lease
 //! request brings it back to the start size. A lease of 4 units or more is renewed in the
-//! background when a quarter of it is left. So the under-use bound is instances × 1.25 ×
-//! `limit / 1000` units (0.125% of the quota per instance), at most instances × 12 500.
+//! background when half of it is left. So the under-use bound is instances × 1.5 ×
+//! `limit / 1000` units (0.15% of the quota per instance), at most instances × 15 000.
 //!
 //! `quota_exceeded` is logged once per key and window **cluster-wide**: the refusal that finds
 //! the window's flag (`<prefix>qx:<key id>:<window start>`, `SET NX` in the lease script) unset
@@ -59,7 +59,7 @@ pub struct QuotaLeases {
     keys: Mutex<HashMap<Box<str>, KeyLease>>,
     /// One lease request at a time per key (as for rate limits, `rate.rs`): concurrent
     /// requests that find no units wait for the one in flight instead of each leasing a block.
-    fetching: Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>,
+    fetching: Mutex<HashMap<Box<str>, Arc<super::FetchGate>>>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -89,7 +89,7 @@ fn reset_on_new_window(l: &mut KeyLease, start: i64) {
     }
 }
 
-/// Leases of at least this many units are renewed in the background when a quarter is left.
+/// Leases of at least this many units are renewed in the background when half is left.
 const PREFETCH_FROM: u64 = 4;
 
 /// Leases requested closer together than this grow (see the module doc).
@@ -146,7 +146,7 @@ impl Cluster {
                 // Running low: lease the next block in the background (see `prefetch`).
                 let low = cost > 0
                     && l.lease >= PREFETCH_FROM
-                    && l.units <= l.lease / 4
+                    && l.units <= l.lease / 2
                     && !l.prefetching
                     && !l.exhausted;
                 l.prefetching |= low;
@@ -158,26 +158,36 @@ impl Cluster {
                 None
             }
         };
-        if let Some((s, low)) = self.quota_leases.with(key_id, take) {
-            if low {
-                self.quota_prefetch(key_id, quota, now);
-            }
-            return Ok(s);
-        }
         let gate = self.quota_leases.fetch_gate(key_id);
-        let _fetching = gate.lock().await;
-        let (taken, held, lease) = self.quota_leases.with(key_id, |l| {
-            let taken = take(l);
-            let lease = next_lease(quota, l, Instant::now());
-            if taken.is_none() {
-                l.lease = lease;
-                l.last_fetch = Some(Instant::now());
+        // The turn ends with this call, whatever happens below (answer, error, cancellation).
+        let (held, lease, _turn) = loop {
+            if let Some((s, low)) = self.quota_leases.with(key_id, take) {
+                if low {
+                    self.quota_prefetch(key_id, quota, now);
+                }
+                return Ok(s);
             }
-            (taken, l.units, lease)
-        });
-        if let Some((s, _)) = taken {
-            return Ok(s);
-        }
+            // Single flight, as for rate limits.
+            let Some(turn) = gate.turn().await else {
+                if !self.healthy() {
+                    return Err(ClusterError::Degraded);
+                }
+                continue;
+            };
+            let (taken, held, lease) = self.quota_leases.with(key_id, |l| {
+                let taken = take(l);
+                let lease = next_lease(quota, l, Instant::now());
+                if taken.is_none() {
+                    l.lease = lease;
+                    l.last_fetch = Some(Instant::now());
+                }
+                (taken, l.units, lease)
+            });
+            if let Some((s, _)) = taken {
+                return Ok(s);
+            }
+            break (held, lease, turn);
+        };
         let need = cost - held;
         let (granted, used, first) = self
             .quota_lease(key_id, quota, now, need, need.max(lease), false)
@@ -225,7 +235,7 @@ impl Cluster {
         .await
     }
 
-    /// Leases the key's next block in the background when its units run low (a quarter of the
+    /// Leases the key's next block in the background when its units run low (half of the
     /// last lease left), so that a busy key's requests do not wait for Redis. One at a time
     /// per key; only for leases of [`PREFETCH_FROM`] units or more.
     fn quota_prefetch(self: &Arc<Self>, key_id: &str, quota: Quota, now: i64) {
@@ -233,8 +243,8 @@ impl Cluster {
         tokio::spawn(async move {
             let gate = cluster.quota_leases.fetch_gate(&key_id);
             let (start, _) = window(quota.period, now);
-            {
-                let _fetching = gate.lock().await;
+            // A fetch already in flight will do.
+            if let Some(_turn) = gate.try_turn() {
                 let lease = cluster.quota_leases.with(&key_id, |l| {
                     let lease = next_lease(quota, l, Instant::now());
                     l.lease = lease;
@@ -290,7 +300,7 @@ impl Cluster {
 }
 
 impl QuotaLeases {
-    fn fetch_gate(&self, key_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn fetch_gate(&self, key_id: &str) -> Arc<super::FetchGate> {
         let mut g = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = g.get(key_id) {
             return m.clone();

@@ -10,7 +10,7 @@
 //!   a 100/s key costs one Redis round trip per request, a 100 000/s key one per ~1 000;
 //! * one lease request at a time per key and instance (concurrent requests that find the lease
 //!   empty wait for it and share its cells), and a lease of 4 cells or more is renewed in the
-//!   background when a quarter of it is left, so a busy key's requests do not wait for Redis;
+//!   background when half of it is left, so a busy key's requests do not wait for Redis;
 //! * a lease not spent within [`LEASE_TTL`] is dropped (cells wasted, never over-admitted);
 //! * a refusal tells when the next cell will exist; until then the instance refuses locally
 //!   without asking Redis (exact: no other instance can make that time earlier).
@@ -32,7 +32,7 @@ use crate::limits::{KeyLimiter, Rate, RateInfo};
 pub const LEASE_TTL: Duration = Duration::from_secs(1);
 /// How much of the key's rate one lease may carry.
 const LEASE_SPAN: Duration = Duration::from_millis(10);
-/// Leases of at least this many cells are renewed in the background when a quarter is left.
+/// Leases of at least this many cells are renewed in the background when half is left.
 const PREFETCH_FROM: u32 = 4;
 
 /// GCRA lease. KEYS[1] = bucket; ARGV = interval µs, burst, cells wanted.
@@ -69,7 +69,7 @@ pub struct Lease {
     /// lease empty wait for the one in flight and share its cells, instead of each leasing a
     /// block (hundreds of requests in flight would otherwise take hundreds of blocks at once,
     /// draining the shared bucket into leases that expire unspent).
-    fetching: tokio::sync::Mutex<()>,
+    gate: super::FetchGate,
 }
 
 #[derive(Default)]
@@ -146,19 +146,26 @@ impl Cluster {
         limiter: &Arc<KeyLimiter>,
     ) -> Result<RateInfo, ClusterError> {
         let lease = limiter.lease();
-        if let Some((info, low)) = Self::from_lease(lease, limiter) {
-            if low {
-                self.prefetch(key_id, limiter);
+        loop {
+            if let Some((info, low)) = Self::from_lease(lease, limiter) {
+                if low {
+                    self.prefetch(key_id, limiter);
+                }
+                return Ok(info);
             }
-            return Ok(info);
+            // Single flight: one request leases, the others wait for it (bounded by its Redis
+            // call, the cluster timeout) and then take from the new lease.
+            match lease.gate.turn().await {
+                Some(_turn) => {
+                    if let Some((info, _)) = Self::from_lease(lease, limiter) {
+                        return Ok(info);
+                    }
+                    return self.lease_more(key_id, limiter, true).await;
+                }
+                None if !self.healthy() => return Err(ClusterError::Degraded),
+                None => {}
+            }
         }
-        // Single flight: whoever holds this leases; the others then find its cells. Waiting is
-        // bounded by the holder's Redis call (the cluster timeout).
-        let _fetching = lease.fetching.lock().await;
-        if let Some((info, _)) = Self::from_lease(lease, limiter) {
-            return Ok(info);
-        }
-        self.lease_more(key_id, limiter, true).await
     }
 
     /// Leases the next block in the background when this one runs low, so that in steady
@@ -168,8 +175,8 @@ impl Cluster {
         let (cluster, limiter, key_id) = (self.clone(), limiter.clone(), key_id.to_owned());
         tokio::spawn(async move {
             let lease = limiter.lease();
-            {
-                let _fetching = lease.fetching.lock().await;
+            // A fetch already in flight will do.
+            if let Some(_turn) = lease.gate.try_turn() {
                 let _ = cluster.lease_more(&key_id, &limiter, false).await;
             }
             lease.lock().prefetching = false;
@@ -177,7 +184,7 @@ impl Cluster {
     }
 
     /// A cell from this instance's lease, or the refusal it already knows (and whether the
-    /// lease runs low: at most a quarter of a block left); `None` when Redis must be asked.
+    /// lease runs low: at most half a block left); `None` when Redis must be asked.
     fn from_lease(lease: &Lease, limiter: &KeyLimiter) -> Option<(RateInfo, bool)> {
         let now = Instant::now();
         {
@@ -191,7 +198,7 @@ impl Cluster {
                 let remaining = s.cells.saturating_add(s.shared_remaining);
                 let size = lease_size(limiter);
                 let low = size >= PREFETCH_FROM
-                    && s.cells <= size / 4
+                    && s.cells <= size / 2
                     && !s.prefetching
                     && s.refused_until.is_none();
                 s.prefetching |= low;
