@@ -528,3 +528,41 @@ async fn every_key_keygate_writes_in_redis_expires() {
     }
     assert_no_secrets(&kg.logs(), &[&token, &wrong, &hash]);
 }
+
+/// Redis down: uses and new networks are decided and logged by the instance alone (as without
+/// cluster mode) and never refused; what it noted meanwhile reaches Redis once it is back
+/// (here a Redis restarted empty, as after a crash without persistence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uses_seen_while_redis_is_down_reach_it_when_it_is_back() {
+    let up = Upstream::start().await;
+    let mut redis = Redis::start();
+    let (token, hash) = new_key("roam");
+    let kg = history_instance(&up, &redis, "a", &hash, "rate_limit = \"1000/s\"");
+    wait_healthy(&kg).await;
+    assert_eq!(get_as(&kg, "198.51.100.7", &token).await.status, 200);
+    redis.kill();
+    kg.wait_log("cluster_degraded", |v| v["event"] == "cluster_degraded");
+    let r = get_as(&kg, "203.0.113.9", &token).await;
+    assert_eq!(r.status, 200, "never refused for history: {}", r.text());
+    let new = kg.wait_log("key_new_network", |v| v["event"] == "key_new_network");
+    assert_eq!(new["client_ip"], "203.0.113.9");
+    // At least one write-behind flush (every 2 s) fails while Redis is down.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    redis.restart();
+    kg.wait_log("cluster_recovered", |v| v["event"] == "cluster_recovered");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = redis.cli(&["GET", "keygate:lu:roam"]);
+        let net = redis.cli(&["HEXISTS", "keygate:net:roam", "203.0.113.0/24"]);
+        if last.ends_with(" 203.0.113.9") && net == "1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the use noted while Redis was down never reached it: {last:?} {net:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(kg.events("key_new_network").len(), 1, "{}", kg.logs());
+    assert_no_secrets(&kg.logs(), &[&token, &hash]);
+}
