@@ -530,7 +530,10 @@ fn cluster_figures(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let cluster = crate::cluster::Cluster::new(settings.clone())?;
+    // A report, not a request: Redis gets the whole wait, not the per-command `timeout`.
+    let mut settings = settings.clone();
+    settings.timeout = settings.timeout.max(KEYS_REDIS_WAIT);
+    let cluster = crate::cluster::Cluster::new(settings)?;
     rt.block_on(async {
         let read = async {
             cluster.connect_once(KEYS_REDIS_WAIT).await?;
