@@ -10,7 +10,7 @@
 #   1. CPU µs/request (utime+stime from /proc/PID/stat, as perf.sh)
 #   2. syscalls per request, by name (strace -c -f on the keygate process)
 #   3. heap allocations per request (perf uprobes on libc malloc/calloc/realloc;
-#      with another global allocator linked in, its entry points are probed instead)
+#      with jemalloc or mimalloc linked in, its entry points are probed instead)
 #   4. a call-graph profile (perf record -g), top symbols self and children
 # Needs perf, strace, nginx, h2load, jq. The numbers in 2 and 3 come from runs under
 # tracing (slower), so they are counts, not timings. Output: Markdown on stdout.
@@ -130,7 +130,15 @@ echo
 want alloc && {
 log "allocations (uprobes)"
 probes=()
-if nm -D --defined-only "$KEYGATE_BIN" 2>/dev/null | grep -q ' mi_malloc$' || nm "$KEYGATE_BIN" 2>/dev/null | grep -q ' mi_malloc_aligned$'; then
+SYMS=$(nm "$KEYGATE_BIN" 2>/dev/null || true)
+if grep -q ' _rjem_malloc$' <<<"$SYMS"; then
+    # jemalloc (tikv-jemallocator, statically linked with the _rjem_ prefix): Rust's allocator
+    # calls malloc/calloc/realloc for ordinary alignments and the *x variants otherwise.
+    for f in _rjem_malloc _rjem_mallocx _rjem_calloc _rjem_realloc _rjem_rallocx; do
+        grep -q " $f$" <<<"$SYMS" || continue
+        perf probe -q -x "$KEYGATE_BIN" --add "kg$f=$f" 2>/dev/null && probes+=("probe_keygate:kg$f") || true
+    done
+elif nm -D --defined-only "$KEYGATE_BIN" 2>/dev/null | grep -q ' mi_malloc$' || grep -q ' mi_malloc_aligned$' <<<"$SYMS"; then
     for f in mi_malloc_aligned mi_zalloc_aligned mi_realloc_aligned mi_malloc mi_zalloc mi_realloc; do
         perf probe -q -x "$KEYGATE_BIN" --add "kg_$f=$f" 2>/dev/null && probes+=("probe_keygate:kg_$f") || true
     done
