@@ -183,7 +183,11 @@ impl Cluster {
                 }
                 (taken, l.units, lease)
             });
-            if let Some((s, _)) = taken {
+            if let Some((s, low)) = taken {
+                drop(turn);
+                if low {
+                    self.quota_prefetch(key_id, quota, now);
+                }
                 return Ok(s);
             }
             break (held, lease, turn);

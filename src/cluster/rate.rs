@@ -156,11 +156,17 @@ impl Cluster {
             // Single flight: one request leases, the others wait for it (bounded by its Redis
             // call, the cluster timeout) and then take from the new lease.
             match lease.gate.turn().await {
-                Some(_turn) => {
-                    if let Some((info, _)) = Self::from_lease(lease, limiter) {
+                Some(turn) => {
+                    if let Some((info, low)) = Self::from_lease(lease, limiter) {
+                        drop(turn);
+                        if low {
+                            self.prefetch(key_id, limiter);
+                        }
                         return Ok(info);
                     }
-                    return self.lease_more(key_id, limiter, true).await;
+                    let got = self.lease_more(key_id, limiter, true).await;
+                    drop(turn);
+                    return got;
                 }
                 None if !self.healthy() => return Err(ClusterError::Degraded),
                 None => {}
