@@ -14,6 +14,15 @@
                                   seconds (slowhttptest -X, which cannot send an API key).
                                   Prints "ready <n>" once all have sent, and at the end
                                   "done <n> <bytes read>".
+  paced HOST PORT TOKEN PATH COUNT GAP_MIN GAP_MAX
+                                  COUNT requests one after another on one keep-alive TLS
+                                  connection (a new one if the proxy closes it), a random pause
+                                  of GAP_MIN..GAP_MAX s between them; prints "ok <n> failed <m>"
+  closing-upstream PORT MODE      a plain HTTP/1.1 upstream that answers 200 "ok" to anything.
+                                  MODE "close": it closes each connection right after its
+                                  response, without "Connection: close"; MODE "idle:S": it keeps
+                                  connections alive but closes one idle for S seconds. Runs until
+                                  SIGTERM.
   bare  N HOST PORT [SRC]         open N TCP connections from SRC (default 127.0.0.1) that never
                                   send a byte; prints "ready <n>" and holds them until SIGTERM.
   probe HOST PORT TOKEN SRC COUNT INTERVAL
@@ -146,6 +155,61 @@ async def slowread(n, host, port, token, path, secs, pipeline="3", addrs="200"):
     print(f"done {len(conns)} {got}", flush=True)
 
 
+async def paced(host, port, token, path, count, gap_min, gap_max):
+    import random
+
+    ctx = tls_ctx()
+    ok = failed = 0
+    conn = None
+    req = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\n\r\n".encode()
+    for _ in range(int(count)):
+        try:
+            if conn is None:
+                conn = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost"), 5
+                )
+            r, w = conn
+            w.write(req)
+            st = await asyncio.wait_for(read_response(r), 5)
+            if st == 200:
+                ok += 1
+            else:
+                failed += 1
+        except Exception:
+            failed += 1
+            conn = None
+        await asyncio.sleep(random.uniform(float(gap_min), float(gap_max)))
+    print(f"ok {ok} failed {failed}", flush=True)
+
+
+async def closing_upstream(port, mode):
+    idle = float(mode.split(":", 1)[1]) if mode.startswith("idle:") else None
+
+    async def serve(r, w):
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), idle)
+                except Exception:
+                    break
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if length:
+                    await r.readexactly(length)
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                await w.drain()
+                if idle is None:
+                    break
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", port, backlog=1024)
+    async with server:
+        await wait_term()
+
+
 async def bare(n, host, port, src="127.0.0.1"):
     socks = []
     loop = asyncio.get_running_loop()
@@ -206,6 +270,10 @@ def main():
         asyncio.run(idle(int(args[0]), args[1], int(args[2]), args[3], *args[4:6]))
     elif cmd == "slowread":
         asyncio.run(slowread(int(args[0]), args[1], int(args[2]), *args[3:8]))
+    elif cmd == "paced":
+        asyncio.run(paced(args[0], int(args[1]), *args[2:7]))
+    elif cmd == "closing-upstream":
+        asyncio.run(closing_upstream(int(args[0]), args[1]))
     elif cmd == "bare":
         asyncio.run(bare(int(args[0]), args[1], int(args[2]), *args[3:4]))
     elif cmd == "probe":
