@@ -6,39 +6,23 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-type Tls = tokio_rustls::client::TlsStream<TcpStream>;
-
-/// A TLS handshake over `tcp` (ALPN http/1.1), bounded in time.
-async fn handshake(kg: &Keygate, tcp: TcpStream) -> std::io::Result<Tls> {
-    let mut cfg = kg.tls_config();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connect = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(
-        rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-        tcp,
-    );
-    tokio::time::timeout(Duration::from_secs(10), connect)
-        .await
-        .unwrap_or_else(|_| Err(std::io::Error::other("handshake timed out")))
-}
-
 /// A new TCP connection to keygate, then the TLS handshake.
 async fn try_tls(kg: &Keygate) -> std::io::Result<Tls> {
     let tcp = TcpStream::connect(kg.addr).await?;
-    handshake(kg, tcp).await
+    kg.handshake(tcp).await
 }
 
 /// A new TCP connection that starts with `header` (a PROXY protocol header), then TLS.
 async fn tls_after(kg: &Keygate, header: &[u8]) -> std::io::Result<Tls> {
     let mut tcp = TcpStream::connect(kg.addr).await?;
     tcp.write_all(header).await?;
-    handshake(kg, tcp).await
+    kg.handshake(tcp).await
 }
 
 /// A hand-written HTTP/1.1 request (the path goes out exactly as written; some clients
@@ -55,18 +39,7 @@ async fn raw_request<S: AsyncRead + AsyncWrite + Unpin>(
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let read_all = async {
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(10), read_all).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    let text = String::from_utf8_lossy(&read_to_close(s).await).into_owned();
     let head = text
         .split("\r\n\r\n")
         .next()
@@ -957,28 +930,13 @@ async fn proxy_protocol_is_accepted_only_from_trusted_proxies() {
     assert_eq!(up.count(), 0);
 
     // And the setting needs trusted proxies at all.
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert();
-    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key).unwrap();
-    let text = Keygate::builder()
+    let (_dir, config) = Keygate::builder()
         .server("proxy_protocol = true")
         .key("lb", &hash, "")
-        .config_text();
-    let config = dir.path().join("keygate.toml");
-    std::fs::write(&config, text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .arg("check")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .config_dir();
+    let (code, out, err) = keygate_cli(&["check"], &config);
+    assert_eq!(code, 1);
+    let all = format!("{out}{err}");
     assert!(
         all.contains("server.proxy_protocol: needs access.trusted_proxies"),
         "{all}"

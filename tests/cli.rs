@@ -8,18 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn keygate(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The first line of a PEM private key of the given kind ("EC ", "RSA ", "" for PKCS#8).
 fn pem_begin(kind: &str) -> String {
     format!("-----BEGIN {kind}PRIVATE KEY-----")

@@ -8,7 +8,7 @@ mod common;
 use common::h2raw::RawH2;
 use common::python::PyApp;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 fn kg_for(url: &str, hash: &str, host: Option<&str>) -> Keygate {
     let mut b = Keygate::builder().upstream_url(url).key("k", hash, "");
@@ -94,9 +94,7 @@ async fn upstream_host_mode_rewrites_redirects() {
 async fn raw_h1(kg: &Keygate, request: &str) -> (u16, String) {
     let mut s = kg.tls_stream().await;
     s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
+    let text = String::from_utf8_lossy(&read_to_close(&mut s).await).into_owned();
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text)
 }

@@ -6,18 +6,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::h2raw;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-async fn read_all(s: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    out
-}
 
 /// A connection that negotiated `h2` speaks HTTP/2 only: HTTP/1.1 bytes or garbage instead of
 /// the preface get SETTINGS + GOAWAY(PROTOCOL_ERROR) (RFC 9113 §3.4), never an HTTP/1.1 answer.
@@ -33,7 +26,7 @@ async fn h2_alpn_means_http2_only() {
     ] {
         let mut s = kg.tls_stream_alpn(&[b"h2"]).await;
         s.write_all(bytes.as_bytes()).await.unwrap();
-        let out = read_all(&mut s).await;
+        let out = read_to_close(&mut s).await;
         assert!(
             !out.starts_with(b"HTTP/"),
             "{:?}",
@@ -80,7 +73,7 @@ async fn http11_or_no_alpn_means_http11_only() {
         bytes.extend(h2raw::frame(h2raw::HEADERS, 0x5, 1, &block));
         // keygate may close before all of it is written: that is an answer too.
         let _ = io.write_all(&bytes).await;
-        let out = read_all(&mut io).await;
+        let out = read_to_close(&mut io).await;
         // Either nothing or an HTTP/1.1 error: never an HTTP/2 frame (a SETTINGS frame would
         // start with a 3-byte length and type 4).
         assert!(
@@ -96,7 +89,7 @@ async fn http11_or_no_alpn_means_http11_only() {
         )
         .await
         .unwrap();
-        let out = read_all(&mut s).await;
+        let out = read_to_close(&mut s).await;
         assert!(
             out.starts_with(b"HTTP/1.1 200"),
             "{:?}",
@@ -210,11 +203,7 @@ async fn early_hints_do_not_break_the_final_response() {
             .to_vec(),
     )
     .await;
-    let (token, hash) = new_key("k");
-    let kg = Keygate::builder()
-        .upstream_url(&format!("http://{addr}"))
-        .key("k", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&format!("http://{addr}"), "k");
     for c in [kg.client(), kg.client_h2()] {
         let got = c.get(&kg.url("/"), &[("x-api-key", &token)]).await;
         assert_eq!((got.status, got.text().as_str()), (200, "final"));
@@ -236,11 +225,7 @@ async fn malformed_upstream_responses_are_bad_gateway() {
         many,
     ] {
         let (addr, _t) = raw_upstream(response).await;
-        let (token, hash) = new_key("k");
-        let kg = Keygate::builder()
-            .upstream_url(&format!("http://{addr}"))
-            .key("k", &hash, "")
-            .start();
+        let (kg, token) = Keygate::with_key(&format!("http://{addr}"), "k");
         let got = kg
             .client()
             .get(&kg.url("/"), &[("x-api-key", &token)])

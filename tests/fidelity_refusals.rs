@@ -40,11 +40,7 @@ fn curl_stream_upload(kg: &Keygate, token: &str, proto: &str, len: usize) -> (i3
     });
     let out = child.wait_with_output().unwrap();
     let _ = writer.join();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    captured(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,11 +81,7 @@ async fn streamed_upload_over_the_limit_gets_the_413_on_both_protocols() {
 async fn an_upgraded_connection_is_logged_when_it_closes_with_its_bytes_and_duration() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start().await;
-    let (token, hash) = new_key("ws");
-    let kg = Keygate::builder()
-        .upstream(&up)
-        .key("ws", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&up.url(), "ws");
     let mut s = kg.tls_stream().await;
     let head = format!(
         "GET /ws HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nx-request-id: ws-1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,22 +17,6 @@ use http_body_util::BodyExt as _;
 use hyper::Request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// GET on the admin listener's /metrics.
-fn metrics(kg: &Keygate) -> String {
-    let mut s = std::net::TcpStream::connect(kg.admin.expect("admin listener")).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn metric(m: &str, name: &str) -> u64 {
-    m.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{m}"))
-}
 
 // ---------------------------------------------------------------------------------------------
 // A client that stalls its body.
@@ -50,40 +33,6 @@ fn stall_keygate(up: &Upstream) -> (Keygate, String) {
     (kg, token)
 }
 
-/// Reads one HTTP/1.1 response (head and Content-Length body) from a raw stream.
-async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (n, v) = l.split_once(':')?;
-                    n.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
-                return (head[9..12].parse().unwrap(), body);
-            }
-        }
-        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
-            .await
-            .expect("response within 20 s")
-            .unwrap();
-        assert!(
-            n > 0,
-            "connection closed: {}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_body_is_a_client_timeout_408_not_an_upstream_504() {
     let up = Upstream::start().await;
@@ -97,9 +46,9 @@ async fn stalled_body_is_a_client_timeout_408_not_an_upstream_504() {
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&[b'a'; 1000]).await.unwrap();
     s.flush().await.unwrap();
-    let (status, body) = read_response(&mut s).await;
-    assert_eq!(status, 408, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"], "request timeout");
     assert_eq!(v["request_id"], "stall-h1");
 
@@ -111,7 +60,7 @@ async fn stalled_body_is_a_client_timeout_408_not_an_upstream_504() {
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&[b'a'; 1000]).await.unwrap();
     s.write_all(b"\r\n").await.unwrap();
-    let (status, _) = read_response(&mut s).await;
+    let (status, _, _) = read_response(&mut s).await;
     assert_eq!(status, 408);
 
     // HTTP/2 (hyper client over rustls): a body stream that sends 1000 bytes and stalls.
@@ -143,13 +92,13 @@ async fn stalled_body_is_a_client_timeout_408_not_an_upstream_504() {
         "a stalled client was blamed on the upstream:\n{}",
         kg.logs()
     );
-    let m = metrics(&kg);
+    let m = metrics(&kg).await;
     assert_eq!(
-        metric(&m, "keygate_client_timeouts_total{phase=\"body\"}"),
+        metric_present(&m, "keygate_client_timeouts_total{phase=\"body\"}"),
         3
     );
     assert_eq!(
-        metric(&m, "keygate_upstream_errors_total{kind=\"timeout\"}"),
+        metric_present(&m, "keygate_upstream_errors_total{kind=\"timeout\"}"),
         0
     );
     assert_no_secrets(&kg.logs(), &[&token]);
@@ -268,14 +217,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (n, v) = l.split_once(':')?;
-                    n.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
+            let len = content_length(&head);
             while buf.len() < end + 4 + len {
                 let mut chunk = [0u8; 8192];
                 let n = s.read(&mut chunk).await.ok()?;
@@ -412,10 +354,10 @@ async fn idempotent_requests_are_retried_once_when_a_reused_connection_drops_the
                 );
             }
         }
-        let m = metrics(&kg);
-        assert_eq!(metric(&m, "keygate_upstream_retries_total"), 10);
+        let m = metrics(&kg).await;
+        assert_eq!(metric_present(&m, "keygate_upstream_retries_total"), 10);
         assert_eq!(
-            metric(&m, "keygate_upstream_errors_total{kind=\"other\"}"),
+            metric_present(&m, "keygate_upstream_errors_total{kind=\"other\"}"),
             0
         );
     }
@@ -442,7 +384,10 @@ async fn a_post_is_never_sent_twice() {
         .unwrap();
     assert_eq!(c.send(req).await.status, 502);
     assert_eq!(up.seen().iter().filter(|r| r.starts_with("PUT")).count(), 1);
-    assert_eq!(metric(&metrics(&kg), "keygate_upstream_retries_total"), 0);
+    assert_eq!(
+        metric_present(&metrics(&kg).await, "keygate_upstream_retries_total"),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,8 +401,8 @@ async fn a_failure_on_a_new_connection_is_not_retried() {
         "retried on a new connection"
     );
     assert_eq!(
-        metric(
-            &metrics(&kg),
+        metric_present(
+            &metrics(&kg).await,
             "keygate_upstream_errors_total{kind=\"other\"}"
         ),
         1

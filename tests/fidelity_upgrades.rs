@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// What an upstream saw: (HTTP version, method, path, headers).
@@ -151,53 +151,6 @@ async fn rogue_upstream(protocol: &'static str) -> (SocketAddr, tokio::task::Joi
     (addr, task)
 }
 
-/// Reads one HTTP/1.1 response: (status, head, body). The body is read by Content-Length
-/// (keygate and the upstreams here always send one for these responses); none after a 101.
-async fn read_response(s: &mut (impl AsyncRead + Unpin)) -> (u16, String, Vec<u8>) {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(s.read_u8().await.expect("response head"));
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status: u16 = head[9..12].parse().unwrap();
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0; if status == 101 { 0 } else { len }];
-    s.read_exact(&mut body).await.unwrap();
-    (status, head, body)
-}
-
-async fn echo(s: &mut (impl AsyncRead + AsyncWrite + Unpin), msg: &[u8]) {
-    s.write_all(msg).await.unwrap();
-    let mut back = vec![0; msg.len()];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
-        .await
-        .expect("echo within 10 s")
-        .unwrap();
-    assert_eq!(back, msg);
-}
-
-/// GET on the admin listener (plain HTTP/1.1): the body.
-async fn admin_get(kg: &Keygate, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 fn has_header(headers: &[(String, String)], name: &str) -> bool {
     headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
 }
@@ -294,11 +247,7 @@ async fn h2c_upgrade_smuggling_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_in_any_spelling_is_never_forwarded() {
     let up = UpgradingUpstream::start().await;
-    let (token, hash) = new_key("k");
-    let kg = Keygate::builder()
-        .upstream_url(&up.url())
-        .key("k", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&up.url(), "k");
     let cases = [
         ("HTTP/1.1", "H2C", "Upgrade, HTTP2-Settings"),
         ("HTTP/1.1", "h2c, websocket/13", "upgrade"),
@@ -360,11 +309,7 @@ async fn h2c_in_any_spelling_is_never_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_requests_never_carry_an_upgrade() {
     let up = UpgradingUpstream::start().await;
-    let (token, hash) = new_key("k");
-    let kg = Keygate::builder()
-        .upstream_url(&up.url())
-        .key("k", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&up.url(), "k");
     let mut h2 = RawH2::connect(&kg).await;
     let authority = format!("localhost:{}", kg.addr.port());
     let base = [
@@ -409,11 +354,7 @@ async fn h2_requests_never_carry_an_upgrade() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrequested_or_foreign_101_is_a_bad_gateway() {
     let (addr, _task) = rogue_upstream("h2c").await;
-    let (token, hash) = new_key("k");
-    let kg = Keygate::builder()
-        .upstream_url(&format!("http://{addr}"))
-        .key("k", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&format!("http://{addr}"), "k");
 
     // A plain request (h1 and h2), and a websocket upgrade answered with h2c.
     let got = kg
@@ -568,18 +509,9 @@ fn check_refuses_h2c_in_upgrade_protocols() {
     let kg = Keygate::builder()
         .upstream_line("upgrade_protocols = [\"websocket\", \"H2C\", \"bad proto\"]")
         .upstream_line("host = \"backend\"");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert();
-    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key).unwrap();
-    let cfg = dir.path().join("keygate.toml");
-    std::fs::write(&cfg, kg.config_text()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["check", "-c", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (_dir, cfg) = kg.config_dir();
+    let (code, _, err) = keygate_cli(&["check"], &cfg);
+    assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("upstream.upgrade_protocols[1]: \"H2C\" would tunnel HTTP"),
         "{err}"

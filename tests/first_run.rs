@@ -12,29 +12,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn keygate(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn sh(script: &str) -> (i32, String, String) {
     let out = Command::new("sh")
         .args(["-c", script])
         .env("KEYGATE", env!("CARGO_BIN_EXE_keygate"))
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    captured(out)
 }
 
 fn is_root() -> bool {
@@ -48,9 +32,7 @@ fn mode(p: &Path) -> u32 {
 /// A config that `check` accepts apart from its keys: cert and key written next to it.
 fn config_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert();
-    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    write_cert(dir.path(), None);
     std::fs::write(
         dir.path().join("keygate.toml"),
         "[server]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
@@ -187,11 +169,7 @@ fn as_nobody(bin: &Path, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .output()
         .expect("setpriv (util-linux)");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    captured(out)
 }
 
 /// Issue 11 item 1: `sudo keygate init /etc/keygate` must yield files the unit's unprivileged

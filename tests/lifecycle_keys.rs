@@ -5,66 +5,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use http::Request;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn eventually<T>(what: &str, kg: &Keygate, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            kg.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn admin_get(kg: &Keygate, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw
-}
-
-fn keygate_cli(args: &[&str], config: &std::path::Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .arg("-c")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn req(method: &str, url: &str, token: &str) -> Request<Body> {
-    Request::builder()
-        .method(method)
-        .uri(url)
-        .header("x-api-key", token)
-        .body(empty())
-        .unwrap()
-}
 
 fn ago(days: i64) -> String {
     jiff::Timestamp::now()
@@ -247,16 +192,8 @@ async fn roles_with_overrides_and_bad_references() {
 
 /// One HTTP/1.1 request over TLS from a chosen local address (a second loopback address).
 async fn get_from(kg: &Keygate, source: &str, path: &str, token: &str) -> u16 {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let tcp = sock.connect(kg.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(kg.tls_config()))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let source: std::net::Ipv4Addr = source.parse().unwrap();
+    let tls = kg.tls_from(source.octets()).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .unwrap();

@@ -12,25 +12,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use http::Request;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLOCK: &str = "KEYGATE_TEST_CLOCK_START";
-
-async fn eventually<T>(what: &str, kg: &Keygate, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            kg.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// The `"quota"` member of a `RateLimit` or `RateLimit-Policy` field: its parameters by name.
 fn member(field: Option<&str>, name: &str) -> Vec<(String, i64)> {
@@ -54,29 +37,6 @@ fn param(field: Option<&str>, name: &str, p: &str) -> i64 {
         .find(|(k, _)| k == p)
         .unwrap_or_else(|| panic!("no {p} in {name} of {field:?}"))
         .1
-}
-
-async fn admin_get(kg: &Keygate, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw
-}
-
-fn req(method: &str, url: &str, token: &str) -> Request<Body> {
-    Request::builder()
-        .method(method)
-        .uri(url)
-        .header("x-api-key", token)
-        .body(empty())
-        .unwrap()
 }
 
 /// A daily and a monthly quota used up ten simulated seconds before the end of January; both

@@ -25,33 +25,6 @@ fn start(up: &Upstream) -> Keygate {
         .start()
 }
 
-async fn metrics(kg: &Keygate) -> String {
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n")
-        .expect("HTTP response")
-        .1
-        .to_string()
-}
-
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// Lines suppressed for `kind` according to the `log_suppressed` summaries so far.
 fn summarised(kg: &Keygate, kind: &str) -> u64 {
     kg.events("log_suppressed")
@@ -259,18 +232,11 @@ async fn another_clients_events_are_still_written_during_a_flood() {
     let replies = futures_util::future::join_all((0..300).map(|_| c.get(&url, &[]))).await;
     assert!(replies.iter().all(|r| r.status == 401));
     // A different client address (127.0.0.2) fails once: its line is written.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let tcp = sock.connect(kg.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(kg.tls_config()))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = kg.tls_from([127, 0, 0, 2]).await.unwrap();
     tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut resp = Vec::new();
-    let _ = tls.read_to_end(&mut resp).await;
+    let resp = read_to_close(&mut tls).await;
     assert!(resp.starts_with(b"HTTP/1.1 401"));
     kg.wait_log("the other client's auth_failed", |v| {
         v["event"] == "auth_failed" && v["client_ip"] == "127.0.0.2"

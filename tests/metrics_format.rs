@@ -43,15 +43,8 @@ fn promtool_check(promtool: &std::path::Path, text: &str) -> (bool, String) {
         .unwrap()
         .write_all(text.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let (code, out, err) = captured(child.wait_with_output().unwrap());
+    (code == 0, format!("{out}{err}"))
 }
 
 fn scrape(kg: &Keygate) -> String {
@@ -134,17 +127,14 @@ async fn live_metrics_pass_promtool_check_metrics() {
 fn alert_rules_check_and_the_webhook_signature_alert_fires_on_signature_failures() {
     let Some(promtool) = promtool() else { return };
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/alerts.yml");
-    let out = Command::new(&promtool)
-        .args(["check", "rules"])
-        .arg(&rules)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = captured(
+        Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(&rules)
+            .output()
+            .unwrap(),
     );
+    assert_eq!(code, 0, "{out}{err}");
     // Per minute, for 20 minutes: route "docs" fails 2 signatures a minute (fires), route "pay"
     // only replays and stale deliveries (silent), route "gh" 4 failures in all (silent).
     let series = |route: &str, reason: &str, values: &str| {
@@ -185,15 +175,12 @@ fn alert_rules_check_and_the_webhook_signature_alert_fires_on_signature_failures
         .replace("SUMMARY", summary)
         .replace("DESCRIPTION", &description.replace('\'', "''"));
     std::fs::write(&test_file, test).unwrap();
-    let out = Command::new(&promtool)
-        .args(["test", "rules"])
-        .arg(&test_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = captured(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(&test_file)
+            .output()
+            .unwrap(),
     );
+    assert_eq!(code, 0, "{out}{err}");
 }

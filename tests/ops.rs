@@ -18,22 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Polls `f` until it returns `Some`, for at most 10 s, without blocking the runtime.
-async fn eventually<T>(what: &str, kg: &Keygate, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            kg.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn reload_events(kg: &Keygate) -> Vec<serde_json::Value> {
     kg.json_logs()
         .into_iter()
@@ -138,14 +122,6 @@ impl KeepAlive {
     }
 }
 
-/// Writes `msg` on an upgraded connection and expects it echoed back.
-async fn echo(ws: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), msg: &[u8]) {
-    ws.write_all(msg).await.unwrap();
-    let mut buf = vec![0u8; msg.len()];
-    ws.read_exact(&mut buf).await.unwrap();
-    assert_eq!(buf, msg);
-}
-
 async fn tls_stream(
     addr: SocketAddr,
     roots: &[&CertificateDer<'static>],
@@ -166,49 +142,11 @@ async fn tls_stream(
         .unwrap()
 }
 
-/// GET on the admin listener (plain HTTP/1.1): (status, content type, body).
-async fn admin_get(kg: &Keygate, path: &str) -> (u16, String, String) {
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    let status = head[9..12].parse().unwrap();
-    let ctype = head
-        .lines()
-        .find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.eq_ignore_ascii_case("content-type")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (status, ctype, body.to_string())
-}
-
 async fn metrics(kg: &Keygate) -> String {
-    let (status, ctype, body) = admin_get(kg, "/metrics").await;
+    let (status, ctype, body) = admin_parts(kg, "/metrics").await;
     assert_eq!(status, 200);
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
     body
-}
-
-/// The value of one series (`name{labels}`), 0 when it is absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,7 +316,7 @@ async fn reload_swaps_the_certificate_for_new_handshakes_only() {
     assert_eq!(before.get("/", &token).await, 200);
     let m = metrics(&kg).await;
     assert_eq!(
-        metric(&m, "keygate_certificate_not_after_seconds"),
+        metric_f64(&m, "keygate_certificate_not_after_seconds"),
         unix(jiff::civil::date(4096, 1, 1)) as f64,
         "rcgen's default validity"
     );
@@ -398,7 +336,7 @@ async fn reload_swaps_the_certificate_for_new_handshakes_only() {
     }
     let m = metrics(&kg).await;
     assert_eq!(
-        metric(&m, "keygate_certificate_not_after_seconds"),
+        metric_f64(&m, "keygate_certificate_not_after_seconds"),
         unix(next) as f64
     );
     assert!(kg.events("cert_expiring").is_empty());
@@ -490,11 +428,11 @@ async fn failed_reloads_keep_the_old_config_serving() {
         assert_eq!(fresh.peer_cert, kg.ca, "{what}");
         let m = metrics(&kg).await;
         assert_eq!(
-            metric(&m, "keygate_config_reloads_total{result=\"failure\"}"),
+            metric_f64(&m, "keygate_config_reloads_total{result=\"failure\"}"),
             (i + 1) as f64
         );
         assert_eq!(
-            metric(&m, "keygate_config_reloads_total{result=\"success\"}"),
+            metric_f64(&m, "keygate_config_reloads_total{result=\"success\"}"),
             0.0
         );
     }
@@ -513,7 +451,7 @@ async fn failed_reloads_keep_the_old_config_serving() {
     );
     let m = metrics(&kg).await;
     assert_eq!(
-        metric(&m, "keygate_config_reloads_total{result=\"success\"}"),
+        metric_f64(&m, "keygate_config_reloads_total{result=\"success\"}"),
         1.0
     );
 
@@ -575,7 +513,7 @@ async fn listener_and_sizing_changes_are_reported_as_needing_a_restart() {
             c.get(&kg.url("/"), &[("x-api-key", &beta)]).await.status,
             200
         );
-        assert_eq!(admin_get(&kg, "/healthz").await.0, 200);
+        assert_eq!(admin_parts(&kg, "/healthz").await.0, 200);
         assert!(tokio::net::TcpStream::connect(new_listen).await.is_err());
         assert!(tokio::net::TcpStream::connect(new_admin).await.is_err());
     }
@@ -651,9 +589,7 @@ async fn download_and_websocket_in_progress_survive_a_reload() {
     echo(&mut ws, b"before reload").await;
 
     // The reload removes the very key both are using, and swaps the certificate.
-    let (cert, key, _) = test_cert();
-    std::fs::write(kg.dir.path().join("cert.pem"), cert).unwrap();
-    std::fs::write(kg.dir.path().join("key.pem"), key).unwrap();
+    write_cert(kg.dir.path(), None);
     let ev = reload_with(
         &kg,
         &Keygate::builder()
@@ -938,16 +874,16 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
     let kg = base().key("metered", &hash, "").start();
     let c = kg.client();
 
-    let (status, _, body) = admin_get(&kg, "/healthz").await;
+    let (status, _, body) = admin_parts(&kg, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
-    assert_eq!(admin_get(&kg, "/readyz").await.0, 200);
-    assert_eq!(admin_get(&kg, "/nope").await.0, 404);
+    assert_eq!(admin_parts(&kg, "/readyz").await.0, 200);
+    assert_eq!(admin_parts(&kg, "/nope").await.0, 404);
     // Never on the public listener.
     let r = c.get(&kg.url("/metrics"), &[]).await;
     assert_eq!(r.status, 401);
 
     let m0 = metrics(&kg).await;
-    assert_eq!(metric(&m0, "keygate_up"), 1.0);
+    assert_eq!(metric_f64(&m0, "keygate_up"), 1.0);
     for _ in 0..3 {
         assert_eq!(
             c.get(&kg.url("/"), &[("x-api-key", &token)]).await.status,
@@ -984,7 +920,7 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let m = metrics(&kg).await;
-            let d = |s: &str| metric(&m, s) - metric(&m0, s);
+            let d = |s: &str| metric_f64(&m, s) - metric_f64(&m0, s);
             if d("keygate_requests_total{status_class=\"4xx\",key_id=\"\"}") >= 4.0
                 && d("keygate_requests_total{status_class=\"2xx\",key_id=\"metered\"}") >= 3.0
             {
@@ -994,7 +930,7 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    let d = |s: &str| metric(&m, s) - metric(&m0, s);
+    let d = |s: &str| metric_f64(&m, s) - metric_f64(&m0, s);
     assert_eq!(
         d("keygate_requests_total{status_class=\"2xx\",key_id=\"metered\"}"),
         3.0,
@@ -1017,15 +953,15 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
     assert_eq!(d("keygate_auth_failures_total{reason=\"disabled\"}"), 0.0);
     assert_eq!(d("keygate_request_duration_seconds_count"), 7.0, "{m}");
     assert_eq!(
-        metric(&m, "keygate_config_reloads_total{result=\"success\"}"),
+        metric_f64(&m, "keygate_config_reloads_total{result=\"success\"}"),
         1.0
     );
     assert_eq!(
-        metric(&m, "keygate_config_reloads_total{result=\"failure\"}"),
+        metric_f64(&m, "keygate_config_reloads_total{result=\"failure\"}"),
         1.0
     );
     assert_eq!(
-        metric(&m, "keygate_certificate_not_after_seconds"),
+        metric_f64(&m, "keygate_certificate_not_after_seconds"),
         unix(jiff::civil::date(4096, 1, 1)) as f64
     );
     for name in [
@@ -1051,7 +987,7 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
     assert_no_secrets(&m, &[&token, &hash, &other_hash, &wrong_secret, &unknown]);
 
     // Open connections: three more held open, then closed again.
-    let base_open = metric(&metrics(&kg).await, "keygate_open_connections");
+    let base_open = metric_f64(&metrics(&kg).await, "keygate_open_connections");
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut k = KeepAlive::open(kg.addr, &[&kg.ca]).await;
@@ -1059,12 +995,12 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
         held.push(k);
     }
     assert_eq!(
-        metric(&metrics(&kg).await, "keygate_open_connections"),
+        metric_f64(&metrics(&kg).await, "keygate_open_connections"),
         base_open + 3.0
     );
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&metrics(&kg).await, "keygate_open_connections") != base_open {
+    while metric_f64(&metrics(&kg).await, "keygate_open_connections") != base_open {
         assert!(Instant::now() < deadline, "connections not closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1073,7 +1009,7 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
     drop(up);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _, body) = admin_get(&kg, "/readyz").await;
+        let (status, _, body) = admin_parts(&kg, "/readyz").await;
         if status == 503 {
             assert_eq!(body, "upstream unreachable\n");
             break;
@@ -1081,5 +1017,5 @@ async fn admin_health_readiness_and_metrics_move_with_traffic() {
         assert!(Instant::now() < deadline, "readyz still {status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(admin_get(&kg, "/healthz").await.0, 200);
+    assert_eq!(admin_parts(&kg, "/healthz").await.0, 200);
 }

@@ -294,11 +294,7 @@ async fn upstream_down_502_and_slow_504_without_detail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_and_streaming_download() {
     let up = Upstream::start().await;
-    let (token, hash) = new_key("dl");
-    let kg = Keygate::builder()
-        .upstream(&up)
-        .key("dl", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&up.url(), "dl");
     let r = kg
         .client_h2()
         .get(&kg.url("/bytes?n=5000000"), &[("x-api-key", &token)])
@@ -340,11 +336,7 @@ async fn upstream_hsts_wins_and_hop_by_hop_is_dropped() {
 async fn websocket_upgrade_passes_after_auth() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start().await;
-    let (token, hash) = new_key("ws");
-    let kg = Keygate::builder()
-        .upstream(&up)
-        .key("ws", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&up.url(), "ws");
 
     // Without a key: 401, no upgrade.
     let mut s = kg.tls_stream().await;
@@ -402,11 +394,7 @@ async fn plain_http_on_tls_port_gets_no_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_as_a_user_would() {
     let up = Upstream::start().await;
-    let (token, hash) = new_key("curl");
-    let kg = Keygate::builder()
-        .upstream(&up)
-        .key("curl", &hash, "")
-        .start();
+    let (kg, token) = Keygate::with_key(&up.url(), "curl");
     let ca = kg.dir.path().join("cert.pem");
     let ca = ca.to_str().unwrap();
     let url = kg.url("/hello");

@@ -12,14 +12,6 @@ use std::time::{Duration, Instant};
 use common::webhooks::*;
 use common::*;
 
-fn unique(what: &str) -> String {
-    format!(
-        "{what}{:016x}{:016x}",
-        rand::random::<u64>(),
-        rand::random::<u64>()
-    )
-}
-
 const ROUTES: &str = r#"
 [[webhooks]]
 id = "from-file"
@@ -60,9 +52,9 @@ async fn file_and_credential_secrets_are_read_and_re_read_on_reload() {
     let creds = tempfile::tempdir().unwrap();
     let cred_file = creds.path().join("docs-webhook");
     let sent = std::sync::Mutex::new(Vec::<String>::new());
-    let file_v1 = unique("file-secret-v1-");
-    let cred_v1 = unique("cred-secret-v1-");
-    let env_secret = unique("env-secret-");
+    let file_v1 = unique_secret("file-secret-v1-");
+    let cred_v1 = unique_secret("cred-secret-v1-");
+    let env_secret = unique_secret("env-secret-");
     sent.lock()
         .unwrap()
         .extend([file_v1.clone(), cred_v1.clone(), env_secret.clone()]);
@@ -88,7 +80,10 @@ async fn file_and_credential_secrets_are_read_and_re_read_on_reload() {
     let deliver = |path: &'static str, scheme: &'static str, secret: &str| {
         n.set(n.get() + 1);
         let n = n.get();
-        let body = format!("{{\"payload\":\"{}\",\"n\":{n}}}", unique("payload-"));
+        let body = format!(
+            "{{\"payload\":\"{}\",\"n\":{n}}}",
+            unique_secret("payload-")
+        );
         sent.lock().unwrap().push(body.clone());
         let headers = match scheme {
             "github" => sign_github(secret, body.as_bytes(), &format!("d-{n}")),
@@ -104,8 +99,8 @@ async fn file_and_credential_secrets_are_read_and_re_read_on_reload() {
     assert_eq!(up.count(), 3);
 
     // Rotate both sources in place (as an operator or a secret manager would), reload.
-    let file_v2 = unique("file-secret-v2-");
-    let cred_v2 = unique("cred-secret-v2-");
+    let file_v2 = unique_secret("file-secret-v2-");
+    let cred_v2 = unique_secret("cred-secret-v2-");
     sent.lock()
         .unwrap()
         .extend([file_v2.clone(), cred_v2.clone()]);
@@ -179,15 +174,13 @@ async fn file_and_credential_secrets_are_read_and_re_read_on_reload() {
 fn check_names_each_missing_or_empty_reference_by_toml_path_and_never_a_value() {
     let (_, hash) = new_key("app");
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert();
-    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    write_cert(dir.path(), None);
     let creds = tempfile::tempdir().unwrap();
-    let good_file = unique("good-file-");
-    let good_cred = unique("good-cred-");
-    let good_env = unique("good-env-");
-    let literal = unique("pasted-literal-");
-    let bad_whsec = format!("whsec_{}!!", unique("notbase64"));
+    let good_file = unique_secret("good-file-");
+    let good_cred = unique_secret("good-cred-");
+    let good_env = unique_secret("good-env-");
+    let literal = unique_secret("pasted-literal-");
+    let bad_whsec = format!("whsec_{}!!", unique_secret("notbase64"));
     std::fs::write(dir.path().join("hook-secret"), &good_file).unwrap();
     std::fs::write(dir.path().join("empty-secret"), "\n").unwrap();
     std::fs::write(creds.path().join("good"), &good_cred).unwrap();

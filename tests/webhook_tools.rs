@@ -9,17 +9,6 @@ use std::process::{Command, Stdio};
 use common::webhooks::*;
 use common::*;
 
-/// A config directory (certificate, key, keygate.toml) for `keygate check` and friends.
-fn config_dir(builder: KeygateBuilder) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert();
-    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key).unwrap();
-    let config = dir.path().join("keygate.toml");
-    std::fs::write(&config, builder.config_text()).unwrap();
-    (dir, config)
-}
-
 /// Runs the keygate binary with `env`; returns (exit code, stdout, stderr).
 fn keygate(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, String) {
     use std::io::Write as _;
@@ -35,11 +24,7 @@ fn keygate(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, S
     // A command that refuses before reading stdin closes it: a broken pipe here is fine.
     let _ = child.stdin.take().unwrap().write_all(stdin);
     let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    captured(out)
 }
 
 fn route(path: &str) -> String {
@@ -60,7 +45,7 @@ async fn a_webhook_route_may_not_share_a_path_with_the_introspection_endpoint() 
             .key("app", &hash, "")
             .raw(introspection)
             .raw(&route(path));
-        let (_dir, config) = config_dir(b);
+        let (_dir, config) = b.config_dir();
         keygate(&["check", "-c", config.to_str().unwrap()], &env, b"")
     };
     for (introspection, path) in [
@@ -132,27 +117,13 @@ struct Secrets(Vec<(&'static str, String)>);
 
 impl Secrets {
     fn new() -> Self {
-        use base64::Engine as _;
-        let r = || {
-            format!(
-                "{:016x}{:016x}",
-                rand::random::<u64>(),
-                rand::random::<u64>()
-            )
-        };
-        let whsec = || {
-            format!(
-                "whsec_{}",
-                base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
-            )
-        };
         Secrets(vec![
-            ("SIGN_HEX", format!("hexsecret{}", r())),
-            ("SIGN_GH", format!("ghsecret{}", r())),
-            ("SIGN_STRIPE", format!("whsec_stripe{}", r())),
-            ("SIGN_STD", whsec()),
-            ("SIGN_SVIX_OLD", whsec()),
-            ("SIGN_SVIX_NEW", whsec()),
+            ("SIGN_HEX", unique_secret("hexsecret")),
+            ("SIGN_GH", unique_secret("ghsecret")),
+            ("SIGN_STRIPE", unique_secret("whsec_stripe")),
+            ("SIGN_STD", random_whsec(32)),
+            ("SIGN_SVIX_OLD", random_whsec(32)),
+            ("SIGN_SVIX_NEW", random_whsec(32)),
         ])
     }
     fn env(&self) -> Vec<(&str, &str)> {
@@ -525,7 +496,7 @@ async fn duplicates_are_remembered_for_the_dedupe_window_not_the_tolerance() {
         let b = Keygate::builder().key("app", &hash, "").raw(&format!(
             "[[webhooks]]\nid = \"w\"\npath = \"/w\"\nsecret = {{ env = \"DEDUPE_SECRET\" }}\n{extra}\n"
         ));
-        let (_dir, config) = config_dir(b);
+        let (_dir, config) = b.config_dir();
         let (code, _, err) = keygate(&["check", "-c", config.to_str().unwrap()], &env, b"");
         assert_eq!(code, 1, "{extra}");
         assert!(
@@ -536,7 +507,7 @@ async fn duplicates_are_remembered_for_the_dedupe_window_not_the_tolerance() {
     let b = Keygate::builder().key("app", &hash, "").raw(
         "[[webhooks]]\nid = \"w\"\npath = \"/w\"\nscheme = \"stripe\"\nsecret = { env = \"DEDUPE_SECRET\" }\ndedupe_window = \"72h\"\ndedupe_max_ids = 500000\n",
     );
-    let (_dir, config) = config_dir(b);
+    let (_dir, config) = b.config_dir();
     let (code, out, err) = keygate(&["check", "-c", config.to_str().unwrap()], &env, b"");
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
 }

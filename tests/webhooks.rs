@@ -5,7 +5,6 @@
 
 mod common;
 
-use base64::Engine as _;
 use common::webhooks::*;
 use common::*;
 
@@ -21,27 +20,13 @@ struct Secrets {
 
 impl Secrets {
     fn new() -> Self {
-        let r = || {
-            format!(
-                "{:016x}{:016x}",
-                rand::random::<u64>(),
-                rand::random::<u64>()
-            )
-        };
-        let whsec = || {
-            let key: [u8; 24] = rand::random();
-            format!(
-                "whsec_{}",
-                base64::engine::general_purpose::STANDARD.encode(key)
-            )
-        };
         Secrets {
-            hex: format!("hexsecret{}", r()),
-            hex_next: format!("hexnext{}", r()),
-            github: format!("ghsecret{}", r()),
-            stripe: format!("whsec_stripe{}", r()),
-            standard: whsec(),
-            standard_next: whsec(),
+            hex: unique_secret("hexsecret"),
+            hex_next: unique_secret("hexnext"),
+            github: unique_secret("ghsecret"),
+            stripe: unique_secret("whsec_stripe"),
+            standard: random_whsec(24),
+            standard_next: random_whsec(24),
         }
     }
 
@@ -580,7 +565,7 @@ async fn metrics_count_by_route_and_reason_and_no_output_holds_a_secret_or_paylo
         assert_eq!(c.send(post(&kg.url(&path), &good, &body)).await.status, 200);
         assert_eq!(c.send(post(&kg.url(&path), &bad, &body)).await.status, 401);
     }
-    let metrics = c_plain_get(kg.admin.unwrap(), "/metrics").await;
+    let metrics = admin_get(&kg, "/metrics").await;
     for scheme in SCHEMES {
         for line in [
             format!(
@@ -598,18 +583,6 @@ async fn metrics_count_by_route_and_reason_and_no_output_holds_a_secret_or_paylo
         &everything,
         &sent.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-}
-
-/// GET over plain HTTP (the admin listener).
-async fn c_plain_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// An API-key client cannot make the upstream believe a request is a verified delivery.

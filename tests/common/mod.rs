@@ -3,9 +3,20 @@
 //! clients (hyper over rustls). Nothing is mocked.
 #![allow(dead_code)]
 
+pub mod admin;
+pub mod cli;
 pub mod h2raw;
 pub mod python;
+pub mod raw;
 pub mod redis;
+
+// Each test binary uses some of these; the rest are not unused code.
+#[allow(unused_imports)]
+pub use admin::*;
+#[allow(unused_imports)]
+pub use cli::*;
+#[allow(unused_imports)]
+pub use raw::*;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -52,6 +63,19 @@ pub fn test_cert() -> (String, String, CertificateDer<'static>) {
         ck.signing_key.serialize_pem(),
         ck.cert.der().clone(),
     )
+}
+
+/// Writes `cert.pem` and `key.pem` (the names every test config uses) into `dir`: this
+/// certificate `(cert PEM, key PEM, cert DER)`, or a fresh one from [`test_cert`]. Returns the
+/// certificate's DER, for a client's roots.
+pub fn write_cert(
+    dir: &std::path::Path,
+    cert: Option<(String, String, CertificateDer<'static>)>,
+) -> CertificateDer<'static> {
+    let (cert, key, der) = cert.unwrap_or_else(test_cert);
+    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    der
 }
 
 /// What the upstream saw of one request.
@@ -407,13 +431,28 @@ impl KeygateBuilder {
 
     /// Writes cert, key and config into a temp dir and starts `keygate run`.
     pub fn start(self) -> Keygate {
+        let (dir, config, der) = self.write_dir(None);
+        Keygate::spawn(dir, config, der, self.admin)
+    }
+
+    /// A config directory for `keygate check` and friends, nothing started: a fresh certificate
+    /// and key, and this config as `keygate.toml`. Returns (directory, config path).
+    pub fn config_dir(&self) -> (tempfile::TempDir, PathBuf) {
+        let (dir, config, _) = self.write_dir(None);
+        (dir, config)
+    }
+
+    /// Certificate (this one, or a fresh one), key and config in a new temp dir: (directory,
+    /// config path, certificate DER).
+    fn write_dir(
+        &self,
+        cert: Option<(String, String, CertificateDer<'static>)>,
+    ) -> (tempfile::TempDir, PathBuf, CertificateDer<'static>) {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key, der) = test_cert();
-        std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
-        std::fs::write(dir.path().join("key.pem"), &key).unwrap();
+        let der = write_cert(dir.path(), cert);
         let config = dir.path().join("keygate.toml");
         std::fs::write(&config, self.config_text()).unwrap();
-        Keygate::spawn(dir, config, der, self.admin)
+        (dir, config, der)
     }
 }
 
@@ -431,6 +470,17 @@ pub struct Keygate {
 impl Keygate {
     pub fn builder() -> KeygateBuilder {
         KeygateBuilder::default()
+    }
+
+    /// keygate in front of `upstream_url` with one key, `id`, and every other setting at its
+    /// default: (keygate, the key's token).
+    pub fn with_key(upstream_url: &str, id: &str) -> (Keygate, String) {
+        let (token, hash) = new_key(id);
+        let kg = Keygate::builder()
+            .upstream_url(upstream_url)
+            .key(id, &hash, "")
+            .start();
+        (kg, token)
     }
 
     fn spawn(
@@ -654,15 +704,38 @@ impl TestClient {
 
 /// Runs the `curl` binary; returns (status code, stdout, stderr).
 pub fn curl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("curl")
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    captured(
+        Command::new("curl")
+            .args(args)
+            .output()
+            .expect("curl is installed"),
     )
+}
+
+/// A `method` request for `url` with `token` in `X-API-Key` and no body.
+pub fn req(method: &str, url: &str, token: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(url)
+        .header("x-api-key", token)
+        .body(empty())
+        .unwrap()
+}
+
+/// Polls `f` until it returns `Some`, for at most 10 s, without blocking the runtime.
+pub async fn eventually<T>(what: &str, kg: &Keygate, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            kg.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Asserts none of `secrets` appears anywhere in `haystack`.
@@ -687,12 +760,7 @@ impl KeygateBuilder {
         env: &[(&str, &str)],
         cert: Option<(String, String, CertificateDer<'static>)>,
     ) -> Keygate {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key, der) = cert.unwrap_or_else(test_cert);
-        std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
-        std::fs::write(dir.path().join("key.pem"), &key).unwrap();
-        let config = dir.path().join("keygate.toml");
-        std::fs::write(&config, self.config_text()).unwrap();
+        let (dir, config, der) = self.write_dir(cert);
         Keygate::spawn_env(dir, config, der, self.admin, env)
     }
 }

@@ -186,22 +186,9 @@ pub fn cluster_lines(redis: &Redis, instance: &str, extra: &str) -> String {
     )
 }
 
-/// `/metrics` from the admin listener, over plain HTTP/1.1.
-pub async fn metrics(kg: &Keygate) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n")
-        .expect("HTTP response")
-        .1
-        .to_string()
-}
+/// `/metrics` from the admin listener (moved to `common::admin`, where the other tests find it).
+#[allow(unused_imports)]
+pub use super::admin::metrics;
 
 pub async fn wait_healthy(kg: &Keygate) {
     kg.wait_log("cluster connected", |v| {

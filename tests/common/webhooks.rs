@@ -110,6 +110,25 @@ async fn answer(
         .unwrap())
 }
 
+/// A secret no other test or run shares: `prefix`, then 32 random hex digits (128 bits), so a
+/// leak check that finds it found this test's secret.
+pub fn unique_secret(prefix: &str) -> String {
+    format!(
+        "{prefix}{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// A random Standard Webhooks secret: `whsec_`, then the base64 of a `key_bytes`-byte key.
+pub fn random_whsec(key_bytes: usize) -> String {
+    let key: Vec<u8> = (0..key_bytes).map(|_| rand::random::<u8>()).collect();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
 pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
