@@ -67,11 +67,6 @@ fn num(r: &Got, name: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{name} not a number: {:?}", r.headers))
 }
 
-/// A token for `id` with a valid checksum and a secret nobody configured.
-fn wrong_secret(id: &str) -> String {
-    keygate::auth::NewToken::generate(id).reveal().to_string()
-}
-
 fn rid(r: &Got) -> String {
     r.header("x-request-id").unwrap().to_string()
 }
@@ -589,7 +584,7 @@ async fn failed_auth_throttle_spares_verified_clients_and_lifts() {
     // An attacker on the same IP: 6 wrong secrets (each needs argon2 to be refused)…
     let mut sent = Vec::new();
     for _ in 0..6 {
-        let t = wrong_secret("alice");
+        let t = wrong_token("alice");
         let r = c.get(&kg.url("/"), &[("x-api-key", &t)]).await;
         assert_eq!(r.status, 401);
         sent.push(t);
@@ -598,7 +593,7 @@ async fn failed_auth_throttle_spares_verified_clients_and_lifts() {
         v["event"] == "auth_failed" && v["reason"] == "bad_secret"
     });
     // …and the 7th is refused without hashing: no bad_secret verdict, an auth_throttled event.
-    let t = wrong_secret("alice");
+    let t = wrong_token("alice");
     let r = c.get(&kg.url("/"), &[("x-api-key", &t)]).await;
     sent.push(t);
     assert_eq!(r.status, 429);
@@ -626,7 +621,7 @@ async fn failed_auth_throttle_spares_verified_clients_and_lifts() {
     // unknown key id, a malformed token.
     for t in [
         bob.clone(),
-        wrong_secret("nobody"),
+        wrong_token("nobody"),
         "kg_x_nonsense".to_string(),
     ] {
         let r = c.get(&kg.url("/"), &[("x-api-key", &t)]).await;
@@ -663,7 +658,7 @@ async fn throttle_is_per_client_ip_behind_a_trusted_proxy() {
     let c = kg.client();
     let attacker = ("x-forwarded-for", "198.51.100.66");
     for _ in 0..3 {
-        let t = wrong_secret("k");
+        let t = wrong_token("k");
         let r = c.get(&kg.url("/"), &[("x-api-key", &t), attacker]).await;
         assert_eq!(r.status, 401);
     }

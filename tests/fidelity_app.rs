@@ -129,18 +129,21 @@ fn server_sent_events_arrive_as_they_are_sent() {
     }
 }
 
+/// The websockets client's `ws-echo` against the app's `/ws` through keygate, with the key in
+/// `X-API-Key` and these extra arguments: the client's JSON report.
+fn ws_echo(kg: &Keygate, token: &str, args: &[&str]) -> serde_json::Value {
+    let hdr = format!("x-api-key: {token}");
+    let url = format!("wss://localhost:{}/ws", kg.addr.port());
+    let mut all = vec!["-H", hdr.as_str()];
+    all.extend_from_slice(args);
+    client(&ca_pem(kg), "ws-echo", &url, &all)
+}
+
 #[test]
 fn websocket_echo_through_the_websockets_client() {
     let app = PyApp::uvicorn();
     let (kg, token) = keygate_for(&app);
-    let hdr = format!("x-api-key: {token}");
-    let url = format!("wss://localhost:{}/ws", kg.addr.port());
-    let v = client(
-        &ca_pem(&kg),
-        "ws-echo",
-        &url,
-        &["-H", &hdr, "--messages", "5", "--size", "10000"],
-    );
+    let v = ws_echo(&kg, &token, &["--messages", "5", "--size", "10000"]);
     assert_eq!(v["echoed"], 5, "{v}");
     assert_eq!(v["text"], "bye", "{v}");
     assert_no_secrets(&kg.logs(), &[&token]);
@@ -297,22 +300,10 @@ fn a_token_echoed_in_the_query_or_a_cookie_never_reaches_the_app() {
 fn a_websocket_session_is_logged_with_its_bytes_when_it_closes() {
     let app = PyApp::uvicorn();
     let (kg, token) = keygate_for(&app);
-    let hdr = format!("x-api-key: {token}");
-    let url = format!("wss://localhost:{}/ws", kg.addr.port());
-    let v = client(
-        &ca_pem(&kg),
-        "ws-echo",
-        &url,
-        &[
-            "-H",
-            &hdr,
-            "--messages",
-            "4",
-            "--size",
-            "20000",
-            "--pause-ms",
-            "300",
-        ],
+    let v = ws_echo(
+        &kg,
+        &token,
+        &["--messages", "4", "--size", "20000", "--pause-ms", "300"],
     );
     assert_eq!(v["echoed"], 4, "{v}");
     let line = kg.wait_log("websocket access line", |v| {

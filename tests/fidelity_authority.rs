@@ -18,6 +18,13 @@ fn kg_for(url: &str, hash: &str, host: Option<&str>) -> Keygate {
     b.start()
 }
 
+/// FastAPI's `GET /items` answers 307 with `Location` on the `public` origin.
+async fn assert_items_redirect_to(client: &TestClient, kg: &Keygate, token: &str, public: &str) {
+    let got = client.get(&kg.url("/items"), &[("x-api-key", token)]).await;
+    assert_eq!(got.status, 307, "{}", got.text());
+    assert_eq!(got.header("location"), Some(&*format!("{public}/items/")));
+}
+
 /// FastAPI on uvicorn (`--proxy-headers`): `GET /items` → 307 to `/items/`, and `url_for` in a
 /// body, both on keygate's public origin, on HTTP/1.1 and HTTP/2; `curl -L` follows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,11 +34,7 @@ async fn fastapi_builds_urls_on_the_public_origin() {
     let kg = kg_for(&app.url(), &hash, None);
     let public = format!("https://localhost:{}", kg.addr.port());
     for client in [kg.client(), kg.client_h2()] {
-        let got = client
-            .get(&kg.url("/items"), &[("x-api-key", &token)])
-            .await;
-        assert_eq!(got.status, 307, "{}", got.text());
-        assert_eq!(got.header("location"), Some(&*format!("{public}/items/")));
+        assert_items_redirect_to(&client, &kg, &token, &public).await;
         let got = client
             .get(&kg.url("/url-for"), &[("x-api-key", &token)])
             .await;
@@ -64,11 +67,7 @@ async fn upstream_host_mode_rewrites_redirects() {
     let kg = kg_for(&app.url(), &hash, Some("upstream"));
     let public = format!("https://localhost:{}", kg.addr.port());
     for client in [kg.client(), kg.client_h2()] {
-        let got = client
-            .get(&kg.url("/items"), &[("x-api-key", &token)])
-            .await;
-        assert_eq!(got.status, 307, "{}", got.text());
-        assert_eq!(got.header("location"), Some(&*format!("{public}/items/")));
+        assert_items_redirect_to(&client, &kg, &token, &public).await;
         let got = client.get(&kg.url("/echo"), &[("x-api-key", &token)]).await;
         let v = got.json();
         let host = v["headers"]

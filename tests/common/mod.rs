@@ -54,6 +54,12 @@ pub fn new_key(id: &str) -> (String, String) {
     (token, hash)
 }
 
+/// A token for `id` with a valid checksum and a secret nobody configured: it passes the format
+/// check, so refusing it costs an argon2 run.
+pub fn wrong_token(id: &str) -> String {
+    keygate::auth::NewToken::generate(id).reveal().to_string()
+}
+
 /// A self-signed certificate for localhost/127.0.0.1: (cert PEM, key PEM, cert DER).
 pub fn test_cert() -> (String, String, CertificateDer<'static>) {
     let ck =
