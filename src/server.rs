@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -397,11 +397,20 @@ async fn serve_connection(
     slot.established(conn.clone());
     // Set when the first request's head is complete and reaches the pipeline.
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io_state = Arc::new(IoState::default());
     let svc = {
         let conn = conn.clone();
         let started = started.clone();
-        hyper::service::service_fn(move |req| {
+        let io_state = io_state.clone();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             started.store(true, Relaxed);
+            use http_body::Body as _;
+            io_state.parkable.store(
+                req.body().is_end_stream()
+                    && !req.headers().contains_key(http::header::UPGRADE)
+                    && req.method() != http::Method::CONNECT,
+                Relaxed,
+            );
             // Boxed: hyper keeps room for this future in every connection, idle or not
             // (`Box<Option<future>>`), and the pipeline's future is ~5.5 KiB; boxed, an idle
             // connection holds a pointer and the request pays one allocation (issue 9 §3).
@@ -448,7 +457,13 @@ async fn serve_connection(
             let http = b.serve_connection(TokioIo::new(io), svc);
             tokio::pin!(http);
             watch
-                .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain, slot)
+                .drive(
+                    http.as_mut(),
+                    |c| c.graceful_shutdown(),
+                    &mut drain,
+                    slot,
+                    None,
+                )
                 .await;
         })
         .await;
@@ -466,11 +481,150 @@ async fn serve_connection(
             .max_buf_size((s.max_header_bytes * 2).max(8192))
             .max_headers(100)
             .keep_alive(true);
-        let http = b.serve_connection(TokioIo::new(tls), svc).with_upgrades();
-        tokio::pin!(http);
-        watch
-            .drive(http.as_mut(), |c| c.graceful_shutdown(), &mut drain, slot)
-            .await;
+        let mut io = ConnIo {
+            inner: tls,
+            replay: bytes::Bytes::new(),
+            state: io_state.clone(),
+        };
+        loop {
+            let mut http = b
+                .serve_connection(TokioIo::new(io), svc.clone())
+                .with_upgrades();
+            let driven = watch
+                .drive(
+                    std::pin::Pin::new(&mut http),
+                    |c| c.graceful_shutdown(),
+                    &mut drain,
+                    slot,
+                    Some(&io_state),
+                )
+                .await;
+            if driven == Driven::Ended {
+                return;
+            }
+            // Parked (issue 9 §3): hyper's buffers, its cached header map and its state are
+            // freed; the TLS stream waits for the client's next bytes, and a new hyper
+            // connection takes them. Nothing was half-read (the last request had no body and
+            // hyper had read nothing more, or it is replayed) or half-written.
+            let Some(parts) = http.into_parts() else {
+                return;
+            };
+            io = parts.io.into_inner();
+            watch.started.store(false, Relaxed);
+            if !parts.read_buf.is_empty() {
+                io.replay = parts.read_buf;
+                continue;
+            }
+            let last =
+                watch.conn.opened + Duration::from_millis(watch.conn.last_active_ms.load(Relaxed));
+            let until = tokio::time::Instant::from_std(last + watch.idle.min(header_read_timeout));
+            let woken = tokio::select! {
+                r = io.inner.get_ref().0.readable() => r.is_ok(),
+                () = tokio::time::sleep_until(until) => false,
+                _ = drain.changed() => false,
+                () = slot.reclaimed() => false,
+            };
+            if !woken {
+                use tokio::io::AsyncWriteExt;
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.inner.shutdown()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// How long an HTTP/1.1 connection stays idle before it is parked: hyper's read and write
+/// buffers (8 KiB each) and its state are freed, and rebuilt when the client sends again, as
+/// nginx frees an idle keep-alive connection's buffers (issue 9 §3). A busy connection is
+/// never parked. HTTP/2 connections are not parked (hyper cannot hand one back).
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How [`Watch::drive`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Driven {
+    /// The connection is done (closed, failed, upgraded or shut down).
+    Ended,
+    /// HTTP/1.1, idle: take it apart and park it.
+    Park,
+}
+
+/// What the connection's driver learns from its I/O and service (HTTP/1.1).
+#[derive(Default)]
+struct IoState {
+    /// The last write or flush did not complete (hyper or rustls still hold bytes for the
+    /// client): not parkable.
+    write_blocked: AtomicBool,
+    /// The last request had no body and asked for no upgrade: once it is answered, hyper has
+    /// nothing of it left to read.
+    parkable: AtomicBool,
+}
+
+/// The client's TLS stream as hyper sees it: bytes hyper had read before the connection was
+/// parked are replayed first, and a write left pending is noted in [`IoState`].
+struct ConnIo {
+    inner: Box<TlsStream<TcpStream>>,
+    replay: bytes::Bytes,
+    state: Arc<IoState>,
+}
+
+impl ConnIo {
+    fn note<T>(&self, polled: std::task::Poll<T>) -> std::task::Poll<T> {
+        self.state.write_blocked.store(polled.is_pending(), Relaxed);
+        polled
+    }
+}
+
+impl tokio::io::AsyncRead for ConnIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = buf.remaining().min(this.replay.len());
+            buf.put_slice(&this.replay.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ConnIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.note(polled)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.note(polled)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.note(polled)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -579,13 +733,17 @@ struct Watch {
 
 impl Watch {
     /// Runs an HTTP/1.1 or HTTP/2 connection to its end; `shut` starts its graceful shutdown.
+    /// With `park` (HTTP/1.1), returns [`Driven::Park`] once the connection has been idle for
+    /// [`PARK_AFTER`] with nothing half-read or half-written.
     async fn drive<C>(
-        self,
+        &self,
         mut http: std::pin::Pin<&mut C>,
         shut: impl Fn(std::pin::Pin<&mut C>),
         drain: &mut watch::Receiver<bool>,
         slot: &ConnSlot,
-    ) where
+        park: Option<&IoState>,
+    ) -> Driven
+    where
         C: std::future::Future<Output = Result<(), hyper::Error>>,
     {
         let Watch {
@@ -595,6 +753,8 @@ impl Watch {
             idle,
             header_read_timeout,
         } = self;
+        let (peer, idle, header_read_timeout) = (*peer, *idle, *header_read_timeout);
+        let mut park_at = tokio::time::Instant::now() + PARK_AFTER;
         let mut closing = false;
         let mut idle_deadline = tokio::time::Instant::now() + idle;
         // Slowloris before the first byte: hyper's header clock only starts once the first
@@ -611,7 +771,20 @@ impl Watch {
                     if let Err(e) = res {
                         client_event!(ClientEvent::ConnectionError, peer.ip(), Level::DEBUG, peer = %peer, error = %e, "connection ended with an error");
                     }
-                    return;
+                    return Driven::Ended;
+                }
+                () = tokio::time::sleep_until(park_at), if park.is_some() && !closing => {
+                    let last = conn.opened + Duration::from_millis(conn.last_active_ms.load(Relaxed));
+                    let io = park.expect("guarded");
+                    if started.load(Relaxed)
+                        && conn.in_flight.load(Relaxed) == 0
+                        && last.elapsed() >= PARK_AFTER
+                        && io.parkable.load(Relaxed)
+                        && !io.write_blocked.load(Relaxed)
+                    {
+                        return Driven::Park;
+                    }
+                    park_at = tokio::time::Instant::from_std(last.max(std::time::Instant::now() - PARK_AFTER / 2)) + PARK_AFTER;
                 }
                 _ = drain.changed(), if !closing => {
                     shut(http.as_mut());
@@ -620,7 +793,7 @@ impl Watch {
                 // The table took this slot for a newcomer (only when idle: see conn_limits.rs).
                 () = slot.reclaimed(), if !closing => {
                     if conn.in_flight.load(Relaxed) == 0 {
-                        return;
+                        return Driven::Ended;
                     }
                     shut(http.as_mut());
                     closing = true;
@@ -644,7 +817,7 @@ impl Watch {
                         shut_for_no_request = true;
                         first_request = Some(tokio::time::Instant::now() + header_read_timeout);
                     } else {
-                        return;
+                        return Driven::Ended;
                     }
                 }
             }
