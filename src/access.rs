@@ -161,18 +161,32 @@ pub enum PathReading {
     /// As Java servlet containers read it: each segment's path parameters (from the first
     /// `;`, RFC 3986 §3.3) are removed, then dot-segments; so `..;x` is `..` and `a;x` is `a`.
     PathParameters,
-    /// As a server that routes on the path as sent reads it: no dot-segment removal at all, so
-    /// `/x/../v1` is under `/x/`, not `/v1/` (a catch-all route such as FastAPI's
-    /// `/x/{rest:path}` would serve it).
+    /// As a server that routes on the path as sent reads it (Node's `new URL(req.url, base)`,
+    /// Express, catch-all routes such as FastAPI's `/x/{rest:path}`): escapes decoded except
+    /// `%2F` and `%5C`, which stay data inside their segment; `\\` is data too; empty
+    /// segments are kept (a URL parser reads a leading `//public/x` as the authority `public`
+    /// and the path `/x`); no dot-segment removal, so `/x/../v1` is under `/x/`.
     Literal,
+    /// As a server that percent-decodes twice reads it (IIS's double-decoding bug,
+    /// CVE-2001-0333, and many hand-written decoders): `%252e%252e` is `..`. On the second
+    /// pass an invalid escape stays as it is (`/100%25` is a path with a `%` in it).
+    DoubleDecoded,
 }
 
 impl PathReading {
-    pub const ALL: [PathReading; 3] = [
+    pub const ALL: [PathReading; 4] = [
         PathReading::Rfc3986,
         PathReading::PathParameters,
         PathReading::Literal,
+        PathReading::DoubleDecoded,
     ];
+
+    /// Whether reading a read path again this way gives it unchanged (so another intermediary
+    /// normalising the same way cannot change a decision). Every reading but
+    /// [`PathReading::DoubleDecoded`], which by its nature decodes further each time.
+    pub fn is_idempotent(self) -> bool {
+        self != PathReading::DoubleDecoded
+    }
 }
 
 /// The path as an upstream would resolve it under RFC 3986 ([`PathReading::Rfc3986`]); see
@@ -184,7 +198,7 @@ pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
 /// Whether `raw` needs no work under any reading: it starts with `/` and has no escape,
 /// backslash, NUL, path parameter, empty segment or segment starting with a dot. Then every
 /// reading is `raw` itself, with no allocation (the common case on the hot path).
-fn is_plain_path(raw: &str) -> bool {
+pub(crate) fn is_plain_path(raw: &str) -> bool {
     raw.starts_with('/')
         && !raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b';' | 0))
         && !raw.contains("//")
@@ -203,68 +217,61 @@ pub fn every_reading(raw: &str, mut decide: impl FnMut(&str) -> bool) -> bool {
         .all(|&r| read_path(raw, r).is_some_and(|p| decide(&p)))
 }
 
-/// Whether `raw` reads the same under every [`PathReading`] (so it is its own normal form):
-/// no escape, backslash, empty or dot segment, or path parameter (`/.well-known/x` is normal).
+/// Whether `raw` is its own normal form: it reads the same under every [`PathReading`] and
+/// has no percent-escape at all (`%2541` would read the same, but is not what an operator
+/// means by a plain path): no escape, backslash, empty or dot segment, or path parameter
+/// (`/.well-known/x` is normal).
 pub fn is_normal_path(raw: &str) -> bool {
     is_plain_path(raw)
-        || PathReading::ALL
-            .iter()
-            .all(|&r| read_path(raw, r).is_some_and(|p| p == raw))
+        || (!raw.contains('%')
+            && PathReading::ALL
+                .iter()
+                .all(|&r| read_path(raw, r).is_some_and(|p| p == raw)))
 }
 
-/// The path as an upstream would read it under `reading`: percent-decoded once, `\` read as
-/// `/`, repeated slashes folded, then (unless [`PathReading::Literal`]) dot-segments removed
-/// (RFC 3986 §5.2.4, with [`PathReading::PathParameters`] first dropping each segment's
-/// `;` parameters). `None` if it decodes to something no sane path holds (NUL, invalid UTF-8,
-/// a bad escape). Used only to decide scope, quota cost and routes; the request is forwarded
-/// unchanged.
+/// The path as an upstream would read it under `reading`: percent-decoded once (twice for
+/// [`PathReading::DoubleDecoded`]), then, except for [`PathReading::Literal`], `\\` read as `/`,
+/// repeated slashes folded and dot-segments removed (RFC 3986 §5.2.4, with
+/// [`PathReading::PathParameters`] first dropping each segment's `;` parameters). `None` if
+/// it decodes to something no sane path holds (NUL, invalid UTF-8, a bad escape). Used only to
+/// decide scope, quota cost and routes; the request is forwarded unchanged.
 ///
 /// A literal `%` in the result (from `%25`) is written back as `%25`, so the result is a fixed
-/// point: reading it again the same way gives it unchanged, and `%252e%252e` can never turn
-/// into `..` by a second pass (found by the `path` fuzz target).
+/// point for every [`PathReading::is_idempotent`] reading, and `%252e%252e` can never turn
+/// into `..` by a second pass of the same reading (found by the `path` fuzz target).
 pub fn read_path(raw: &str, reading: PathReading) -> Option<Cow<'_, str>> {
     if is_plain_path(raw) {
         return Some(Cow::Borrowed(raw));
     }
-    let bytes = raw.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len() + 1);
-    if !raw.starts_with('/') {
-        decoded.push(b'/');
-    }
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let &[hi, lo] = bytes.get(i + 1..i + 3)? else {
-                return None;
-            };
-            // Two hex digits exactly: `u8::from_str_radix` would also take `+f` as 0x0f.
-            decoded.push((hex_val(hi)? << 4) | hex_val(lo)?);
-            i += 3;
-        } else {
-            decoded.push(b);
-            i += 1;
-        }
+    let literal = reading == PathReading::Literal;
+    let mut decoded = percent_decode(raw.as_bytes(), literal)?;
+    if reading == PathReading::DoubleDecoded {
+        decoded = percent_decode_lenient(&decoded);
     }
     if decoded.contains(&0) {
         return None;
     }
-    let text = String::from_utf8(decoded).ok()?.replace('\\', "/");
+    let mut text = String::from_utf8(decoded).ok()?;
+    if !text.starts_with('/') {
+        text.insert(0, '/');
+    }
+    if literal {
+        return Some(Cow::Owned(text.replace('%', "%25")));
+    }
+    let text = text.replace('\\', "/");
     fn segment(seg: &str, reading: PathReading) -> &str {
         match reading {
             PathReading::PathParameters => seg.split(';').next().unwrap_or(""),
             _ => seg,
         }
     }
-    let dots = reading != PathReading::Literal;
     let last = segment(text.rsplit('/').next().unwrap_or(""), reading);
-    let ends_with_slash = last.is_empty() || (dots && (last == "." || last == ".."));
+    let ends_with_slash = last.is_empty() || last == "." || last == "..";
     let mut out: Vec<&str> = Vec::new();
     for seg in text.split('/').map(|seg| segment(seg, reading)) {
         match seg {
-            "" => {}
-            "." if dots => {}
-            ".." if dots => {
+            "" | "." => {}
+            ".." => {
                 out.pop();
             }
             s => out.push(s),
@@ -284,6 +291,58 @@ pub fn read_path(raw: &str, reading: PathReading) -> Option<Cow<'_, str>> {
         result.push('/');
     }
     Some(Cow::Owned(result))
+}
+
+/// Percent-decodes `bytes` once (RFC 3986 §2.1). `None` on an escape that is not `%` and two
+/// hex digits. With `keep_separators`, `%2F` and `%5C` are kept as written: data inside a
+/// segment, as a literal reader sees them.
+fn percent_decode(bytes: &[u8], keep_separators: bool) -> Option<Vec<u8>> {
+    let mut decoded = Vec::with_capacity(bytes.len() + 1);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let &[hi, lo] = bytes.get(i + 1..i + 3)? else {
+                return None;
+            };
+            // Two hex digits exactly: `u8::from_str_radix` would also take `+f` as 0x0f.
+            let c = (hex_val(hi)? << 4) | hex_val(lo)?;
+            if keep_separators && matches!(c, b'/' | b'\\') {
+                decoded.extend_from_slice(&bytes[i..i + 3]);
+            } else {
+                decoded.push(c);
+            }
+            i += 3;
+        } else {
+            decoded.push(b);
+            i += 1;
+        }
+    }
+    Some(decoded)
+}
+
+/// A second decoding pass as a careless decoder makes it: valid escapes decoded, anything
+/// else kept as it is.
+fn percent_decode_lenient(bytes: &[u8]) -> Vec<u8> {
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| Some((hex_val(h[0])? << 4) | hex_val(h[1])?));
+        match escape {
+            Some(c) => {
+                decoded.push(c);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    decoded
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -377,11 +436,27 @@ mod tests {
         ] {
             assert!(!s.permits(&Method::GET, escape), "{escape}");
         }
-        // Literal readers route on the path as sent: `/x/../v1/` is under `/x/` for them.
-        for escape in ["/admin/../v1/a", "/admin/%2e%2e/v1/a", "/admin/..;/v1/a"] {
+        // Literal readers route on the path as sent: `/x/../v1/` is under `/x/` for them, an
+        // encoded slash is data, and a URL parser reads `//v1/admin` as host `v1`, path
+        // `/admin`. Double decoders read `%252e%252e` as `..`.
+        for escape in [
+            "/admin/../v1/a",
+            "/admin/%2e%2e/v1/a",
+            "/admin/..;/v1/a",
+            "//v1/admin",
+            "//v1/",
+            "/v1%2Fx/admin",
+            "/v1%2fx/../admin",
+            "/v1%5Cx/admin",
+            "/v1/%252e%252e/admin",
+            "/v1/%252E%252e%252fadmin",
+        ] {
             assert!(!s.permits(&Method::GET, escape), "{escape}");
         }
         assert!(s.permits(&Method::GET, "/v1/a;x"));
+        assert!(s.permits(&Method::GET, "/v1//a"));
+        assert!(s.permits(&Method::GET, "/v1/a%2Fb"));
+        assert!(s.permits(&Method::GET, "/v1/100%25"));
         assert!(s.permits(&Method::GET, "/v1/a;x/b/..;/c"));
         assert!(
             !s.permits(&Method::GET, "/v1;x/a"),
@@ -402,15 +477,33 @@ mod tests {
             read_path(raw, r).unwrap().into_owned()
         }
         use PathReading::*;
-        for (raw, rfc, params, literal) in [
-            ("/a/..;/b", "/a/..;/b", "/b", "/a/..;/b"),
-            ("/a/b;x=1/c", "/a/b;x=1/c", "/a/b/c", "/a/b;x=1/c"),
-            ("/a/%2e%2e/b", "/b", "/b", "/a/../b"),
-            ("/a/./b/", "/a/b/", "/a/b/", "/a/./b/"),
-            ("/a/b/..;", "/a/b/..;", "/a/", "/a/b/..;"),
-            ("/a//b", "/a/b", "/a/b", "/a/b"),
-            ("/a/;x/b", "/a/;x/b", "/a/b", "/a/;x/b"),
+        for (raw, rfc, params, literal, double) in [
+            ("/a/..;/b", "/a/..;/b", "/b", "/a/..;/b", "/a/..;/b"),
             (
+                "/a/b;x=1/c",
+                "/a/b;x=1/c",
+                "/a/b/c",
+                "/a/b;x=1/c",
+                "/a/b;x=1/c",
+            ),
+            ("/a/%2e%2e/b", "/b", "/b", "/a/../b", "/b"),
+            ("/a/./b/", "/a/b/", "/a/b/", "/a/./b/", "/a/b/"),
+            ("/a/b/..;", "/a/b/..;", "/a/", "/a/b/..;", "/a/b/..;"),
+            ("/a//b", "/a/b", "/a/b", "/a//b", "/a/b"),
+            ("//a/b", "/a/b", "/a/b", "//a/b", "/a/b"),
+            ("/a/;x/b", "/a/;x/b", "/a/b", "/a/;x/b", "/a/;x/b"),
+            ("/a%2Fb/c", "/a/b/c", "/a/b/c", "/a%252Fb/c", "/a/b/c"),
+            ("/a%5cb\\c", "/a/b/c", "/a/b/c", "/a%255cb\\c", "/a/b/c"),
+            (
+                "/a/%252e%252e/b",
+                "/a/%252e%252e/b",
+                "/a/%252e%252e/b",
+                "/a/%252e%252e/b",
+                "/b",
+            ),
+            ("/100%25", "/100%25", "/100%25", "/100%25", "/100%25"),
+            (
+                "/.well-known/x",
                 "/.well-known/x",
                 "/.well-known/x",
                 "/.well-known/x",
@@ -420,7 +513,8 @@ mod tests {
             assert_eq!(read(raw, Rfc3986), rfc, "{raw}");
             assert_eq!(read(raw, PathParameters), params, "{raw}");
             assert_eq!(read(raw, Literal), literal, "{raw}");
-            for r in PathReading::ALL {
+            assert_eq!(read(raw, DoubleDecoded), double, "{raw}");
+            for r in PathReading::ALL.into_iter().filter(|r| r.is_idempotent()) {
                 let once = read(raw, r);
                 assert_eq!(read(&once, r), once, "{raw} {r:?} is not a fixed point");
             }
@@ -459,7 +553,9 @@ mod tests {
             "/v1/%252e%252e/x"
         );
         let s = Scope::new(None, Some(vec!["/v1/".into()]));
-        assert!(s.permits(&Method::GET, "/v1/%252e%252e/x"));
+        // A double decoder reads it as `/x`.
+        assert!(!s.permits(&Method::GET, "/v1/%252e%252e/x"));
+        assert!(s.permits(&Method::GET, "/v1/%252e%252e/v1/x"));
         assert!(!s.permits(&Method::GET, "/v1/%252e%252e/../../admin"));
         for bad in [
             "/v1/%+f", "/v1/%-1", "/v1/% f", "/v1/%f", "/v1/%", "/\0", "/v1/a\0b",

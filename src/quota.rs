@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 
 use http::Method;
+
+use crate::access::PathReading;
 use serde::{Deserialize, Serialize};
 
 /// The length of a quota's calendar window.
@@ -123,24 +125,22 @@ impl CostTable {
     }
 
     /// What this request costs: the highest cost of any rule matching the path under some
-    /// [`PathReading`](crate::access::PathReading), so no spelling of a costly path (e.g.
-    /// `/jobs/..;/convert` under a free `/jobs/` rule) is cheaper than the path itself. A path
-    /// that does not decode (a bad escape) costs the default.
+    /// [`PathReading`], so no spelling of a costly path (e.g. `/jobs/..;/convert` under a free
+    /// `/jobs/` rule) is cheaper than the path itself. Readings under which the path does not
+    /// decode add nothing; a path that decodes under none (a bad escape) costs the default.
     pub fn cost(&self, method: &Method, path: &str) -> u64 {
         if self.rules.is_empty() {
             return self.default;
         }
-        let mut cost = None;
-        let decoded = crate::access::every_reading(path, |p| {
-            let c = self.cost_of_normal(method, p);
-            cost = Some(cost.map_or(c, |prev: u64| prev.max(c)));
-            true
-        });
-        if decoded {
-            cost.unwrap_or(self.default)
-        } else {
-            self.default
+        if crate::access::is_plain_path(path) {
+            return self.cost_of_normal(method, path);
         }
+        PathReading::ALL
+            .iter()
+            .filter_map(|&r| crate::access::read_path(path, r))
+            .map(|p| self.cost_of_normal(method, &p))
+            .max()
+            .unwrap_or(self.default)
     }
 
     /// The cost of an already-read path: the first (most specific) rule matching it, or the
@@ -490,6 +490,8 @@ mod tests {
             "/api/v1/CONVERT",
             "/API/V1/Convert",
             "/api/v1/jobs/../Convert;x",
+            "/api/v1/jobs/%252e%252e/convert",
+            "/api/v1/convert/%2500",
         ] {
             assert_eq!(t.cost(&Method::POST, sneaky), 10, "{sneaky}");
         }
