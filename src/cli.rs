@@ -676,6 +676,22 @@ fn upstream_silent(url: &str) -> Option<String> {
     Some(last)
 }
 
+/// Who can reach a listener at `addr`, for the comment above `listen` in `init`'s config.
+fn listen_reach(addr: std::net::SocketAddr) -> &'static str {
+    match addr.ip() {
+        ip if ip.is_loopback() => {
+            "This machine only. \"0.0.0.0:8443\" accepts remote clients on every IPv4 address."
+        }
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            "Every IPv4 address: remote clients can connect. \"[::]:8443\" adds IPv6;\n# \"127.0.0.1:8443\" allows only this machine."
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            "Every IPv6 address (and IPv4 too where the system maps it): remote clients can connect."
+        }
+        _ => "Only this address: clients reach keygate through it.",
+    }
+}
+
 /// What `init` is asked to do.
 pub struct InitOptions<'a> {
     pub dir: &'a Path,
@@ -782,8 +798,7 @@ fn init(o: &InitOptions<'_>) -> ExitCode {
         "# Written by `keygate init`. Every option: config.example.toml (packaged as\n\
          # /etc/keygate/keygate.toml.example). Check: keygate check -c THIS_FILE\n\
          [server]\n\
-         # Every IPv4 address: remote clients can connect. \"[::]:8443\" adds IPv6;\n\
-         # \"127.0.0.1:8443\" allows only this machine.\n\
+         # {reach}\n\
          listen = {listen:?}\n\
          # Largest request body: {mib} MiB fits 300 MiB document uploads. Change it here\n\
          # (bytes), then restart or reload.\n\
@@ -801,6 +816,7 @@ fn init(o: &InitOptions<'_>) -> ExitCode {
          # /var/lib/keygate (its StateDirectory).\n\
          path = {state:?}\n\n{snippet}",
         listen = o.listen,
+        reach = listen_reach(listen),
         admin = o.admin,
         mib = max_body / (1024 * 1024),
         days = INIT_CERT_DAYS,

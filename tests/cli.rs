@@ -369,6 +369,11 @@ async fn init_writes_files_that_run_serves() {
     );
     let cfg = kdir.join("keygate.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
+    // The comment above `listen` says who can reach the address actually written.
+    assert!(
+        text.contains("# This machine only.") && !text.contains("Every IPv4 address"),
+        "{text}"
+    );
     assert!(!text.contains(&token), "only the hash is stored");
     // Second init refuses to overwrite.
     assert_eq!(keygate(&["init", kdir.to_str().unwrap()]).0, 1);
