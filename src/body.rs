@@ -52,6 +52,10 @@ impl RequestStats {
     pub fn retried(&self) -> bool {
         self.retried.load(Relaxed)
     }
+    /// Request body bytes read from the client so far (a webhook body read before forwarding).
+    pub(crate) fn set_bytes(&self, n: u64) {
+        self.bytes.store(n, Relaxed);
+    }
     pub(crate) fn set_retried(&self) {
         self.retried.store(true, Relaxed);
     }

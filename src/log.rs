@@ -370,8 +370,13 @@ impl fmt::Write for JsonEscape<'_> {
     }
 }
 
-/// A request path whose `Display` replaces the values of sensitive query parameters with
-/// `REDACTED` (names matched case-insensitively, also when percent-encoded or repeated).
+/// A request path whose `Display` replaces with `REDACTED`:
+///
+/// * the values of sensitive query parameters (`params`; names matched case-insensitively,
+///   also when percent-encoded or repeated);
+/// * any query value, query name or path segment that holds something shaped like a keygate
+///   token (SPEC §2, see [`holds_token`]), whatever the parameter is called and however it is
+///   percent-encoded: a key pasted into `?x-api-key=`, `?bearer=` or a path never reaches a log.
 pub struct RedactedPath<'a> {
     pub pq: &'a str,
     pub params: &'a [String],
@@ -379,10 +384,27 @@ pub struct RedactedPath<'a> {
 
 impl fmt::Display for RedactedPath<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Some((path, query)) = self.pq.split_once('?') else {
-            return f.write_str(self.pq);
+        let (path, query) = match self.pq.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (self.pq, None),
         };
-        f.write_str(path)?;
+        if holds_token(path) {
+            for (i, segment) in path.split('/').enumerate() {
+                if i > 0 {
+                    f.write_str("/")?;
+                }
+                f.write_str(if holds_token(segment) {
+                    "REDACTED"
+                } else {
+                    segment
+                })?;
+            }
+        } else {
+            f.write_str(path)?;
+        }
+        let Some(query) = query else {
+            return Ok(());
+        };
         f.write_str("?")?;
         for (i, pair) in query.split('&').enumerate() {
             if i > 0 {
@@ -392,7 +414,9 @@ impl fmt::Display for RedactedPath<'_> {
                 Some((n, v)) => (n, Some(v)),
                 None => (pair, None),
             };
-            if value.is_some() && is_sensitive(name, self.params) {
+            if holds_token(name) {
+                f.write_str("REDACTED")?;
+            } else if value.is_some_and(|v| is_sensitive(name, self.params) || holds_token(v)) {
                 write!(f, "{name}=REDACTED")?;
             } else {
                 f.write_str(pair)?;
@@ -405,6 +429,56 @@ impl fmt::Display for RedactedPath<'_> {
 /// Redacts a path-and-query to a `String` (for tests and the fuzzer).
 pub fn redact_query(pq: &str, params: &[String]) -> String {
     RedactedPath { pq, params }.to_string()
+}
+
+/// Whether `s` (a path segment, query name or value as it came, percent-encoded or not) holds
+/// something shaped like a keygate token (SPEC §2): `kg_`, an id of `[a-z0-9-]` (1 to 32),
+/// `_`, then at least 38 base62 characters (secret and check). The check digits are not
+/// verified: a token with a typo still carries its secret. The prefix is matched in any case.
+/// Escapes are decoded (up to three times, for doubly encoded input) before looking.
+pub fn holds_token(s: &str) -> bool {
+    if token_shape(s.as_bytes()) {
+        return true;
+    }
+    let mut decoded = std::borrow::Cow::Borrowed(s);
+    for _ in 0..3 {
+        if !decoded.contains('%') {
+            break;
+        }
+        let next = percent_decode_lossy(&decoded);
+        if next == *decoded {
+            break;
+        }
+        if token_shape(next.as_bytes()) {
+            return true;
+        }
+        decoded = std::borrow::Cow::Owned(next);
+    }
+    false
+}
+
+fn token_shape(b: &[u8]) -> bool {
+    const MIN: usize = 3 + 1 + 1 + 38;
+    if b.len() < MIN {
+        return false;
+    }
+    (0..=b.len() - MIN).any(|i| {
+        if !b[i..i + 3].eq_ignore_ascii_case(b"kg_") {
+            return false;
+        }
+        let rest = &b[i + 3..];
+        let id = rest
+            .iter()
+            .take_while(|c| c.is_ascii_alphanumeric() || **c == b'-')
+            .count();
+        (1..=32).contains(&id)
+            && rest.get(id) == Some(&b'_')
+            && rest[id + 1..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .count()
+                >= 38
+    })
 }
 
 fn is_sensitive(name: &str, params: &[String]) -> bool {
@@ -880,6 +954,48 @@ mod tests {
         assert_eq!(redact_query("/a?keep=1&flag", &p), "/a?keep=1&flag");
         assert_eq!(redact_query("/plain", &p), "/plain");
         assert_eq!(redact_query("/a?sig=x=y", &p), "/a?sig=REDACTED");
+    }
+
+    #[test]
+    fn token_shaped_values_are_redacted_whatever_the_name() {
+        let p = params();
+        let t = "kg_scoped_0123456789ABCDEFGHIJKLMNOPQRSTUV0qxrDd";
+        for name in ["x-api-key", "access-token", "bearer", "auth", "q", "%61uth"] {
+            assert_eq!(
+                redact_query(&format!("/public/x?{name}={t}&keep=1"), &p),
+                format!("/public/x?{name}=REDACTED&keep=1")
+            );
+        }
+        let enc = t.replace('_', "%5F");
+        assert_eq!(redact_query(&format!("/a?x={enc}"), &p), "/a?x=REDACTED");
+        let enc2 = t.replace('_', "%255F");
+        assert_eq!(redact_query(&format!("/a?x={enc2}"), &p), "/a?x=REDACTED");
+        assert_eq!(
+            redact_query(&format!("/a?x=Bearer%20{t}"), &p),
+            "/a?x=REDACTED"
+        );
+        assert_eq!(redact_query(&format!("/a?{t}"), &p), "/a?REDACTED");
+        assert_eq!(redact_query(&format!("/a?{t}=1"), &p), "/a?REDACTED");
+        assert_eq!(
+            redact_query(&format!("/files/{t}/x?y=1"), &p),
+            "/files/REDACTED/x?y=1"
+        );
+        assert_eq!(
+            redact_query(&format!("/files/{enc}"), &p),
+            "/files/REDACTED"
+        );
+        assert_eq!(
+            redact_query(&format!("/f/KG_a_{}", &t[10..]), &p),
+            "/f/REDACTED"
+        );
+        // Not tokens: too short a secret, no id, no prefix.
+        for pq in [
+            "/a?x=kg_scoped_0123456789",
+            "/a?x=kg__0123456789ABCDEFGHIJKLMNOPQRSTUV0qxrDd",
+            "/kg_/x?y=kg-scoped-0123456789ABCDEFGHIJKLMNOPQRSTUV0qxrDd",
+        ] {
+            assert_eq!(redact_query(pq, &p), pq);
+        }
     }
 
     /// Found while writing the `redact` fuzz target's oracle: `%+a` is not an escape (a sign is

@@ -6,7 +6,8 @@
 //! ```text
 //! sender allowlist → rate limit → method → body (read whole, up to max_body_bytes)
 //!   → signature (constant time, any of the route's secrets) → timestamp tolerance
-//!   → delivery id (duplicate of an accepted one? answered 200 here) → forward unchanged
+//!   → duplicate key, from signed content only (an accepted one? answered 200 here)
+//!   → forward unchanged
 //! ```
 //!
 //! Nothing reaches the upstream before the signature is verified. The body is forwarded byte
@@ -62,10 +63,13 @@ pub enum Reason {
     IpDenied,
     RateLimited,
     MethodNotAllowed,
+    /// The route's delivery id header (`X-GitHub-Delivery`, an `id_from` header) came more
+    /// than once: which one the application reads is anyone's guess, so the request is refused.
+    AmbiguousId,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::MissingSignature,
         Reason::BadSignature,
         Reason::Stale,
@@ -75,6 +79,7 @@ impl Reason {
         Reason::IpDenied,
         Reason::RateLimited,
         Reason::MethodNotAllowed,
+        Reason::AmbiguousId,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +93,7 @@ impl Reason {
             Reason::IpDenied => "ip_denied",
             Reason::RateLimited => "rate_limited",
             Reason::MethodNotAllowed => "method_not_allowed",
+            Reason::AmbiguousId => "ambiguous_id",
         }
     }
 }
@@ -210,8 +216,11 @@ impl Route {
         Ok(headers)
     }
 
-    /// Where this route's delivery ids come from: `id_from`, else the scheme's own
-    /// (`webhook-id`, `X-GitHub-Delivery`, Stripe's event `id`); `None`: no duplicate detection.
+    /// Where this route's senders put a delivery id: `id_from`, else the scheme's own
+    /// (`webhook-id`, `X-GitHub-Delivery`, Stripe's event `id`). What duplicates are detected
+    /// by is `dedupe_key`: only signed content, so an id header outside the signature
+    /// (`X-GitHub-Delivery`, an `id_from` header) is never used for it; it must be single
+    /// (`ambiguous_id` otherwise), and `sign` adds it as a real sender would.
     pub fn delivery_id_source(&self) -> Option<IdSource> {
         static GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");
         Some(match (&self.id_from, self.scheme) {
@@ -343,7 +352,18 @@ async fn deliver_inner(
 
     let client_authority = crate::proto::client_authority(&req);
     let (mut parts, body) = req.into_parts();
-    let body = match read_body(body, route.max_body_bytes, a.snap.server.body_read_timeout).await {
+    // Counted while reading, so the access line of a refused delivery or of a duplicate
+    // answered here shows the bytes keygate read (`bytes_in`), as a forwarded one does.
+    let stats = Arc::new(RequestStats::default());
+    *stats_out = Some(stats.clone());
+    let body = match read_body(
+        body,
+        route.max_body_bytes,
+        a.snap.server.body_read_timeout,
+        &stats,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(BodyError::TooLarge(rest)) => {
             crate::body::linger(rest);
@@ -369,6 +389,17 @@ async fn deliver_inner(
 
     // Signature, then timestamp.
     let h = &parts.headers;
+    // The sender's own delivery id header, when the route has one outside the signed content
+    // (`X-GitHub-Delivery`, an `id_from` header): keygate does not dedupe on it (see
+    // `dedupe_key`), but the application may, so two values are refused rather than leaving it
+    // to guess which one counts.
+    // (A repeated `webhook-id` is signed content: `bad_signature` below.)
+    if let Some(IdSource::Header(name)) = route.delivery_id_source() {
+        let signed_id = route.scheme == Scheme::StandardWebhooks && name == route.std_id_header;
+        if !signed_id && single(h, Some(&name)).is_none() {
+            return Err(refuse(Reason::AmbiguousId, Reject::BadRequest));
+        }
+    }
     let std = route.scheme == Scheme::StandardWebhooks;
     let (Some(sig), Some(id), Some(ts)) = (
         single(h, Some(&route.header)),
@@ -389,7 +420,7 @@ async fn deliver_inner(
     }
 
     // Duplicates.
-    let delivery_id = delivery_id(route, h, &body);
+    let delivery_id = dedupe_key(route, h, &body);
     let mut claim_guard = None;
     if let Some(id) = delivery_id {
         let asker = Asker {
@@ -447,8 +478,6 @@ async fn deliver_inner(
         },
     );
 
-    let stats = Arc::new(RequestStats::default());
-    *stats_out = Some(stats.clone());
     let mut up = Request::from_parts(parts, RequestBody::buffered(body, stats.clone()));
     *up.uri_mut() = snap.upstream.uri_for(up.uri().path_and_query());
     *up.version_mut() = http::Version::HTTP_11;
@@ -492,14 +521,46 @@ fn single<'h>(h: &'h HeaderMap, name: Option<&HeaderName>) -> Option<Option<&'h 
     Some(first.map(HeaderValue::as_bytes))
 }
 
-/// The delivery id: `id_from` if configured, else the scheme's own (`webhook-id`,
-/// `X-GitHub-Delivery`, Stripe's event `id`); `None` means no duplicate detection.
-fn delivery_id(route: &Route, h: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
-    let id = match route.delivery_id_source()? {
-        IdSource::Header(name) => h.get(&name).map(|v| v.as_bytes().to_vec()),
-        IdSource::JsonField(field) => json_field(body, &field),
+/// The key duplicates are found by, taken only from what the signature covers, so a replay of
+/// a captured delivery cannot dress up as another delivery (and nobody can claim a pending
+/// delivery's key without holding the delivery itself):
+///
+/// 1. `id_from = { json = … }` (Stripe: its event `id`): a field of the signed body;
+/// 2. `standard-webhooks`: the `webhook-id`, signed with the timestamp and body (also when
+///    `id_from` names a header: that one is not signed);
+/// 3. otherwise (`github`, an `id_from` header on any scheme, a body without the JSON field):
+///    the SHA-256 of the body. A byte-identical body within `dedupe_window` is the same
+///    delivery; that is what a replay is, and GitHub's redeliveries resend the same body.
+///    The sender's unsigned id header (`X-GitHub-Delivery`) is not used: anyone can change it.
+///
+/// `None` (no duplicate detection): `hmac-sha256-hex` without `id_from`. The three kinds of key
+/// are tagged so they never collide.
+fn dedupe_key(route: &Route, h: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Digest as _, Sha256};
+    let tagged = |tag: u8, v: &[u8]| {
+        let mut k = Vec::with_capacity(v.len() + 1);
+        k.push(tag);
+        k.extend_from_slice(v);
+        k
     };
-    id.filter(|v| !v.is_empty())
+    let json = match (&route.id_from, route.scheme) {
+        (Some(IdSource::JsonField(f)), _) => Some(f.as_str()),
+        (None, Scheme::Stripe) => Some("id"),
+        (None, Scheme::HmacSha256Hex) => return None,
+        _ => None,
+    };
+    if let Some(v) = json
+        .and_then(|f| json_field(body, f))
+        .filter(|v| !v.is_empty())
+    {
+        return Some(tagged(b'j', &v[..]));
+    }
+    if route.scheme == Scheme::StandardWebhooks {
+        if let Some(v) = h.get(&route.std_id_header).filter(|v| !v.is_empty()) {
+            return Some(tagged(b'w', v.as_bytes()));
+        }
+    }
+    Some(tagged(b'b', &Sha256::digest(body)[..]))
 }
 
 /// A top-level field of a JSON object, as bytes (strings unquoted, numbers as written).
@@ -596,7 +657,12 @@ enum BodyError {
 /// Reads the whole body, refusing as soon as it crosses `limit` bytes, or when the sender
 /// leaves keygate waiting longer than `stall` for the next bytes (`body_read_timeout`, as for
 /// every other body).
-async fn read_body(mut body: Incoming, limit: u64, stall: Duration) -> Result<Bytes, BodyError> {
+async fn read_body(
+    mut body: Incoming,
+    limit: u64,
+    stall: Duration,
+    stats: &RequestStats,
+) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt as _;
     let mut buf = bytes::BytesMut::new();
     loop {
@@ -607,7 +673,9 @@ async fn read_body(mut body: Incoming, limit: u64, stall: Duration) -> Result<By
             Ok(Some(Ok(f))) => f,
         };
         if let Some(d) = frame.data_ref() {
-            if buf.len() as u64 + d.len() as u64 > limit {
+            let seen = buf.len() as u64 + d.len() as u64;
+            stats.set_bytes(seen);
+            if seen > limit {
                 return Err(BodyError::TooLarge(body));
             }
             buf.extend_from_slice(d);

@@ -1,0 +1,112 @@
+//! A keygate token sent where it does not belong (a query parameter of any name, a path
+//! segment, percent-encoded or not) never reaches a log line: access lines and the security
+//! events that carry the request target (`scope_denied`, `webhook_rejected`). Real TLS,
+//! HTTP/1.1 and HTTP/2; every byte keygate printed is searched for the token's secret.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn token_shaped_query_values_and_path_segments_are_redacted_in_every_line() {
+    let up = Upstream::start().await;
+    let (app, app_hash) = new_key("app");
+    let (scoped, scoped_hash) = new_key("scoped");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("app", &app_hash, "")
+        .key("scoped", &scoped_hash, "paths = [\"/v1/\"]")
+        .raw(
+            "[[webhooks]]\nid = \"gh\"\npath = \"/hooks/gh\"\nscheme = \"github\"\nsecret = { env = \"WH_GH\" }\n",
+        )
+        .start_with(&[("WH_GH", "gh-test-secret-0123456789")], None);
+    // The secret part (after `kg_scoped_`): what must appear nowhere.
+    let secret = &scoped["kg_scoped_".len()..];
+    assert_eq!(secret.len(), 38);
+    let encoded = scoped.replace('_', "%5F");
+    let half = format!("%6B%67_scoped_{secret}"); // `kg` itself escaped
+
+    let mut sent = 0;
+    for (proto, c) in [("h1", kg.client()), ("h2", kg.client_h2())] {
+        let mut ids = Vec::new();
+        let app_key = [("x-api-key", app.as_str())];
+        // The fresh user's four names, an unknown one with the token encoded, the token as a
+        // parameter name, inside a longer value, and in a path segment (plain and encoded).
+        for pq in [
+            format!("/public/x?x-api-key={scoped}"),
+            format!("/public/x?access-token={scoped}&page=2"),
+            format!("/public/x?bearer={scoped}"),
+            format!("/public/x?auth={scoped}"),
+            format!("/public/x?whatever={encoded}"),
+            format!("/public/x?w={half}"),
+            format!("/public/x?{scoped}"),
+            format!("/public/x?note=Bearer%20{scoped}"),
+            format!("/files/{scoped}/raw"),
+            format!("/files/{encoded}"),
+        ] {
+            let got = c.get(&kg.url(&pq), &app_key).await;
+            assert_eq!(got.status, 200, "{proto} {pq}");
+            ids.push(got.header("x-request-id").unwrap().to_string());
+            sent += 1;
+        }
+        // Refused before any key: the access line of a 401.
+        let got = c
+            .get(&kg.url(&format!("/public/x?auth={scoped}")), &[])
+            .await;
+        assert_eq!(got.status, 401);
+        ids.push(got.header("x-request-id").unwrap().to_string());
+        // scope_denied logs the path: the scoped key used on a path holding a token.
+        let got = c
+            .get(
+                &kg.url(&format!("/files/{scoped}?x=1")),
+                &[("x-api-key", scoped.as_str())],
+            )
+            .await;
+        assert_eq!(got.status, 403, "{proto}: scope");
+        let rid = got.header("x-request-id").unwrap().to_string();
+        let ev = kg.wait_log("scope_denied", |v| {
+            v["event"] == "scope_denied" && v["request_id"] == rid.as_str()
+        });
+        assert_eq!(ev["path"], "/files/REDACTED", "{proto}: {ev}");
+        ids.push(rid);
+        // A webhook delivery refused (no signature), a token in its query.
+        let got = c
+            .send(
+                hyper::Request::post(kg.url(&format!("/hooks/gh?bearer={scoped}")))
+                    .body(full("{}"))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(got.status, 401, "{proto}: webhook");
+        ids.push(got.header("x-request-id").unwrap().to_string());
+
+        // Every request has its access line, with the token replaced.
+        for id in &ids {
+            let line = kg.wait_log("access line", |v| {
+                v["request_id"] == id.as_str() && v.get("bytes_in").is_some()
+            });
+            let path = line["path"].as_str().unwrap();
+            assert!(path.contains("REDACTED"), "{proto}: {line}");
+        }
+        let line = kg.wait_log("first access line", |v| {
+            v["request_id"] == ids[0].as_str() && v.get("bytes_in").is_some()
+        });
+        assert_eq!(line["path"], "/public/x?x-api-key=REDACTED");
+        let line = kg.wait_log("page kept", |v| {
+            v["request_id"] == ids[1].as_str() && v.get("bytes_in").is_some()
+        });
+        assert_eq!(line["path"], "/public/x?access-token=REDACTED&page=2");
+        let line = kg.wait_log("path segment", |v| {
+            v["request_id"] == ids[8].as_str() && v.get("bytes_in").is_some()
+        });
+        assert_eq!(line["path"], "/files/REDACTED/raw");
+    }
+    // The upstream got the requests unchanged (redaction is for logs only).
+    assert!(up.count() >= sent);
+    let logs = kg.logs();
+    assert!(
+        !logs.contains(secret),
+        "the token's secret is in the output:\n{logs}"
+    );
+    assert!(!logs.contains(&app["kg_app_".len()..]));
+}
