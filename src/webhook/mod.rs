@@ -528,12 +528,13 @@ fn single<'h>(h: &'h HeaderMap, name: Option<&HeaderName>) -> Option<Option<&'h 
 /// 1. `id_from = { json = … }` (Stripe: its event `id`): a field of the signed body;
 /// 2. `standard-webhooks`: the `webhook-id`, signed with the timestamp and body (also when
 ///    `id_from` names a header: that one is not signed);
-/// 3. otherwise (`github`, an `id_from` header on any scheme, a body without the JSON field):
+/// 3. otherwise (`github`, an `id_from` header on `github`, `stripe`, `hmac-sha256-hex`):
 ///    the SHA-256 of the body. A byte-identical body within `dedupe_window` is the same
 ///    delivery; that is what a replay is, and GitHub's redeliveries resend the same body.
 ///    The sender's unsigned id header (`X-GitHub-Delivery`) is not used: anyone can change it.
 ///
-/// `None` (no duplicate detection): `hmac-sha256-hex` without `id_from`. The three kinds of key
+/// `None` (no duplicate detection): `hmac-sha256-hex` without `id_from`, and a body without
+/// the JSON field a route takes its id from. The three kinds of key
 /// are tagged so they never collide.
 fn dedupe_key(route: &Route, h: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
     use sha2::{Digest as _, Sha256};
@@ -549,11 +550,12 @@ fn dedupe_key(route: &Route, h: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
         (None, Scheme::HmacSha256Hex) => return None,
         _ => None,
     };
-    if let Some(v) = json
-        .and_then(|f| json_field(body, f))
-        .filter(|v| !v.is_empty())
-    {
-        return Some(tagged(b'j', &v[..]));
+    if let Some(f) = json {
+        // A body without the field has no id (no duplicate detection, as documented): the
+        // sender chose that, and nobody else can take the field out of a signed body.
+        return json_field(body, f)
+            .filter(|v| !v.is_empty())
+            .map(|v| tagged(b'j', &v[..]));
     }
     if route.scheme == Scheme::StandardWebhooks {
         if let Some(v) = h.get(&route.std_id_header).filter(|v| !v.is_empty()) {
