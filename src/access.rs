@@ -129,10 +129,10 @@ impl Scope {
     /// lie inside it however an origin server reads it ([`every_reading`]): a path that one
     /// server would resolve outside the prefixes is refused even if another would not.
     pub fn permits(&self, method: &Method, path: &str) -> bool {
-        if let Some(ms) = &self.methods {
-            if !ms.contains(method) {
-                return false;
-            }
+        if let Some(ms) = &self.methods
+            && !ms.contains(method)
+        {
+            return false;
         }
         let Some(prefixes) = &self.paths else {
             return true;

@@ -146,10 +146,10 @@ impl Inner {
                 if handshake.is_none_or(|(at, _)| t.accepted < at) {
                     handshake = Some((t.accepted, *id));
                 }
-            } else if let Some(since) = t.idle_since() {
-                if idle.is_none_or(|(at, _)| since < at) {
-                    idle = Some((since, *id));
-                }
+            } else if let Some(since) = t.idle_since()
+                && idle.is_none_or(|(at, _)| since < at)
+            {
+                idle = Some((since, *id));
             }
         }
         handshake
@@ -189,12 +189,12 @@ impl ConnTable {
         let mut reclaimed = None;
         let slot = {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(a) = addr {
-                if inner.per_addr.get(&a).copied().unwrap_or(0) as usize >= max_per_ip {
-                    drop(inner);
-                    self.limited(Limited::PerIp, ip);
-                    return None;
-                }
+            if let Some(a) = addr
+                && inner.per_addr.get(&a).copied().unwrap_or(0) as usize >= max_per_ip
+            {
+                drop(inner);
+                self.limited(Limited::PerIp, ip);
+                return None;
             }
             if inner.entries.len() >= self.max_total {
                 let Some((victim, why)) = inner.pick_victim() else {

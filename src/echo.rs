@@ -47,19 +47,18 @@ impl Echoes {
             return None;
         }
         let mut found = Echoes::default();
-        if let Some(pq) = pq {
-            if let Some(query) = pq.query() {
-                if let Some(kept) = without_matching(query, b'&', token) {
-                    let path = pq.path();
-                    let rebuilt = if kept.is_empty() {
-                        path.to_string()
-                    } else {
-                        format!("{path}?{kept}")
-                    };
-                    found.path_and_query = PathAndQuery::try_from(rebuilt).ok();
-                    found.places.push("query");
-                }
-            }
+        if let Some(pq) = pq
+            && let Some(query) = pq.query()
+            && let Some(kept) = without_matching(query, b'&', token)
+        {
+            let path = pq.path();
+            let rebuilt = if kept.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{kept}")
+            };
+            found.path_and_query = PathAndQuery::try_from(rebuilt).ok();
+            found.places.push("query");
         }
         let mut cookie_seen = false;
         for (name, value) in headers {

@@ -79,10 +79,10 @@ fn parse_fib_trie(text: &str) -> Vec<IpAddr> {
         let t = line.trim();
         if let Some(addr) = t.strip_prefix("|-- ") {
             leaf = addr.trim().parse().ok();
-        } else if t.starts_with("/32 host LOCAL") {
-            if let Some(ip) = leaf {
-                out.push(ip);
-            }
+        } else if t.starts_with("/32 host LOCAL")
+            && let Some(ip) = leaf
+        {
+            out.push(ip);
         }
     }
     out

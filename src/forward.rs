@@ -352,10 +352,10 @@ fn failed_on_reused_connection(e: &hyper_util::client::legacy::Error) -> bool {
     }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() {
-                return true;
-            }
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
@@ -508,10 +508,10 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     );
     h.insert(info.identity_header.clone(), info.key_id.clone());
     h.remove(header::HOST);
-    if info.host_from_client {
-        if let Some(host) = info.client_authority {
-            h.insert(header::HOST, host.clone());
-        }
+    if info.host_from_client
+        && let Some(host) = info.client_authority
+    {
+        h.insert(header::HOST, host.clone());
     }
 
     // X-Forwarded-For: a trusted proxy's chain is extended with the proxy; an untrusted
@@ -537,10 +537,10 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         }
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-    if !h.contains_key(&X_FORWARDED_HOST) {
-        if let Some(host) = info.client_authority {
-            h.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
+    if !h.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = info.client_authority
+    {
+        h.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
     let real_ip = if info.client_ip == info.peer {
         info.peer_value.clone()

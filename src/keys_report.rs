@@ -61,10 +61,10 @@ pub fn render(
                 format!("{ts} from {}", u.last_ip)
             }
             None => {
-                if let Some(c) = key.created {
-                    if now.as_second() - c.as_second() > UNUSED_WARN_DAYS * day {
-                        warnings.push("never used, created over 90 days ago".to_string());
-                    }
+                if let Some(c) = key.created
+                    && now.as_second() - c.as_second() > UNUSED_WARN_DAYS * day
+                {
+                    warnings.push("never used, created over 90 days ago".to_string());
                 }
                 "never".to_string()
             }

@@ -239,10 +239,10 @@ impl<S: Subscriber> Layer<S> for JsonLayer {
             let seen = v.seen;
             // A library's line about a client's connection (h2's protocol complaints) names the
             // client, which the library itself does not know.
-            if !event.metadata().target().starts_with("keygate") {
-                if let Ok(ip) = SERVING.try_with(|ip| *ip) {
-                    let _ = write!(line, ",\"client_ip\":\"{ip}\"");
-                }
+            if !event.metadata().target().starts_with("keygate")
+                && let Ok(ip) = SERVING.try_with(|ip| *ip)
+            {
+                let _ = write!(line, ",\"client_ip\":\"{ip}\"");
             }
             // Declared but unset fields (`tracing::field::Empty`) are JSON null.
             for (i, f) in event.metadata().fields().iter().enumerate() {

@@ -182,27 +182,26 @@ impl LocalNetworks {
         policy: &NetworkPolicy,
     ) -> Sighting {
         let horizon = now - policy.remember_secs;
-        if let Some(e) = h.iter_mut().find(|e| e.net == net && e.len == len) {
-            if e.last_seen >= horizon {
-                if now - e.last_seen >= REFRESH_SECS {
-                    e.last_seen = now;
-                    self.dirty.store(true, Relaxed);
-                }
-                return Sighting::Known;
+        if let Some(e) = h.iter_mut().find(|e| e.net == net && e.len == len)
+            && e.last_seen >= horizon
+        {
+            if now - e.last_seen >= REFRESH_SECS {
+                e.last_seen = now;
+                self.dirty.store(true, Relaxed);
             }
+            return Sighting::Known;
         }
         // New (or forgotten): drop what is past the horizon, make room, remember this one.
         h.retain(|e| e.last_seen >= horizon && !(e.net == net && e.len == len));
         let previous = h.len();
-        if h.len() >= policy.max_per_key.max(1) {
-            if let Some(oldest) = h
+        if h.len() >= policy.max_per_key.max(1)
+            && let Some(oldest) = h
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, e)| e.last_seen)
                 .map(|(i, _)| i)
-            {
-                h.swap_remove(oldest);
-            }
+        {
+            h.swap_remove(oldest);
         }
         h.push(Entry {
             net,

@@ -339,19 +339,18 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         .state
         .usage
         .touch(&key.id, ctx.client_ip, used_at)
+        && let Some(cluster) = &ctx.shared.cluster
     {
-        if let Some(cluster) = &ctx.shared.cluster {
-            let seen_at = crate::clock::now();
-            cluster.note_use(&key.id, ctx.client_ip, used_at, seen_at, &snap.key_networks);
-        }
+        let seen_at = crate::clock::now();
+        cluster.note_use(&key.id, ctx.client_ip, used_at, seen_at, &snap.key_networks);
     }
 
-    if let Some(allow) = &key.allow {
-        if !allow.contains(ctx.client_ip) {
-            metrics::global().ip_denied();
-            client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, scope = "key");
-            return Err(Reject::Forbidden);
-        }
+    if let Some(allow) = &key.allow
+        && !allow.contains(ctx.client_ip)
+    {
+        metrics::global().ip_denied();
+        client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, scope = "key");
+        return Err(Reject::Forbidden);
     }
     track_network(&key, ctx).await;
     if let Some(path) = &snap.introspection_path {
@@ -376,19 +375,18 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > snap.server.max_body_bytes
     {
-        if len > snap.server.max_body_bytes {
-            client_event!(
-                ClientEvent::BodyTooLarge,
-                ctx.client_ip,
-                Level::WARN,
-                request_id = request_id_str(ctx.request_id),
-                key_id = &*key.id,
-                content_length = len,
-                "request body over max_body_bytes"
-            );
-            return Err(Reject::PayloadTooLarge);
-        }
+        client_event!(
+            ClientEvent::BodyTooLarge,
+            ctx.client_ip,
+            Level::WARN,
+            request_id = request_id_str(ctx.request_id),
+            key_id = &*key.id,
+            content_length = len,
+            "request body over max_body_bytes"
+        );
+        return Err(Reject::PayloadTooLarge);
     }
     // Last, so that a request keygate refuses for any other reason costs no quota.
     charge_quota(req, &key, ctx).await?;
@@ -482,15 +480,12 @@ async fn track_network(key: &Key, ctx: &Ctx<'_>) {
         .networks
         .observe(&key.id, ctx.client_ip, now, policy)
         .await;
-    if sighting != crate::networks::Sighting::Known {
-        if let Some(cluster) = &ctx.shared.cluster {
-            if let Ok(shared) =
-                Box::pin(cluster.network_sighting(&key.id, ctx.client_ip, now, policy, sighting))
-                    .await
-            {
-                sighting = shared;
-            }
-        }
+    if sighting != crate::networks::Sighting::Known
+        && let Some(cluster) = &ctx.shared.cluster
+        && let Ok(shared) =
+            Box::pin(cluster.network_sighting(&key.id, ctx.client_ip, now, policy, sighting)).await
+    {
+        sighting = shared;
     }
     match sighting {
         crate::networks::Sighting::Known => {}
@@ -699,10 +694,10 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
                 .verify(key, token.expose(), digest, priority),
         )
         .await;
-        if let Some(cluster) = shared_guess {
-            if !matches!(outcome, Ok(Outcome::Invalid)) {
-                Box::pin(cluster.guess_refund(ctx.client_ip, throttle.rate())).await;
-            }
+        if let Some(cluster) = shared_guess
+            && !matches!(outcome, Ok(Outcome::Invalid))
+        {
+            Box::pin(cluster.guess_refund(ctx.client_ip, throttle.rate())).await;
         }
         match outcome {
             Ok(Outcome::Valid) => reservation.refund(),
@@ -934,10 +929,10 @@ async fn forward(
         return Ok(resp.map(|b| ResponseBody::upstream(b).upgraded(record)));
     }
     strip_hop_by_hop(resp.headers_mut(), None);
-    if snap.forwarding.host == proto::HostMode::Upstream {
-        if let Some(public) = &client_authority {
-            proto::rewrite_upstream_urls(resp.headers_mut(), snap.upstream.origin(), public);
-        }
+    if snap.forwarding.host == proto::HostMode::Upstream
+        && let Some(public) = &client_authority
+    {
+        proto::rewrite_upstream_urls(resp.headers_mut(), snap.upstream.origin(), public);
     }
     Ok(resp.map(ResponseBody::upstream))
 }
@@ -1057,10 +1052,10 @@ async fn upstream_permit(
 fn finish_headers(resp: &mut Response<ResponseBody>, ctx: &Ctx<'_>) {
     let h = resp.headers_mut();
     h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
-    if let Some(hsts) = &ctx.snap.server.hsts {
-        if !h.contains_key(header::STRICT_TRANSPORT_SECURITY) {
-            h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
-        }
+    if let Some(hsts) = &ctx.snap.server.hsts
+        && !h.contains_key(header::STRICT_TRANSPORT_SECURITY)
+    {
+        h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
     if let Some(r) = ctx.rate {
         h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(r.limit));

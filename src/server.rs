@@ -1076,9 +1076,9 @@ async fn write_state_behind(shared: Arc<Shared>) {
 
 fn save_state(shared: &Shared, force: bool) {
     let snap = shared.snapshot.load();
-    if let Some(st) = &snap.state {
-        if let Err(e) = shared.state.save(&st.path, force, &snap.key_networks) {
-            tracing::warn!(path = %st.path.display(), error = %e, "cannot write the state file");
-        }
+    if let Some(st) = &snap.state
+        && let Err(e) = shared.state.save(&st.path, force, &snap.key_networks)
+    {
+        tracing::warn!(path = %st.path.display(), error = %e, "cannot write the state file");
     }
 }

@@ -313,19 +313,19 @@ async fn deliver_inner(
         crate::body::linger(req.into_body());
         refuse(reason, reject)
     };
-    if let Some(allow) = &route.allow {
-        if !allow.contains(a.client_ip) {
-            return Err(early(req, Reason::IpDenied, Reject::Forbidden));
-        }
+    if let Some(allow) = &route.allow
+        && !allow.contains(a.client_ip)
+    {
+        return Err(early(req, Reason::IpDenied, Reject::Forbidden));
     }
-    if let Some(limiter) = &route.limiter {
-        if let Some(retry_after) = limiter.check().retry_after {
-            return Err(early(
-                req,
-                Reason::RateLimited,
-                Reject::RateLimited { retry_after },
-            ));
-        }
+    if let Some(limiter) = &route.limiter
+        && let Some(retry_after) = limiter.check().retry_after
+    {
+        return Err(early(
+            req,
+            Reason::RateLimited,
+            Reject::RateLimited { retry_after },
+        ));
     }
     if !route.methods.contains(req.method()) {
         let reject = early(
@@ -344,10 +344,9 @@ async fn deliver_inner(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > route.max_body_bytes
     {
-        if len > route.max_body_bytes {
-            return Err(early(req, Reason::TooLarge, Reject::PayloadTooLarge));
-        }
+        return Err(early(req, Reason::TooLarge, Reject::PayloadTooLarge));
     }
 
     let client_authority = crate::proto::client_authority(&req);
@@ -557,10 +556,10 @@ fn dedupe_key(route: &Route, h: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
             .filter(|v| !v.is_empty())
             .map(|v| tagged(b'j', &v[..]));
     }
-    if route.scheme == Scheme::StandardWebhooks {
-        if let Some(v) = h.get(&route.std_id_header).filter(|v| !v.is_empty()) {
-            return Some(tagged(b'w', v.as_bytes()));
-        }
+    if route.scheme == Scheme::StandardWebhooks
+        && let Some(v) = h.get(&route.std_id_header).filter(|v| !v.is_empty())
+    {
+        return Some(tagged(b'w', v.as_bytes()));
     }
     Some(tagged(b'b', &Sha256::digest(body)[..]))
 }

@@ -210,13 +210,13 @@ impl LocalStore {
 
     fn claim(&self, id: IdHash, now: Instant) -> Claim {
         let mut g = self.lock();
-        if let Some(&(state, since)) = g.entries.get(&id) {
-            if self.live(state, since, now) {
-                return match state {
-                    State::InFlight => Claim::InFlight,
-                    State::Accepted => Claim::Accepted,
-                };
-            }
+        if let Some(&(state, since)) = g.entries.get(&id)
+            && self.live(state, since, now)
+        {
+            return match state {
+                State::InFlight => Claim::InFlight,
+                State::Accepted => Claim::Accepted,
+            };
         }
         self.insert(&mut g, id, State::InFlight, now);
         Claim::Fresh

@@ -155,10 +155,10 @@ pub fn verify(
     if !ok {
         return Err(Failure::BadSignature);
     }
-    if let Some(ts) = timestamp {
-        if now.abs_diff(ts) > tolerance {
-            return Err(Failure::Stale);
-        }
+    if let Some(ts) = timestamp
+        && now.abs_diff(ts) > tolerance
+    {
+        return Err(Failure::Stale);
     }
     Ok(())
 }

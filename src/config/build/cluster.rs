@@ -106,14 +106,14 @@ fn check_url(u: &str, errs: &mut Errors) {
         return;
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if let Some((userinfo, _)) = authority.rsplit_once('@') {
-        if userinfo.contains(':') {
-            errs.push(
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && userinfo.contains(':')
+    {
+        errs.push(
                 "cluster.redis",
                 "must not contain a password: write cluster.password = { env = \"NAME\" } (or file/credential)",
             );
-            return;
-        }
+        return;
     }
     if u.contains("password=") {
         errs.push(

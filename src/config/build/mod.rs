@@ -192,10 +192,9 @@ fn parse_instant(s: &str) -> Result<jiff::Timestamp, String> {
     // A bare date means the start of that day, UTC.
     if s.len() == 10
         && let Ok(d) = s.parse::<jiff::civil::Date>()
+        && let Ok(z) = d.to_zoned(jiff::tz::TimeZone::UTC)
     {
-        if let Ok(z) = d.to_zoned(jiff::tz::TimeZone::UTC) {
-            return Ok(z.timestamp());
-        }
+        return Ok(z.timestamp());
     }
     Err(format!(
         "invalid instant {s:?} (use an RFC 3339 time with offset, e.g. 2027-01-31T00:00:00Z, or a date)"
