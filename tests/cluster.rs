@@ -324,6 +324,40 @@ fn check_names_cluster_problems_by_path_without_echoing_secrets() {
     assert_eq!(code, Some(0), "{out}");
 }
 
+/// Redis losing its data (restarted without persistence, flushed, failed over) does not give a
+/// key its quota again: the next lease raises the counter to what the instance last saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_survives_redis_losing_its_data() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (token, hash) = new_key("metered");
+    let kg = instance(
+        &up,
+        &redis,
+        "a",
+        ("metered", &hash),
+        "quota = \"30/day\"",
+        "",
+    );
+    wait_healthy(&kg).await;
+    let c = kg.client();
+    for _ in 0..10 {
+        let r = c.get(&kg.url("/"), &[("x-api-key", &token)]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    redis.cli(&["FLUSHALL"]);
+    let mut ok = 0;
+    for _ in 0..40 {
+        match c.get(&kg.url("/"), &[("x-api-key", &token)]).await.status {
+            200 => ok += 1,
+            429 => {}
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(ok, 20, "30/day: 10 before the flush, 20 after");
+    assert_eq!(up.count(), 30);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_quota_is_shared_and_never_overrun() {
     let up = Upstream::start().await;

@@ -31,11 +31,20 @@ use super::{Cluster, ClusterError};
 use crate::quota::{Quota, QuotaState, window};
 
 /// KEYS[1] = counter, KEYS[2] = the window's "exceeded" flag; ARGV = limit, units wanted,
-/// TTL seconds, units needed now, 1 for a prefetch (a refusal then sets no flag). Grants `wanted` (or what is left, if at least `needed`) or
-/// nothing: {granted, used after, 1 when this is the window's first refusal cluster-wide}.
+/// TTL seconds, units needed now, 1 for a prefetch (a refusal then sets no flag), and the
+/// counter this instance last saw in this window. Grants `wanted` (or what is left, if at
+/// least `needed`) or nothing: {granted, used after, 1 when this is the window's first refusal
+/// cluster-wide}. A counter below what the instance saw (Redis lost its data: restarted
+/// without persistence, failed over, flushed) is raised to it first, so one instance's memory
+/// re-seeds the cluster's count instead of the window starting again from zero.
 /// Both keys get the TTL in the same atomic script (no key without an expiry).
 const LEASE_LUA: &str = r"
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seen = tonumber(ARGV[6])
+if used < seen then
+  redis.call('SET', KEYS[1], seen, 'EX', ARGV[3])
+  used = seen
+end
 local avail = tonumber(ARGV[1]) - used
 if avail >= tonumber(ARGV[4]) and avail > 0 then
   local grant = math.min(tonumber(ARGV[2]), avail)
@@ -224,6 +233,13 @@ impl Cluster {
         let counter = self.key(&["q", key_id, &start.to_string()]);
         let flag = self.key(&["qx", key_id, &start.to_string()]);
         let ttl = (end - now).max(1) + 86_400;
+        let seen = self.quota_leases.with(key_id, |l| {
+            if l.window_start == start {
+                l.used_shared
+            } else {
+                0
+            }
+        });
         self.run(|mut c| async move {
             script()
                 .key(counter)
@@ -233,6 +249,7 @@ impl Cluster {
                 .arg(ttl)
                 .arg(need)
                 .arg(u8::from(prefetch))
+                .arg(seen)
                 .invoke_async(&mut c)
                 .await
         })

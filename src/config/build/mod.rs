@@ -105,9 +105,19 @@ pub fn parse_str(text: &str) -> Result<RawConfig, ConfigErrors> {
     Ok(raw)
 }
 
-/// SHA-256 (first 16 hex digits) of the file's canonical form: parsed, with `[cluster] instance`
-/// (which differs per instance by design) removed, re-serialised with sorted keys. Comments,
-/// layout and key order do not change it; any setting does. It names the config in `/metrics`
+/// Settings that differ between the instances of one cluster by design (each binds its own
+/// host's addresses and sizes its own event loops), left out of [`fingerprint`] so that a
+/// cluster behind an L4 balancer with per-host addresses does not alert on drift forever.
+const PER_INSTANCE_SETTINGS: [(&str, &str); 4] = [
+    ("server", "listen"),
+    ("server", "workers"),
+    ("admin", "listen"),
+    ("cluster", "instance"),
+];
+
+/// SHA-256 (first 16 hex digits) of the file's canonical form: parsed, with the
+/// [`PER_INSTANCE_SETTINGS`] removed, re-serialised with sorted keys. Comments, layout and key
+/// order do not change it; any other setting does. It names the config in `/metrics`
 /// (`keygate_config_info{hash=…}`) so that instances of one cluster can be compared; it is a
 /// digest of a file that holds no secret values (secrets are references), so it reveals none.
 fn fingerprint(text: &str) -> String {
@@ -115,8 +125,10 @@ fn fingerprint(text: &str) -> String {
     let Ok(mut v) = text.parse::<toml::Table>() else {
         return String::new();
     };
-    if let Some(toml::Value::Table(c)) = v.get_mut("cluster") {
-        c.remove("instance");
+    for (section, key) in PER_INSTANCE_SETTINGS {
+        if let Some(toml::Value::Table(t)) = v.get_mut(section) {
+            t.remove(key);
+        }
     }
     let canonical = toml::to_string(&v).unwrap_or_default();
     let d = sha2::Sha256::digest(canonical.as_bytes());
@@ -712,6 +724,26 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Instances of one cluster with per-host addresses (docs/cluster.md's topology) share a
+    /// digest; any shared setting changes it.
+    #[test]
+    fn the_config_digest_ignores_per_instance_settings_only() {
+        let file = |listen: &str, admin: &str, workers: u32, instance: &str, rate: &str| {
+            format!(
+                "# instance {instance}\n[server]\nlisten = \"{listen}\"\nworkers = {workers}\n\
+                 [admin]\nlisten = \"{admin}\"\n\
+                 [cluster]\nredis = \"redis://10.0.0.5\"\ninstance = \"{instance}\"\n\
+                 [auth]\ndefault_rate_limit = \"{rate}\"\n"
+            )
+        };
+        let a = fingerprint(&file("10.0.0.11:8443", "10.0.0.11:9901", 2, "a", "10/s"));
+        let b = fingerprint(&file("10.0.0.12:8443", "10.0.0.12:9901", 4, "b", "10/s"));
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, b);
+        let drifted = fingerprint(&file("10.0.0.12:8443", "10.0.0.12:9901", 4, "b", "20/s"));
+        assert_ne!(a, drifted);
+    }
 
     #[test]
     fn rates_and_durations() {
