@@ -468,6 +468,7 @@ fn keys(path: &Path) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid config {}:\n{e}", path.display())),
     };
+    let has_state = state_cfg.is_some();
     let usage = match state_cfg {
         Some(p) => {
             let p = path.parent().unwrap_or(Path::new(".")).join(p);
@@ -486,11 +487,20 @@ fn keys(path: &Path) -> ExitCode {
                 let keys: Vec<(&str, Option<i64>)> =
                     ids.iter().map(|(id, w)| (id.as_str(), *w)).collect();
                 crate::keys_report::merge_cluster(&mut usage, &snap, &keys, shared);
-                note = crate::keys_report::CLUSTER_NOTE;
+                note = if has_state {
+                    crate::keys_report::CLUSTER_NOTE
+                } else {
+                    crate::keys_report::CLUSTER_NOTE_NO_STATE
+                };
             }
             Err(e) => eprintln!(
                 "warning: cluster mode, but Redis could not be read ({e}); \
-                 LAST USED, NETWORKS and QUOTA below are this host's state file only"
+                 LAST USED, NETWORKS and QUOTA below are {}",
+                if has_state {
+                    "this host's state file only"
+                } else {
+                    "empty (no [state] path in this config)"
+                }
             ),
         }
     }

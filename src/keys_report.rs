@@ -136,6 +136,8 @@ pub const FRESHNESS_NOTE: &str = "LAST USED, NETWORKS and QUOTA come from the st
 
 /// Printed under the table when the figures are the cluster's (`[cluster]`, Redis answered).
 pub const CLUSTER_NOTE: &str = "LAST USED, NETWORKS and QUOTA are the cluster's, read from Redis (every instance writes its uses there at most 2 seconds behind), merged with this host's state file.\n";
+/// [`CLUSTER_NOTE`] for a config without a `[state] path`: there is no state file to merge.
+pub const CLUSTER_NOTE_NO_STATE: &str = "LAST USED, NETWORKS and QUOTA are the cluster's, read from Redis (every instance writes its uses there at most 2 seconds behind); this config has no [state] path, so there is no local state file.\n";
 
 /// Folds the cluster's figures (`keys[i]` ↔ `shared[i]`) into `state` read from this host's
 /// state file: the later last use of the two, the cluster's network history (bounded as in

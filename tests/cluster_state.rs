@@ -481,7 +481,25 @@ async fn keys_and_introspection_show_the_clusters_quota_and_rate_figures() {
     assert_eq!(code, 0, "{err}");
     let row = out.lines().find(|l| l.starts_with("roam")).unwrap();
     assert!(row.contains("10/50/day"), "{out}");
-    assert_no_secrets(&(a.logs() + &b.logs() + &out + &err), &[&token, &hash]);
+    assert!(out.contains("merged with this host's state file"), "{out}");
+    // Without a [state] path there is no state file to merge, and the note says so.
+    let text = std::fs::read_to_string(&b.config).unwrap();
+    let stateless = b.config.with_file_name("stateless.toml");
+    let without = text.replace("\n[state]\npath = \"state.json\"\n", "\n");
+    assert_ne!(without, text);
+    std::fs::write(&stateless, without).unwrap();
+    let (code, out2, err2) = keygate_cli(&["keys"], &stateless);
+    assert_eq!(code, 0, "{err2}");
+    assert!(
+        out2.contains("no local state file") && !out2.contains("merged with"),
+        "{out2}"
+    );
+    let row = out2.lines().find(|l| l.starts_with("roam")).unwrap();
+    assert!(row.contains("10/50/day"), "{out2}");
+    assert_no_secrets(
+        &(a.logs() + &b.logs() + &out + &err + &out2),
+        &[&token, &hash],
+    );
 }
 
 /// Kong's redis rate limiting once wrote counters without a TTL (Kong/kong#5763: the EXPIRE
