@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -15,7 +15,6 @@ use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A hash at OWASP's parameters: tens of milliseconds, so that a flood really queues.
 fn slow_key(id: &str) -> (String, String) {
@@ -24,20 +23,9 @@ fn slow_key(id: &str) -> (String, String) {
     (token, hash)
 }
 
-/// A token for `id` with a valid checksum and a wrong secret: it costs an argon2 run.
-fn wrong_token(id: &str) -> String {
-    keygate::auth::NewToken::generate(id).reveal().to_string()
-}
-
 /// One keep-alive HTTP/1.1 connection over TLS from the loopback address `from`.
 async fn connect_from(kg: &Keygate, from: Ipv4Addr) -> SendRequest<Empty<Bytes>> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::from((from, 0))).unwrap();
-    let tcp = sock.connect(kg.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(kg.tls_config()))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
+    let tls = kg.tls_from(from.octets()).await.unwrap();
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -61,34 +49,6 @@ async fn get(send: &mut SendRequest<Empty<Bytes>>, token: &str) -> (u16, Option<
         .map(|v| v.to_str().unwrap().to_string());
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, retry, body)
-}
-
-async fn metrics(kg: &Keygate) -> String {
-    let mut s = tokio::net::TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n")
-        .expect("HTTP response")
-        .1
-        .to_string()
-}
-
-/// The value of one series (`name{labels}`), 0 when absent.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 const WRONG_HASHES: &str = "keygate_argon2_verifications_total{result=\"wrong\"}";

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -17,24 +16,7 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_rustls::client::TlsStream;
-
-type Tls = TlsStream<TcpStream>;
-
-/// A TLS connection to keygate from the loopback address `src` (127.0.0.x).
-async fn tls_from(kg: &Keygate, src: [u8; 4]) -> std::io::Result<Tls> {
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::from((src, 0)))?;
-    let tcp = sock.connect(kg.addr).await?;
-    let mut cfg = kg.tls_config();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connect = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp);
-    tokio::time::timeout(Duration::from_secs(10), connect)
-        .await
-        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
-}
+use tokio::net::{TcpListener, TcpStream};
 
 /// Writes one HTTP/1.1 request and reads one response (by its Content-Length): (status, body).
 /// `None`: the connection failed or closed first.
@@ -90,36 +72,17 @@ fn get(path: &str, token: &str, close: bool) -> String {
 /// One legitimate request on a new connection from `src`: its status, or `None` when keygate
 /// refused the connection.
 async fn probe(kg: &Keygate, src: [u8; 4], token: &str) -> Option<u16> {
-    let mut s = tls_from(kg, src).await.ok()?;
+    let mut s = kg.tls_from(src).await.ok()?;
     exchange(&mut s, &get("/", token, true), b"")
         .await
         .map(|(st, _)| st)
-}
-
-/// GET on the admin listener: the metrics text.
-async fn metrics(kg: &Keygate) -> String {
-    let mut s = TcpStream::connect(kg.admin.expect("admin listener"))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Polls the metrics until `series` satisfies `pred`.
 async fn wait_metric(kg: &Keygate, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let v = metric(&metrics(kg).await, series);
+        let v = metric_f64(&metrics(kg).await, series);
         if pred(v) {
             return v;
         }
@@ -225,7 +188,7 @@ async fn one_address_holding_many_bare_connections_cannot_lock_out_another() {
     )
     .await;
     assert_eq!(
-        metric(&metrics(&kg).await, "keygate_open_connections"),
+        metric_f64(&metrics(&kg).await, "keygate_open_connections"),
         20.0,
         "one address holds at most max_connections_per_ip"
     );
@@ -272,14 +235,14 @@ async fn a_full_table_makes_room_by_closing_connections_that_never_start_tls() {
     }
     let m = metrics(&kg).await;
     assert!(
-        metric(
+        metric_f64(
             &m,
             "keygate_connections_limited_total{reason=\"handshake\"}"
         ) >= 11.0,
         "{m}"
     );
     assert_eq!(
-        metric(&m, "keygate_connections_limited_total{reason=\"full\"}"),
+        metric_f64(&m, "keygate_connections_limited_total{reason=\"full\"}"),
         0.0
     );
     // Reclaimed connections are really closed: keygate's end reads as EOF.
@@ -305,7 +268,7 @@ async fn idle_keep_alive_connections_make_room_busy_ones_never() {
         .admin()
         .start();
     // One idle keep-alive connection (a request done), two busy with a slow request each.
-    let mut idle = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    let mut idle = kg.tls_from([127, 0, 0, 1]).await.unwrap();
     assert_eq!(
         exchange(&mut idle, &get("/", &token, false), b"")
             .await
@@ -356,7 +319,7 @@ async fn idle_keep_alive_connections_make_room_busy_ones_never() {
     let m = metrics(&kg).await;
     // The idle keep-alive connection, and possibly the first probe's (idle once answered).
     assert!(
-        metric(&m, "keygate_connections_limited_total{reason=\"idle\"}") >= 1.0,
+        metric_f64(&m, "keygate_connections_limited_total{reason=\"idle\"}") >= 1.0,
         "{m}"
     );
     // Room again once they are done.
@@ -412,7 +375,7 @@ async fn a_key_over_max_concurrent_gets_429_on_h1_and_h2_others_unaffected() {
     assert_eq!(ev["max_concurrent"], 2);
     let m = metrics(&kg).await;
     assert_eq!(
-        metric(&m, "keygate_concurrency_limited_total{key_id=\"k\"}"),
+        metric_f64(&m, "keygate_concurrency_limited_total{key_id=\"k\"}"),
         2.0,
         "{m}"
     );
@@ -483,16 +446,16 @@ async fn upstream_connections_are_capped_with_a_bounded_wait_then_503() {
     assert_eq!(ev["reason"], "queue_timeout");
     let m = metrics(&kg2).await;
     assert_eq!(
-        metric(
+        metric_f64(
             &m,
             "keygate_upstream_saturated_total{reason=\"queue_timeout\"}"
         ),
         1.0
     );
-    assert_eq!(metric(&m, "keygate_upstream_connections_in_use"), 1.0);
+    assert_eq!(metric_f64(&m, "keygate_upstream_connections_in_use"), 1.0);
     assert_eq!(holder.await.unwrap(), 200);
     assert_eq!(
-        metric(&metrics(&kg2).await, "keygate_upstream_connections_in_use"),
+        metric_f64(&metrics(&kg2).await, "keygate_upstream_connections_in_use"),
         0.0
     );
 }
@@ -513,7 +476,7 @@ async fn a_slow_small_upload_reaches_the_upstream_only_when_complete() {
         )
     };
     // Half the body, then a pause: the upstream has not been contacted.
-    let mut s = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    let mut s = kg.tls_from([127, 0, 0, 1]).await.unwrap();
     s.write_all(head(1000).as_bytes()).await.unwrap();
     s.write_all(&[b'a'; 500]).await.unwrap();
     s.flush().await.unwrap();
@@ -529,7 +492,7 @@ async fn a_slow_small_upload_reaches_the_upstream_only_when_complete() {
     assert_eq!(up.connections.load(SeqCst), 1);
 
     // A body that never completes: 408 at request_buffer_timeout, the upstream never sees it.
-    let mut s = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    let mut s = kg.tls_from([127, 0, 0, 1]).await.unwrap();
     s.write_all(head(1000).as_bytes()).await.unwrap();
     s.write_all(&[b'a'; 10]).await.unwrap();
     let (status, body) = read_response(&mut s).await.unwrap();
@@ -539,7 +502,7 @@ async fn a_slow_small_upload_reaches_the_upstream_only_when_complete() {
     assert_eq!(up.seen.lock().unwrap().len(), 1);
     kg.wait_log("client timeout event", |v| v["event"] == "client_timeout");
     assert_eq!(
-        metric(
+        metric_f64(
             &metrics(&kg).await,
             "keygate_client_timeouts_total{phase=\"request_buffer\"}"
         ),
@@ -547,7 +510,7 @@ async fn a_slow_small_upload_reaches_the_upstream_only_when_complete() {
     );
 
     // A small chunked body is sent on with a Content-Length; a large one streams as before.
-    let mut s = tls_from(&kg, [127, 0, 0, 1]).await.unwrap();
+    let mut s = kg.tls_from([127, 0, 0, 1]).await.unwrap();
     let chunked = format!(
         "POST /upload HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
