@@ -2,6 +2,8 @@
 //! segment, percent-encoded or not) never reaches a log line: access lines and the security
 //! events that carry the request target (`scope_denied`, `webhook_rejected`). Real TLS,
 //! HTTP/1.1 and HTTP/2; every byte keygate printed is searched for the token's secret.
+//! Other secrets (not keygate tokens) behind secret-bearing parameter names of any spelling
+//! (`client_secret`, `X-Amz-Signature`, `refresh_token`, `JSESSIONID`) are redacted too.
 
 mod common;
 
@@ -109,4 +111,64 @@ async fn token_shaped_query_values_and_path_segments_are_redacted_in_every_line(
         "the token's secret is in the output:\n{logs}"
     );
     assert!(!logs.contains(&app["kg_app_".len()..]));
+}
+
+/// Secrets that are not keygate tokens, behind names on no exact list (a fresh user found
+/// `?client_secret=` logged verbatim): every spelling of a secret-bearing name is redacted,
+/// over HTTP/1.1 and HTTP/2, in the access lines of forwarded and refused requests.
+#[tokio::test]
+async fn secret_bearing_parameter_names_are_redacted_in_any_spelling() {
+    let up = Upstream::start().await;
+    let (app, app_hash) = new_key("app");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("app", &app_hash, "")
+        .start();
+    let names = [
+        "client_secret",
+        "Client-Secret",
+        "refresh_token",
+        "X-Amz-Signature",
+        "X-Amz-Credential",
+        "oauth_signature",
+        "JSESSIONID",
+        "PHPSESSID",
+        "passwd",
+        "db.password",
+        "code",
+        "authorization",
+        "private_key",
+        "client%5Fsecret",
+    ];
+    let mut secrets = Vec::new();
+    for (proto, c) in [("h1", kg.client()), ("h2", kg.client_h2())] {
+        for (i, name) in names.iter().enumerate() {
+            let secret = format!("Zq{proto}s3cr3t{i}VaLuE{}", 1000 + i);
+            let pq = format!("/cb?{name}={secret}&state=keep{i}");
+            for key in [Some(app.as_str()), None] {
+                let headers: Vec<(&str, &str)> =
+                    key.map(|k| ("x-api-key", k)).into_iter().collect();
+                let got = c.get(&kg.url(&pq), &headers).await;
+                assert_eq!(
+                    got.status,
+                    if key.is_some() { 200 } else { 401 },
+                    "{proto} {pq}"
+                );
+                let rid = got.header("x-request-id").unwrap().to_string();
+                let line = kg.wait_log("access line", |v| {
+                    v["request_id"] == rid.as_str() && v.get("bytes_in").is_some()
+                });
+                assert_eq!(
+                    line["path"],
+                    format!("/cb?{name}=REDACTED&state=keep{i}").as_str(),
+                    "{proto}: {line}"
+                );
+            }
+            secrets.push(secret);
+        }
+    }
+    let logs = kg.logs();
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "{s} is in the output:\n{logs}");
+    }
 }

@@ -63,9 +63,27 @@ fn oracle_sensitive(name: &str) -> bool {
         Some(i) => &d[..i],
         None => d,
     };
-    BUILTIN_REDACTED_PARAMS
+    if BUILTIN_REDACTED_PARAMS
         .iter()
         .any(|p| p.eq_ignore_ascii_case(d))
+    {
+        return true;
+    }
+    // Secret-bearing names (keygate::log::secret_bearing_name), written independently: the
+    // first 64 ASCII letters and digits, lowercased.
+    let norm: String = d
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(64)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    ["key", "sig", "code", "pass", "auth", "otp"].contains(&norm.as_str())
+        || [
+            "token", "secret", "passw", "pwd", "signature", "apikey", "credential", "session",
+            "sessid", "privatekey", "cookie", "jwt", "hmac", "authoriz",
+        ]
+        .iter()
+        .any(|f| norm.contains(f))
 }
 
 fuzz_target!(|input: Input| {
