@@ -762,11 +762,15 @@ pub(crate) use client_event;
 /// counters (`keygate_auth_failures_total`, …) are bumped before the budget is asked, so they
 /// stay complete.
 ///
+/// Bounded in total too: all clients together write at most [`BUDGET_ALL_CLIENTS_FACTOR`] × N
+/// lines of one kind per window (1 000 a minute with the default), so an attacker with many
+/// addresses (IPv6 /64s are cheap) cannot turn "N per client" into an unbounded volume; lines
+/// refused by that ceiling are counted and summed up (`over_ceiling`) like the others.
+///
 /// Bounded in memory: at most [`BUDGET_CLIENTS`] (client, kind) pairs per window; past that,
-/// clients not yet in the table share one allowance per kind, so a scan from more addresses
-/// than that still writes at most N × (`BUDGET_CLIENTS` + kinds) lines per window. Why a
-/// fixed window rather than a token bucket per client: the table is simply emptied when the
-/// window ends (no pruning), and the window is also the summary's period.
+/// clients not yet in the table share one allowance per kind. Why a fixed window rather than
+/// a token bucket per client: the table is simply emptied when the window ends (no pruning),
+/// and the window is also the summary's period.
 pub struct Budget {
     state: std::sync::Mutex<BudgetState>,
 }
@@ -774,11 +778,18 @@ pub struct Budget {
 /// (client, kind) pairs tracked per window, ~48 bytes each with hash-table overhead (~0.8 MiB).
 pub const BUDGET_CLIENTS: usize = 16_384;
 
+/// All clients together write at most this many times `[log] client_event_limit`'s count of
+/// lines of one kind per window (a fresh user's 3 600 guesses from 3 600 addresses in 30 s
+/// wrote 10 530 lines before this ceiling).
+pub const BUDGET_ALL_CLIENTS_FACTOR: u32 = 100;
+
 struct BudgetState {
     per_window: u32,
     window: std::time::Duration,
     started: Instant,
     lines: std::collections::HashMap<(u128, u8), u32>,
+    /// Per kind this window: lines written (for the all-clients ceiling).
+    written: [u32; ClientEvent::ALL.len()],
     /// Per kind this window: lines suppressed, clients that lost lines, the client that lost most.
     suppressed: [KindWindow; ClientEvent::ALL.len()],
 }
@@ -786,6 +797,9 @@ struct BudgetState {
 #[derive(Clone, Copy, Default)]
 struct KindWindow {
     lines: u64,
+    /// Of `lines`, those refused by the all-clients ceiling while their client was within its
+    /// own budget.
+    over_ceiling: u64,
     clients: u32,
     top: Option<(u128, u32)>,
 }
@@ -801,6 +815,7 @@ pub fn budget() -> &'static Budget {
             window: std::time::Duration::from_secs(60),
             started: Instant::now(),
             lines: std::collections::HashMap::new(),
+            written: [0; ClientEvent::ALL.len()],
             suppressed: Default::default(),
         }),
     })
@@ -853,6 +868,7 @@ impl BudgetState {
         }
         self.started = Instant::now();
         self.lines.clear();
+        self.written = [0; ClientEvent::ALL.len()];
         if self.lines.capacity() > 4 * 1024 {
             self.lines.shrink_to(1024);
         }
@@ -874,7 +890,15 @@ impl BudgetState {
         let n = self.lines.entry(key).or_insert(0);
         *n = n.saturating_add(1);
         if *n <= self.per_window {
-            return true;
+            let ceiling = self.per_window.saturating_mul(BUDGET_ALL_CLIENTS_FACTOR);
+            if self.written[k] < ceiling {
+                self.written[k] += 1;
+                return true;
+            }
+            let w = &mut self.suppressed[k];
+            w.lines += 1;
+            w.over_ceiling += 1;
+            return false;
         }
         let lost = *n - self.per_window;
         let w = &mut self.suppressed[k];
@@ -899,11 +923,12 @@ fn summarize((window, ended): (std::time::Duration, [KindWindow; ClientEvent::AL
             event = "log_suppressed",
             kind = kind.as_str(),
             suppressed = w.lines,
+            over_ceiling = w.over_ceiling,
             clients = w.clients,
             top_client = top.as_ref().map(|t| t.0.as_str()),
             top_client_suppressed = top.as_ref().map(|t| t.1),
             window_secs = window.as_secs_f64(),
-            "log lines a client can cause were over the per-client budget ([log] client_event_limit); counters are complete"
+            "log lines clients can cause were over the per-client budget ([log] client_event_limit) or the all-clients ceiling (100 times it); counters are complete"
         );
     }
 }
@@ -1229,6 +1254,7 @@ mod tests {
             window: std::time::Duration::from_secs(60),
             started: Instant::now(),
             lines: std::collections::HashMap::new(),
+            written: [0; ClientEvent::ALL.len()],
             suppressed: Default::default(),
         }
     }
@@ -1280,6 +1306,36 @@ mod tests {
             BUDGET_CLIENTS + 1,
             "the table plus one shared slot"
         );
-        assert_eq!(written, 2 * BUDGET_CLIENTS + 2);
+        // All clients together: the ceiling, not 2 per address.
+        assert_eq!(written, 2 * BUDGET_ALL_CLIENTS_FACTOR as usize);
+    }
+
+    /// Many addresses, each within its own budget, write at most the all-clients ceiling per
+    /// kind and window; the rest are counted as `over_ceiling`; other kinds and the next
+    /// window are not affected.
+    #[test]
+    fn budget_holds_in_total_across_many_clients() {
+        let mut st = state(10);
+        let ceiling = 10 * BUDGET_ALL_CLIENTS_FACTOR as usize;
+        let mut written = 0;
+        for i in 0..3_600u128 {
+            for _ in 0..3 {
+                written += usize::from(st.take(ClientEvent::AuthFailed, i));
+            }
+        }
+        assert_eq!(written, ceiling);
+        let w = st.suppressed[ClientEvent::AuthFailed.index()];
+        assert_eq!(w.lines, 3 * 3_600 - ceiling as u64);
+        assert_eq!(w.over_ceiling, w.lines, "no client was over its own budget");
+        assert!(
+            st.take(ClientEvent::Protocol, 1),
+            "another kind has its own ceiling"
+        );
+        st.started = Instant::now() - std::time::Duration::from_secs(61);
+        assert!(st.roll().is_some());
+        assert!(
+            st.take(ClientEvent::AuthFailed, 7),
+            "a new window starts afresh"
+        );
     }
 }

@@ -351,3 +351,61 @@ async fn protocol_refusals_are_bounded_per_client() {
         "{written} lines for 500 TRACE requests in {secs:.1} s"
     );
 }
+
+/// Many addresses, each within its own budget, cannot turn "N lines per client" into an
+/// unbounded volume (a fresh user's 3 600 guesses from 3 600 addresses wrote 10 530 lines in
+/// 30 s): all clients together write at most 100 × N lines of a kind per window, the rest are
+/// counted as suppressed, and the security counter stays complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_addresses_together_write_at_most_the_all_clients_ceiling() {
+    const ADDRESSES: u64 = 260;
+    let up = Upstream::start().await;
+    let (_, hash) = new_key("k");
+    // 1 line per client per minute: the ceiling is 100 lines of each kind per window.
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("k", &hash, "")
+        .log("client_event_limit = \"1/min\"")
+        .admin()
+        .start();
+    let started = Instant::now();
+    for i in 0..ADDRESSES {
+        let src = [127, 0, 1 + (i / 200) as u8, 1 + (i % 200) as u8];
+        let mut tls = kg.tls_from(src).await.unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_to_close(&mut tls).await;
+        assert!(resp.starts_with(b"HTTP/1.1 401"), "{src:?}");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let m = metrics(&kg).await;
+    assert_eq!(
+        metric(&m, "keygate_auth_failures_total{reason=\"missing\"}"),
+        ADDRESSES,
+        "the security counter is complete"
+    );
+    let suppressed = metric(
+        &m,
+        "keygate_log_lines_suppressed_total{event=\"auth_failed\"}",
+    );
+    // Each address wrote at most its one line; the first window (at most two if the run
+    // crossed a window's end) held at most 100 of them.
+    let windows = if secs < 55.0 { 2 } else { 3 };
+    let written = kg.events("auth_failed").len() as u64;
+    assert_eq!(written + suppressed, ADDRESSES, "{written} + {suppressed}");
+    assert!(
+        written <= 100 * windows && written < ADDRESSES,
+        "{written} auth_failed lines from {ADDRESSES} addresses in {secs:.1} s"
+    );
+    let distinct: std::collections::HashSet<String> = kg
+        .events("auth_failed")
+        .iter()
+        .map(|v| v["client_ip"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        distinct.len() as u64,
+        written,
+        "one line per address at most"
+    );
+}
