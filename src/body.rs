@@ -96,6 +96,19 @@ pub struct RequestBody {
     stats: Arc<RequestStats>,
 }
 
+/// A body dropped before the client finished sending it (the upstream was never reached: 503
+/// after `queue_timeout`, 502, 504; or the upstream answered without reading it all) lingers
+/// like a refused one ([`linger`]), so the client, still uploading, reads the response instead
+/// of a TCP reset (HTTP/1.1) or a stream reset (HTTP/2). A body read to its end, or whose
+/// client is gone, costs nothing here.
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Source::Stream(rest) = std::mem::replace(&mut self.inner, Source::Buffered(None)) {
+            linger(rest);
+        }
+    }
+}
+
 /// A streamed client body, or one already read whole: a verified webhook delivery, or an empty
 /// body (a request sent again, see `forward.rs`).
 enum Source {
@@ -360,7 +373,12 @@ pub fn linger(body: Incoming) {
     if body.is_end_stream() {
         return;
     }
-    tokio::spawn(async move {
+    // Outside a runtime (a body dropped while the runtime itself shuts down) there is nobody
+    // left to read it for.
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
         use http_body_util::BodyExt as _;
         let mut body = body;
         let mut left: i64 = LINGER_BYTES;
