@@ -23,7 +23,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Level;
 
-use crate::auth::verify::{Busy, Outcome};
+use crate::auth::verify::{Busy, Joined, Outcome, Settled};
 use crate::auth::{Key, Token, TokenError, Verifier};
 use crate::body::{RequestBody, RequestStats, ResponseBody, linger};
 use crate::config::Snapshot;
@@ -651,12 +651,29 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         return Err(guess(AuthFailure::UnknownKey, Some(token.id())));
     };
     let digest = ctx.shared.verifier.digest(token.expose());
-    if !Verifier::is_cached(key, &digest) {
+    while !Verifier::is_cached(key, &digest) {
+        // Another request is verifying this very token (a client's parallel first requests
+        // after a restart): wait for its outcome, uncharged, instead of each request being
+        // charged to the failed-auth budget and queued for its own hash.
+        let leading = match Box::pin(ctx.shared.verifier.join(digest)).await {
+            Joined::Lead(leading) => leading,
+            // Cached now (or verified against an older hash of a reloaded key: look again).
+            Joined::Waited(Some(Settled::Valid)) => continue,
+            Joined::Waited(Some(Settled::Invalid)) => {
+                return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
+            }
+            Joined::Waited(Some(Settled::Busy)) => {
+                return Err(Reject::Unavailable { retry_after: 1 });
+            }
+            // Its request was abandoned: try again (perhaps leading).
+            Joined::Waited(None) => continue,
+        };
         // Not verified before: this costs argon2 work, which a throttled IP does not get.
         if let Some(refused) = throttled(Some(&key.id)) {
             return Err(refused);
         }
         if ctx.shared.verifier.is_known_bad(&digest) {
+            leading.settle(Settled::Invalid);
             return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
         }
         // The guess is charged to the client's budget before hashing (and refunded if right),
@@ -700,13 +717,19 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             Box::pin(cluster.guess_refund(ctx.client_ip, throttle.rate())).await;
         }
         match outcome {
-            Ok(Outcome::Valid) => reservation.refund(),
+            Ok(Outcome::Valid) => {
+                reservation.refund();
+                leading.settle(Settled::Valid);
+                break;
+            }
             Ok(Outcome::Invalid) => {
                 reservation.confirm_failure();
+                leading.settle(Settled::Invalid);
                 return Err(report(AuthFailure::BadSecret, Some(&key.id), exhausted));
             }
             Err(Busy) => {
                 reservation.refused_unhashed();
+                leading.settle(Settled::Busy);
                 client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?priority.standing, attempts = priority.attempts, "argon2 verification queue: waited too long or full; refused unhashed");
                 return Err(Reject::Unavailable { retry_after: 1 });
             }

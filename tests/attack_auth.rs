@@ -236,3 +236,97 @@ async fn a_clean_clients_first_authentication_is_served_ahead_of_queued_guessers
         "only the two legitimate requests were forwarded"
     );
 }
+
+const RIGHT_HASHES: &str = "keygate_argon2_verifications_total{result=\"right\"}";
+
+/// A fresh user: a client's 50 parallel first requests with its *valid* key, right after a
+/// restart (cold cache), got 30 × 429 `auth_throttled`: each request waiting for the same
+/// verification was charged to the failed-auth budget. Now requests presenting a token that is
+/// being verified wait for that one verification, uncharged: one hash, every request served,
+/// over HTTP/2 (X-API-Key and Bearer mixed on one connection) and over 60 HTTP/1.1 connections.
+/// The same wrong token sent 60 times at once is hashed once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_first_requests_with_one_token_are_verified_once_and_never_throttled() {
+    let up = Upstream::start().await;
+    let (t1, h1) = slow_key("one");
+    let (t2, h2) = slow_key("two");
+    let (_, h3) = slow_key("three");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .auth("failed_auth_limit = \"20/min\"")
+        .auth("verify_concurrency = 1")
+        .key("one", &h1, "")
+        .key("two", &h2, "")
+        .key("three", &h3, "")
+        .admin()
+        .start();
+
+    // HTTP/2: 50 streams at once on one connection, both credential headers.
+    let c = kg.client_h2();
+    let url = kg.url("/");
+    let bearer = format!("Bearer {t1}");
+    let replies = futures_util::future::join_all((0..50).map(|i| {
+        let (c, url) = (&c, url.clone());
+        let header = if i % 2 == 0 {
+            ("x-api-key", t1.as_str())
+        } else {
+            ("authorization", bearer.as_str())
+        };
+        async move { c.get(&url, &[header]).await.status }
+    }))
+    .await;
+    assert!(replies.iter().all(|s| *s == 200), "{replies:?}");
+    let m = metrics(&kg).await;
+    assert_eq!(metric(&m, RIGHT_HASHES), 1, "one hash for 50 requests");
+    assert_eq!(metric(&m, "keygate_auth_throttled_total"), 0);
+
+    // HTTP/1.1: 60 connections from one address, the first request on each at the same moment.
+    let from = Ipv4Addr::new(127, 0, 0, 5);
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        conns.push(connect_from(&kg, from).await);
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(60));
+    let statuses = futures_util::future::join_all(conns.into_iter().map(|mut send| {
+        let (go, token) = (go.clone(), t2.clone());
+        tokio::spawn(async move {
+            go.wait().await;
+            get(&mut send, &token).await.0
+        })
+    }))
+    .await;
+    assert!(
+        statuses.iter().all(|s| *s.as_ref().unwrap() == 200),
+        "{statuses:?}"
+    );
+    let m = metrics(&kg).await;
+    assert_eq!(metric(&m, RIGHT_HASHES), 2);
+    assert_eq!(metric(&m, "keygate_auth_throttled_total"), 0);
+    assert!(kg.events("auth_throttled").is_empty());
+
+    // One wrong token, 60 times at once from another address: hashed once; every request is
+    // refused (401, or 429 once the budget is spent), none served.
+    let wrong = wrong_token("three");
+    let from = Ipv4Addr::new(127, 0, 0, 6);
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        conns.push(connect_from(&kg, from).await);
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(60));
+    let statuses = futures_util::future::join_all(conns.into_iter().map(|mut send| {
+        let (go, token) = (go.clone(), wrong.clone());
+        tokio::spawn(async move {
+            go.wait().await;
+            get(&mut send, &token).await.0
+        })
+    }))
+    .await;
+    assert!(
+        statuses
+            .iter()
+            .all(|s| matches!(*s.as_ref().unwrap(), 401 | 429)),
+        "{statuses:?}"
+    );
+    assert_eq!(metric(&metrics(&kg).await, WRONG_HASHES), 1);
+    assert_no_secrets(&kg.logs(), &[&t1, &t2, &wrong, &h1, &h2]);
+}

@@ -11,6 +11,10 @@
 //!   hash). CPU for hashing stays bounded by `verify_concurrency` threads whatever the flood.
 //! * A short negative cache remembers digests of wrong tokens, so the same bad token is not
 //!   hashed twice within a minute.
+//! * Requests presenting the same token while it is being verified wait for that one
+//!   verification ([`Verifier::join`]) instead of each queueing (and each being charged to the
+//!   client's failed-auth budget): a client that opens 50 requests at once with its valid key
+//!   right after a restart is verified once and served 50 times.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,6 +41,51 @@ pub struct Verifier {
     queue: Arc<VerifyQueue>,
     negative: Mutex<HashMap<Digest, Instant>>,
     argon2: Argon2Threads,
+    /// Verifications in progress, by token digest: where requests with the same token wait.
+    /// At most one entry per request that is verifying (bounded like the queue).
+    pending: Arc<Mutex<HashMap<Digest, tokio::sync::watch::Receiver<Option<Settled>>>>>,
+}
+
+/// How a verification others waited for ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Valid,
+    Invalid,
+    /// The queue refused it unhashed: those who waited get the same 503.
+    Busy,
+}
+
+/// [`Verifier::join`]'s answer.
+pub enum Joined {
+    /// Nobody is verifying this token: the caller does, and tells the others through the guard.
+    Lead(Leading),
+    /// Another request verified this token meanwhile; `None` if that request was abandoned
+    /// before it finished (the caller should try again, and may lead).
+    Waited(Option<Settled>),
+}
+
+/// Held by the request that verifies a token for everyone presenting it. Dropped without
+/// [`settle`](Self::settle) (the request was abandoned), it wakes the waiters with nothing, and
+/// one of them leads instead.
+pub struct Leading {
+    digest: Digest,
+    tx: tokio::sync::watch::Sender<Option<Settled>>,
+    pending: Arc<Mutex<HashMap<Digest, tokio::sync::watch::Receiver<Option<Settled>>>>>,
+}
+
+impl Leading {
+    pub fn settle(self, outcome: Settled) {
+        let _ = self.tx.send(Some(outcome));
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.digest);
+    }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -105,7 +154,31 @@ impl Verifier {
             queue: Arc::new(VerifyQueue::new(concurrency.max(1))),
             negative: Mutex::new(HashMap::new()),
             argon2: Argon2Threads::new(concurrency.max(1)),
+            pending: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Joins the verification of this token already in progress, if any, waiting for its end;
+    /// else makes the caller its leader. Waiting is bounded by the leader's own request (the
+    /// queue's [`MAX_WAIT`] plus one hash), and ends early if the leader is abandoned.
+    pub async fn join(&self, digest: Digest) -> Joined {
+        let mut rx = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.get(&digest) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    pending.insert(digest, rx);
+                    return Joined::Lead(Leading {
+                        digest,
+                        tx,
+                        pending: self.pending.clone(),
+                    });
+                }
+            }
+        };
+        let settled = rx.wait_for(Option::is_some).await.ok().and_then(|v| *v);
+        Joined::Waited(settled)
     }
 
     pub fn digest(&self, token: &[u8]) -> Digest {
