@@ -406,10 +406,14 @@ impl fmt::Display for RedactedPath<'_> {
             return Ok(());
         };
         f.write_str("?")?;
-        for (i, pair) in query.split('&').enumerate() {
-            if i > 0 {
-                f.write_str("&")?;
-            }
+        // `;` separates pairs too (HTML 4's recommendation; some servers still split on it), so
+        // `?a=1;password=x` is read as two pairs here: for logs, reading too many pairs can only
+        // redact more.
+        for piece in query.split_inclusive(['&', ';']) {
+            let (pair, sep) = match piece.as_bytes().last() {
+                Some(b'&' | b';') => piece.split_at(piece.len() - 1),
+                _ => (piece, ""),
+            };
             let (name, value) = match pair.split_once('=') {
                 Some((n, v)) => (n, Some(v)),
                 None => (pair, None),
@@ -421,6 +425,7 @@ impl fmt::Display for RedactedPath<'_> {
             } else {
                 f.write_str(pair)?;
             }
+            f.write_str(sep)?;
         }
         Ok(())
     }
@@ -499,7 +504,7 @@ fn is_sensitive(name: &str, params: &[String]) -> bool {
 /// spelling: the name is lowercased and stripped of everything but letters and digits
 /// (`client_secret`, `Client-Secret`, `X-Amz-Signature`, `refresh.token` all qualify), then
 /// matched against fragments that name a secret anywhere in it (`token`, `secret`, `passw`,
-/// `pwd`, `signature`, `apikey`, `credential`, `session`, `sessid`, `privatekey`, `cookie`, `jwt`, `hmac`,
+/// `pwd`, `signature`, `apikey`, `credential`, `assertion`, `session`, `sessid`, `privatekey`, `cookie`, `jwt`, `hmac`,
 /// `authoriz`) and short names that are one only alone (`key`, `sig`, `code` (an OAuth
 /// authorization code), `pass`, `auth`, `otp`). A list of exact names missed `client_secret`,
 /// `refresh_token`, `X-Amz-Signature`, `sessionid` and their like; an over-redacted
@@ -514,6 +519,7 @@ pub fn secret_bearing_name(name: &str) -> bool {
         b"signature",
         b"apikey",
         b"credential",
+        b"assertion",
         b"session",
         b"sessid",
         b"privatekey",
@@ -1028,6 +1034,17 @@ mod tests {
         assert_eq!(redact_query("/a?sig=x=y", &p), "/a?sig=REDACTED");
     }
 
+    /// `;` separates pairs too, for redaction.
+    #[test]
+    fn semicolon_separated_pairs_are_redacted() {
+        let p = params();
+        assert_eq!(
+            redact_query("/a?x=1;password=s3cr3t&y=2;token=t", &p),
+            "/a?x=1;password=REDACTED&y=2;token=REDACTED"
+        );
+        assert_eq!(redact_query("/a?x=1;;&", &p), "/a?x=1;;&");
+    }
+
     /// Secret-bearing names that are on no exact list (found missing: `client_secret`).
     #[test]
     fn secret_bearing_names_are_redacted_in_any_spelling() {
@@ -1053,6 +1070,9 @@ mod tests {
             "authorization",
             "code",
             "otp",
+            "client_assertion",
+            "oauth_token",
+            "api-key",
             "private_key",
             "jwt",
             "hmac",

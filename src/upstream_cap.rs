@@ -33,9 +33,12 @@ pub fn queue_limit(max_connections: usize) -> usize {
     max_connections.max(1024)
 }
 
-/// Default `[auth] default_max_concurrent`: a quarter of the upstream's default connections, so
-/// no single key (a leaked one, say) can take them all.
-pub const DEFAULT_KEY_MAX_CONCURRENT: u32 = 256;
+/// Default `[auth] default_max_concurrent`: a quarter of `[upstream] max_connections` (256
+/// with its default 1,024, and never more), at least 1, so no single key (a leaked one, say)
+/// can take every upstream connection.
+pub fn default_key_max_concurrent(upstream_max_connections: usize) -> u32 {
+    (upstream_max_connections / 4).clamp(1, 256) as u32
+}
 
 /// One key's count of requests in flight, shared by every snapshot in which the key stays (a
 /// reload must not reset it: requests already in flight still count).

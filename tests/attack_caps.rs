@@ -596,3 +596,40 @@ async fn parked_idle_connections_keep_serving() {
     assert_eq!(read_one(&mut s).await, 200, "after a request with a body");
     assert_eq!(up.count(), 7);
 }
+
+/// A fresh user set `[upstream] max_connections = 8` (the service's worker pool), as the
+/// example config advises, and one key with no `max_concurrent` still took all 8 and the wait
+/// queue (the default stayed 256). The default is now a quarter of max_connections: 2 here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_per_key_cap_follows_a_lowered_upstream_max_connections() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let (other, other_hash) = new_key("other");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .upstream_line("max_connections = 8")
+        .key("k", &hash, "")
+        .key("other", &other_hash, "")
+        .start();
+    let c = kg.client_h2();
+    let url = kg.url("/slow?ms=1500");
+    let hdr = [("x-api-key", token.as_str())];
+    let statuses = futures_util::future::join_all((0..4).map(|_| c.get(&url, &hdr)))
+        .await
+        .iter()
+        .map(|g| g.status)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+    // Another key has its own two.
+    let got = c.get(&kg.url("/"), &[("x-api-key", other.as_str())]).await;
+    assert_eq!(got.status, 200);
+}

@@ -8,7 +8,7 @@ use crate::config::Caps;
 use crate::config::raw::RawConfig;
 use crate::conn_limits::DEFAULT_PER_IP_DIVISOR;
 use crate::upstream_cap::{
-    DEFAULT_KEY_MAX_CONCURRENT, DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_TIMEOUT, default_key_max_concurrent,
 };
 
 /// Default `server.request_buffer_bytes`: bodies up to 64 KiB are read before the upstream is
@@ -64,7 +64,10 @@ pub(super) fn build(raw: &RawConfig, max_connections: usize, errs: &mut Errors) 
             1
         }
         Some(n) => n,
-        None => DEFAULT_KEY_MAX_CONCURRENT,
+        // A quarter of the upstream's connections (at most 256), so that one key cannot take
+        // them all however low the operator sets upstream.max_connections (a fresh user set it
+        // to a worker pool of 8 and one key still held all 8 and the queue).
+        None => default_key_max_concurrent(upstream_max_connections),
     };
     Caps {
         max_connections_per_ip,
