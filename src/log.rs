@@ -678,10 +678,14 @@ pub enum ClientEvent {
     /// `accept()` failures (EMFILE and the like), which a connection flood can cause. Counted
     /// under the unspecified address: they name no client.
     AcceptFailed,
+    /// `concurrency_limited`: a key over its `max_concurrent`.
+    ConcurrencyLimited,
+    /// `upstream_saturated`: no upstream connection free within `queue_timeout`.
+    UpstreamSaturated,
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 24] = [
+    pub const ALL: [ClientEvent; 26] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -706,6 +710,8 @@ impl ClientEvent {
         ClientEvent::MalformedRequest,
         ClientEvent::ConnectionLimited,
         ClientEvent::AcceptFailed,
+        ClientEvent::ConcurrencyLimited,
+        ClientEvent::UpstreamSaturated,
     ];
 
     /// The name in `log_suppressed` lines and the metric's `event` label.
@@ -735,6 +741,8 @@ impl ClientEvent {
             ClientEvent::MalformedRequest => "malformed_request",
             ClientEvent::ConnectionLimited => "connection_limited",
             ClientEvent::AcceptFailed => "accept_failed",
+            ClientEvent::ConcurrencyLimited => "concurrency_limited",
+            ClientEvent::UpstreamSaturated => "upstream_saturated",
         }
     }
 

@@ -755,7 +755,7 @@ async fn forward(
     // response is done, so one key (a leaked one, say) cannot hold every upstream connection.
     let Some(slot) = key.in_flight.try_acquire(key.max_concurrent) else {
         metrics::global().concurrency_limited(&key.id);
-        client_event!(ClientEvent::RateLimited, ctx.client_ip, Level::WARN, event = "concurrency_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, max_concurrent = key.max_concurrent, "key has max_concurrent requests in flight");
+        client_event!(ClientEvent::ConcurrencyLimited, ctx.client_ip, Level::WARN, event = "concurrency_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, max_concurrent = key.max_concurrent, "key has max_concurrent requests in flight");
         linger(req.into_body());
         return Err(Reject::RateLimited { retry_after: 1 });
     };
@@ -1057,7 +1057,7 @@ async fn upstream_permit(
         .map_err(|why| {
             metrics::global().upstream_saturated(why.as_str());
             client_event!(
-                ClientEvent::UpstreamError,
+                ClientEvent::UpstreamSaturated,
                 ctx.client_ip,
                 Level::WARN,
                 event = "upstream_saturated",

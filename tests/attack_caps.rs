@@ -399,11 +399,12 @@ async fn upstream_connections_are_capped_with_a_bounded_wait_then_503() {
         .upstream_url(&url)
         .upstream_line("max_connections = 2")
         .upstream_line("queue_timeout = \"20s\"")
-        .key("k", &hash, "")
+        .key("k", &hash, "max_concurrent = 16")
         .admin()
         .start();
     // Eight requests at once through a cap of two: all served, never more than two at the
-    // upstream at a time.
+    // upstream at a time. (The key's own cap is raised: by default it would be a quarter of
+    // max_connections.)
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let c = kg.client();
@@ -422,7 +423,7 @@ async fn upstream_connections_are_capped_with_a_bounded_wait_then_503() {
         .upstream_url(&url)
         .upstream_line("max_connections = 1")
         .upstream_line("queue_timeout = \"300ms\"")
-        .key("k", &hash, "")
+        .key("k", &hash, "max_concurrent = 16")
         .admin()
         .start();
     let holder = {

@@ -108,7 +108,7 @@ async fn a_queue_timeout_503_reaches_a_client_still_uploading() {
         .upstream(&up)
         .upstream_line("max_connections = 1")
         .upstream_line("queue_timeout = \"300ms\"")
-        .key("k", &hash, "")
+        .key("k", &hash, "max_concurrent = 8")
         .start();
     let holder = {
         let c = kg.client();
