@@ -84,7 +84,10 @@ pub struct RequestBody {
     inner: Source,
     /// Read ahead by [`read_prefix`]: sent first, then its trailers, then the rest of `inner`.
     prefix: Option<Bytes>,
-    trailers: Option<http::HeaderMap>,
+    /// Boxed (rare): the request is the upstream client's queue item, and hyper's queue holds
+    /// 32 of them in one block per upstream connection, allocated for its whole life (~15 KiB
+    /// with the trailers inline, ~12 KiB boxed).
+    trailers: Option<Box<http::HeaderMap>>,
     /// The whole body was read ahead: `inner` has nothing more.
     complete: bool,
     seen: u64,
@@ -202,7 +205,7 @@ impl RequestBody {
     /// The body with what [`read_prefix`] already read from it in front.
     pub fn with_prefix(mut self, prefix: Prefix) -> Self {
         self.prefix = (!prefix.data.is_empty()).then_some(prefix.data);
-        self.trailers = prefix.trailers;
+        self.trailers = prefix.trailers.map(Box::new);
         self.complete = prefix.complete;
         self
     }
@@ -286,7 +289,7 @@ impl Body for RequestBody {
                 this.trailers = trailers;
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            (None, Some(t)) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            (None, Some(t)) => return Poll::Ready(Some(Ok(Frame::trailers(*t)))),
             (None, None) if this.complete => return Poll::Ready(None),
             (None, None) => {
                 let inner = match &mut this.inner {
@@ -404,6 +407,8 @@ enum Kind {
 
 pub struct ResponseBody {
     kind: Kind,
+    /// HTTP/1.1: the next upstream chunk waits until the client's TLS stream took the last one.
+    gate: Option<Arc<WriteGate>>,
     /// Inline rather than boxed: one allocation less per request.
     record: Option<AccessRecord>,
     in_flight: Option<crate::pipeline::InFlight>,
@@ -415,6 +420,7 @@ impl ResponseBody {
     pub fn full(bytes: Bytes) -> Self {
         ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            gate: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -428,6 +434,7 @@ impl ResponseBody {
     pub fn upstream(body: Incoming) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
+            gate: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -437,6 +444,14 @@ impl ResponseBody {
     /// Attaches the access record; it is written when this body finishes or is dropped.
     pub fn with_record(mut self, record: AccessRecord) -> Self {
         self.record = Some(record);
+        self
+    }
+
+    /// Paces an upstream body by what the client takes (HTTP/1.1; see [`WriteGate`]).
+    pub fn gated(mut self, gate: Arc<WriteGate>) -> Self {
+        if matches!(self.kind, Kind::Upstream(_)) {
+            self.gate = Some(gate);
+        }
         self
     }
 
@@ -575,12 +590,24 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream(body) => {
+                if let Some(gate) = &this.gate
+                    && !gate.open(cx)
+                {
+                    return Poll::Pending;
+                }
+                Pin::new(body).poll_frame(cx)
+            }
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(d), Some(r)) = (frame.data_ref(), this.record.as_mut()) {
-                    r.bytes_out += d.len() as u64;
+                if let Some(d) = frame.data_ref() {
+                    if let Some(r) = this.record.as_mut() {
+                        r.bytes_out += d.len() as u64;
+                    }
+                    if let Some(gate) = &this.gate {
+                        gate.handed_over();
+                    }
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -606,6 +633,58 @@ impl Body for ResponseBody {
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(body) => body.size_hint(),
         }
+    }
+}
+
+/// Back-pressure between an HTTP/1.1 response body and the client's socket (issue 9 §3).
+///
+/// hyper's HTTP/1.1 server pulls body chunks into its write queue while the queue holds less than
+/// `max_buf_size` (32 KiB with the default `max_header_bytes`) in fewer than 16 pieces, whether
+/// the client reads or not, and each upstream chunk keeps its whole read buffer
+/// ([`crate::forward::UPSTREAM_READ_BUF`]) alive until it is written. With the gate, a
+/// [`ResponseBody`] hands hyper its next chunk only once the last one has left keygate: hyper
+/// flushes the connection's I/O only when its own queue is empty, and the TLS stream's flush
+/// completes only when its records are all in the socket, so a completed flush opens the gate
+/// ([`WriteGate::drained`]). A client that does not read thus makes keygate hold at most one
+/// chunk's TLS records (`server::TLS_SEND_BUFFER`, plus what of the chunk the TLS stream could
+/// not take yet, in hyper's queue) and the one chunk that hyper's client reads ahead from the
+/// upstream connection (its body channel holds one): README, "Memory". The next chunk waits in
+/// the upstream connection's socket (TCP flow control), as nginx leaves it when its buffers are
+/// full. A client that keeps up is not slowed: the gate opens within the poll that wrote the
+/// chunk.
+///
+/// HTTP/2 needs no gate: each stream's queue is bounded by `server::H2_STREAM_SEND_BUFFER` and
+/// the client's flow-control window.
+#[derive(Default, Debug)]
+pub struct WriteGate {
+    /// A chunk was handed to hyper and has not all reached the socket yet.
+    queued: AtomicBool,
+    waiting: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl WriteGate {
+    /// Everything handed over has reached the socket (called when the connection's
+    /// `poll_flush` completes).
+    pub fn drained(&self) {
+        self.queued.store(false, Relaxed);
+        if self.waiting.swap(false, Relaxed) {
+            self.waker.wake();
+        }
+    }
+
+    /// Whether the last chunk handed over has left keygate; if not, `cx` is woken when it has.
+    fn open(&self, cx: &Context<'_>) -> bool {
+        if !self.queued.load(Relaxed) {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        self.waiting.store(true, Relaxed);
+        !self.queued.load(Relaxed)
+    }
+
+    fn handed_over(&self) {
+        self.queued.store(true, Relaxed);
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::body::WriteGate;
 use crate::config::{self, BuildContext, Snapshot};
 use crate::conn_limits::{ConnSlot, ConnTable};
 use crate::log::{ClientEvent, LogGuard, client_event};
@@ -398,10 +399,14 @@ async fn serve_connection(
     // Set when the first request's head is complete and reaches the pipeline.
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let io_state = Arc::new(IoState::default());
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    // HTTP/1.1: response bodies are paced by what the client's TLS stream takes (body.rs).
+    let gate = (!h2).then(|| Arc::new(WriteGate::default()));
     let svc = {
         let conn = conn.clone();
         let started = started.clone();
         let io_state = io_state.clone();
+        let gate = gate.clone();
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             started.store(true, Relaxed);
             use http_body::Body as _;
@@ -414,7 +419,15 @@ async fn serve_connection(
             // Boxed: hyper keeps room for this future in every connection, idle or not
             // (`Box<Option<future>>`), and the pipeline's future is ~5.5 KiB; boxed, an idle
             // connection holds a pointer and the request pays one allocation (issue 9 §3).
-            Box::pin(pipeline::handle(req, shared.clone(), conn.clone()))
+            let handled = pipeline::handle(req, shared.clone(), conn.clone());
+            let gate = gate.clone();
+            Box::pin(async move {
+                let resp = handled.await;
+                match gate {
+                    Some(gate) => resp.map(|r| r.map(|b| b.gated(gate))),
+                    None => resp,
+                }
+            })
         })
     };
     let watch = Watch {
@@ -426,7 +439,7 @@ async fn serve_connection(
     };
     // The protocol is the one negotiated by ALPN (RFC 9113 §3.2, RFC 7301), never guessed from
     // the first bytes: `h2` speaks HTTP/2 only, `http/1.1` or no ALPN HTTP/1.1 only.
-    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+    if h2 {
         // Boxed so that the (larger) HTTP/2 state is not part of every HTTP/1.1 connection's
         // task (issue 9 §3).
         Box::pin(async move {
@@ -485,6 +498,7 @@ async fn serve_connection(
             inner: tls,
             replay: bytes::Bytes::new(),
             state: io_state.clone(),
+            gate: gate.unwrap_or_default(),
         };
         loop {
             let mut http = b
@@ -565,6 +579,8 @@ struct ConnIo {
     inner: Box<TlsStream<TcpStream>>,
     replay: bytes::Bytes,
     state: Arc<IoState>,
+    /// Told when a flush is complete (hyper and TLS hold nothing), to pace response bodies.
+    gate: Arc<WriteGate>,
 }
 
 impl ConnIo {
@@ -618,6 +634,12 @@ impl tokio::io::AsyncWrite for ConnIo {
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        // hyper flushes its I/O only once its own write queue is empty, and the TLS stream's
+        // flush is done once its records are all in the socket: keygate holds nothing of the
+        // response any more.
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            this.gate.drained();
+        }
         this.note(polled)
     }
     fn poll_shutdown(

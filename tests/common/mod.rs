@@ -267,6 +267,16 @@ async fn upstream_answer(
     if path == "/upload" {
         return Ok(Response::new(full(len.to_string())));
     }
+    // A large response head: `fields` fields `x-big-N` of `size` bytes each.
+    if path == "/head" {
+        let fields = query_num(&uri_parsed, "fields").unwrap_or(1);
+        let size = query_num(&uri_parsed, "size").unwrap_or(600) as usize;
+        let mut b = Response::builder().header("content-type", "text/plain");
+        for i in 0..fields {
+            b = b.header(format!("x-big-{i}"), "v".repeat(size));
+        }
+        return Ok(b.body(full("ok")).unwrap());
+    }
     let mut b = Response::builder().header("content-type", "text/plain");
     if path == "/set-hsts" {
         b = b.header("strict-transport-security", "max-age=60");

@@ -1,0 +1,119 @@
+//! What one connection can make keygate hold (issue 9 §3; README "Memory"): clients that do not
+//! read a large response, and upstream response heads at and past their limit. Figures are
+//! measured by `bench/attack.sh`; these tests assert bounds generous enough not to depend on the
+//! machine.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A TLS connection (ALPN http/1.1) with a 4 KiB receive buffer, set before connecting so that
+/// the window stays small: what the client does not read waits in keygate's buffers.
+async fn small_window_tls(kg: &Keygate) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(kg.addr).await.unwrap();
+    let mut cfg = kg.tls_config();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+/// 64 clients ask for 16 MiB each and read nothing. keygate's documented bound is about 70 KiB
+/// per such client (one upstream chunk read ahead, one chunk's TLS records, the connections'
+/// own state; README "Memory"); with hyper's default buffers it was ~750 KiB, and ~110 KiB
+/// before the write gate. The test allows 200 KiB per client, and checks that keygate still
+/// serves a normal request meanwhile and gives the memory back once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_do_not_read_make_keygate_hold_a_bounded_number_of_bytes() {
+    const READERS: usize = 64;
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("reader");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .server("max_connections_per_ip = 1024")
+        .auth("default_max_concurrent = 1024")
+        .key("reader", &hash, "")
+        .start();
+    let client = kg.client();
+    let get = |path: &str| {
+        http::Request::get(kg.url(path))
+            .header("x-api-key", &token)
+            .body(empty())
+            .unwrap()
+    };
+    assert_eq!(client.send(get("/")).await.status, 200);
+    // The first request's argon2 verification (19 MiB of working memory) is over and freed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = rss_kib(kg.pid());
+
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        let mut s = small_window_tls(&kg).await;
+        let req = format!(
+            "GET /bytes?n={} HTTP/1.1\r\nhost: localhost\r\nx-api-key: {token}\r\n\r\n",
+            16 << 20
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+        readers.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.count() < READERS + 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        up.count(),
+        READERS + 1,
+        "not every slow reader reached the upstream"
+    );
+    // Every buffer on the way fills up within a moment on loopback; sample for a while.
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib(kg.pid()));
+    }
+    let per_reader = peak.saturating_sub(before) / READERS as u64;
+    eprintln!(
+        "RSS {before} KiB -> peak {peak} KiB with {READERS} slow readers: {per_reader} KiB each"
+    );
+    assert!(
+        per_reader < 200,
+        "{per_reader} KiB per client that does not read (RSS {before} -> {peak} KiB)"
+    );
+
+    // Others are still served while the slow readers hold their connections.
+    let got = client.send(get("/bytes?n=1048576")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), 1 << 20);
+
+    drop(readers);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut now = rss_kib(kg.pid());
+    while now > before + 8 * 1024 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        now = rss_kib(kg.pid());
+    }
+    assert!(
+        now <= before + 8 * 1024,
+        "memory not given back after the slow readers left: {before} KiB before, {now} KiB now"
+    );
+}
