@@ -176,7 +176,7 @@ impl Upstream {
         let connector = Tracking(connector);
         let fresh = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
+            .http1_max_buf_size(UPSTREAM_READ_BUF)
             .timer(hyper_util::rt::TokioTimer::new())
             .build(connector.clone());
         Ok(Upstream {
@@ -263,7 +263,7 @@ impl Upstream {
                 req.headers().clone(),
             )
         });
-        match self.client().request(req).await {
+        match self.client().request(req.map(Box::new)).await {
             Ok(resp) => {
                 ConnUses::count(resp.extensions());
                 Ok(resp)
@@ -271,7 +271,7 @@ impl Upstream {
             Err(e) => match replay {
                 Some((method, uri, headers)) if failed_on_reused_connection(&e) => {
                     stats.set_retried();
-                    let mut again = http::Request::new(RequestBody::empty(stats.clone()));
+                    let mut again = http::Request::new(Box::new(RequestBody::empty(stats.clone())));
                     *again.method_mut() = method;
                     *again.uri_mut() = uri;
                     *again.headers_mut() = headers;
@@ -283,17 +283,26 @@ impl Upstream {
     }
 }
 
-type UpstreamClient = Client<Connector, RequestBody>;
+/// The request body is boxed on its way to hyper: a request waits for its connection in hyper's
+/// dispatch channel, whose blocks hold 32 requests each, so a 224-byte body inline made every
+/// upstream connection's channel block ~15 KiB; boxed, it is ~8 KiB (issue 10, peak RSS with
+/// 500 requests in flight).
+type UpstreamClient = Client<Connector, Box<RequestBody>>;
 
 /// Connection pools per [`Upstream`]: one per worker thread (threads past this share).
 const POOLS: usize = 64;
 
-/// An upstream connection reads into buffers of exactly this size (hyper's adaptive default
-/// grows to ~400 KiB). Each body chunk passed on to the client keeps its whole read buffer
-/// alive until it is written, so the buffer size is what a slow reader can pin per chunk
-/// (issue 9 §3: 1,000 slow readers of 1 MiB bodies); 16 KiB is one TLS record. It is also the
-/// largest upstream response head accepted (nginx's `proxy_buffer_size` default is 4–8 KiB);
-/// a larger one is a 502.
+/// The largest read buffer of an upstream connection (hyper's default grows to ~400 KiB).
+/// Reads start at 8 KiB (hyper's smallest) and grow to this when a read fills the buffer, so a
+/// small response keeps 8 KiB per upstream connection and a large body is read 16 KiB at a
+/// time. Each body chunk passed on to the client keeps its whole read buffer alive until it is
+/// written, so this is what a slow reader can pin per chunk (issue 9 §3: 1,000 slow readers of
+/// 1 MiB bodies); 16 KiB is one TLS record. hyper also starts a new buffer for every response
+/// (it reads ahead for the connection's close while the last response's bytes are still held),
+/// so a busy connection holds two: with reads of exactly 16 KiB, 500 requests in flight over
+/// HTTP/2 held ~20 MiB of read buffers, half of it unused (issue 10). It is also the largest
+/// upstream response head accepted (nginx's `proxy_buffer_size` default is 4–8 KiB); a larger
+/// one is a 502 (tests/upstream_buffers.rs).
 pub const UPSTREAM_READ_BUF: usize = 16 * 1024;
 
 static NEXT_POOL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -314,7 +323,7 @@ impl Upstream {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(self.pool_idle_timeout)
                 .pool_max_idle_per_host(1024)
-                .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
+                .http1_max_buf_size(UPSTREAM_READ_BUF)
                 .pool_timer(hyper_util::rt::TokioTimer::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .build(self.connector.clone())
