@@ -233,6 +233,7 @@ pub async fn handle(
                     peer: conn.peer.ip(),
                     client_ip,
                     request_id: &request_id,
+                    buffer_budget: &ctx.shared.buffer_budget,
                 };
                 let out = Box::pin(crate::webhook::deliver(req, &route, &arrival)).await;
                 ctx.upstream_status = out.upstream_status;

@@ -66,10 +66,13 @@ pub enum Reason {
     /// The route's delivery id header (`X-GitHub-Delivery`, an `id_from` header) came more
     /// than once: which one the application reads is anyone's guess, so the request is refused.
     AmbiguousId,
+    /// Bodies being read whole (every webhook delivery and buffered request) already hold the
+    /// global request-buffer budget ([`crate::upstream_cap::REQUEST_BUFFER_BUDGET`]): 503.
+    Busy,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::MissingSignature,
         Reason::BadSignature,
         Reason::Stale,
@@ -80,6 +83,7 @@ impl Reason {
         Reason::RateLimited,
         Reason::MethodNotAllowed,
         Reason::AmbiguousId,
+        Reason::Busy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +98,7 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::AmbiguousId => "ambiguous_id",
+            Reason::Busy => "busy",
         }
     }
 }
@@ -261,6 +266,8 @@ pub struct Arrival<'a> {
     pub peer: IpAddr,
     pub client_ip: IpAddr,
     pub request_id: &'a HeaderValue,
+    /// The global budget of request-body bytes held in memory (shared with request buffering).
+    pub buffer_budget: &'a Arc<tokio::sync::Semaphore>,
 }
 
 /// The response, and what the access record needs.
@@ -355,15 +362,31 @@ async fn deliver_inner(
     // answered here shows the bytes keygate read (`bytes_in`), as a forwarded one does.
     let stats = Arc::new(RequestStats::default());
     *stats_out = Some(stats.clone());
-    let body = match read_body(
+    // The whole read is bounded in time (`request_buffer_timeout`) as well as per stall, and
+    // in memory: every byte held comes out of the global request-buffer budget (a fresh user's
+    // 400 unsigned 1 MB bodies trickled by one client held 444 MiB). The bytes stay reserved
+    // until the delivery is done.
+    let mut held = None;
+    let read = read_body(
         body,
         route.max_body_bytes,
         a.snap.server.body_read_timeout,
         &stats,
-    )
-    .await
-    {
+        a.buffer_budget,
+        &mut held,
+    );
+    let whole = a.snap.caps.request_buffer_timeout;
+    let Ok(read) = tokio::time::timeout(whole, read).await else {
+        metrics::global().client_timeout("request_buffer");
+        client_event!(ClientEvent::ClientTimeout, a.client_ip, Level::INFO, event = "client_timeout", phase = "request_buffer", request_id = request_id_str(a.request_id), client_ip = %a.client_ip, route = &*route.id, timeout_ms = whole.as_millis() as u64, "the sender did not send the whole body within request_buffer_timeout");
+        return Err(Reject::RequestTimeout);
+    };
+    let body = match read {
         Ok(b) => b,
+        Err(BodyError::Busy(rest)) => {
+            crate::body::linger(rest);
+            return Err(refuse(Reason::Busy, Reject::Unavailable { retry_after: 1 }));
+        }
         Err(BodyError::TooLarge(rest)) => {
             crate::body::linger(rest);
             return Err(refuse(Reason::TooLarge, Reject::PayloadTooLarge));
@@ -649,6 +672,8 @@ fn duplicate_response(request_id: &HeaderValue) -> Response<ResponseBody> {
 enum BodyError {
     /// Over the limit; the rest of the body, to drain.
     TooLarge(Incoming),
+    /// The global request-buffer budget is spent; the rest of the body, to drain.
+    Busy(Incoming),
     /// Malformed framing, or aborted.
     Client,
     /// No body byte for `body_read_timeout`.
@@ -658,14 +683,48 @@ enum BodyError {
 /// Reads the whole body, refusing as soon as it crosses `limit` bytes, or when the sender
 /// leaves keygate waiting longer than `stall` for the next bytes (`body_read_timeout`, as for
 /// every other body).
+///
+/// Every byte read is first reserved in `budget` (the permits accumulate in `held`, which the
+/// caller keeps until the delivery is done); when the budget has no room, `Busy`.
 async fn read_body(
     mut body: Incoming,
     limit: u64,
     stall: Duration,
     stats: &RequestStats,
+    budget: &Arc<tokio::sync::Semaphore>,
+    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Bytes, BodyError> {
+    use http_body::Body as _;
     use http_body_util::BodyExt as _;
+    // What is reserved is the buffer's capacity, not its length: a growing buffer holds up to
+    // twice what it has read. A declared length (at most `limit`, checked before) is reserved
+    // and allocated at once, so a sender over the budget is refused before anything is read.
+    let declared = body.size_hint().exact().filter(|&n| n <= limit);
     let mut buf = bytes::BytesMut::new();
+    let mut reserved = 0usize;
+    let mut reserve = |want: usize, held: &mut Option<tokio::sync::OwnedSemaphorePermit>| {
+        if want <= reserved {
+            return true;
+        }
+        let Ok(more) = budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(want - reserved).unwrap_or(u32::MAX))
+        else {
+            return false;
+        };
+        match held {
+            Some(h) => h.merge(more),
+            None => *held = Some(more),
+        }
+        reserved = want;
+        true
+    };
+    if let Some(n) = declared {
+        if !reserve(n as usize, held) {
+            return Err(BodyError::Busy(body));
+        }
+        buf.reserve(n as usize);
+    }
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
             Err(_) => return Err(BodyError::Stalled),
@@ -678,6 +737,16 @@ async fn read_body(
             stats.set_bytes(seen);
             if seen > limit {
                 return Err(BodyError::TooLarge(body));
+            }
+            if buf.capacity() - buf.len() < d.len() {
+                // Grows as `extend_from_slice` would (doubling), reserved first.
+                let want = (buf.len() + d.len())
+                    .max(buf.capacity() * 2)
+                    .min(limit as usize);
+                if !reserve(want, held) {
+                    return Err(BodyError::Busy(body));
+                }
+                buf.reserve(want - buf.len());
             }
             buf.extend_from_slice(d);
         }
