@@ -184,3 +184,20 @@ fn alert_rules_check_and_the_webhook_signature_alert_fires_on_signature_failures
     );
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// The capacity alerts (upstream saturated, a key at max_concurrent, connection floods, argon2
+/// queue refusals) fire on sustained counts and stay silent below them: `promtool test rules`
+/// on tests/alerts/capacity.yml.
+#[test]
+fn capacity_alerts_fire_on_sustained_refusals_only() {
+    let Some(promtool) = promtool() else { return };
+    let test = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/alerts/capacity.yml");
+    let (code, out, err) = captured(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(&test)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
