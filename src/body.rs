@@ -84,10 +84,7 @@ pub struct RequestBody {
     inner: Source,
     /// Read ahead by [`read_prefix`]: sent first, then its trailers, then the rest of `inner`.
     prefix: Option<Bytes>,
-    /// Boxed (rare): the request is the upstream client's queue item, and hyper's queue holds
-    /// 32 of them in one block per upstream connection, allocated for its whole life (~15 KiB
-    /// with the trailers inline, ~12 KiB boxed).
-    trailers: Option<Box<http::HeaderMap>>,
+    trailers: Option<http::HeaderMap>,
     /// The whole body was read ahead: `inner` has nothing more.
     complete: bool,
     seen: u64,
@@ -205,7 +202,7 @@ impl RequestBody {
     /// The body with what [`read_prefix`] already read from it in front.
     pub fn with_prefix(mut self, prefix: Prefix) -> Self {
         self.prefix = (!prefix.data.is_empty()).then_some(prefix.data);
-        self.trailers = prefix.trailers.map(Box::new);
+        self.trailers = prefix.trailers;
         self.complete = prefix.complete;
         self
     }
@@ -289,7 +286,7 @@ impl Body for RequestBody {
                 this.trailers = trailers;
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            (None, Some(t)) => return Poll::Ready(Some(Ok(Frame::trailers(*t)))),
+            (None, Some(t)) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
             (None, None) if this.complete => return Poll::Ready(None),
             (None, None) => {
                 let inner = match &mut this.inner {

@@ -297,13 +297,15 @@ const POOLS: usize = 64;
 /// small response keeps 8 KiB per upstream connection and a large body is read 16 KiB at a
 /// time. Each body chunk passed on to the client keeps its whole read buffer alive until it is
 /// written, so this is what a slow reader can pin per chunk (issue 9 §3: 1,000 slow readers of
-/// 1 MiB bodies); 16 KiB is one TLS record. hyper also starts a new buffer for every response
+/// 1 MiB bodies). 64 bytes less than 16 KiB, so that a chunk, with HTTP/1.1 chunked framing and
+/// the TLS record's 22 bytes, is one record that fits a 16 KiB allocation (16 KiB + 22 would
+/// take jemalloc's 20 KiB size class). hyper also starts a new buffer for every response
 /// (it reads ahead for the connection's close while the last response's bytes are still held),
 /// so a busy connection holds two: with reads of exactly 16 KiB, 500 requests in flight over
 /// HTTP/2 held ~20 MiB of read buffers, half of it unused (issue 10). It is also the largest
-/// upstream response head accepted (nginx's `proxy_buffer_size` default is 4–8 KiB); a larger
-/// one is a 502 (tests/upstream_buffers.rs).
-pub const UPSTREAM_READ_BUF: usize = 16 * 1024;
+/// upstream response head accepted (16,320 bytes; nginx's `proxy_buffer_size` default is
+/// 4–8 KiB); a larger one is a 502 (tests/upstream_buffers.rs).
+pub const UPSTREAM_READ_BUF: usize = 16 * 1024 - 64;
 
 static NEXT_POOL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 

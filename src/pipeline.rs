@@ -273,7 +273,7 @@ pub async fn handle(
         request_id: request_id.clone(),
         client_ip,
         method,
-        path: ctx.echo_free_path.take().or(path),
+        path: ctx.echo_free_path.take().or(path.map(own_path)),
         status: resp.status().as_u16(),
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
         upstream_status: ctx.upstream_status,
@@ -293,10 +293,21 @@ fn request_id<B>(req: &Request<B>) -> HeaderValue {
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
         {
-            return v.clone();
+            // A copy, not a reference into hyper's read buffer (see `own_path`).
+            return HeaderValue::from_bytes(b).unwrap_or_else(|_| v.clone());
         }
     }
     new_request_id()
+}
+
+/// The request's path and query in a buffer of its own. As parsed, it is a slice of hyper's
+/// 8 KiB connection read buffer, and the access record keeps it until the response body ends:
+/// that kept the whole buffer alive, so that hyper, reading on while the response streams,
+/// took a new 8 KiB buffer for every request (and a connection streaming a long response held
+/// both; issue 9 §3). A copy of the few bytes costs less.
+fn own_path(p: http::uri::PathAndQuery) -> http::uri::PathAndQuery {
+    http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(p.as_str().as_bytes()))
+        .unwrap_or(p)
 }
 
 /// 128 random bits as 32 hex digits.
