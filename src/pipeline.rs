@@ -234,10 +234,12 @@ pub async fn handle(
                     client_ip,
                     request_id: &request_id,
                     buffer_budget: &ctx.shared.buffer_budget,
+                    upstream_cap: &ctx.shared.upstream_cap,
                 };
                 let out = Box::pin(crate::webhook::deliver(req, &route, &arrival)).await;
                 ctx.upstream_status = out.upstream_status;
                 ctx.stats = out.stats;
+                ctx.held = out.held;
                 out.response
                     .unwrap_or_else(|reject| own(reject.into_response(&request_id)))
             }

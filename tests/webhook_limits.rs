@@ -3,7 +3,9 @@
 //! of a declared 1 MiB body with a fake signature, took keygate from 9 MiB to 444 MiB, each body
 //! held for `body_read_timeout` (60 s). Now every byte held comes out of the global
 //! request-buffer budget (64 MiB, shared with request buffering; past it 503 `busy`), and the
-//! whole read is bounded by `request_buffer_timeout` (408). Real TLS, raw HTTP/1.1 senders.
+//! whole read is bounded by `request_buffer_timeout` (408). Deliveries also take an upstream
+//! slot (`[upstream] max_connections`), which they used to bypass. Real TLS, raw HTTP/1.1
+//! senders.
 
 mod common;
 
@@ -16,9 +18,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const SECRET_ENV: &str = "WH_GH";
 
 fn start(up: &RecordingUpstream, secret: &str) -> Keygate {
-    Keygate::builder()
-        .upstream_url(&up.url())
-        .server("request_buffer_timeout = \"4s\"")
+    start_with_upstream_lines(up, secret, &[])
+}
+
+fn start_with_upstream_lines(up: &RecordingUpstream, secret: &str, lines: &[&str]) -> Keygate {
+    let mut b = Keygate::builder().upstream_url(&up.url());
+    for l in lines {
+        b = b.upstream_line(l);
+    }
+    b.server("request_buffer_timeout = \"4s\"")
         .raw(
             "[[webhooks]]\nid = \"gh\"\npath = \"/hooks/github\"\nscheme = \"github\"\n\
              secret = { env = \"WH_GH\" }\nmax_body_bytes = 4194304\n",
@@ -189,4 +197,52 @@ async fn a_trickled_delivery_is_cut_at_request_buffer_timeout() {
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!((3.0..20.0).contains(&secs), "answered after {secs:.1} s");
     assert_eq!(up.count(), 0);
+}
+
+/// Signed deliveries count against `[upstream] max_connections` like every forwarded request:
+/// with one slot held by a slow delivery, the next waits `queue_timeout` and gets 503 (its
+/// delivery id released, so the sender's retry is forwarded later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_take_an_upstream_slot() {
+    let up = RecordingUpstream::start().await;
+    let secret = unique_secret("gh");
+    let kg = start_with_upstream_lines(
+        &up,
+        &secret,
+        &["max_connections = 1", "queue_timeout = \"300ms\""],
+    );
+    let deliver = |body: &'static [u8], id: &'static str, sleep_ms: u64| {
+        let c = kg.client();
+        let mut req = hyper::Request::post(kg.url("/hooks/github"))
+            .header("x-upstream-sleep-ms", sleep_ms.to_string());
+        for (n, v) in sign_github(&secret, body, id) {
+            req = req.header(n, v);
+        }
+        let req = req.body(full(body)).unwrap();
+        async move { c.send(req).await.status }
+    };
+    let slow = tokio::spawn(deliver(br#"{"n":1}"#, "d-1", 2500));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.count() == 0 {
+        assert!(Instant::now() < deadline, "the slow delivery never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(deliver(br#"{"n":2}"#, "d-2", 0).await, 503);
+    assert_eq!(
+        up.count(),
+        1,
+        "the second delivery did not reach the upstream"
+    );
+    let m = metrics(&kg).await;
+    assert_eq!(
+        metric(
+            &m,
+            "keygate_upstream_saturated_total{reason=\"queue_timeout\"}"
+        ),
+        1
+    );
+    assert_eq!(slow.await.unwrap(), 200);
+    // The sender retries the refused delivery: forwarded (not answered as a duplicate).
+    assert_eq!(deliver(br#"{"n":2}"#, "d-2", 0).await, 200);
+    assert_eq!(up.count(), 2);
 }

@@ -268,6 +268,8 @@ pub struct Arrival<'a> {
     pub request_id: &'a HeaderValue,
     /// The global budget of request-body bytes held in memory (shared with request buffering).
     pub buffer_budget: &'a Arc<tokio::sync::Semaphore>,
+    /// `[upstream] max_connections`: deliveries take a slot like every forwarded request.
+    pub upstream_cap: &'a crate::upstream_cap::UpstreamCap,
 }
 
 /// The response, and what the access record needs.
@@ -275,6 +277,8 @@ pub struct Outcome {
     pub response: Result<Response<ResponseBody>, Reject>,
     pub upstream_status: Option<u16>,
     pub stats: Option<Arc<RequestStats>>,
+    /// The upstream slot and body bytes the delivery holds until its response is sent.
+    pub held: crate::upstream_cap::Held,
 }
 
 fn rejected(route: &Route, a: &Arrival<'_>, reason: Reason) {
@@ -297,11 +301,13 @@ fn rejected(route: &Route, a: &Arrival<'_>, reason: Reason) {
 pub async fn deliver(req: Request<Incoming>, route: &Arc<Route>, a: &Arrival<'_>) -> Outcome {
     let mut stats = None;
     let mut upstream_status = None;
-    let response = deliver_inner(req, route, a, &mut stats, &mut upstream_status).await;
+    let mut held = crate::upstream_cap::Held::default();
+    let response = deliver_inner(req, route, a, &mut stats, &mut upstream_status, &mut held).await;
     Outcome {
         response,
         upstream_status,
         stats,
+        held,
     }
 }
 
@@ -311,6 +317,7 @@ async fn deliver_inner(
     a: &Arrival<'_>,
     stats_out: &mut Option<Arc<RequestStats>>,
     upstream_status: &mut Option<u16>,
+    held_out: &mut crate::upstream_cap::Held,
 ) -> Result<Response<ResponseBody>, Reject> {
     let refuse = |reason: Reason, reject: Reject| {
         rejected(route, a, reason);
@@ -366,14 +373,14 @@ async fn deliver_inner(
     // in memory: every byte held comes out of the global request-buffer budget (a fresh user's
     // 400 unsigned 1 MB bodies trickled by one client held 444 MiB). The bytes stay reserved
     // until the delivery is done.
-    let mut held = None;
+    let held = &mut held_out.buffer;
     let read = read_body(
         body,
         route.max_body_bytes,
         a.snap.server.body_read_timeout,
         &stats,
         a.buffer_budget,
-        &mut held,
+        held,
     );
     let whole = a.snap.caps.request_buffer_timeout;
     let Ok(read) = tokio::time::timeout(whole, read).await else {
@@ -504,8 +511,40 @@ async fn deliver_inner(
     *up.uri_mut() = snap.upstream.uri_for(up.uri().path_and_query());
     *up.version_mut() = http::Version::HTTP_11;
 
-    let result = snap.upstream.send(up, &stats).await;
     let mut guard = claim_guard;
+    // The route's deliveries count against `[upstream] max_connections` like every forwarded
+    // request (they bypassed it: a burst of signed deliveries could exceed the cap).
+    let caps = &snap.caps;
+    let permit = a
+        .upstream_cap
+        .acquire(
+            caps.upstream_max_connections,
+            crate::upstream_cap::queue_limit(caps.upstream_max_connections),
+            caps.upstream_queue_timeout,
+        )
+        .await;
+    match permit {
+        Ok(p) => held_out.upstream = Some(p),
+        Err(why) => {
+            if let Some(g) = guard.as_mut() {
+                g.settle(false).await;
+            }
+            metrics::global().upstream_saturated(why.as_str());
+            client_event!(
+                ClientEvent::UpstreamSaturated,
+                a.client_ip,
+                Level::WARN,
+                event = "upstream_saturated",
+                reason = why.as_str(),
+                request_id = request_id_str(a.request_id),
+                route = &*route.id,
+                max_connections = caps.upstream_max_connections,
+                "no upstream connection free: {why}"
+            );
+            return Err(Reject::Unavailable { retry_after: 1 });
+        }
+    }
+    let result = snap.upstream.send(up, &stats).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
