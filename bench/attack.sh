@@ -9,6 +9,8 @@
 #   idle         ATTACK_IDLE_CONNS TLS keep-alive connections from 200 addresses, one request
 #                each, then idle. Counted: proxy RSS growth per connection (KiB), and RSS 1 s
 #                after they all closed.
+#   idle_h2      the same over HTTP/2 (one GET on stream 1 each, then idle; the client answers
+#                PINGs).
 #   slow_read    ATTACK_READERS TLS clients from 200 addresses with a 4 KiB receive buffer ask
 #                for a 1 MiB response (3 pipelined) and read 32 bytes every 5 s for
 #                ATTACK_READ_SECS (slowhttptest -X cannot send an API key). Counted: peak proxy
@@ -21,14 +23,14 @@
 #                that closes keep-alive connections idle for 0.1 s, and 300 requests 0.05–0.15 s
 #                apart: failed requests.
 #
-# For the memory scenarios (idle, slow_read) and slow_body keygate runs with its per-address,
+# For the memory scenarios (idle, idle_h2, slow_read) and slow_body keygate runs with its per-address,
 # per-key and connection caps raised (max_connections 8192, max_connections_per_ip 8192,
 # default_max_concurrent 8192), so that the figure is what one connection costs, not what a cap
 # refused; one_address uses the defaults (that is what it tests). nginx: worker_connections 4096
 # for one_address, 16384 otherwise.
 #
 # Usage: bash bench/attack.sh
-#   env: ATTACK_SCENARIOS="slow_body idle slow_read one_address closing",
+#   env: ATTACK_SCENARIOS="slow_body idle idle_h2 slow_read one_address closing",
 #        ATTACK_TARGETS="nginx keygate" (a keygate build may be named: NAME=PATH, e.g.
 #        "nginx before=/tmp/keygate-old after=target/release/keygate"),
 #        KEYGATE_BIN (default $CARGO_TARGET_DIR/release/keygate), ATTACK_BUILD=1 (cargo build
@@ -42,7 +44,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-: "${ATTACK_SCENARIOS:=slow_body idle slow_read one_address closing}"
+: "${ATTACK_SCENARIOS:=slow_body idle idle_h2 slow_read one_address closing}"
 : "${ATTACK_TARGETS:=nginx keygate}"
 : "${KEYGATE_BIN:=$TARGET_DIR/release/keygate}"
 : "${ATTACK_BUILD:=1}"
@@ -209,21 +211,24 @@ slow_body() {
     row "slow_body | $1 | upstream connections held (peak) | $peak | ${ATTACK_SLOW_CONNS} slow POST clients (${out:-?} connected at the end), ${ATTACK_SLOW_SECS} s; load $(loadavg)"
 }
 
-idle() {
-    local before after got closed
+idle() { idle_with idle "$1" "KiB per idle TLS keep-alive connection"; }
+idle_h2() { idle_with idle-h2 "$1" "KiB per idle HTTP/2 TLS connection"; }
+idle_with() {  # client-command name measure
+    local before after got closed sc=${1/-/_}
+    shift
     before=$(rss)
-    rm -f "$WORK/idle.$1.out"
-    python3 "$BENCH/attack_clients.py" idle "$ATTACK_IDLE_CONNS" 127.0.0.1 "$PORT" "$TOKEN" /small >"$WORK/idle.$1.out" 2>&1 &
+    rm -f "$WORK/$sc.$1.out"
+    python3 "$BENCH/attack_clients.py" "${sc/_/-}" "$ATTACK_IDLE_CONNS" 127.0.0.1 "$PORT" "$TOKEN" /small >"$WORK/$sc.$1.out" 2>&1 &
     local cl=$!
-    for _ in $(seq 600); do grep -q '^ready' "$WORK/idle.$1.out" 2>/dev/null && break; sleep 0.2; done
+    for _ in $(seq 600); do grep -q '^ready' "$WORK/$sc.$1.out" 2>/dev/null && break; sleep 0.2; done
     sleep 2
     after=$(rss)
-    got=$(awk '/^ready/ {print $2}' "$WORK/idle.$1.out")
+    got=$(awk '/^ready/ {print $2}' "$WORK/$sc.$1.out")
     kill $cl 2>/dev/null || true
     wait $cl 2>/dev/null || true
     sleep 1
     closed=$(rss)
-    row "idle | $1 | KiB per idle TLS keep-alive connection | $(((after - before) / (got > 0 ? got : 1))) | RSS $before → $after KiB with $got connections ($(awk '/^ready/ {$1=$2=""; print}' "$WORK/idle.$1.out")), $closed KiB 1 s after they closed; load $(loadavg)"
+    row "$sc | $1 | $2 | $(((after - before) / (got > 0 ? got : 1))) | RSS $before → $after KiB with $got connections ($(awk '/^ready/ {$1=$2=""; print}' "$WORK/$sc.$1.out")), $closed KiB 1 s after they closed; load $(loadavg)"
 }
 
 slow_read() {

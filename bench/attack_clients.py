@@ -7,6 +7,11 @@
                                   comes from 127.0.0.(10 + i % ADDRS) (default 200 addresses,
                                   so that a per-address cap does not decide the figure). Prints
                                   "ready <n>" once all are idle, then waits for SIGTERM.
+  idle-h2 N HOST PORT TOKEN [PATH] [ADDRS]
+                                  the same over HTTP/2 (ALPN h2; frames and HPACK literals
+                                  written by hand, no library): one GET on stream 1, the
+                                  response read to its END_STREAM, then idle, answering the
+                                  server's PINGs and SETTINGS.
   slowread N HOST PORT TOKEN PATH SECS [PIPELINE]
                                   open N TLS connections (from 127.0.0.10.. like idle), each
                                   with a 4 KiB receive buffer, send PIPELINE (default 3) keep-alive
@@ -94,6 +99,97 @@ async def idle(n, host, port, token, path="/small", addrs="200"):
                 statuses[st] = statuses.get(st, 0) + 1
                 conns.append((r, w))
             except Exception as e:  # counted, not fatal: the report shows how many are held
+                statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    print(f"ready {len(conns)} {statuses}", flush=True)
+    await wait_term()
+
+
+def h2_frame(ty, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([ty, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def hpack_int(v, prefix_bits, first=0):
+    limit = (1 << prefix_bits) - 1
+    if v < limit:
+        return bytes([first | v])
+    out = bytearray([first | limit])
+    v -= limit
+    while v >= 128:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def hpack_literal(name, value):
+    # Literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
+    return b"\x00" + hpack_int(len(name), 7) + name + hpack_int(len(value), 7) + value
+
+
+async def h2_conn(host, port, src, token, path, statuses, conns):
+    ctx = tls_ctx()
+    ctx.set_alpn_protocols(["h2"])
+    r, w = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost", local_addr=(src, 0)),
+        60,
+    )
+    block = b"".join(
+        hpack_literal(n, v)
+        for n, v in [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":path", path.encode()),
+            (b":authority", b"localhost"),
+            (b"x-api-key", token.encode()),
+        ]
+    )
+    w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0) + h2_frame(1, 0x5, 1, block))
+    done = asyncio.get_running_loop().create_future()
+
+    async def frames():
+        status = None
+        try:
+            while True:
+                head = await r.readexactly(9)
+                n = int.from_bytes(head[:3], "big")
+                ty, flags, sid = head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                payload = await r.readexactly(n) if n else b""
+                if ty == 4 and not flags & 1:  # SETTINGS: acknowledge
+                    w.write(h2_frame(4, 1, 0))
+                elif ty == 6 and not flags & 1:  # PING: answer
+                    w.write(h2_frame(6, 1, 0, payload))
+                elif ty == 1 and sid == 1 and status is None:
+                    # The first field of keygate's and nginx's responses is :status as an
+                    # indexed static entry (0x88 = 200) or a literal.
+                    status = 200 if payload[:1] == b"\x88" else payload[:1].hex()
+                elif ty == 7:  # GOAWAY
+                    break
+                if sid == 1 and ty in (0, 1) and flags & 1 and not done.done():
+                    done.set_result(status)
+        except Exception:
+            pass
+        if not done.done():
+            done.set_result("closed")
+
+    task = asyncio.ensure_future(frames())
+    st = await asyncio.wait_for(done, 60)
+    statuses[st] = statuses.get(st, 0) + 1
+    conns.append((task, w))
+
+
+async def idle_h2(n, host, port, token, path="/small", addrs="200"):
+    conns = []
+    sem = asyncio.Semaphore(64)
+    statuses = {}
+    addrs = int(addrs)
+
+    async def one(i):
+        async with sem:
+            try:
+                await h2_conn(host, port, f"127.0.0.{10 + i % addrs}", token, path, statuses, conns)
+            except Exception as e:
                 statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
 
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -268,6 +364,8 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "idle":
         asyncio.run(idle(int(args[0]), args[1], int(args[2]), args[3], *args[4:6]))
+    elif cmd == "idle-h2":
+        asyncio.run(idle_h2(int(args[0]), args[1], int(args[2]), args[3], *args[4:6]))
     elif cmd == "slowread":
         asyncio.run(slowread(int(args[0]), args[1], int(args[2]), *args[3:8]))
     elif cmd == "paced":

@@ -345,6 +345,17 @@ pub const TLS_SEND_BUFFER: usize = 16 * 1024;
 /// window (hyper's default is ~400 KiB per stream).
 pub const H2_STREAM_SEND_BUFFER: usize = 16 * 1024;
 
+/// How much request-body data an HTTP/2 client may send on one stream before keygate has passed
+/// it on (RFC 9113 §6.9.2: the initial flow-control window). hyper's default is 1 MiB.
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The same for a whole HTTP/2 connection: what one connection's uploads can make keygate hold
+/// while the upstream (or the queue for it) is slow, whatever the number of streams. hyper's
+/// default is 1 MiB; with 512 KiB an upload still fills a 40 Mbit/s path at 100 ms RTT, and
+/// 1,000 connections uploading into a stalled upstream hold at most 512 MiB less what the
+/// upstream read (an HTTP/1.1 upload waits in the kernel's socket buffers instead).
+pub const H2_CONNECTION_WINDOW: u32 = 512 * 1024;
+
 /// The TLS handshake within `tls_handshake_timeout`; `None` (logged, budgeted) when it fails.
 async fn tls_handshake(
     stream: TcpStream,
@@ -465,6 +476,8 @@ async fn serve_connection(
                 // protocol errors; past 1024 on one connection, GOAWAY ENHANCE_YOUR_CALM.
                 .max_local_error_reset_streams(Some(1024))
                 .max_send_buf_size(H2_STREAM_SEND_BUFFER)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(20));
             let http = b.serve_connection(TokioIo::new(io), svc);

@@ -117,3 +117,53 @@ async fn clients_that_do_not_read_make_keygate_hold_a_bounded_number_of_bytes() 
         "memory not given back after the slow readers left: {before} KiB before, {now} KiB now"
     );
 }
+
+/// An upstream response head is read into the upstream connection's buffer, so its size is
+/// bounded by `forward::UPSTREAM_READ_BUF` (16,320 bytes; README "Memory"): a set of big
+/// `Set-Cookie`-like fields up to that passes whole, over HTTP/1.1 and HTTP/2, and a larger one
+/// is a JSON 502 at once (not a hang, not a truncated head), after which the key and the pool
+/// still serve.
+#[tokio::test]
+async fn a_large_upstream_head_passes_up_to_its_bound_and_past_it_is_a_json_502() {
+    let up = Upstream::start().await;
+    let (kg, token) = Keygate::with_key(&up.url(), "heads");
+    for h2 in [false, true] {
+        let c = if h2 { kg.client_h2() } else { kg.client() };
+        // 25 fields of 600 bytes: ~15.4 KB of head.
+        let r = c
+            .get(
+                &kg.url("/head?fields=25&size=600"),
+                &[("x-api-key", &token)],
+            )
+            .await;
+        assert_eq!(r.status, 200, "h2={h2}");
+        for i in 0..25 {
+            assert_eq!(
+                r.header(&format!("x-big-{i}")).map(str::len),
+                Some(600),
+                "field {i} (h2={h2})"
+            );
+        }
+        // 40 fields of 600 bytes: ~24.6 KB, past the bound.
+        let started = std::time::Instant::now();
+        let r = c
+            .get(
+                &kg.url("/head?fields=40&size=600"),
+                &[("x-api-key", &token)],
+            )
+            .await;
+        assert_eq!(r.status, 502, "h2={h2}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the 502 took {:?} (h2={h2})",
+            started.elapsed()
+        );
+        let j = r.json();
+        assert!(j["error"].is_string(), "{j}");
+        assert!(j["request_id"].is_string(), "{j}");
+        assert!(r.header("x-big-0").is_none(), "h2={h2}");
+        let r = c.get(&kg.url("/"), &[("x-api-key", &token)]).await;
+        assert_eq!(r.status, 200, "h2={h2}");
+    }
+    assert_no_secrets(&kg.logs(), &[&token]);
+}
