@@ -664,7 +664,7 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
     let Some(key) = snap.keys.get(token.id()) else {
         return Err(guess(AuthFailure::UnknownKey, Some(token.id())));
     };
-    let digest = ctx.shared.verifier.digest(token.expose());
+    let digest = ctx.shared.verifier.digest(key, token.expose());
     while !Verifier::is_cached(key, &digest) {
         // Another request is verifying this very token (a client's parallel first requests
         // after a restart): wait for its outcome, uncharged, instead of each request being

@@ -330,3 +330,68 @@ async fn parallel_first_requests_with_one_token_are_verified_once_and_never_thro
     assert_eq!(metric(&metrics(&kg).await, WRONG_HASHES), 1);
     assert_no_secrets(&kg.logs(), &[&t1, &t2, &wrong, &h1, &h2]);
 }
+
+/// A second fresh user: a verification started before a reload that re-hashes the key, and
+/// finished after it, answered "wrong" for the requests that came after the reload (they
+/// joined it) and left that verdict in the negative cache: the key's new, valid token got 401
+/// for a minute. Every cache and the shared verification are now per (token, hash): right
+/// after the reload the new token is checked against the new hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_verdict_against_a_replaced_hash_never_answers_for_the_new_one() {
+    let up = Upstream::start().await;
+    let token = keygate::auth::NewToken::generate("rot")
+        .reveal()
+        .to_string();
+    let other = keygate::auth::NewToken::generate("rot")
+        .reveal()
+        .to_string();
+    // The old hash is of another token, and slow (about a second), so the reload lands while
+    // the verification of `token` against it runs.
+    let old_hash = keygate::auth::hash_token_with(other.as_bytes(), 19_456, 40);
+    let new_hash = keygate::auth::hash_token_with(token.as_bytes(), 19_456, 2);
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .auth("verify_concurrency = 1")
+        .key("rot", &old_hash, "")
+        .admin()
+        .start();
+    let c = kg.client_h2();
+    let url = kg.url("/");
+    let before = {
+        let (c, url, token) = (kg.client_h2(), url.clone(), token.clone());
+        tokio::spawn(async move {
+            let hdr = [("x-api-key", token.as_str())];
+            futures_util::future::join_all((0..3).map(|_| c.get(&url, &hdr)))
+                .await
+                .iter()
+                .map(|g| g.status)
+                .collect::<Vec<_>>()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let config = std::fs::read_to_string(&kg.config).unwrap();
+    std::fs::write(&kg.config, config.replace(&old_hash, &new_hash)).unwrap();
+    kg.signal("HUP");
+    kg.wait_log("reload", |v| v["event"] == "config_reloaded");
+    // Right after the reload, while the old verification may still run: the new hash.
+    let hdr = [("x-api-key", token.as_str())];
+    let after = futures_util::future::join_all((0..3).map(|_| c.get(&url, &hdr))).await;
+    assert!(
+        after.iter().all(|g| g.status == 200),
+        "{:?}",
+        after.iter().map(|g| g.status).collect::<Vec<_>>()
+    );
+    for s in before.await.unwrap() {
+        assert!(matches!(s, 200 | 401), "{s}");
+    }
+    // And once the old verification has surely ended: still 200 (no negative-cache entry).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        c.get(&url, &[("x-api-key", token.as_str())]).await.status,
+        200
+    );
+    assert_eq!(
+        c.get(&url, &[("x-api-key", other.as_str())]).await.status,
+        401
+    );
+}

@@ -181,8 +181,15 @@ impl Verifier {
         Joined::Waited(settled)
     }
 
-    pub fn digest(&self, token: &[u8]) -> Digest {
+    /// The digest of `token` presented for `key`, bound to the key's hash (its fingerprint is
+    /// part of the MAC input): every cache and the shared verification are per (token, hash),
+    /// so a verdict reached against a hash a reload has since replaced can neither answer
+    /// requests against the new one nor linger in the negative cache (a fresh user's rotated
+    /// key was refused for a minute: a verification started before the reload remembered its
+    /// "wrong" after `forget_bad` had run).
+    pub fn digest(&self, key: &Key, token: &[u8]) -> Digest {
         let mut mac = self.mac.clone();
+        mac.update(&key.hash.fingerprint());
         mac.update(token);
         mac.finalize().into_bytes().into()
     }
