@@ -97,17 +97,25 @@ pub struct RequestBody {
 }
 
 /// A body dropped before the client finished sending it (the upstream was never reached: 503
-/// after `queue_timeout`, 502, 504; or the upstream answered without reading it all) lingers
-/// like a refused one ([`linger`]), so the client, still uploading, reads the response instead
-/// of a TCP reset (HTTP/1.1) or a stream reset (HTTP/2). A body read to its end, or whose
-/// client is gone, costs nothing here.
+/// after `queue_timeout`, 502, 504; or the upstream answered without reading it all) lingers,
+/// so the client, still uploading, reads the response instead of a TCP reset (HTTP/1.1) or a
+/// stream reset (HTTP/2). The client authenticated, and its uploads are documents of many
+/// megabytes, so the bound is nginx's `lingering_time` / `lingering_timeout` (30 s in all, 5 s
+/// without a byte) rather than a refusal's 1 MiB: a second fresh user's Python client uploading
+/// 3 MB never read its 502. Nothing is kept: the bytes are read and dropped. A body read to its
+/// end, or whose client is gone, costs nothing here.
 impl Drop for RequestBody {
     fn drop(&mut self) {
         if let Source::Stream(rest) = std::mem::replace(&mut self.inner, Source::Buffered(None)) {
-            linger(rest);
+            linger_for(rest, i64::MAX, AUTHENTICATED_LINGER_TIME);
         }
     }
 }
+
+/// How long an authenticated client's unread upload is drained after its response (nginx's
+/// `lingering_time`); [`LINGER_GAP`] is the longest wait for its next bytes.
+const AUTHENTICATED_LINGER_TIME: Duration = Duration::from_secs(30);
+const LINGER_GAP: Duration = Duration::from_secs(5);
 
 /// A streamed client body, or one already read whole: a verified webhook delivery, or an empty
 /// body (a request sent again, see `forward.rs`).
@@ -370,6 +378,12 @@ impl Body for RequestBody {
 /// error" instead of the response). Past the bound, HTTP/1.1 closes and HTTP/2 resets the stream
 /// with `NO_ERROR` after the complete response (RFC 9113 §8.1).
 pub fn linger(body: Incoming) {
+    linger_for(body, LINGER_BYTES, LINGER_TIME);
+}
+
+/// [`linger`] with its own bounds: at most `bytes` read, for at most `total`, and never more
+/// than [`LINGER_GAP`] waiting for the client's next bytes.
+fn linger_for(body: Incoming, bytes: i64, total: Duration) {
     if body.is_end_stream() {
         return;
     }
@@ -381,16 +395,16 @@ pub fn linger(body: Incoming) {
     rt.spawn(async move {
         use http_body_util::BodyExt as _;
         let mut body = body;
-        let mut left: i64 = LINGER_BYTES;
+        let mut left: i64 = bytes;
         let drain = async {
             while left > 0 {
-                match body.frame().await {
-                    Some(Ok(f)) => left -= f.data_ref().map_or(0, |d| d.len() as i64),
+                match tokio::time::timeout(LINGER_GAP, body.frame()).await {
+                    Ok(Some(Ok(f))) => left -= f.data_ref().map_or(0, |d| d.len() as i64),
                     _ => break,
                 }
             }
         };
-        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        let _ = tokio::time::timeout(total, drain).await;
     });
 }
 

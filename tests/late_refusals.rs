@@ -23,21 +23,33 @@ const UPLOAD: usize = 400 * 1024;
 /// closed or reset under the upload) means the client never reads the response. Returns
 /// (status, body) or what the client saw go wrong.
 async fn slow_upload(kg: &Keygate, token: &str, path: &str) -> Result<(u16, String), String> {
+    upload(kg, token, path, UPLOAD, 8 * 1024, Duration::from_millis(40)).await
+}
+
+/// [`slow_upload`] of `size` bytes in chunks of `chunk`, one every `pace`.
+async fn upload(
+    kg: &Keygate,
+    token: &str,
+    path: &str,
+    size: usize,
+    chunk: usize,
+    pace: Duration,
+) -> Result<(u16, String), String> {
     let mut tls = kg.tls_from([127, 0, 0, 1]).await.unwrap();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\nContent-Length: {UPLOAD}\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\nContent-Length: {size}\r\n\r\n"
     );
     let run = async {
         tls.write_all(head.as_bytes())
             .await
             .map_err(|e| format!("head: {:?}", e.kind()))?;
-        let chunk = [b'u'; 8 * 1024];
-        for i in 0..UPLOAD / chunk.len() {
+        let chunk = vec![b'u'; chunk];
+        for i in 0..size / chunk.len() {
             tls.write_all(&chunk)
                 .await
                 .and(tls.flush().await)
                 .map_err(|e| format!("{:?} writing chunk {i}", e.kind()))?;
-            tokio::time::sleep(Duration::from_millis(40)).await;
+            tokio::time::sleep(pace).await;
         }
         let mut buf = Vec::new();
         let mut byte = [0u8; 1];
@@ -147,6 +159,20 @@ async fn a_502_reaches_a_client_still_uploading() {
     let (status, body) = slow_upload(&kg, &token, "/upload").await.expect("HTTP/1.1");
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("request_id"), "{body}");
+    // A document of several megabytes (past a refusal's 1 MiB drain): still readable, as the
+    // authenticated client's upload is drained for up to 30 s (nginx's lingering_time).
+    let big = 6 * 1024 * 1024;
+    let (status, body) = upload(
+        &kg,
+        &token,
+        "/upload",
+        big,
+        64 * 1024,
+        Duration::from_millis(5),
+    )
+    .await
+    .expect("HTTP/1.1, 6 MiB");
+    assert_eq!(status, 502, "{body}");
     let (code, out, err) = curl_h2_upload(&kg, &token, "/upload").await;
     let (body, status) = split_curl(&out);
     assert_eq!((code, status), (0, "502"), "curl: {err} {out}");
