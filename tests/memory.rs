@@ -100,10 +100,17 @@ async fn clients_that_do_not_read_make_keygate_hold_a_bounded_number_of_bytes() 
         "{per_reader} KiB per client that does not read (RSS {before} -> {peak} KiB)"
     );
 
-    // Others are still served while the slow readers hold their connections.
-    let got = client.send(get("/bytes?n=1048576")).await;
+    // Others are still served while the slow readers hold their connections, and a body of
+    // many chunks streams through the write gate to its end (it would stall if hyper stopped
+    // polling the body again after a completed flush: body.rs, `WriteGate`).
+    let got = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.send(get(&format!("/bytes?n={}", 8 << 20))),
+    )
+    .await
+    .expect("an 8 MiB body stalled");
     assert_eq!(got.status, 200);
-    assert_eq!(got.body.len(), 1 << 20);
+    assert_eq!(got.body.len(), 8 << 20);
 
     drop(readers);
     let deadline = Instant::now() + Duration::from_secs(20);
