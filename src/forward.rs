@@ -1,4 +1,4 @@
-//! The upstream side: a pooled hyper-util client, header rewriting (SPEC §4), timeouts,
+//! The upstream side: a connection pool per worker, header rewriting (SPEC §4), timeouts,
 //! retries on reused connections and protocol upgrades.
 //!
 //! **Keep-alive races.** An upstream may close an idle keep-alive connection at the moment
@@ -6,27 +6,34 @@
 //! after 2 s, Node after 5 s). Two defences, as Go's `net/http` transport and nginx have them:
 //! the pool drops connections idle for `[upstream] pool_idle_timeout` (default 1 s, below every
 //! common upstream keep-alive), and a request that fails on a *reused* connection before any
-//! response byte arrived is sent once more on a new connection, when that is safe: its method is
-//! idempotent (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and it has no body (one
-//! that was streamed cannot be replayed). A POST is never sent twice; a failure on a connection
+//! response byte arrived is sent once more on a new connection, when that is safe: it was never
+//! written (the connection was found closed first), or its method is idempotent (RFC 9110
+//! §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and it has no body (one that was streamed
+//! cannot be replayed). A POST that was written is never sent twice; a failure on a connection
 //! opened for the request is not retried either (the upstream really is failing).
+//!
+//! **The pool** (issue 10). Each worker thread has its own list of idle HTTP/1.1 connections
+//! (hyper's `client::conn::http1`), used last in, first out, so a request stays on its thread
+//! from client to upstream and back. A request takes an idle connection or opens one; the
+//! connection goes back to the list when its response has been read. So keygate never holds
+//! more upstream connections than it has had requests in flight at once (bounded by
+//! `[upstream] max_connections`, `upstream_cap.rs`); hyper-util's pool, used before, raced a new
+//! connection against every wait for an idle one and kept the winner and the loser (77 upstream
+//! connections for 50 clients, 807 for 500 requests in flight).
 
-use std::future::Future;
+use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
-use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Method, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::{RequestBody, RequestStats};
 
@@ -37,16 +44,19 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub use crate::proto::{is_hop_by_hop, strip_hop_by_hop};
 
-type Connector = Tracking<HttpsConnector<HttpConnector>>;
+type Connector = HttpsConnector<HttpConnector>;
 
 /// The protected service.
 pub struct Upstream {
-    /// One connection pool per worker thread (see [`Upstream::client`]).
-    clients: Box<[std::sync::OnceLock<UpstreamClient>]>,
+    /// One connection pool per worker thread (see [`Upstream::pool`]).
+    pools: Box<[OnceLock<Arc<Pool>>]>,
     connector: Connector,
     pool_idle_timeout: Duration,
-    /// No pool: every request gets a new connection (for the one retry).
-    fresh: UpstreamClient,
+    /// The upstream URL's scheme and authority, which connections are opened to.
+    connect_uri: Uri,
+    /// `Host` for requests that carry none: the URL's host, and its port when not the scheme's
+    /// default (as hyper-util's client set it, RFC 9112 §3.2).
+    host: HeaderValue,
     scheme: Scheme,
     authority: Authority,
     /// Prefix from the configured URL's path, without trailing slash ("" for none).
@@ -173,17 +183,24 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let connector = Tracking(connector);
-        let fresh = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .http1_max_buf_size(UPSTREAM_READ_BUF)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .build(connector.clone());
+        let connect_uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| e.to_string())?;
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(p) if p != default_port => format!("{}:{p}", authority.host()),
+            _ => authority.host().to_string(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|_| format!("URL {url:?} has no host"))?;
         Ok(Upstream {
-            clients: (0..POOLS).map(|_| std::sync::OnceLock::new()).collect(),
+            pools: (0..POOLS).map(|_| OnceLock::new()).collect(),
             connector,
             pool_idle_timeout,
-            fresh,
+            connect_uri,
+            host,
             scheme,
             authority,
             base_path,
@@ -191,20 +208,16 @@ impl Upstream {
         })
     }
 
+    /// The request target sent upstream (origin-form, RFC 9112 §3.2.1): the URL's base path
+    /// followed by the client's path and query.
     pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Uri {
+        if self.base_path.is_empty() {
+            return pq.map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        }
         let pq_str = pq.map_or("/", |p| p.as_str());
-        let mut b = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone());
-        b = if self.base_path.is_empty() {
-            b.path_and_query(
-                pq.cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            )
-        } else {
-            b.path_and_query(format!("{}{}", self.base_path, pq_str))
-        };
-        b.build().unwrap_or_else(|_| Uri::from_static("/"))
+        format!("{}{}", self.base_path, pq_str)
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"))
     }
 
     /// Sends the request; waits for the response head. The deadline is `request_timeout` of
@@ -231,10 +244,11 @@ impl Upstream {
                             UpstreamError::ClientTimeout
                         } else if stats.client_failed() {
                             UpstreamError::ClientBody
-                        } else if e.is_connect() {
-                            UpstreamError::Connect(Chain(&e).to_string())
                         } else {
-                            UpstreamError::Other(Chain(&e).to_string())
+                            match e {
+                                SendError::Connect(e) => UpstreamError::Connect(Chain(&*e).to_string()),
+                                SendError::Http(e) => UpstreamError::Other(Chain(&e).to_string()),
+                            }
                         }
                     });
                 }
@@ -251,11 +265,21 @@ impl Upstream {
 
     async fn send_or_retry(
         &self,
-        req: http::Request<RequestBody>,
+        mut req: http::Request<RequestBody>,
         stats: &Arc<RequestStats>,
-    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+    ) -> Result<http::Response<Incoming>, SendError> {
         use http_body::Body as _;
-        // Kept only for requests that may be replayed: one header-map copy per GET.
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.host.clone());
+        }
+        let pool = self.pool();
+        let Some(mut conn) = pool.checkout() else {
+            // A new connection: a failure here is the upstream's, never retried.
+            return Box::pin(self.send_on_new(pool, req.map(Box::new))).await;
+        };
+        // Kept only for requests that may be replayed: one header-map copy per GET sent on a
+        // reused connection.
         let replay = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
             (
                 req.method().clone(),
@@ -263,34 +287,99 @@ impl Upstream {
                 req.headers().clone(),
             )
         });
-        match self.client().request(req.map(Box::new)).await {
+        match conn.try_send_request(req.map(Box::new)).await {
             Ok(resp) => {
-                ConnUses::count(resp.extensions());
+                pool.checkin(conn, &resp);
                 Ok(resp)
             }
-            Err(e) => match replay {
-                Some((method, uri, headers)) if failed_on_reused_connection(&e) => {
+            Err(mut e) => {
+                if let Some(unsent) = e.take_message() {
+                    // Found closed before a byte was written: sending it is not sending twice.
                     stats.set_retried();
-                    let mut again = http::Request::new(Box::new(RequestBody::empty(stats.clone())));
-                    *again.method_mut() = method;
-                    *again.uri_mut() = uri;
-                    *again.headers_mut() = headers;
-                    self.fresh.request(again).await
+                    return Box::pin(self.send_on_new(pool, unsent)).await;
                 }
-                _ => Err(e),
-            },
+                match replay {
+                    Some((method, uri, headers)) if failed_before_response(e.error()) => {
+                        stats.set_retried();
+                        let mut again =
+                            http::Request::new(Box::new(RequestBody::empty(stats.clone())));
+                        *again.method_mut() = method;
+                        *again.uri_mut() = uri;
+                        *again.headers_mut() = headers;
+                        Box::pin(self.send_on_new(pool, again)).await
+                    }
+                    _ => Err(SendError::Http(e.into_error())),
+                }
+            }
         }
+    }
+
+    /// Sends on a connection opened for this request; it joins the pool after the response.
+    /// The connect is boxed: its future (the TCP/TLS connector's and the HTTP/1.1 handshake's
+    /// state, ~2 KiB) would otherwise be part of every request's future, which the server boxes
+    /// per request, whether or not the request opens a connection.
+    async fn send_on_new(
+        &self,
+        pool: &Arc<Pool>,
+        req: http::Request<Box<RequestBody>>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let mut conn = Box::pin(self.connect()).await?;
+        let resp = conn.send_request(req).await.map_err(SendError::Http)?;
+        pool.checkin(conn, &resp);
+        Ok(resp)
+    }
+
+    /// Opens a connection (TCP, and TLS for an `https` upstream, within `connect_timeout`) and
+    /// runs its HTTP/1.1 protocol on a task of this worker's runtime, which ends when the
+    /// connection closes or its last [`SendRequest`] is dropped while idle.
+    async fn connect(&self) -> Result<Sender, SendError> {
+        use tower_service::Service as _;
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = connector
+            .call(self.connect_uri.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (conn, protocol) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(UPSTREAM_READ_BUF)
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = protocol.with_upgrades().await {
+                tracing::debug!(error = %Chain(&e), "upstream connection ended with an error");
+            }
+        });
+        Ok(conn)
+    }
+
+    /// This worker thread's pool. Each worker runs its own single-threaded runtime
+    /// (`server::run`), and a connection's I/O runs on the runtime that opened it, so a pool
+    /// shared between workers would have one worker's requests written and read by another
+    /// worker's thread (two cross-thread wake-ups per request). With a pool per worker, a
+    /// request stays on its thread from client to upstream and back, as in nginx's workers.
+    fn pool(&self) -> &Arc<Pool> {
+        self.pools[POOL.with(|p| *p)].get_or_init(|| Arc::new(Pool::new(self.pool_idle_timeout)))
     }
 }
 
-/// The request body is boxed on its way to hyper: a request waits for its connection in hyper's
-/// dispatch channel, whose blocks hold 32 requests each, so a 224-byte body inline made every
-/// upstream connection's channel block ~15 KiB; boxed, it is ~8 KiB (issue 10, peak RSS with
-/// 500 requests in flight).
-type UpstreamClient = Client<Connector, Box<RequestBody>>;
+/// Why an upstream request failed.
+enum SendError {
+    /// No connection could be opened (TCP, TLS).
+    Connect(Box<dyn std::error::Error + Send + Sync>),
+    /// The connection failed or the upstream's response was not HTTP/1.1.
+    Http(hyper::Error),
+}
+
+type Sender = SendRequest<Box<RequestBody>>;
 
 /// Connection pools per [`Upstream`]: one per worker thread (threads past this share).
 const POOLS: usize = 64;
+
+/// Idle connections one pool keeps at most (the oldest is closed beyond it).
+const POOL_MAX_IDLE: usize = 1024;
 
 /// The largest read buffer of an upstream connection (hyper's default grows to ~400 KiB).
 /// Reads start at 8 KiB (hyper's smallest) and grow to this when a read fills the buffer, so a
@@ -314,22 +403,98 @@ thread_local! {
     static POOL: usize = NEXT_POOL.fetch_add(1, Relaxed) % POOLS;
 }
 
-impl Upstream {
-    /// This worker thread's pooled client. Each worker runs its own single-threaded runtime
-    /// (`server::run`), and a pooled connection's I/O runs on the runtime that opened it, so a
-    /// pool shared between workers would have one worker's requests written and read by another
-    /// worker's thread (two cross-thread wake-ups per request). With a pool per worker, a
-    /// request stays on its thread from client to upstream and back, as in nginx's workers.
-    fn client(&self) -> &UpstreamClient {
-        self.clients[POOL.with(|p| *p)].get_or_init(|| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(self.pool_idle_timeout)
-                .pool_max_idle_per_host(1024)
-                .http1_max_buf_size(UPSTREAM_READ_BUF)
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .build(self.connector.clone())
-        })
+/// One worker's idle upstream connections, oldest first, each with the time it became idle.
+struct Pool {
+    idle: Mutex<VecDeque<(Sender, Instant)>>,
+    idle_timeout: Duration,
+    /// Whether the task that closes expired connections runs.
+    reaper: AtomicBool,
+}
+
+impl Pool {
+    fn new(idle_timeout: Duration) -> Self {
+        Pool {
+            idle: Mutex::new(VecDeque::new()),
+            idle_timeout,
+            reaper: AtomicBool::new(false),
+        }
+    }
+
+    /// The most recently used idle connection that is still open and idle for less than
+    /// `pool_idle_timeout`; `None` when there is none (then a new one is opened).
+    fn checkout(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some((conn, since)) = idle.pop_back() {
+            if now.saturating_duration_since(since) >= self.idle_timeout {
+                // The rest are older still.
+                idle.clear();
+                return None;
+            }
+            if conn.is_ready() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Puts a connection back once its response has been read: at once when it is (a small
+    /// response arrives whole), else from a task that waits for it. An upgraded connection
+    /// (101) belongs to the tunnel and never comes back.
+    fn checkin(self: &Arc<Self>, mut conn: Sender, resp: &http::Response<Incoming>) {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        if conn.is_ready() {
+            self.push(conn);
+        } else if !conn.is_closed() {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if conn.ready().await.is_ok() {
+                    pool.push(conn);
+                }
+            });
+        }
+    }
+
+    fn push(self: &Arc<Self>, conn: Sender) {
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() >= POOL_MAX_IDLE {
+                idle.pop_front();
+            }
+            idle.push_back((conn, Instant::now()));
+        }
+        if !self.reaper.swap(true, Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+        }
+    }
+
+    /// Closes the connections idle for `pool_idle_timeout` or more (dropping a connection's
+    /// sender ends its task, which closes the socket).
+    fn prune(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while idle.front().is_some_and(|(conn, since)| {
+            conn.is_closed() || now.saturating_duration_since(*since) >= self.idle_timeout
+        }) {
+            idle.pop_front();
+        }
+    }
+}
+
+/// Every `pool_idle_timeout`, closes a pool's expired connections, so that idle upstream
+/// connections do not outlive it when traffic stops; ends with the pool (a reload).
+async fn reap(pool: Weak<Pool>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        pool.prune();
     }
 }
 
@@ -346,28 +511,14 @@ fn is_idempotent(m: &Method) -> bool {
     .contains(m)
 }
 
-/// The request failed on a connection that had already carried a response, with the connection
-/// closed or reset under it (no response head arrived: the future resolved with an error).
-fn failed_on_reused_connection(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
+/// The connection was closed or reset under a written request before any response head
+/// arrived (the request failed rather than getting an answer).
+fn failed_before_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
     }
-    let Some(info) = e.connect_info() else {
-        return false;
-    };
-    let mut ext = http::Extensions::new();
-    info.get_extras(&mut ext);
-    let reused = ext.get::<ConnUses>().is_some_and(|u| u.0.load(Relaxed) > 0);
-    if !reused {
-        return false;
-    }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>()
-            && (h.is_incomplete_message() || h.is_canceled())
-        {
-            return true;
-        }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
             return matches!(
@@ -378,110 +529,6 @@ fn failed_on_reused_connection(e: &hyper_util::client::legacy::Error) -> bool {
         cur = err.source();
     }
     false
-}
-
-/// Responses carried by one upstream connection so far; attached to the connection by
-/// [`Tracking`] and read back from a response's or an error's connection info.
-#[derive(Clone, Default)]
-struct ConnUses(Arc<AtomicU32>);
-
-impl ConnUses {
-    fn count(ext: &http::Extensions) {
-        if let Some(u) = ext.get::<ConnUses>() {
-            u.0.fetch_add(1, Relaxed);
-        }
-    }
-}
-
-/// A connector that tags each new connection with its own [`ConnUses`], so that a failed
-/// request can tell a reused connection from one opened for it (hyper-util keeps that private).
-#[derive(Clone)]
-pub struct Tracking<C>(C);
-
-impl<C> tower_service::Service<Uri> for Tracking<C>
-where
-    C: tower_service::Service<Uri>,
-    C::Future: Send + 'static,
-{
-    type Response = Tracked<C::Response>;
-    type Error = C::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, C::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move {
-            Ok(Tracked {
-                io: connecting.await?,
-                uses: ConnUses::default(),
-            })
-        })
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// An upstream connection with its [`ConnUses`].
-    pub struct Tracked<T> {
-        #[pin]
-        io: T,
-        uses: ConnUses,
-    }
-}
-
-impl<T: Connection> Connection for Tracked<T> {
-    /// The inner connection's flags with [`ConnUses`] as the only extra: hyper-util copies
-    /// every extra into every response's extensions (an allocation each), and the HTTP
-    /// connector's own (`HttpInfo`, the socket addresses) is never read.
-    fn connected(&self) -> Connected {
-        let inner = self.io.connected();
-        let c = Connected::new()
-            .proxy(inner.is_proxied())
-            .extra(self.uses.clone());
-        if inner.is_negotiated_h2() {
-            c.negotiated_h2()
-        } else {
-            c
-        }
-    }
-}
-
-impl<T: hyper::rt::Read> hyper::rt::Read for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
-    }
-}
-
-impl<T: hyper::rt::Write> hyper::rt::Write for Tracked<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
 }
 
 /// What the upstream must be told about the client (SPEC §4).
