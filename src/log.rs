@@ -388,16 +388,27 @@ impl fmt::Display for RedactedPath<'_> {
             Some((p, q)) => (p, Some(q)),
             None => (self.pq, None),
         };
-        if holds_token(path) {
+        if holds_token(path) || path.contains(';') {
             for (i, segment) in path.split('/').enumerate() {
                 if i > 0 {
                     f.write_str("/")?;
                 }
-                f.write_str(if holds_token(segment) {
-                    "REDACTED"
-                } else {
-                    segment
-                })?;
+                if holds_token(segment) {
+                    f.write_str("REDACTED")?;
+                    continue;
+                }
+                // Path parameters (`/a;jsessionid=…`, servlet URL rewriting): the value of a
+                // secret-bearing name is redacted like a query parameter's.
+                let mut params = segment.split(';');
+                f.write_str(params.next().unwrap_or_default())?;
+                for p in params {
+                    match p.split_once('=') {
+                        Some((n, _)) if is_sensitive(n, self.params) => {
+                            write!(f, ";{n}=REDACTED")?;
+                        }
+                        _ => write!(f, ";{p}")?,
+                    }
+                }
             }
         } else {
             f.write_str(path)?;
@@ -495,21 +506,38 @@ fn is_sensitive(name: &str, params: &[String]) -> bool {
         name
     };
     let name = name.trim();
-    // `token[]`, `api_key[0]`: array forms some frameworks use.
-    let name = name.split('[').next().unwrap_or(name);
-    params.iter().any(|p| p.eq_ignore_ascii_case(name)) || secret_bearing_name(name)
+    // The whole name, brackets and all (`user[password]`, `data[client_secret]`), and its
+    // first part (`token[]`, `api_key[0]`: array forms some frameworks use).
+    let base = name.split('[').next().unwrap_or(name);
+    // The operator's names (`[log] redact_query_params`) match in any spelling too:
+    // `subscription-key` also covers `Subscription_Key`.
+    let same = |a: &str, b: &str| {
+        a.bytes()
+            .filter(u8::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .eq(b
+                .bytes()
+                .filter(u8::is_ascii_alphanumeric)
+                .map(|c| c.to_ascii_lowercase()))
+    };
+    secret_bearing_name(name)
+        || params.iter().any(|p| same(p, base) || same(p, name))
+        || name.split(['[', ']']).any(secret_bearing_name)
 }
 
 /// Whether a query parameter's name says that its value is a credential, whatever its
 /// spelling: the name is lowercased and stripped of everything but letters and digits
 /// (`client_secret`, `Client-Secret`, `X-Amz-Signature`, `refresh.token` all qualify), then
 /// matched against fragments that name a secret anywhere in it (`token`, `secret`, `passw`,
-/// `pwd`, `signature`, `apikey`, `credential`, `assertion`, `session`, `sessid`, `privatekey`, `cookie`, `jwt`, `hmac`,
-/// `authoriz`) and short names that are one only alone (`key`, `sig`, `code` (an OAuth
-/// authorization code), `pass`, `auth`, `otp`). A list of exact names missed `client_secret`,
-/// `refresh_token`, `X-Amz-Signature`, `sessionid` and their like; an over-redacted
-/// `?session_count=` costs a little debugging, a leaked one a credential. The same rule in the
-/// spirit of Sentry's and Django's default scrubbers, which also match by fragment.
+/// `pwd`, `signature`, `apikey`, `credential`, `assertion`, `session`, `sessid`, `privatekey`,
+/// `cookie`, `jwt`, `hmac`, `authoriz`, `passphrase`, `passcode`, `userpass`, `bearer`, `cred`,
+/// `saml`, `verifier`, `ticket`, `authcode`, `otp`, `mfa`, `githubpat`), names that end in `key`, and
+/// short names that are one only alone (`key`, `sig`, `code` (an OAuth authorization code),
+/// `pass`, `auth`, `pw`, `psw`, `pin`, `sid`, `pat`). A list of exact names missed
+/// `client_secret`, `refresh_token`, `X-Amz-Signature`, `sessionid` and their like; an
+/// over-redacted `?session_count=` costs a little debugging, a leaked one a credential. The
+/// same rule in the spirit of Sentry's and Django's default scrubbers, which also match by
+/// fragment. Bracketed names (`user[password]`) are matched whole and by part by the caller.
 pub fn secret_bearing_name(name: &str) -> bool {
     const FRAGMENTS: &[&[u8]] = &[
         b"token",
@@ -527,8 +555,22 @@ pub fn secret_bearing_name(name: &str) -> bool {
         b"jwt",
         b"hmac",
         b"authoriz",
+        b"passphrase",
+        b"passcode",
+        b"userpass",
+        b"bearer",
+        b"cred",
+        b"saml",
+        b"verifier",
+        b"ticket",
+        b"authcode",
+        b"otp",
+        b"mfa",
+        b"githubpat",
     ];
-    const ALONE: &[&[u8]] = &[b"key", b"sig", b"code", b"pass", b"auth", b"otp"];
+    const ALONE: &[&[u8]] = &[
+        b"key", b"sig", b"code", b"pass", b"auth", b"pw", b"psw", b"pin", b"sid", b"pat",
+    ];
     let mut norm = [0u8; 64];
     let mut n = 0;
     for b in name.bytes() {
@@ -542,7 +584,10 @@ pub fn secret_bearing_name(name: &str) -> bool {
         }
     }
     let norm = &norm[..n];
+    // `…key` names a key (`apikey`, `accesskey`, `signingkey`, `privatekey`); `monkey` costs
+    // a redacted value, which is the safe side.
     ALONE.contains(&norm)
+        || norm.ends_with(b"key")
         || FRAGMENTS
             .iter()
             .any(|f| norm.windows(f.len()).any(|w| w == *f))
@@ -1042,6 +1087,41 @@ mod tests {
         assert_eq!(redact_query("/a?sig=x=y", &p), "/a?sig=REDACTED");
     }
 
+    /// An operator's name matches in any spelling (case, `-`, `_`, `.`).
+    #[test]
+    fn operator_names_match_in_any_spelling() {
+        let mut p = params();
+        p.push("x-tenant-pass".into());
+        for name in [
+            "X_Tenant_Pass",
+            "x-tenant-pass",
+            "xtenantpass",
+            "x.tenant.pass",
+        ] {
+            assert_eq!(
+                redact_query(&format!("/a?{name}=v"), &p),
+                format!("/a?{name}=REDACTED"),
+                "{name}"
+            );
+        }
+    }
+
+    /// Path parameters (servlet URL rewriting: `/a;jsessionid=…`) are redacted by the same
+    /// rule; other path parameters are kept.
+    #[test]
+    fn secret_path_parameters_are_redacted() {
+        let p = params();
+        assert_eq!(
+            redact_query("/denied;jsessionid=S1/x;v=2?a=1", &p),
+            "/denied;jsessionid=REDACTED/x;v=2?a=1"
+        );
+        assert_eq!(
+            redact_query("/a;b;token=t;c=1", &p),
+            "/a;b;token=REDACTED;c=1"
+        );
+        assert_eq!(redact_query("/plain;v=1", &p), "/plain;v=1");
+    }
+
     /// `;` separates pairs too, for redaction.
     #[test]
     fn semicolon_separated_pairs_are_redacted() {
@@ -1081,6 +1161,31 @@ mod tests {
             "client_assertion",
             "oauth_token",
             "api-key",
+            "passphrase",
+            "pass_phrase",
+            "passcode",
+            "pw",
+            "psw",
+            "userpass",
+            "user[password]",
+            "user%5Bpassword%5D",
+            "data[client_secret]",
+            "api[key]",
+            "sid",
+            "ticket",
+            "SAMLResponse",
+            "code_verifier",
+            "auth_code",
+            "mfa_code",
+            "otp_code",
+            "totp",
+            "pin",
+            "bearer",
+            "creds",
+            "pat",
+            "github_pat",
+            "signing_key",
+            "AWSAccessKey",
             "private_key",
             "jwt",
             "hmac",
@@ -1096,9 +1201,10 @@ mod tests {
                 "{name}"
             );
         }
-        // Names that only contain a short word are kept: `key` and `code` are secrets alone.
+        // Names that only contain a short word are kept: `key` and `code` are secrets alone
+        // (and `key` at the end: `monkey` is redacted, the safe side).
         for name in [
-            "keyword", "monkey", "zipcode", "author", "page", "state", "limit",
+            "keyword", "keys", "zipcode", "author", "page", "state", "limit", "spin",
         ] {
             let pq = format!("/cb?{name}=v");
             assert_eq!(redact_query(&pq, &p), pq, "{name}");
@@ -1152,12 +1258,12 @@ mod tests {
     #[test]
     fn only_two_hex_digits_make_an_escape() {
         let p = params();
-        // `key` is a secret-bearing name only alone: a wrongly decoded escape would add or
+        // `sig` is a secret-bearing name only alone: a wrongly decoded escape would add or
         // remove letters around it.
-        assert_eq!(redact_query("/a?%+a+key=v", &p), "/a?%+a+key=v");
-        assert_eq!(redact_query("/a?%-1key=v", &p), "/a?%-1key=v");
-        assert_eq!(redact_query("/a?%4b%+key=v", &p), "/a?%4b%+key=v");
-        assert_eq!(redact_query("/a?+%6Bey=v", &p), "/a?+%6Bey=REDACTED");
+        assert_eq!(redact_query("/a?%+a+sig=v", &p), "/a?%+a+sig=v");
+        assert_eq!(redact_query("/a?%-1sig=v", &p), "/a?%-1sig=v");
+        assert_eq!(redact_query("/a?%4b%+sig=v", &p), "/a?%4b%+sig=v");
+        assert_eq!(redact_query("/a?+%73ig=v", &p), "/a?+%73ig=REDACTED");
         // Fragments are found whatever surrounds them, escapes included.
         assert_eq!(redact_query("/a?%+a+token=v", &p), "/a?%+a+token=REDACTED");
         assert_eq!(redact_query("/a?token%=v", &p), "/a?token%=REDACTED");

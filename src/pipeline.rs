@@ -291,9 +291,13 @@ pub async fn handle(
 fn request_id<B>(req: &Request<B>) -> HeaderValue {
     if let Some(v) = req.headers().get(&X_REQUEST_ID) {
         let b = v.as_bytes();
+        // A keygate token is made of the same characters: one sent as the request id (by
+        // mistake, or to get it logged) would be logged, echoed and forwarded verbatim, so a
+        // token-shaped id is replaced like a malformed one.
         if (1..=128).contains(&b.len())
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+            && !crate::log::holds_token(std::str::from_utf8(b).unwrap_or_default())
         {
             // A copy, not a reference into hyper's read buffer (see `own_path`).
             return HeaderValue::from_bytes(b).unwrap_or_else(|_| v.clone());

@@ -432,8 +432,10 @@ async fn scope_methods_and_paths_cannot_be_escaped() {
         let mut s = kg.tls_stream().await;
         let (status, _) = raw_request(&mut s, "GET", escape, &[key]).await;
         assert_eq!(status, 403, "{escape} escaped the /v1/ scope");
+        // Logged as sent, but for a session id in a path parameter (README, "Logs").
+        let logged = escape.replace("jsessionid=1", "jsessionid=REDACTED");
         kg.wait_log(escape, |v| {
-            v["event"] == "scope_denied" && v["path"] == escape
+            v["event"] == "scope_denied" && v["path"] == logged.as_str()
         });
     }
     // A dot-segment that stays inside the scope is fine, and is forwarded as sent.

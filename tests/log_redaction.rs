@@ -172,3 +172,51 @@ async fn secret_bearing_parameter_names_are_redacted_in_any_spelling() {
         assert!(!logs.contains(s.as_str()), "{s} is in the output:\n{logs}");
     }
 }
+
+/// A second fresh user: a keygate token sent as `X-Request-Id` (it is made of the characters a
+/// request id may hold) was kept as the request id: logged in every line, echoed to the client
+/// and forwarded. A token-shaped id is now replaced by a fresh one, with or without a key,
+/// over HTTP/1.1 and HTTP/2; other secret-bearing path parameters (`;jsessionid=`) and nested
+/// names (`user[password]`) are redacted too.
+#[tokio::test]
+async fn a_token_sent_as_the_request_id_is_replaced_and_never_logged() {
+    let up = Upstream::start().await;
+    let (app, app_hash) = new_key("app");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("app", &app_hash, "")
+        .start();
+    let secret = &app["kg_app_".len()..];
+    for (proto, c) in [("h1", kg.client()), ("h2", kg.client_h2())] {
+        for key in [Some(app.as_str()), None] {
+            let mut headers = vec![("x-request-id", app.as_str())];
+            headers.extend(key.map(|k| ("x-api-key", k)));
+            let got = c.get(&kg.url("/rid"), &headers).await;
+            assert_eq!(got.status, if key.is_some() { 200 } else { 401 }, "{proto}");
+            let rid = got.header("x-request-id").unwrap();
+            assert!(!rid.contains(secret), "{proto}: echoed {rid}");
+            assert_eq!(rid.len(), 32, "{proto}: a fresh id, {rid}");
+        }
+        let pq = "/denied;jsessionid=PATHSESS1/x?user[password]=L1&user%5Bpassword%5D=L2&keep=1";
+        let got = c.get(&kg.url(pq), &[("x-api-key", app.as_str())]).await;
+        assert_eq!(got.status, 200, "{proto}");
+        let rid = got.header("x-request-id").unwrap().to_string();
+        let line = kg.wait_log("access line", |v| {
+            v["request_id"] == rid.as_str() && v.get("bytes_in").is_some()
+        });
+        assert_eq!(
+            line["path"],
+            "/denied;jsessionid=REDACTED/x?user[password]=REDACTED&user%5Bpassword%5D=REDACTED&keep=1",
+            "{proto}"
+        );
+    }
+    for seen in up.seen.lock().unwrap().iter() {
+        if let Some(rid) = seen.header("x-request-id") {
+            assert!(!rid.contains(secret), "forwarded {rid}");
+        }
+    }
+    let logs = kg.logs();
+    for s in [secret, "PATHSESS1", "=L1", "=L2"] {
+        assert!(!logs.contains(s), "{s} is in the output:\n{logs}");
+    }
+}

@@ -59,25 +59,37 @@ fn percent_decode(s: &str) -> String {
 fn oracle_sensitive(name: &str) -> bool {
     let d = percent_decode(name);
     let d = d.trim();
-    let d = match d.find('[') {
+    let base = match d.find('[') {
         Some(i) => &d[..i],
         None => d,
     };
     if BUILTIN_REDACTED_PARAMS
         .iter()
-        .any(|p| p.eq_ignore_ascii_case(d))
+        .any(|p| p.eq_ignore_ascii_case(base) || p.eq_ignore_ascii_case(d))
     {
         return true;
     }
-    // Secret-bearing names (keygate::log::secret_bearing_name), written independently: the
-    // first 64 ASCII letters and digits, lowercased.
-    let norm: String = d
+    // Secret-bearing names (keygate::log::secret_bearing_name), on the whole name and on each
+    // part between brackets.
+    std::iter::once(d)
+        .chain(d.split(['[', ']']))
+        .any(secret_bearing)
+}
+
+/// The first 64 ASCII letters and digits, lowercased: one of the short names, ending in `key`,
+/// or holding a fragment.
+fn secret_bearing(name: &str) -> bool {
+    let norm: String = name
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .take(64)
         .collect::<String>()
         .to_ascii_lowercase();
-    ["key", "sig", "code", "pass", "auth", "otp"].contains(&norm.as_str())
+    [
+        "key", "sig", "code", "pass", "auth", "pw", "psw", "pin", "sid", "pat",
+    ]
+    .contains(&norm.as_str())
+        || norm.ends_with("key")
         || [
             "token",
             "secret",
@@ -94,6 +106,18 @@ fn oracle_sensitive(name: &str) -> bool {
             "jwt",
             "hmac",
             "authoriz",
+            "passphrase",
+            "passcode",
+            "userpass",
+            "bearer",
+            "cred",
+            "saml",
+            "verifier",
+            "ticket",
+            "authcode",
+            "otp",
+            "mfa",
+            "githubpat",
         ]
         .iter()
         .any(|f| norm.contains(f))
