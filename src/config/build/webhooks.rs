@@ -248,6 +248,17 @@ fn build_route(
         }
     };
     let max_body_bytes = w.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+    let budget = crate::upstream_cap::REQUEST_BUFFER_BUDGET as u64;
+    if max_body_bytes > budget {
+        // A delivery is read whole out of the global request-buffer budget: a larger one
+        // would be refused 503 on every retry (a fresh user's 70 MB delivery).
+        errs.push(
+            p("max_body_bytes"),
+            format!(
+                "must be at most {budget} (64 MiB: a delivery is held whole in memory, out of the global request-buffer budget)"
+            ),
+        );
+    }
     if max_body_bytes == 0 {
         errs.push(p("max_body_bytes"), "must be at least 1");
     }
