@@ -141,14 +141,16 @@ stop() {  # stop PID
 }
 
 # ---------------------------------------------------------------- measuring
-ticks() {  # ticks PID... : utime+stime, clock ticks, summed
-    local p s t=0
+ticks() {  # ticks PID... : "utime stime", clock ticks, summed over the processes
+    local p s u=0 k=0
+    local -a f
     for p in "$@"; do
         s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
         s=${s##*) }
-        t=$((t + $(awk '{ print $12 + $13 }' <<<"$s")))
+        read -r -a f <<<"$s"
+        u=$((u + f[11])) k=$((k + f[12]))
     done
-    echo "$t"
+    echo "$u $k"
 }
 kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -227,9 +229,12 @@ run() {
         R[$tag|$proxy|cpu]+=" NA"
         return 0
     fi
-    local us
-    us=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
+    local us du dk
+    du=$(( ${c1% *} - ${c0% *} )) dk=$(( ${c1#* } - ${c0#* } ))
+    us=$(awk -v t=$((du + dk)) -v hz="$HZ" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
     R[$tag|$proxy|cpu]+=" $us"
+    R[$tag|$proxy|usr]+=" $(awk -v t="$du" -v hz="$HZ" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
+    R[$tag|$proxy|sys]+=" $(awk -v t="$dk" -v hz="$HZ" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
     R[$tag|$proxy|rps]+=" $rps"
     R[$tag|$proxy|fail]=$(( ${R[$tag|$proxy|fail]:-0} + fail ))
     R[$tag|$proxy|load]+=" $la"
@@ -402,6 +407,15 @@ report() {
     fi
     row "full TLS handshake + 1 request + close (hsload -c $PERF_HS_CONNS)" "w1-off|hs" cpu
     row "1 MiB body, h1 (µs per 1 MiB response)" "w1-off|big" cpu
+    echo
+    echo "Of which user space / kernel (utime / stime, µs per request, medians; logs off, 1 worker):"
+    echo
+    echo "| case | nginx user | nginx kernel | keygate user | keygate kernel |"
+    echo "| --- | ---: | ---: | ---: | ---: |"
+    local c
+    for c in h1 h2; do
+        echo "| $c | $(med "w1-off|$c|nginx|usr") | $(med "w1-off|$c|nginx|sys") | $(med "w1-off|$c|keygate|usr") | $(med "w1-off|$c|keygate|sys") |"
+    done
     echo
     echo "## Throughput ($PERF_TPUT_REPS × ${PERF_TPUT_SECS}s interleaved, $PERF_CONNS connections, logs off; medians)"
     echo
