@@ -630,6 +630,13 @@ fn demo(listen: &str, upstream: &str, admin: Option<&str>) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid demo settings:\n{e}")),
     };
+    // The key is printed only if the demo can serve it: with the port taken, the printed curl
+    // line would reach whatever holds it (a fresh user's earlier demo).
+    if let Err(e) = std::net::TcpListener::bind(snapshot.server.listen) {
+        return fail(format!(
+            "cannot listen on {listen}: {e} (another keygate or service holds it? pass --listen ADDR)"
+        ));
+    }
     let port = snapshot.server.listen.port();
     let stars = "*".repeat(72);
     println!("{stars}");

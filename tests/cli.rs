@@ -409,3 +409,22 @@ async fn init_writes_files_that_run_serves() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A second fresh user: with the port taken, `demo` printed the key and the curl line, then
+/// exited "Address already in use", and the printed curl reached the other process. Now it
+/// says so before printing any key.
+#[test]
+fn demo_on_a_taken_port_prints_no_key_and_names_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, out, err) = keygate(&[
+        "demo",
+        "--listen",
+        &addr,
+        "--upstream",
+        "http://127.0.0.1:1",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(!out.contains("kg_") && !out.contains("API key"), "{out}");
+    assert!(err.contains(&addr) && err.contains("--listen"), "{err}");
+}
