@@ -287,7 +287,10 @@ impl Upstream {
                 req.headers().clone(),
             )
         });
-        match conn.try_send_request(req.map(Box::new)).await {
+        let guard = AbortOnDrop::arm(&conn);
+        let sent = conn.tx.try_send_request(req.map(Box::new)).await;
+        guard.disarm();
+        match sent {
             Ok(resp) => {
                 pool.checkin(conn, &resp);
                 Ok(resp)
@@ -324,7 +327,10 @@ impl Upstream {
         req: http::Request<Box<RequestBody>>,
     ) -> Result<http::Response<Incoming>, SendError> {
         let mut conn = Box::pin(self.connect()).await?;
-        let resp = conn.send_request(req).await.map_err(SendError::Http)?;
+        let guard = AbortOnDrop::arm(&conn);
+        let sent = conn.tx.send_request(req).await;
+        guard.disarm();
+        let resp = sent.map_err(SendError::Http)?;
         pool.checkin(conn, &resp);
         Ok(resp)
     }
@@ -332,7 +338,7 @@ impl Upstream {
     /// Opens a connection (TCP, and TLS for an `https` upstream, within `connect_timeout`) and
     /// runs its HTTP/1.1 protocol on a task of this worker's runtime, which ends when the
     /// connection closes or its last [`SendRequest`] is dropped while idle.
-    async fn connect(&self) -> Result<Sender, SendError> {
+    async fn connect(&self) -> Result<Conn, SendError> {
         use tower_service::Service as _;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
@@ -347,12 +353,13 @@ impl Upstream {
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = protocol.with_upgrades().await {
                 tracing::debug!(error = %Chain(&e), "upstream connection ended with an error");
             }
-        });
-        Ok(conn)
+        })
+        .abort_handle();
+        Ok(Conn { tx: conn, task })
     }
 
     /// This worker thread's pool. Each worker runs its own single-threaded runtime
@@ -374,6 +381,39 @@ enum SendError {
 }
 
 type Sender = SendRequest<Box<RequestBody>>;
+
+/// An upstream connection: the handle requests are sent through, and its protocol task.
+struct Conn {
+    tx: Sender,
+    task: tokio::task::AbortHandle,
+}
+
+/// Ends a connection's task if the request being sent on it is abandoned before its response
+/// head (the `request_timeout` 504, or the client gone). Without it, a connection whose upstream
+/// had stopped reading the body stayed open, blocked writing, outside `[upstream]
+/// max_connections` (its permit was released with the request) until the upstream read again
+/// (a second fresh user: 6 such connections with a cap of 2), and the client's unread body with
+/// it. Aborted, the task drops the socket and the body (which lingers for the client's sake).
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn arm(conn: &Conn) -> Self {
+        AbortOnDrop(Some(conn.task.clone()))
+    }
+
+    /// The response head came (or the send failed by itself): nothing to abort.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
 
 /// Connection pools per [`Upstream`]: one per worker thread (threads past this share).
 const POOLS: usize = 64;
@@ -405,7 +445,7 @@ thread_local! {
 
 /// One worker's idle upstream connections, oldest first, each with the time it became idle.
 struct Pool {
-    idle: Mutex<VecDeque<(Sender, Instant)>>,
+    idle: Mutex<VecDeque<(Conn, Instant)>>,
     idle_timeout: Duration,
     /// Whether the task that closes expired connections runs.
     reaper: AtomicBool,
@@ -422,7 +462,7 @@ impl Pool {
 
     /// The most recently used idle connection that is still open and idle for less than
     /// `pool_idle_timeout`; `None` when there is none (then a new one is opened).
-    fn checkout(&self) -> Option<Sender> {
+    fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some((conn, since)) = idle.pop_back() {
@@ -431,7 +471,7 @@ impl Pool {
                 idle.clear();
                 return None;
             }
-            if conn.is_ready() {
+            if conn.tx.is_ready() {
                 return Some(conn);
             }
         }
@@ -441,23 +481,23 @@ impl Pool {
     /// Puts a connection back once its response has been read: at once when it is (a small
     /// response arrives whole), else from a task that waits for it. An upgraded connection
     /// (101) belongs to the tunnel and never comes back.
-    fn checkin(self: &Arc<Self>, mut conn: Sender, resp: &http::Response<Incoming>) {
+    fn checkin(self: &Arc<Self>, mut conn: Conn, resp: &http::Response<Incoming>) {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return;
         }
-        if conn.is_ready() {
+        if conn.tx.is_ready() {
             self.push(conn);
-        } else if !conn.is_closed() {
+        } else if !conn.tx.is_closed() {
             let pool = self.clone();
             tokio::spawn(async move {
-                if conn.ready().await.is_ok() {
+                if conn.tx.ready().await.is_ok() {
                     pool.push(conn);
                 }
             });
         }
     }
 
-    fn push(self: &Arc<Self>, conn: Sender) {
+    fn push(self: &Arc<Self>, conn: Conn) {
         {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() >= POOL_MAX_IDLE {
@@ -476,7 +516,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while idle.front().is_some_and(|(conn, since)| {
-            conn.is_closed() || now.saturating_duration_since(*since) >= self.idle_timeout
+            conn.tx.is_closed() || now.saturating_duration_since(*since) >= self.idle_timeout
         }) {
             idle.pop_front();
         }

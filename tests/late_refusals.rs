@@ -224,3 +224,77 @@ async fn an_upstream_answer_that_skips_the_body_reaches_a_client_still_uploading
     assert_eq!((code, status), (0, "413"), "curl: {err} {out}");
     assert!(body.contains("too large for this application"), "{body}");
 }
+
+/// Sockets of process `pid` connected to `port` on 127.0.0.1 (from /proc: the process's fds
+/// and the kernel's TCP table).
+fn sockets_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 9 && f[2].ends_with(&format!(":{port:04X}")) && inodes.contains(f[9])
+        })
+        .count()
+}
+
+/// A second fresh user: after the 504 for an upstream that had stopped reading the body,
+/// keygate kept that upstream connection open (blocked writing, and no longer counted by
+/// `[upstream] max_connections`) until the upstream read again. Now the abandoned request's
+/// connection is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_reading_gets_its_connection_closed_at_the_504() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Reads 20 KB, then nothing for 30 s (a hung worker), keeping the socket open.
+                let mut got = 0;
+                let mut buf = vec![0u8; 4096];
+                while got < 20_000 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream_url(&format!("http://127.0.0.1:{port}"))
+        .upstream_line("request_timeout = \"1s\"")
+        .key("k", &hash, "")
+        .start();
+    let (status, body) = upload(
+        &kg,
+        &token,
+        "/upload",
+        16 * 1024 * 1024,
+        256 * 1024,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap_or_else(|e| (0, e));
+    // The client reads its 504 (it may also be cut off: the point here is the upstream side).
+    assert!(matches!(status, 504 | 0), "{status} {body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sockets_to(kg.pid(), port) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keygate still holds its connection to the stalled upstream 10 s after the 504"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
