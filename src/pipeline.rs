@@ -1066,14 +1066,9 @@ async fn upstream_permit(
     let caps = &ctx.snap.caps;
     ctx.shared
         .upstream_cap
-        .acquire(
-            caps.upstream_max_connections,
-            crate::upstream_cap::queue_limit(caps.upstream_max_connections),
-            caps.upstream_queue_timeout,
-        )
+        .acquire_for(caps)
         .await
         .map_err(|why| {
-            metrics::global().upstream_saturated(why.as_str());
             client_event!(
                 ClientEvent::UpstreamSaturated,
                 ctx.client_ip,

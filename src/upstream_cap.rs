@@ -133,6 +133,23 @@ impl UpstreamCap {
 
     /// A permit to use an upstream connection: at once if fewer than `max` are in use, else
     /// after waiting in line (at most `queue_limit` waiting, at most `queue_timeout`).
+    /// [`acquire`](Self::acquire) with the configured `[upstream] max_connections`, its queue
+    /// bound and `queue_timeout`; a refusal is counted in `keygate_upstream_saturated_total`
+    /// (the caller logs it, with what it knows of the request).
+    pub async fn acquire_for(
+        &self,
+        caps: &crate::config::Caps,
+    ) -> Result<UpstreamPermit, Saturated> {
+        let max = caps.upstream_max_connections;
+        let got = self
+            .acquire(max, queue_limit(max), caps.upstream_queue_timeout)
+            .await;
+        if let Err(why) = &got {
+            crate::metrics::global().upstream_saturated(why.as_str());
+        }
+        got
+    }
+
     pub async fn acquire(
         &self,
         max: usize,

@@ -515,21 +515,13 @@ async fn deliver_inner(
     // The route's deliveries count against `[upstream] max_connections` like every forwarded
     // request (they bypassed it: a burst of signed deliveries could exceed the cap).
     let caps = &snap.caps;
-    let permit = a
-        .upstream_cap
-        .acquire(
-            caps.upstream_max_connections,
-            crate::upstream_cap::queue_limit(caps.upstream_max_connections),
-            caps.upstream_queue_timeout,
-        )
-        .await;
+    let permit = a.upstream_cap.acquire_for(caps).await;
     match permit {
         Ok(p) => held_out.upstream = Some(p),
         Err(why) => {
             if let Some(g) = guard.as_mut() {
                 g.settle(false).await;
             }
-            metrics::global().upstream_saturated(why.as_str());
             client_event!(
                 ClientEvent::UpstreamSaturated,
                 a.client_ip,
