@@ -668,12 +668,12 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
     let Some(key) = snap.keys.get(token.id()) else {
         return Err(guess(AuthFailure::UnknownKey, Some(token.id())));
     };
-    let digest = ctx.shared.verifier.digest(key, token.expose());
+    let digest = ctx.shared.verifier.digest(token.expose());
     while !Verifier::is_cached(key, &digest) {
         // Another request is verifying this very token (a client's parallel first requests
         // after a restart): wait for its outcome, uncharged, instead of each request being
         // charged to the failed-auth budget and queued for its own hash.
-        let leading = match Box::pin(ctx.shared.verifier.join(digest)).await {
+        let leading = match Box::pin(ctx.shared.verifier.join(key, &digest)).await {
             Joined::Lead(leading) => leading,
             // Cached now (or verified against an older hash of a reloaded key: look again).
             Joined::Waited(Some(Settled::Valid)) => continue,
@@ -690,7 +690,7 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         if let Some(refused) = throttled(Some(&key.id)) {
             return Err(refused);
         }
-        if ctx.shared.verifier.is_known_bad(&digest) {
+        if ctx.shared.verifier.is_known_bad(key, &digest) {
             leading.settle(Settled::Invalid);
             return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
         }

@@ -33,17 +33,29 @@ use crate::limits::Standing;
 /// A keyed digest of a token. Not reversible, useless outside this process.
 pub type Digest = [u8; 32];
 
+/// A token's digest together with the fingerprint of the hash it is checked against: what the
+/// negative cache and the shared verification are keyed by, so that a verdict reached against
+/// a hash a reload has since replaced can neither answer requests against the new one nor
+/// linger in the negative cache (a second fresh user's rotated key was refused for a minute:
+/// a verification started before the reload remembered its "wrong" after `forget_bad` ran).
+/// The positive cache needs no such tag: it lives in the [`Key`], which a new hash replaces.
+type Subject = (Digest, [u8; 32]);
+
+fn subject(key: &Key, digest: &Digest) -> Subject {
+    (*digest, key.hash.fingerprint())
+}
+
 const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 const NEGATIVE_CAP: usize = 4096;
 
 pub struct Verifier {
     mac: Hmac<Sha256>,
     queue: Arc<VerifyQueue>,
-    negative: Mutex<HashMap<Digest, Instant>>,
+    negative: Mutex<HashMap<Subject, Instant>>,
     argon2: Argon2Threads,
     /// Verifications in progress, by token digest: where requests with the same token wait.
     /// At most one entry per request that is verifying (bounded like the queue).
-    pending: Arc<Mutex<HashMap<Digest, tokio::sync::watch::Receiver<Option<Settled>>>>>,
+    pending: Arc<Mutex<HashMap<Subject, tokio::sync::watch::Receiver<Option<Settled>>>>>,
 }
 
 /// How a verification others waited for ended.
@@ -68,9 +80,9 @@ pub enum Joined {
 /// [`settle`](Self::settle) (the request was abandoned), it wakes the waiters with nothing, and
 /// one of them leads instead.
 pub struct Leading {
-    digest: Digest,
+    subject: Subject,
     tx: tokio::sync::watch::Sender<Option<Settled>>,
-    pending: Arc<Mutex<HashMap<Digest, tokio::sync::watch::Receiver<Option<Settled>>>>>,
+    pending: Arc<Mutex<HashMap<Subject, tokio::sync::watch::Receiver<Option<Settled>>>>>,
 }
 
 impl Leading {
@@ -84,7 +96,7 @@ impl Drop for Leading {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.digest);
+            .remove(&self.subject);
     }
 }
 
@@ -161,16 +173,17 @@ impl Verifier {
     /// Joins the verification of this token already in progress, if any, waiting for its end;
     /// else makes the caller its leader. Waiting is bounded by the leader's own request (the
     /// queue's [`MAX_WAIT`] plus one hash), and ends early if the leader is abandoned.
-    pub async fn join(&self, digest: Digest) -> Joined {
+    pub async fn join(&self, key: &Key, digest: &Digest) -> Joined {
+        let subject = subject(key, digest);
         let mut rx = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            match pending.get(&digest) {
+            match pending.get(&subject) {
                 Some(rx) => rx.clone(),
                 None => {
                     let (tx, rx) = tokio::sync::watch::channel(None);
-                    pending.insert(digest, rx);
+                    pending.insert(subject, rx);
                     return Joined::Lead(Leading {
-                        digest,
+                        subject,
                         tx,
                         pending: self.pending.clone(),
                     });
@@ -181,15 +194,8 @@ impl Verifier {
         Joined::Waited(settled)
     }
 
-    /// The digest of `token` presented for `key`, bound to the key's hash (its fingerprint is
-    /// part of the MAC input): every cache and the shared verification are per (token, hash),
-    /// so a verdict reached against a hash a reload has since replaced can neither answer
-    /// requests against the new one nor linger in the negative cache (a fresh user's rotated
-    /// key was refused for a minute: a verification started before the reload remembered its
-    /// "wrong" after `forget_bad` had run).
-    pub fn digest(&self, key: &Key, token: &[u8]) -> Digest {
+    pub fn digest(&self, token: &[u8]) -> Digest {
         let mut mac = self.mac.clone();
-        mac.update(&key.hash.fingerprint());
         mac.update(token);
         mac.finalize().into_bytes().into()
     }
@@ -203,9 +209,10 @@ impl Verifier {
     }
 
     /// True if this token was found wrong within the last minute.
-    pub fn is_known_bad(&self, digest: &Digest) -> bool {
+    pub fn is_known_bad(&self, key: &Key, digest: &Digest) -> bool {
         let neg = self.negative.lock().unwrap_or_else(|p| p.into_inner());
-        neg.get(digest).is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
+        neg.get(&subject(key, digest))
+            .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
     }
 
     /// Runs argon2 off the async workers, bounded, after waiting in the queue at the client's
@@ -223,7 +230,7 @@ impl Verifier {
         if Self::is_cached(key, &digest) {
             return Ok(Outcome::Valid);
         }
-        if self.is_known_bad(&digest) {
+        if self.is_known_bad(key, &digest) {
             return Ok(Outcome::Invalid);
         }
         let secret = Zeroizing::new(token.to_vec());
@@ -244,7 +251,7 @@ impl Verifier {
             let _ = key.verified.set(digest);
             Ok(Outcome::Valid)
         } else {
-            self.remember_bad(digest);
+            self.remember_bad(subject(key, &digest));
             Ok(Outcome::Invalid)
         }
     }
@@ -258,7 +265,7 @@ impl Verifier {
             .clear();
     }
 
-    fn remember_bad(&self, digest: Digest) {
+    fn remember_bad(&self, subject: Subject) {
         let mut neg = self.negative.lock().unwrap_or_else(|p| p.into_inner());
         if neg.len() >= NEGATIVE_CAP {
             neg.retain(|_, t| t.elapsed() < NEGATIVE_TTL);
@@ -266,7 +273,7 @@ impl Verifier {
                 neg.clear();
             }
         }
-        neg.insert(digest, Instant::now());
+        neg.insert(subject, Instant::now());
     }
 
     /// Verifications waiting for an argon2 thread right now.
