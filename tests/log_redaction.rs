@@ -84,23 +84,15 @@ async fn token_shaped_query_values_and_path_segments_are_redacted_in_every_line(
 
         // Every request has its access line, with the token replaced.
         for id in &ids {
-            let line = kg.wait_log("access line", |v| {
-                v["request_id"] == id.as_str() && v.get("bytes_in").is_some()
-            });
+            let line = kg.access_line(id);
             let path = line["path"].as_str().unwrap();
             assert!(path.contains("REDACTED"), "{proto}: {line}");
         }
-        let line = kg.wait_log("first access line", |v| {
-            v["request_id"] == ids[0].as_str() && v.get("bytes_in").is_some()
-        });
+        let line = kg.access_line(&ids[0]);
         assert_eq!(line["path"], "/public/x?x-api-key=REDACTED");
-        let line = kg.wait_log("page kept", |v| {
-            v["request_id"] == ids[1].as_str() && v.get("bytes_in").is_some()
-        });
+        let line = kg.access_line(&ids[1]);
         assert_eq!(line["path"], "/public/x?access-token=REDACTED&page=2");
-        let line = kg.wait_log("path segment", |v| {
-            v["request_id"] == ids[8].as_str() && v.get("bytes_in").is_some()
-        });
+        let line = kg.access_line(&ids[8]);
         assert_eq!(line["path"], "/files/REDACTED/raw");
     }
     // The upstream got the requests unchanged (redaction is for logs only).
@@ -155,9 +147,7 @@ async fn secret_bearing_parameter_names_are_redacted_in_any_spelling() {
                     "{proto} {pq}"
                 );
                 let rid = got.header("x-request-id").unwrap().to_string();
-                let line = kg.wait_log("access line", |v| {
-                    v["request_id"] == rid.as_str() && v.get("bytes_in").is_some()
-                });
+                let line = kg.access_line(&rid);
                 assert_eq!(
                     line["path"],
                     format!("/cb?{name}=REDACTED&state=keep{i}").as_str(),
@@ -201,9 +191,7 @@ async fn a_token_sent_as_the_request_id_is_replaced_and_never_logged() {
         let got = c.get(&kg.url(pq), &[("x-api-key", app.as_str())]).await;
         assert_eq!(got.status, 200, "{proto}");
         let rid = got.header("x-request-id").unwrap().to_string();
-        let line = kg.wait_log("access line", |v| {
-            v["request_id"] == rid.as_str() && v.get("bytes_in").is_some()
-        });
+        let line = kg.access_line(&rid);
         assert_eq!(
             line["path"],
             "/denied;jsessionid=REDACTED/x?user[password]=REDACTED&user%5Bpassword%5D=REDACTED&keep=1",

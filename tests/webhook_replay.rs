@@ -254,9 +254,7 @@ async fn access_lines_of_refused_and_duplicate_deliveries_count_the_bytes_read()
             let got = c.send(post(&kg.url(path), &headers, &body)).await;
             assert_eq!(got.status, status, "{what} over {proto}");
             let rid = got.header("x-request-id").unwrap().to_string();
-            let line = kg.wait_log("access line", |v| {
-                v["request_id"] == rid.as_str() && v.get("bytes_in").is_some()
-            });
+            let line = kg.access_line(&rid);
             assert_eq!(line["bytes_in"], body.len(), "{what} over {proto}: {line}");
         }
     }
