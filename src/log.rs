@@ -522,7 +522,7 @@ fn is_sensitive(name: &str, params: &[String]) -> bool {
     };
     secret_bearing_name(name)
         || params.iter().any(|p| same(p, base) || same(p, name))
-        || name.split(['[', ']']).any(secret_bearing_name)
+        || (name.contains(['[', ']']) && name.split(['[', ']']).any(secret_bearing_name))
 }
 
 /// Whether a query parameter's name says that its value is a credential, whatever its
