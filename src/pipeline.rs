@@ -683,7 +683,8 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             Joined::Waited(Some(Settled::Busy)) => {
                 return Err(Reject::Unavailable { retry_after: 1 });
             }
-            // Its request was abandoned: try again (perhaps leading).
+            // No verdict: its request was abandoned before its hash was arranged (e.g. while
+            // throttled), or the verification was given up when nobody waited: try again.
             Joined::Waited(None) => continue,
         };
         // Not verified before: this costs argon2 work, which a throttled IP does not get.
@@ -723,12 +724,15 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             }
             None => None,
         };
-        let outcome = Box::pin(
-            ctx.shared
-                .verifier
-                .verify(key, token.expose(), digest, priority),
-        )
-        .await;
+        // From here the verification belongs to every request waiting for it: if this one is
+        // abandoned, it goes on for them (its charge stays spent, as for any abandoned hash).
+        let outcome =
+            Box::pin(
+                ctx.shared
+                    .verifier
+                    .verify(leading, key, token.expose(), digest, priority),
+            )
+            .await;
         if let Some(cluster) = shared_guess
             && !matches!(outcome, Ok(Outcome::Invalid))
         {
@@ -737,17 +741,14 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         match outcome {
             Ok(Outcome::Valid) => {
                 reservation.refund();
-                leading.settle(Settled::Valid);
                 break;
             }
             Ok(Outcome::Invalid) => {
                 reservation.confirm_failure();
-                leading.settle(Settled::Invalid);
                 return Err(report(AuthFailure::BadSecret, Some(&key.id), exhausted));
             }
             Err(Busy) => {
                 reservation.refused_unhashed();
-                leading.settle(Settled::Busy);
                 client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?priority.standing, attempts = priority.attempts, "argon2 verification queue: waited too long or full; refused unhashed");
                 return Err(Reject::Unavailable { retry_after: 1 });
             }

@@ -395,3 +395,136 @@ async fn a_verdict_against_a_replaced_hash_never_answers_for_the_new_one() {
         401
     );
 }
+
+/// An HTTP/2 connection over TLS from the loopback address `from`.
+async fn h2_from(
+    kg: &Keygate,
+    from: Ipv4Addr,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let tcp = sock.connect(kg.addr).await.unwrap();
+    let mut cfg = kg.tls_config();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// `GET /` with this token on an HTTP/2 connection, as a task (aborting it resets the stream:
+/// keygate drops the request). Returns the status.
+fn h2_get(
+    send: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    token: &str,
+) -> tokio::task::JoinHandle<u16> {
+    let mut send = send.clone();
+    let req = http::Request::get("https://localhost/")
+        .header("x-api-key", token)
+        .body(Empty::new())
+        .unwrap();
+    tokio::spawn(async move {
+        send.ready().await.unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        status
+    })
+}
+
+/// A second fresh user: when the request that started a shared verification was cancelled (its
+/// client went away), the requests waiting for it woke with nothing and verified again: twice
+/// the wait, and each time a new charge to the client's failed-auth budget. The verification
+/// now belongs to everyone waiting for it: a hash in progress answers them, and one still
+/// queued keeps its place for them. With a budget of one failure a minute the old code answers
+/// the waiters 429 (the abandoned request's charge used the budget, so the waiter that took
+/// over was throttled); now they get the verdict of the one verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_get_the_verdict_of_a_verification_whose_request_was_cancelled() {
+    let up = Upstream::start().await;
+    let (hashing, hashing_hash) = {
+        let t = keygate::auth::NewToken::generate("hashing")
+            .reveal()
+            .to_string();
+        // Slow on purpose (about 1.5 s, more on a loaded machine): the request that starts
+        // the verification is cancelled while it runs.
+        let h = keygate::auth::hash_token_with(t.as_bytes(), 19_456, 100);
+        (t, h)
+    };
+    let (blocker, blocker_hash) = {
+        let t = keygate::auth::NewToken::generate("blocker")
+            .reveal()
+            .to_string();
+        let h = keygate::auth::hash_token_with(t.as_bytes(), 19_456, 60);
+        (t, h)
+    };
+    let (queued, queued_hash) = slow_key("queued");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .auth("failed_auth_limit = \"1/min\"")
+        .auth("verify_concurrency = 1")
+        .key("hashing", &hashing_hash, "")
+        .key("blocker", &blocker_hash, "")
+        .key("queued", &queued_hash, "")
+        .admin()
+        .start();
+
+    // 1. Cancelled while its hash runs.
+    let from = Ipv4Addr::new(127, 0, 0, 7);
+    let (first, others) = (h2_from(&kg, from).await, h2_from(&kg, from).await);
+    let leader = h2_get(&first, &hashing);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let waiters: Vec<_> = (0..3).map(|_| h2_get(&others, &hashing)).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    leader.abort();
+    let mut statuses = Vec::new();
+    for w in waiters {
+        statuses.push(w.await.unwrap());
+    }
+    assert_eq!(statuses, [200, 200, 200], "waiters of a cancelled hash");
+    let m = metrics(&kg).await;
+    assert_eq!(metric(&m, RIGHT_HASHES), 1, "the one hash answered them");
+    assert_eq!(metric(&m, "keygate_auth_throttled_total"), 0);
+
+    // 2. Cancelled while still queued behind another key's hash: the verification keeps its
+    // place for those waiting, and runs when its turn comes.
+    let busy = h2_get(&h2_from(&kg, Ipv4Addr::new(127, 0, 0, 9)).await, &blocker);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = Ipv4Addr::new(127, 0, 0, 8);
+    let (first, others) = (h2_from(&kg, from).await, h2_from(&kg, from).await);
+    let leader = h2_get(&first, &queued);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiters: Vec<_> = (0..3).map(|_| h2_get(&others, &queued)).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    leader.abort();
+    let mut statuses = Vec::new();
+    for w in waiters {
+        statuses.push(w.await.unwrap());
+    }
+    assert_eq!(busy.await.unwrap(), 200);
+    // One verdict for all: 200, or, if the blocking hash outlasted the queue's 2 s deadline on
+    // a loaded machine, 503 for all. Never 429: nobody was charged again.
+    assert!(
+        statuses == [200, 200, 200] || statuses == [503, 503, 503],
+        "waiters of a cancelled queued verification: {statuses:?}"
+    );
+    if statuses[0] == 200 {
+        assert_eq!(metric(&metrics(&kg).await, RIGHT_HASHES), 3);
+    }
+    assert_eq!(
+        metric(&metrics(&kg).await, "keygate_auth_throttled_total"),
+        0
+    );
+    assert_no_secrets(&kg.logs(), &[&hashing, &blocker, &queued]);
+}
