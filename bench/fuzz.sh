@@ -38,7 +38,7 @@ fi
 
 echo "building ${targets[*]} (sanitizer: $sanitizer)" >&2
 cargo fuzz build --sanitizer "$sanitizer" >&2
-bin_dir="fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release"
+bin_dir="${CARGO_TARGET_DIR:-fuzz/target}/$(rustc -vV | sed -n 's/^host: //p')/release"
 
 scratch=""
 if [ -z "${FUZZ_CORPUS:-}" ]; then

@@ -5,9 +5,10 @@
 //!   client address. An address is an IPv4 /32 or an IPv6 /64: one host is routinely given a
 //!   whole /64, so counting /128s would let it take every slot.
 //! * When the table is full, a newcomer reclaims a slot instead of being refused: first the
-//!   oldest connection that has not completed its TLS handshake (or PROXY header), then the
-//!   connection idle longest (open, no request in flight). Only when every connection is busy
-//!   with a request is the newcomer refused. This is nginx's answer to a full
+//!   oldest connection stuck in its TLS handshake (or PROXY header) for over a second, then
+//!   the connection idle longest (open, no request in flight), then the oldest younger
+//!   handshake ([`Inner::pick_victim`]). Only when every connection is busy with a request is
+//!   the newcomer refused. This is nginx's answer to a full
 //!   `worker_connections` (it closes idle keep-alive connections to make room), extended to
 //!   connections that never start TLS: holding a socket open costs an attacker nothing, so it
 //!   must not buy a slot that a client with a request needs.
@@ -36,6 +37,10 @@ use tracing::Level;
 
 /// At most one `connection_limited` log line per reason per interval.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a connection may be in its TLS handshake (or PROXY header) before a full table
+/// reclaims it ahead of idle connections ([`Inner::pick_victim`]).
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
 
 /// The share of `max_connections` one address may hold when `max_connections_per_ip` is not
 /// set: 1/16 (256 of the default 4,096), but at least 64 (or all, for tables under 64).
@@ -135,16 +140,36 @@ impl Inner {
         }
     }
 
-    /// The connection to close to make room, if any: the oldest still in its handshake, else
-    /// the one idle longest. O(open connections), only when the table is full.
+    /// The connection to close to make room, if any, in this order (O(open connections), only
+    /// when the table is full):
+    /// 1. the oldest connection still in its handshake after [`HANDSHAKE_GRACE`] (stalled: a
+    ///    handshake takes one or two round trips);
+    /// 2. the connection idle longest (no request in flight: an idle keep-alive connection,
+    ///    one that completed TLS and sent nothing, or one trickling an unfinished head);
+    /// 3. the oldest handshake younger than that.
+    ///
+    /// So a newcomer's handshake is never cut while an idle connection can go: attackers that
+    /// complete TLS and then sit idle (and reconnect when closed) only ever take each other's
+    /// slots (a fresh user's finding: with handshakes always first, their reconnects closed
+    /// every legitimate newcomer in its handshake, 4 of 24 got through). A flood of new
+    /// connections faster than one table's worth per `HANDSHAKE_GRACE` closes idle ones
+    /// first, LRU, as nginx does with its reusable connections; a newcomer's handshake then
+    /// goes only after every older one.
     fn pick_victim(&self) -> Option<(u64, Limited)> {
-        let mut handshake: Option<(Instant, u64)> = None;
+        let now = Instant::now();
+        let mut stalled: Option<(Instant, u64)> = None;
+        let mut young: Option<(Instant, u64)> = None;
         let mut idle: Option<(Instant, u64)> = None;
         for (id, e) in &self.entries {
             let t = &e.tracker;
             if t.phase.load(Relaxed) == HANDSHAKE {
-                if handshake.is_none_or(|(at, _)| t.accepted < at) {
-                    handshake = Some((t.accepted, *id));
+                let tier = if now.saturating_duration_since(t.accepted) >= HANDSHAKE_GRACE {
+                    &mut stalled
+                } else {
+                    &mut young
+                };
+                if tier.is_none_or(|(at, _)| t.accepted < at) {
+                    *tier = Some((t.accepted, *id));
                 }
             } else if let Some(since) = t.idle_since()
                 && idle.is_none_or(|(at, _)| since < at)
@@ -152,9 +177,10 @@ impl Inner {
                 idle = Some((since, *id));
             }
         }
-        handshake
+        stalled
             .map(|(_, id)| (id, Limited::ReclaimedHandshake))
             .or(idle.map(|(_, id)| (id, Limited::ReclaimedIdle)))
+            .or(young.map(|(_, id)| (id, Limited::ReclaimedHandshake)))
     }
 }
 

@@ -431,7 +431,9 @@ impl fmt::Display for RedactedPath<'_> {
             };
             if holds_token(name) {
                 f.write_str("REDACTED")?;
-            } else if value.is_some_and(|v| is_sensitive(name, self.params) || holds_token(v)) {
+            } else if value.is_some_and(|v| {
+                is_sensitive(name, self.params) || holds_token(v) || nests_secret(v, self.params)
+            }) {
                 write!(f, "{name}=REDACTED")?;
             } else {
                 f.write_str(pair)?;
@@ -440,6 +442,44 @@ impl fmt::Display for RedactedPath<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether a query value carries a query of its own with a secret-bearing name in it: a URL
+/// passed as a parameter (`?next=/cb?code=…`, `?redirect_uri=https%3A%2F%2Fapp%2Fcb%3Faccess_token%3D…`,
+/// as OAuth and login flows do) or a value that is itself a pair (`?q=password=…`). The value is
+/// read as it came and percent-decoded up to three times (doubly encoded URLs are common in
+/// redirect chains), split at `?`, `&` and `;`, and each `name=` is checked by the same rule as
+/// a parameter's name. The whole value is then redacted: cutting out only the nested value
+/// would need re-encoding it at the right depth, and the outer name is kept for debugging.
+fn nests_secret(v: &str, params: &[String]) -> bool {
+    if !v.contains(['=', '%']) {
+        return false;
+    }
+    let carries = |s: &str| {
+        s.split(['?', '&', ';']).any(|piece| {
+            piece
+                .split_once('=')
+                .is_some_and(|(n, _)| !n.trim().is_empty() && is_sensitive(n, params))
+        })
+    };
+    if carries(v) {
+        return true;
+    }
+    let mut decoded = std::borrow::Cow::Borrowed(v);
+    for _ in 0..3 {
+        if !decoded.contains('%') {
+            break;
+        }
+        let next = percent_decode_lossy(&decoded);
+        if next == *decoded {
+            break;
+        }
+        if carries(&next) {
+            return true;
+        }
+        decoded = std::borrow::Cow::Owned(next);
+    }
+    false
 }
 
 /// Redacts a path-and-query to a `String` (for tests and the fuzzer).
@@ -1085,6 +1125,36 @@ mod tests {
         assert_eq!(redact_query("/a?keep=1&flag", &p), "/a?keep=1&flag");
         assert_eq!(redact_query("/plain", &p), "/plain");
         assert_eq!(redact_query("/a?sig=x=y", &p), "/a?sig=REDACTED");
+    }
+
+    /// A URL (or a pair) passed as a value carries its own query: a secret-bearing name in it,
+    /// raw or percent-encoded once, twice or three times, redacts the value; a nested query
+    /// without one is kept.
+    #[test]
+    fn secrets_in_nested_queries_are_redacted() {
+        let p = params();
+        for (pq, want) in [
+            ("/a?next=/cb?code=S1&x=1", "/a?next=REDACTED&x=1"),
+            ("/a?q=password=S2", "/a?q=REDACTED"),
+            (
+                "/a?redirect_uri=https%3A%2F%2Fapp%2Fcb%3Faccess_token%3DS3",
+                "/a?redirect_uri=REDACTED",
+            ),
+            (
+                "/a?r=https%253A%252F%252Fapp%252Fcb%253Fx%253D1%2526client_secret%253DS4&y=2",
+                "/a?r=REDACTED&y=2",
+            ),
+            ("/a?r=x%3Bjsessionid%3DS5", "/a?r=REDACTED"),
+            ("/a?next=/cb?page=2&x=1", "/a?next=/cb?page=2&x=1"),
+            ("/a?filter=status=open", "/a?filter=status=open"),
+            (
+                "/a?r=https%3A%2F%2Fapp%2F%3Fa%3D1",
+                "/a?r=https%3A%2F%2Fapp%2F%3Fa%3D1",
+            ),
+            ("/a?e==x", "/a?e==x"),
+        ] {
+            assert_eq!(redact_query(pq, &p), want, "{pq}");
+        }
     }
 
     /// An operator's name matches in any spelling (case, `-`, `_`, `.`).

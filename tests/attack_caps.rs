@@ -326,6 +326,75 @@ async fn idle_keep_alive_connections_make_room_busy_ones_never() {
     assert_eq!(probe(&kg, [127, 0, 0, 2], &token).await, Some(200));
 }
 
+/// A fresh user's attack: connections that complete TLS, send nothing, and reconnect as soon
+/// as they are closed. While a full table reclaimed handshakes before idle connections, every
+/// reconnect closed the oldest handshake in progress, which was a legitimate newcomer's (4 of
+/// 24 probes got through). Idle connections now go before any handshake younger than a
+/// second, so the attackers only take each other's slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_that_reconnect_never_cut_a_newcomers_handshake() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .server("max_connections = 16")
+        .server("max_connections_per_ip = 1000")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    // 24 attackers for 16 slots: 8 are always reconnecting (after 100 ms), each reconnect
+    // closing someone to make room.
+    let attackers: Vec<_> = (0..24)
+        .map(|_| {
+            let (cfg, addr) = (kg.tls_config(), kg.addr);
+            let (stop, handshakes) = (stop.clone(), handshakes.clone());
+            tokio::spawn(async move {
+                let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+                while !stop.load(SeqCst) {
+                    if let Ok(tcp) = TcpStream::connect(addr).await
+                        && let Ok(mut s) = connector
+                            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                            .await
+                    {
+                        handshakes.fetch_add(1, SeqCst);
+                        let mut b = [0u8; 1];
+                        let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+    wait_until("the attackers churn", || handshakes.load(SeqCst) >= 40).await;
+    let mut ok = 0;
+    for _ in 0..20 {
+        if probe(&kg, [127, 0, 0, 2], &token).await == Some(200) {
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let churned = handshakes.load(SeqCst);
+    stop.store(true, SeqCst);
+    for a in attackers {
+        a.abort();
+    }
+    assert_eq!(
+        ok, 20,
+        "probes that got through ({churned} attacker handshakes)"
+    );
+    let m = metrics(&kg).await;
+    assert!(
+        metric_f64(&m, "keygate_connections_limited_total{reason=\"idle\"}") >= 20.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_f64(&m, "keygate_connections_limited_total{reason=\"full\"}"),
+        0.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_max_concurrent_gets_429_on_h1_and_h2_others_unaffected() {
     let up = Upstream::start().await;

@@ -163,6 +163,62 @@ async fn secret_bearing_parameter_names_are_redacted_in_any_spelling() {
     }
 }
 
+/// A URL passed as a query value carries its own query (OAuth's `redirect_uri`, a login's
+/// `next`): a secret-bearing name in it, raw or percent-encoded once or twice, redacts the whole
+/// value in the access line, forwarded (200) or refused (401), over HTTP/1.1 and HTTP/2; the
+/// upstream still receives the request as sent.
+#[tokio::test]
+async fn secrets_in_nested_queries_are_redacted() {
+    let up = Upstream::start().await;
+    let (app, app_hash) = new_key("app");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("app", &app_hash, "")
+        .start();
+    let mut secrets = Vec::new();
+    for (proto, c) in [("h1", kg.client()), ("h2", kg.client_h2())] {
+        for (i, nested) in [
+            "/cb?code={S}",
+            "https%3A%2F%2Fapp%2Fcb%3Fstate%3D1%26access_token%3D{S}",
+            "https%253A%252F%252Fapp%252Fcb%253Fclient_secret%253D{S}",
+            "password={S}",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let secret = format!("Nq{proto}n3st3d{i}SeCrEt{}", 2000 + i);
+            let pq = format!("/login?next={}&page=2", nested.replace("{S}", &secret));
+            for key in [Some(app.as_str()), None] {
+                let headers: Vec<(&str, &str)> =
+                    key.map(|k| ("x-api-key", k)).into_iter().collect();
+                let got = c.get(&kg.url(&pq), &headers).await;
+                assert_eq!(
+                    got.status,
+                    if key.is_some() { 200 } else { 401 },
+                    "{proto} {pq}"
+                );
+                let rid = got.header("x-request-id").unwrap().to_string();
+                let line = kg.access_line(&rid);
+                assert_eq!(
+                    line["path"], "/login?next=REDACTED&page=2",
+                    "{proto}: {line}"
+                );
+            }
+            secrets.push(secret);
+        }
+    }
+    // Redaction is for the logs only: the application gets its parameters untouched.
+    let seen = up.requests();
+    assert_eq!(seen.len(), secrets.len());
+    for (r, s) in seen.iter().zip(&secrets) {
+        assert!(r.uri.contains(s.as_str()), "{}", r.uri);
+    }
+    let logs = kg.logs();
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "{s} is in the output:\n{logs}");
+    }
+}
+
 /// A second fresh user: a keygate token sent as `X-Request-Id` (it is made of the characters a
 /// request id may hold) was kept as the request id: logged in every line, echoed to the client
 /// and forwarded. A token-shaped id is now replaced by a fresh one, with or without a key,

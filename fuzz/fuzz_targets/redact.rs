@@ -8,7 +8,8 @@
 //!   `<name as sent>=REDACTED`;
 //! - every pair whose name is not sensitive (by an independent reading of the rule) is unchanged,
 //!   unless it holds something token-shaped (`keygate::log::holds_token`, unit-tested in
-//!   `src/log.rs`): then it is `<name>=REDACTED`, or `REDACTED` when the name holds it.
+//!   `src/log.rs`) or a nested query with a sensitive name (`next=/cb?code=…`, percent-encoded
+//!   up to three times): then it is `<name>=REDACTED`, or `REDACTED` when the name holds it.
 
 #![no_main]
 
@@ -123,6 +124,29 @@ fn secret_bearing(name: &str) -> bool {
         .any(|f| norm.contains(f))
 }
 
+/// A value that carries a query of its own (`next=/cb?code=…`, percent-encoded up to three
+/// times) with a sensitive name in it is redacted whole.
+fn oracle_nested(v: &str) -> bool {
+    let carries = |s: &str| {
+        s.split(['?', '&', ';']).any(|piece| match piece.split_once('=') {
+            Some((n, _)) => !n.trim().is_empty() && oracle_sensitive(n),
+            None => false,
+        })
+    };
+    let mut s = v.to_string();
+    for _ in 0..4 {
+        if carries(&s) {
+            return true;
+        }
+        let next = percent_decode(&s);
+        if next == s {
+            break;
+        }
+        s = next;
+    }
+    false
+}
+
 fuzz_target!(|input: Input| {
     let params: Vec<String> = BUILTIN_REDACTED_PARAMS
         .iter()
@@ -222,7 +246,9 @@ fuzz_target!(|input: Input| {
             assert_eq!(*outp, "REDACTED", "{pq:?} -> {out:?}");
         } else if i == at {
             assert_eq!(*outp, format!("{name}=REDACTED"));
-        } else if v.is_some_and(|v| oracle_sensitive(n) || keygate::log::holds_token(v)) {
+        } else if v.is_some_and(|v| {
+            oracle_sensitive(n) || keygate::log::holds_token(v) || oracle_nested(v)
+        }) {
             assert_eq!(*outp, format!("{n}=REDACTED"), "{pq:?} -> {out:?}");
         } else {
             assert_eq!(outp, inp, "non-sensitive pair changed: {pq:?} -> {out:?}");
