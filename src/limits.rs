@@ -126,12 +126,24 @@ fn ceil_secs(d: Duration) -> u64 {
 /// * pruning of entries whose budget is full again (they hold no information): periodically
 ///   ([`prune`](Self::prune)), and inline when the table has doubled since the last prune, so
 ///   the cost stays amortised O(1) per failure;
-/// * a hard cap, [`MAX_TRACKED`] clients (about 3 MiB). When the table is full of clients that
-///   are all still within their window, a client it does not know is treated as throttled for
-///   one interval (its unverified tokens get 429; verified clients are unaffected) and a warning
-///   is logged: refusing to hash is the safe side when under a scan from that many addresses.
+/// * a hard cap, `[auth] failed_auth_max_clients` clients ([`MAX_TRACKED`] by default, about
+///   3 MiB), of which failures decided without hashing (malformed tokens, unknown key ids, a
+///   token known to be wrong: one cheap request each) may fill only half;
+/// * past the cap, a client the table does not know is charged by its *network* (IPv4 /24,
+///   IPv6 /48) in a second table of up to half as many networks, with the same budget per
+///   network: a newcomer is not refused merely because others filled the table (before, every
+///   client not in a full table got 429 for its unverified tokens: a fresh user showed that
+///   malformed tokens from 100 000 addresses, trivial with IPv6 /64s, would lock out every
+///   legitimate newcomer). Only a newcomer in a network that failed its own budget is refused;
+/// * only when the network table is full too (failures from more networks than it holds, all
+///   within their window) is a client neither table knows treated as throttled for one
+///   interval: refusing to hash is the safe side under a scan from that many networks. Each
+///   overflow is counted (`keygate_failed_auth_table_full_total{action}`) and logged as event
+///   `failed_auth_table_full` (at most once a minute).
 pub struct FailedAuthThrottle {
     rate: Rate,
+    /// Clients tracked at most (`[auth] failed_auth_max_clients`); networks: half as many.
+    max_clients: usize,
     /// GCRA emission interval (`period / count`) and tolerance (`(count - 1) × interval`), ns.
     interval: u64,
     tolerance: u64,
@@ -143,6 +155,8 @@ struct Table {
     /// Per client: the GCRA theoretical arrival time, in ns since `base`. Throttled while it is
     /// more than `tolerance` ahead of now; prunable once it is not ahead of now.
     tat: HashMap<u128, u64>,
+    /// The same per network (`network_key`), for clients that found `tat` full.
+    networks: HashMap<u128, u64>,
     /// Per client and per network: the last failed authentication, in whole seconds since
     /// `base`, kept for [`HISTORY`] (the verification queue's [`Standing`]).
     failed_clients: HashMap<u128, u32>,
@@ -156,20 +170,31 @@ struct Table {
     /// can be in the verification queue at once.
     inflight_networks: HashMap<u128, u32>,
     /// Per client: the attempt clock (ns since `base`), see [`Priority`]; pruned once run down,
-    /// at most [`MAX_TRACKED`] clients (past that, newcomers count as no attempts).
+    /// at most `max_clients` clients (past that, newcomers count as no attempts).
     attempts: HashMap<u128, u64>,
     /// Size at which a failure from a new client first prunes inline.
     next_prune: usize,
     /// Last inline prune (ns since `base`), to bound prune work when the table is full.
     last_prune: u64,
-    /// While the table is full: clients not in it count as throttled until then.
+    /// While both tables are full: clients in neither count as throttled until then.
     full_until: u64,
     /// Last "table full" warning (ns since `base`).
     last_full_warning: Option<u64>,
 }
 
-/// Clients tracked at most: 24 bytes each plus hash-table overhead, ~3 MiB at this size.
+/// Where a client's failures are counted: its own entry, or its network's (the client table
+/// was full when it came).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Client(u128),
+    Network(u128),
+}
+
+/// Clients tracked at most by default (`[auth] failed_auth_max_clients`): 24 bytes each plus
+/// hash-table overhead, ~3 MiB at this size.
 pub const MAX_TRACKED: usize = 100_000;
+/// The smallest `failed_auth_max_clients` accepted.
+pub const MIN_TRACKED: usize = 16;
 /// Below this many tracked clients, failures never prune inline (the periodic prune does).
 const PRUNE_AT: usize = 4_096;
 const SECOND_NS: u64 = 1_000_000_000;
@@ -251,6 +276,8 @@ const ATTEMPT_WEIGHT: u64 = 60 * SECOND_NS;
 pub struct Reservation<'t> {
     throttle: &'t FailedAuthThrottle,
     ip: IpAddr,
+    /// The entry charged (the client's, or its network's when the table was full).
+    entry: Entry,
     /// Where the verification waits (decided under the same lock as the charge).
     pub priority: Priority,
     /// This charge used the client's budget up: its next unverified token is refused.
@@ -260,7 +287,7 @@ pub struct Reservation<'t> {
 impl Reservation<'_> {
     /// The token was right: the charge, and the attempt, are given back.
     pub fn refund(self) {
-        self.throttle.refund(self.ip);
+        self.throttle.refund(self.entry);
         let key = client_key(self.ip);
         let now = self.throttle.now();
         let mut t = self.throttle.lock();
@@ -275,7 +302,7 @@ impl Reservation<'_> {
     /// The verification queue refused it, nothing was hashed: the charge is given back (no
     /// failure happened), the attempt is not (see [`Priority`]).
     pub fn refused_unhashed(self) {
-        self.throttle.refund(self.ip);
+        self.throttle.refund(self.entry);
     }
 
     /// The token was wrong: remembered for the client's and its network's [`Standing`]. The
@@ -304,9 +331,24 @@ impl Drop for Reservation<'_> {
 enum Charge {
     Charged {
         exhausted: bool,
+        entry: Entry,
     },
-    /// The table is full and the client not in it: nothing charged, the client is refused.
+    /// Both tables are full and the client in neither: nothing charged, the client is refused.
     TableFull,
+}
+
+impl Charge {
+    /// The client table had no room for this client.
+    fn overflowed(&self) -> bool {
+        matches!(
+            self,
+            Charge::TableFull
+                | Charge::Charged {
+                    entry: Entry::Network(_),
+                    ..
+                }
+        )
+    }
 }
 
 fn secs(ns: u64) -> u32 {
@@ -318,18 +360,28 @@ fn ceil_secs_ns(ns: u64) -> u64 {
 }
 
 impl FailedAuthThrottle {
+    /// A throttle at `rate` tracking at most [`MAX_TRACKED`] clients.
     pub fn new(rate: Rate) -> Self {
+        Self::with_capacity(rate, MAX_TRACKED)
+    }
+
+    /// A throttle at `rate` tracking at most `max_clients` clients (at least [`MIN_TRACKED`])
+    /// and half as many networks.
+    pub fn with_capacity(rate: Rate, max_clients: usize) -> Self {
+        let max_clients = max_clients.max(MIN_TRACKED);
         let interval = u64::try_from((rate.period / rate.count.max(1)).as_nanos())
             .unwrap_or(u64::MAX)
             .max(1);
         FailedAuthThrottle {
             rate,
+            max_clients,
             interval,
             tolerance: interval.saturating_mul(u64::from(rate.count.max(1) - 1)),
             base: Instant::now(),
             table: Mutex::new(Table {
                 tat: HashMap::new(),
-                next_prune: PRUNE_AT,
+                networks: HashMap::new(),
+                next_prune: PRUNE_AT.min(max_clients),
                 last_prune: 0,
                 full_until: 0,
                 last_full_warning: None,
@@ -347,6 +399,15 @@ impl FailedAuthThrottle {
         self.rate
     }
 
+    /// Clients tracked at most (`[auth] failed_auth_max_clients`).
+    pub fn max_clients(&self) -> usize {
+        self.max_clients
+    }
+
+    fn max_networks(&self) -> usize {
+        self.max_clients / 2
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -358,17 +419,23 @@ impl FailedAuthThrottle {
     /// `Some(seconds ≥ 1)` if this client is currently throttled. Creates no state.
     pub fn throttled(&self, ip: IpAddr) -> Option<u64> {
         let now = self.now();
-        self.throttled_in(&self.lock(), client_key(ip), now)
+        self.throttled_in(&self.lock(), ip, now)
     }
 
-    fn throttled_in(&self, t: &Table, key: u128, now: u64) -> Option<u64> {
-        match t.tat.get(&key) {
-            Some(&tat) => {
-                let free_at = tat.saturating_sub(self.tolerance);
-                (free_at > now).then(|| ceil_secs_ns(free_at - now))
-            }
-            None => (t.full_until > now).then(|| ceil_secs_ns(t.full_until - now)),
+    /// A client in the table is judged by its own budget; one that is not, by its network's
+    /// (if the table was full when its network failed), then by whether both tables are full.
+    fn throttled_in(&self, t: &Table, ip: IpAddr, now: u64) -> Option<u64> {
+        let wait = |tat: u64| {
+            let free_at = tat.saturating_sub(self.tolerance);
+            (free_at > now).then(|| ceil_secs_ns(free_at - now))
+        };
+        if let Some(&tat) = t.tat.get(&client_key(ip)) {
+            return wait(tat);
         }
+        if let Some(&tat) = t.networks.get(&network_key(ip)) {
+            return wait(tat);
+        }
+        (t.full_until > now).then(|| ceil_secs_ns(t.full_until - now))
     }
 
     /// Records one failed authentication that was decided without hashing (malformed, unknown
@@ -378,7 +445,7 @@ impl FailedAuthThrottle {
         let now = self.now();
         let mut t = self.lock();
         self.remember_failure(&mut t, ip, now);
-        let charge = self.charge(&mut t, client_key(ip), now);
+        let charge = self.charge(&mut t, ip, now, true);
         drop(t);
         self.exhausted(charge)
     }
@@ -396,44 +463,51 @@ impl FailedAuthThrottle {
         let key = client_key(ip);
         let now = self.now();
         let mut t = self.lock();
-        if let Some(wait) = self.throttled_in(&t, key, now) {
+        if let Some(wait) = self.throttled_in(&t, ip, now) {
             return Err(wait);
         }
-        match self.charge(&mut t, key, now) {
-            Charge::Charged { exhausted } => {
+        let charge = self.charge(&mut t, ip, now, false);
+        if charge.overflowed() {
+            drop(t);
+            self.overflowed(&charge);
+            t = self.lock();
+        }
+        match charge {
+            Charge::Charged { exhausted, entry } => {
                 *t.inflight_networks.entry(network_key(ip)).or_insert(0) += 1;
                 let standing = self.standing_in(&t, ip, now);
-                let attempts = if t.attempts.len() < MAX_TRACKED || t.attempts.contains_key(&key) {
-                    let clock = t.attempts.entry(key).or_insert(now);
-                    *clock = (*clock).max(now).saturating_add(ATTEMPT_WEIGHT);
-                    u32::try_from((*clock - now).div_ceil(ATTEMPT_WEIGHT)).unwrap_or(u32::MAX)
-                } else {
-                    0
-                };
+                let attempts =
+                    if t.attempts.len() < self.max_clients || t.attempts.contains_key(&key) {
+                        let clock = t.attempts.entry(key).or_insert(now);
+                        *clock = (*clock).max(now).saturating_add(ATTEMPT_WEIGHT);
+                        u32::try_from((*clock - now).div_ceil(ATTEMPT_WEIGHT)).unwrap_or(u32::MAX)
+                    } else {
+                        0
+                    };
                 Ok(Reservation {
                     throttle: self,
                     ip,
+                    entry,
                     priority: Priority { standing, attempts },
                     exhausted,
                 })
             }
-            full @ Charge::TableFull => {
-                drop(t);
-                self.exhausted(full);
-                Err(ceil_secs_ns(self.interval))
-            }
+            Charge::TableFull => Err(ceil_secs_ns(self.interval)),
         }
     }
 
     /// Gives a charge back.
-    fn refund(&self, ip: IpAddr) {
-        let key = client_key(ip);
+    fn refund(&self, entry: Entry) {
         let now = self.now();
         let mut t = self.lock();
-        if let Some(tat) = t.tat.get_mut(&key) {
+        let (map, key) = match entry {
+            Entry::Client(key) => (&mut t.tat, key),
+            Entry::Network(key) => (&mut t.networks, key),
+        };
+        if let Some(tat) = map.get_mut(&key) {
             *tat = tat.saturating_sub(self.interval);
             if *tat <= now {
-                t.tat.remove(&key);
+                map.remove(&key);
             }
         }
     }
@@ -457,7 +531,8 @@ impl FailedAuthThrottle {
         };
         let key = client_key(ip);
         let net = network_key(ip);
-        let debt = t.tat.get(&key).map_or(0, |&tat| {
+        let entry = t.tat.get(&key).or_else(|| t.networks.get(&net));
+        let debt = entry.map_or(0, |&tat| {
             u32::try_from(tat.saturating_sub(now).div_ceil(self.interval)).unwrap_or(u32::MAX)
         });
         let inflight = t.inflight_networks.get(&net).copied().unwrap_or(0);
@@ -500,63 +575,82 @@ impl FailedAuthThrottle {
         }
     }
 
-    /// One failure onto the client's GCRA state.
-    fn charge(&self, t: &mut Table, key: u128, now: u64) -> Charge {
+    /// One failure onto the GCRA state of the client, or of its network when the client table
+    /// has no room for it (`cheap`: a failure decided without hashing, which may take only
+    /// half of the client table).
+    fn charge(&self, t: &mut Table, ip: IpAddr, now: u64, cheap: bool) -> Charge {
+        let key = client_key(ip);
+        let max = self.max_clients;
         if !t.tat.contains_key(&key)
-            && t.tat.len() >= t.next_prune
+            && t.tat.len() >= t.next_prune.min(if cheap { max / 2 } else { max })
             && now.saturating_sub(t.last_prune) >= SECOND_NS
         {
             t.tat.retain(|_, tat| *tat > now);
-            t.next_prune = (t.tat.len() * 2).clamp(PRUNE_AT, MAX_TRACKED);
+            t.networks.retain(|_, tat| *tat > now);
+            t.next_prune = (t.tat.len() * 2).clamp(PRUNE_AT.min(max), max);
             t.last_prune = now;
         }
-        let tracked = t.tat.len();
-        let tat = match t.tat.get_mut(&key) {
-            Some(tat) => {
-                *tat = (*tat).max(now).saturating_add(self.interval);
-                *tat
-            }
-            None if tracked < MAX_TRACKED => {
-                let tat = now.saturating_add(self.interval);
-                t.tat.insert(key, tat);
-                tat
-            }
-            None => {
-                // Full of clients still inside their window: fail closed for newcomers.
+        let room = if cheap { max / 2 } else { max };
+        let (map, key, entry) = if t.tat.contains_key(&key) || t.tat.len() < room {
+            (&mut t.tat, key, Entry::Client(key))
+        } else {
+            let net = network_key(ip);
+            if !t.networks.contains_key(&net) && t.networks.len() >= self.max_networks() {
+                // Both full of entries still inside their window: fail closed for newcomers.
                 t.full_until = now.saturating_add(self.interval);
                 return Charge::TableFull;
             }
+            (&mut t.networks, net, Entry::Network(net))
         };
+        let tat = map.entry(key).or_insert(now);
+        *tat = (*tat).max(now).saturating_add(self.interval);
+        let tat = *tat;
+        crate::metrics::global().set_failed_auth_tracked(t.tat.len(), t.networks.len());
         Charge::Charged {
             exhausted: tat.saturating_sub(self.tolerance) > now,
+            entry,
         }
     }
 
-    /// Whether a charge left the client throttled; warns (at most once a minute) when the table
-    /// is full.
+    /// Whether a charge left the client throttled (see [`overflowed`](Self::overflowed)).
     fn exhausted(&self, charge: Charge) -> bool {
+        self.overflowed(&charge);
         match charge {
-            Charge::Charged { exhausted } => exhausted,
-            Charge::TableFull => {
-                let now = self.now();
-                let warn = {
-                    let mut t = self.lock();
-                    let warn = t
-                        .last_full_warning
-                        .is_none_or(|w| now.saturating_sub(w) >= 60 * SECOND_NS);
-                    if warn {
-                        t.last_full_warning = Some(now);
-                    }
-                    warn
-                };
-                if warn {
-                    tracing::warn!(
-                        tracked = MAX_TRACKED,
-                        "failed-auth table full: unverified tokens from client addresses not in it get 429 until it drains (a scan from very many addresses?)"
-                    );
-                }
-                true
+            Charge::Charged { exhausted, .. } => exhausted,
+            Charge::TableFull => true,
+        }
+    }
+
+    /// Counts a charge the client table had no room for, and warns (at most once a minute).
+    fn overflowed(&self, charge: &Charge) {
+        if !charge.overflowed() {
+            return;
+        }
+        let action = match charge {
+            Charge::TableFull => "refused",
+            Charge::Charged { .. } => "by_network",
+        };
+        crate::metrics::global().failed_auth_table_full(action);
+        let now = self.now();
+        let (warn, clients, networks) = {
+            let mut t = self.lock();
+            let warn = t
+                .last_full_warning
+                .is_none_or(|w| now.saturating_sub(w) >= 60 * SECOND_NS);
+            if warn {
+                t.last_full_warning = Some(now);
             }
+            (warn, t.tat.len(), t.networks.len())
+        };
+        if warn {
+            tracing::warn!(
+                event = "failed_auth_table_full",
+                action,
+                clients,
+                networks,
+                max_clients = self.max_clients,
+                "failed-auth table full (a scan from very many addresses?): clients not in it are counted by network (IPv4 /24, IPv6 /48); when the network table is full too, their unverified tokens get 429 until it drains"
+            );
         }
     }
 
@@ -567,6 +661,9 @@ impl FailedAuthThrottle {
         let mut t = self.lock();
         t.tat.retain(|_, tat| *tat > now);
         t.tat.shrink_to_fit();
+        t.networks.retain(|_, tat| *tat > now);
+        t.networks.shrink_to_fit();
+        crate::metrics::global().set_failed_auth_tracked(t.tat.len(), t.networks.len());
         t.failed_clients
             .retain(|_, s| now_s.saturating_sub(*s) < HISTORY_SECS);
         t.failed_clients.shrink_to_fit();
@@ -575,7 +672,7 @@ impl FailedAuthThrottle {
         t.failed_networks.shrink_to_fit();
         t.attempts.retain(|_, clock| *clock > now);
         t.attempts.shrink_to_fit();
-        t.next_prune = (t.tat.len() * 2).clamp(PRUNE_AT, MAX_TRACKED);
+        t.next_prune = (t.tat.len() * 2).clamp(PRUNE_AT.min(self.max_clients), self.max_clients);
         t.last_prune = now;
     }
 
@@ -662,16 +759,20 @@ mod tests {
     fn throttle_table_is_bounded_and_pruned() {
         let rate = Rate {
             count: 20,
-            period: Duration::from_secs(60),
+            period: Duration::from_secs(3600),
         };
         let t = FailedAuthThrottle::new(rate);
         let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        // Hashed failures from 100 500 addresses: the client table fills, the rest
+        // are counted by network.
         for i in 0..(MAX_TRACKED as u32 + 500) {
-            t.record_failure(ip(i));
+            if let Ok(r) = t.reserve(ip(i)) {
+                r.confirm_failure();
+            }
         }
         assert_eq!(t.tracked(), MAX_TRACKED);
-        // Full of live entries: newcomers are refused, known clients are judged as before.
-        assert!(t.throttled(ip(MAX_TRACKED as u32 + 1000)).is_some());
+        assert_eq!(t.lock().networks.len(), 3, "the last 500 are in three /24s");
+        // Known clients are judged as before.
         assert!(t.throttled(ip(0)).is_none());
 
         // Entries whose budget has refilled are dropped, inline or periodically.
@@ -687,6 +788,95 @@ mod tests {
         assert_eq!(t.tracked(), 0);
         assert!(t.throttled(ip(1)).is_none());
     }
+
+    /// A fresh user: the table (100 000 clients) can be filled at no hashing cost, with one
+    /// malformed token per address (trivial from IPv6 /64s), and then every unverified token
+    /// from an address not in it got 429: legitimate newcomers were locked out. Now cheap
+    /// failures fill at most half of it, and past the cap newcomers are counted by network
+    /// (IPv4 /24, IPv6 /48): only the flooding networks run out of budget.
+    #[test]
+    fn a_full_table_counts_newcomers_by_network_instead_of_refusing_them() {
+        // Per hour rather than per minute: nothing expires while the test fills the table.
+        let t = FailedAuthThrottle::new(Rate {
+            count: 20,
+            period: Duration::from_secs(3600),
+        });
+        // 2001:db8:0::/47: two /48s, 131 072 /64s; one hashed failure from each of 100 000.
+        let attacker = |i: u32| {
+            IpAddr::from(std::net::Ipv6Addr::from(
+                (0x2001_0db8_0000_u128 << 80) | (u128::from(i) << 64) | 1,
+            ))
+        };
+        for i in 0..MAX_TRACKED as u32 {
+            t.reserve(attacker(i)).unwrap().confirm_failure();
+        }
+        assert_eq!(t.tracked(), MAX_TRACKED);
+        // A newcomer from another network: not refused, its token is hashed, counted alone.
+        let newcomer: IpAddr = "2001:db8:ffff::1".parse().unwrap();
+        assert_eq!(t.throttled(newcomer), None);
+        let r = t
+            .reserve(newcomer)
+            .expect("a newcomer from elsewhere is not refused");
+        r.refund();
+        assert_eq!(t.throttled(newcomer), None);
+        // The attacker's next /64s share one budget per /48: 20 more, then its /48 is throttled.
+        let more: Vec<_> = (MAX_TRACKED as u32..MAX_TRACKED as u32 + 100)
+            .filter_map(|i| t.reserve(attacker(i)).ok())
+            .collect();
+        assert_eq!(more.len(), 20, "one budget for the attacker's /48");
+        for r in more {
+            r.confirm_failure();
+        }
+        assert!(t.throttled(attacker(MAX_TRACKED as u32 + 200)).is_some());
+        // A client already in the table keeps its own budget.
+        assert_eq!(t.throttled(attacker(7)), None);
+        let ipv4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(t.throttled(ipv4), None);
+        assert!(
+            !t.record_failure(ipv4),
+            "counted by its /24, one failure of 20"
+        );
+        assert_eq!(t.lock().networks.len(), 2);
+
+        // Failures decided without hashing (malformed tokens, unknown key ids) fill only half.
+        let t = FailedAuthThrottle::with_capacity(
+            Rate {
+                count: 2,
+                period: Duration::from_secs(60),
+            },
+            64,
+        );
+        for i in 0..200 {
+            t.record_failure(attacker(i));
+        }
+        assert_eq!(t.tracked(), 32, "cheap failures take at most half");
+        assert!(t.throttled(attacker(500)).is_some(), "the flood's /48");
+        // Room is left for hashed failures of newcomers, which stay per client.
+        let r = t.reserve("2001:db8:1234::1".parse().unwrap()).unwrap();
+        assert_eq!(
+            r.entry,
+            Entry::Client(client_key("2001:db8:1234::1".parse().unwrap()))
+        );
+        r.confirm_failure();
+        assert_eq!(t.tracked(), 33);
+
+        // Both tables full (more flooding networks than the network table holds): newcomers
+        // in neither are refused, as the safe side.
+        let t = FailedAuthThrottle::with_capacity(
+            Rate {
+                count: 2,
+                period: Duration::from_secs(60),
+            },
+            16,
+        );
+        let net = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8)));
+        for i in 0..100 {
+            let _ = t.reserve(net(i)).map(Reservation::confirm_failure);
+        }
+        assert_eq!((t.tracked(), t.lock().networks.len()), (16, 8));
+        assert!(t.throttled(net(1000)).is_some());
+    }
+
     #[test]
     fn reservations_hold_the_budget_however_many_are_in_flight() {
         let t = FailedAuthThrottle::new(Rate {

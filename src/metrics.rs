@@ -51,6 +51,8 @@ pub const CLIENT_TIMEOUTS: [&str; 2] = ["body", "request_buffer"];
 pub const CONNECTION_LIMITS: [&str; 4] = ["per_ip", "full", "handshake", "idle"];
 /// `keygate_upstream_saturated_total` reasons (see `upstream_cap::Saturated`).
 pub const UPSTREAM_SATURATED: [&str; 2] = ["queue_full", "queue_timeout"];
+/// `keygate_failed_auth_table_full_total` actions (see `limits::FailedAuthThrottle`).
+pub const FAILED_AUTH_TABLE_FULL: [&str; 2] = ["by_network", "refused"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +96,16 @@ struct PhaseLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabel {
+    table: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,6 +155,8 @@ pub struct Metrics {
     argon2_verifications: Family<ResultLabel, Counter>,
     verify_refused: Counter,
     verify_waiting: Gauge<i64, AtomicI64>,
+    failed_auth_table_full: Family<ActionLabel, Counter>,
+    failed_auth_tracked: Family<TableLabel, Gauge<i64, AtomicI64>>,
     log_suppressed: Family<EventLabel, Counter>,
     cluster_degraded: Gauge<i64, AtomicI64>,
     config_info: Family<HashLabel, Gauge<i64, AtomicI64>>,
@@ -334,6 +348,28 @@ impl Metrics {
             "Authentications waiting for an argon2 thread now",
             verify_waiting.clone(),
         );
+        let failed_auth_table_full = Family::<ActionLabel, Counter>::default();
+        for action in FAILED_AUTH_TABLE_FULL {
+            failed_auth_table_full
+                .get_or_create(&ActionLabel { action })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_failed_auth_table_full",
+            "Failed authentications from clients the failed-auth table had no room for: counted by their network (IPv4 /24, IPv6 /48) instead, or refused (429) because the network table was full too",
+            failed_auth_table_full.clone(),
+        );
+        let failed_auth_tracked = Family::<TableLabel, Gauge<i64, AtomicI64>>::default();
+        for table in ["clients", "networks"] {
+            failed_auth_tracked
+                .get_or_create(&TableLabel { table })
+                .set(0);
+        }
+        registry.register(
+            "keygate_failed_auth_tracked",
+            "Entries in the failed-auth table (clients with recent failures; networks counted as one because the client table was full)",
+            failed_auth_tracked.clone(),
+        );
         let log_suppressed = Family::<EventLabel, Counter>::default();
         for kind in crate::log::ClientEvent::ALL {
             log_suppressed
@@ -426,6 +462,8 @@ impl Metrics {
             argon2_verifications,
             verify_refused,
             verify_waiting,
+            failed_auth_table_full,
+            failed_auth_tracked,
             log_suppressed,
             cluster_degraded,
             config_info,
@@ -646,6 +684,20 @@ impl Metrics {
         self.verify_waiting
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
+    /// A failed authentication found the failed-auth table full (`by_network` or `refused`).
+    pub fn failed_auth_table_full(&self, action: &'static str) {
+        self.failed_auth_table_full
+            .get_or_create(&ActionLabel { action })
+            .inc();
+    }
+    /// Entries in the failed-auth table now.
+    pub fn set_failed_auth_tracked(&self, clients: usize, networks: usize) {
+        for (table, n) in [("clients", clients), ("networks", networks)] {
+            self.failed_auth_tracked
+                .get_or_create(&TableLabel { table })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
     /// A client-caused log line was over its client's budget and not written.
     pub fn log_suppressed(&self, kind: crate::log::ClientEvent) {
         self.log_suppressed
@@ -727,6 +779,8 @@ mod tests {
             "keygate_argon2_verifications_total{result=\"wrong\"} 0",
             "keygate_verify_refused_total 0",
             "keygate_verify_waiting 0",
+            "keygate_failed_auth_table_full_total{action=\"by_network\"} 0",
+            "keygate_failed_auth_tracked{table=\"clients\"} 0",
             "keygate_log_lines_suppressed_total{event=\"protocol\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");

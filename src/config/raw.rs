@@ -102,6 +102,7 @@ pub struct RawAuth {
     pub header: Option<String>,
     pub identity_header: Option<String>,
     pub failed_auth_limit: Option<String>,
+    pub failed_auth_max_clients: Option<usize>,
     pub default_rate_limit: Option<String>,
     pub verify_concurrency: Option<usize>,
     pub default_max_concurrent: Option<u32>,

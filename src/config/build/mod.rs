@@ -523,9 +523,25 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         Some(n) => n,
         None => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1),
     };
+    let failed_max = match a.failed_auth_max_clients {
+        Some(n) if n < crate::limits::MIN_TRACKED => {
+            errs.push(
+                "auth.failed_auth_max_clients",
+                format!("must be at least {}", crate::limits::MIN_TRACKED),
+            );
+            crate::limits::MIN_TRACKED
+        }
+        Some(n) => n,
+        None => crate::limits::MAX_TRACKED,
+    };
     let failed_auth = match ctx.previous {
-        Some(prev) if prev.auth.failed_auth.rate() == failed_rate => prev.auth.failed_auth.clone(),
-        _ => Arc::new(FailedAuthThrottle::new(failed_rate)),
+        Some(prev)
+            if prev.auth.failed_auth.rate() == failed_rate
+                && prev.auth.failed_auth.max_clients() == failed_max =>
+        {
+            prev.auth.failed_auth.clone()
+        }
+        _ => Arc::new(FailedAuthThrottle::with_capacity(failed_rate, failed_max)),
     };
 
     // [access]
