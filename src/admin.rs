@@ -65,6 +65,7 @@ async fn answer(
         }
         "/metrics" => (StatusCode::OK, crate::metrics::CONTENT_TYPE, {
             set_quota_gauges(&shared);
+            shared.buffer_budget.export();
             Bytes::from(crate::metrics::global().render())
         }),
         _ => (

@@ -9,6 +9,7 @@ pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod buffer_budget;
 pub mod cli;
 pub mod clock;
 pub mod cluster;

@@ -53,6 +53,9 @@ pub const CONNECTION_LIMITS: [&str; 4] = ["per_ip", "full", "handshake", "idle"]
 pub const UPSTREAM_SATURATED: [&str; 2] = ["queue_full", "queue_timeout"];
 /// `keygate_failed_auth_table_full_total` actions (see `limits::FailedAuthThrottle`).
 pub const FAILED_AUTH_TABLE_FULL: [&str; 2] = ["by_network", "refused"];
+/// Uses of the request-buffer budget (`keygate_request_buffer_bytes`, `…_exhausted_total`):
+/// API requests buffered before forwarding, webhook deliveries read whole.
+pub const REQUEST_BUFFER_USES: [&str; 2] = ["api", "webhook"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +112,11 @@ struct TableLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UseLabel {
+    r#use: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabel {
     event: &'static str,
 }
@@ -157,6 +165,8 @@ pub struct Metrics {
     verify_waiting: Gauge<i64, AtomicI64>,
     failed_auth_table_full: Family<ActionLabel, Counter>,
     failed_auth_tracked: Family<TableLabel, Gauge<i64, AtomicI64>>,
+    request_buffer_bytes: Family<UseLabel, Gauge<i64, AtomicI64>>,
+    request_buffer_exhausted: Family<UseLabel, Counter>,
     log_suppressed: Family<EventLabel, Counter>,
     cluster_degraded: Gauge<i64, AtomicI64>,
     config_info: Family<HashLabel, Gauge<i64, AtomicI64>>,
@@ -370,6 +380,26 @@ impl Metrics {
             "Entries in the failed-auth table (clients with recent failures; networks counted as one because the client table was full)",
             failed_auth_tracked.clone(),
         );
+        let request_buffer_bytes = Family::<UseLabel, Gauge<i64, AtomicI64>>::default();
+        let request_buffer_exhausted = Family::<UseLabel, Counter>::default();
+        for r#use in REQUEST_BUFFER_USES {
+            request_buffer_bytes
+                .get_or_create(&UseLabel { r#use })
+                .set(0);
+            request_buffer_exhausted
+                .get_or_create(&UseLabel { r#use })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_request_buffer_bytes",
+            "Bytes of the request-buffer budget reserved now, by use (API request buffering, webhook deliveries read whole)",
+            request_buffer_bytes.clone(),
+        );
+        registry.register(
+            "keygate_request_buffer_exhausted",
+            "Requests that found their share of the request-buffer budget spent: an API request then streams unbuffered, a webhook delivery is refused 503",
+            request_buffer_exhausted.clone(),
+        );
         let log_suppressed = Family::<EventLabel, Counter>::default();
         for kind in crate::log::ClientEvent::ALL {
             log_suppressed
@@ -464,6 +494,8 @@ impl Metrics {
             verify_waiting,
             failed_auth_table_full,
             failed_auth_tracked,
+            request_buffer_bytes,
+            request_buffer_exhausted,
             log_suppressed,
             cluster_degraded,
             config_info,
@@ -698,6 +730,18 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
+    /// Bytes of the request-buffer budget now reserved for `use` (`api` or `webhook`).
+    pub fn set_request_buffer_bytes(&self, r#use: &'static str, bytes: usize) {
+        self.request_buffer_bytes
+            .get_or_create(&UseLabel { r#use })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    /// A request found its share of the request-buffer budget spent.
+    pub fn request_buffer_exhausted(&self, r#use: &'static str) {
+        self.request_buffer_exhausted
+            .get_or_create(&UseLabel { r#use })
+            .inc();
+    }
     /// A client-caused log line was over its client's budget and not written.
     pub fn log_suppressed(&self, kind: crate::log::ClientEvent) {
         self.log_suppressed
@@ -781,6 +825,8 @@ mod tests {
             "keygate_verify_waiting 0",
             "keygate_failed_auth_table_full_total{action=\"by_network\"} 0",
             "keygate_failed_auth_tracked{table=\"clients\"} 0",
+            "keygate_request_buffer_bytes{use=\"webhook\"} 0",
+            "keygate_request_buffer_exhausted_total{use=\"api\"} 0",
             "keygate_log_lines_suppressed_total{event=\"protocol\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");

@@ -36,7 +36,7 @@ use crate::metrics;
 use crate::proto::{self, strip_hop_by_hop};
 use crate::quota::QuotaState;
 use crate::reject::Reject;
-use crate::upstream_cap::{Held, REQUEST_BUFFER_BUDGET, UpstreamCap};
+use crate::upstream_cap::{Held, UpstreamCap};
 use crate::usage::State;
 
 static RATELIMIT_LIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit-limit");
@@ -56,8 +56,9 @@ pub struct Shared {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// `[upstream] max_connections` (runtime state: survives reloads, resized by them).
     pub upstream_cap: UpstreamCap,
-    /// Bytes of request bodies buffered at once ([`REQUEST_BUFFER_BUDGET`]).
-    pub buffer_budget: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies held at once
+    /// ([`crate::buffer_budget::REQUEST_BUFFER_BUDGET`], webhook deliveries at most half).
+    pub buffer_budget: crate::buffer_budget::BufferBudget,
 }
 
 impl Shared {
@@ -70,7 +71,7 @@ impl Shared {
             cluster,
             verifier: Verifier::new(snapshot.auth.verify_concurrency),
             upstream_cap: UpstreamCap::new(snapshot.caps.upstream_max_connections),
-            buffer_budget: Arc::new(tokio::sync::Semaphore::new(REQUEST_BUFFER_BUDGET)),
+            buffer_budget: crate::buffer_budget::BufferBudget::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
             state,
         }
@@ -994,7 +995,7 @@ fn options_reply() -> Response<ResponseBody> {
 /// `server.request_buffer_bytes` is read completely before the upstream is contacted, within
 /// `server.request_buffer_timeout` (else 408), so a slow client costs the upstream nothing until
 /// its request is complete. A larger body streams; so does any body while the global budget
-/// ([`REQUEST_BUFFER_BUDGET`]) is spent. Returns what was read ahead.
+/// ([`crate::buffer_budget::REQUEST_BUFFER_BUDGET`]) is spent. Returns what was read ahead.
 async fn buffer_small_body(
     parts: &http::request::Parts,
     body: &mut Incoming,
@@ -1017,11 +1018,10 @@ async fn buffer_small_body(
         Some(n) => n as u32,
         None => limit as u32,
     };
-    let Ok(budget) = ctx
+    let Some(budget) = ctx
         .shared
         .buffer_budget
-        .clone()
-        .try_acquire_many_owned(reserve)
+        .try_reserve(crate::buffer_budget::Use::Api, reserve as usize)
     else {
         tracing::debug!(
             request_id = request_id_str(ctx.request_id),

@@ -81,7 +81,7 @@ pub struct Held {
     pub key: Option<KeySlot>,
     pub upstream: Option<UpstreamPermit>,
     /// Bytes reserved in the request-buffer budget.
-    pub buffer: Option<OwnedSemaphorePermit>,
+    pub buffer: Option<crate::buffer_budget::BufferReservation>,
 }
 
 /// Why no upstream permit was given.

@@ -201,3 +201,19 @@ fn capacity_alerts_fire_on_sustained_refusals_only() {
     );
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// The request-buffer budget alert fires on sustained exhaustion (not on a burst), and the
+/// failed-auth table alert on any overflow: `promtool test rules` on tests/alerts/budget.yml.
+#[test]
+fn budget_alerts_fire_on_sustained_exhaustion_only() {
+    let Some(promtool) = promtool() else { return };
+    let test = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/alerts/budget.yml");
+    let (code, out, err) = captured(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(&test)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -1,8 +1,9 @@
 //! What a webhook sender (no API key needed) can make keygate hold while it reads a delivery
 //! whole to check its signature. A fresh user's 400 connections, each trickling 1,000,000 bytes
 //! of a declared 1 MiB body with a fake signature, took keygate from 9 MiB to 444 MiB, each body
-//! held for `body_read_timeout` (60 s). Now every byte held comes out of the global
-//! request-buffer budget (64 MiB, shared with request buffering; past it 503 `busy`), and the
+//! held for `body_read_timeout` (60 s). Now every byte held comes out of the webhooks' share
+//! of the request-buffer budget (32 MiB of 64; past it 503 `busy`; tests/webhook_budget.rs
+//! shows the rest of the budget stays for API request buffering), and the
 //! whole read is bounded by `request_buffer_timeout` (408). Deliveries also take an upstream
 //! slot (`[upstream] max_connections`), which they used to bypass. Real TLS, raw HTTP/1.1
 //! senders.
@@ -87,7 +88,7 @@ async fn stalled_delivery(kg: &Keygate, declared: usize, sent: usize) -> u16 {
 }
 
 /// 80 senders offer 2 MiB each (160 MiB) and stall one byte short: keygate holds at most the
-/// 64 MiB budget of them (RSS well under what the bodies would take), refuses the rest at once
+/// webhooks' 32 MiB share of them (RSS well under what the bodies would take), refuses the rest at once
 /// with 503 `busy`, answers the holders 408 at `request_buffer_timeout`, forwards nothing, and
 /// then serves a real delivery (the budget came back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

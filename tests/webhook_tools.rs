@@ -492,12 +492,12 @@ async fn duplicates_are_remembered_for_the_dedupe_window_not_the_tolerance() {
             "webhooks[0].dedupe_max_ids",
             "between 1 and",
         ),
-        // Held whole out of the 64 MiB request-buffer budget: a larger one would be 503 on
-        // every retry (a fresh user's 70 MB delivery).
+        // Held whole out of the webhooks' 32 MiB share of the request-buffer budget: a larger
+        // one would be 503 on every retry (a fresh user's 70 MB delivery).
         (
             "scheme = \"github\"\nmax_body_bytes = 104857600",
             "webhooks[0].max_body_bytes",
-            "must be at most 67108864",
+            "must be at most 33554432",
         ),
     ] {
         let b = Keygate::builder().key("app", &hash, "").raw(&format!(

@@ -66,8 +66,8 @@ pub enum Reason {
     /// The route's delivery id header (`X-GitHub-Delivery`, an `id_from` header) came more
     /// than once: which one the application reads is anyone's guess, so the request is refused.
     AmbiguousId,
-    /// Bodies being read whole (every webhook delivery and buffered request) already hold the
-    /// global request-buffer budget ([`crate::upstream_cap::REQUEST_BUFFER_BUDGET`]): 503.
+    /// Deliveries being read whole already hold the webhooks' share of the request-buffer
+    /// budget, or bodies together the whole budget ([`crate::buffer_budget`]): 503.
     Busy,
 }
 
@@ -266,8 +266,8 @@ pub struct Arrival<'a> {
     pub peer: IpAddr,
     pub client_ip: IpAddr,
     pub request_id: &'a HeaderValue,
-    /// The global budget of request-body bytes held in memory (shared with request buffering).
-    pub buffer_budget: &'a Arc<tokio::sync::Semaphore>,
+    /// The budget of request-body bytes held in memory (shared with request buffering).
+    pub buffer_budget: &'a crate::buffer_budget::BufferBudget,
     /// `[upstream] max_connections`: deliveries take a slot like every forwarded request.
     pub upstream_cap: &'a crate::upstream_cap::UpstreamCap,
 }
@@ -370,9 +370,10 @@ async fn deliver_inner(
     let stats = Arc::new(RequestStats::default());
     *stats_out = Some(stats.clone());
     // The whole read is bounded in time (`request_buffer_timeout`) as well as per stall, and
-    // in memory: every byte held comes out of the global request-buffer budget (a fresh user's
-    // 400 unsigned 1 MB bodies trickled by one client held 444 MiB). The bytes stay reserved
-    // until the delivery is done.
+    // in memory: every byte held comes out of the webhooks' share of the request-buffer budget
+    // (a fresh user's 400 unsigned 1 MB bodies trickled by one client held 444 MiB), charged
+    // as it arrives (a second one's 70 stalled deliveries declaring 1 MiB each reserved all
+    // 64 MiB with 70 KB sent). The bytes stay reserved until the delivery is done.
     let held = &mut held_out.buffer;
     let read = read_body(
         body,
@@ -715,47 +716,34 @@ enum BodyError {
 /// leaves keygate waiting longer than `stall` for the next bytes (`body_read_timeout`, as for
 /// every other body).
 ///
-/// Every byte read is first reserved in `budget` (the permits accumulate in `held`, which the
-/// caller keeps until the delivery is done); when the budget has no room, `Busy`.
+/// Memory is reserved in `budget` (the webhooks' share, see [`crate::buffer_budget`]) before
+/// it is allocated, and grows with what has *arrived*, not with what the sender declared: the
+/// buffer starts at [`WEBHOOK_ALLOWANCE`] (or the declared length, if smaller) and doubles as
+/// bytes come in, up to the declared length (or `limit`). So a sender that declares 1 MiB and
+/// stalls after 1 KB holds 16 KiB, not 1 MiB. The reservation accumulates in `held`, which
+/// the caller keeps until the delivery is done; when the share has no room, `Busy`.
 async fn read_body(
     mut body: Incoming,
     limit: u64,
     stall: Duration,
     stats: &RequestStats,
-    budget: &Arc<tokio::sync::Semaphore>,
-    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    budget: &crate::buffer_budget::BufferBudget,
+    held: &mut Option<crate::buffer_budget::BufferReservation>,
 ) -> Result<Bytes, BodyError> {
+    use crate::buffer_budget::{Use, WEBHOOK_ALLOWANCE};
     use http_body::Body as _;
     use http_body_util::BodyExt as _;
-    // What is reserved is the buffer's capacity, not its length: a growing buffer holds up to
-    // twice what it has read. A declared length (at most `limit`, checked before) is reserved
-    // and allocated at once, so a sender over the budget is refused before anything is read.
-    let declared = body.size_hint().exact().filter(|&n| n <= limit);
-    let mut buf = bytes::BytesMut::new();
-    let mut reserved = 0usize;
-    let mut reserve = |want: usize, held: &mut Option<tokio::sync::OwnedSemaphorePermit>| {
-        if want <= reserved {
-            return true;
-        }
-        let Ok(more) = budget
-            .clone()
-            .try_acquire_many_owned(u32::try_from(want - reserved).unwrap_or(u32::MAX))
-        else {
-            return false;
-        };
-        match held {
-            Some(h) => h.merge(more),
-            None => *held = Some(more),
-        }
-        reserved = want;
-        true
-    };
-    if let Some(n) = declared {
-        if !reserve(n as usize, held) {
-            return Err(BodyError::Busy(body));
-        }
-        buf.reserve(n as usize);
+    // Capacity is what is reserved: a growing buffer holds up to twice what it has read.
+    let ceiling = body
+        .size_hint()
+        .exact()
+        .filter(|&n| n <= limit)
+        .unwrap_or(limit) as usize;
+    let first = ceiling.min(WEBHOOK_ALLOWANCE);
+    if !budget.grow(Use::Webhook, held, first) {
+        return Err(BodyError::Busy(body));
     }
+    let mut buf = bytes::BytesMut::with_capacity(first);
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
             Err(_) => return Err(BodyError::Stalled),
@@ -770,14 +758,19 @@ async fn read_body(
                 return Err(BodyError::TooLarge(body));
             }
             if buf.capacity() - buf.len() < d.len() {
-                // Grows as `extend_from_slice` would (doubling), reserved first.
+                // Grows as `extend_from_slice` would (doubling), up to the declared length
+                // (a body longer than it declared is a framing error hyper reports), reserved
+                // first.
                 let want = (buf.len() + d.len())
                     .max(buf.capacity() * 2)
-                    .min(limit as usize);
-                if !reserve(want, held) {
+                    .min(ceiling.max(buf.len() + d.len()));
+                if !budget.grow(Use::Webhook, held, want) {
                     return Err(BodyError::Busy(body));
                 }
-                buf.reserve(want - buf.len());
+                // Exactly `want` (`reserve` may round a vector up to twice its capacity).
+                let mut grown = bytes::BytesMut::with_capacity(want);
+                grown.extend_from_slice(&buf);
+                buf = grown;
             }
             buf.extend_from_slice(d);
         }

@@ -248,14 +248,14 @@ fn build_route(
         }
     };
     let max_body_bytes = w.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
-    let budget = crate::upstream_cap::REQUEST_BUFFER_BUDGET as u64;
+    let budget = crate::buffer_budget::WEBHOOK_BUFFER_SHARE as u64;
     if max_body_bytes > budget {
-        // A delivery is read whole out of the global request-buffer budget: a larger one
-        // would be refused 503 on every retry (a fresh user's 70 MB delivery).
+        // A delivery is read whole out of the webhooks' share of the request-buffer budget: a
+        // larger one would be refused 503 on every retry (a fresh user's 70 MB delivery).
         errs.push(
             p("max_body_bytes"),
             format!(
-                "must be at most {budget} (64 MiB: a delivery is held whole in memory, out of the global request-buffer budget)"
+                "must be at most {budget} (32 MiB: a delivery is held whole in memory, out of the webhooks' share of the request-buffer budget)"
             ),
         );
     }
