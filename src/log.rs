@@ -666,6 +666,57 @@ fn percent_decode_lossy(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// How much of a refused, unauthenticated request's path an access line carries (bytes; the
+/// rest is counted, `…(+N bytes)`). Anyone can send a 16 KiB target without a key: the log
+/// budget bounds such lines to 1,000 a minute per kind, and this bounds their size, so that
+/// unauthenticated clients write at most ~1.5 MB of access lines a minute, not ~16 MB. An
+/// authenticated request's path is logged whole (its key is accountable for it).
+pub const REFUSED_PATH_LOG_BYTES: usize = 1024;
+
+/// How much of a request method an access line carries (bytes): every standard and WebDAV
+/// method fits; an extension method can be as long as the head.
+pub const METHOD_LOG_BYTES: usize = 32;
+
+/// Writes at most `.1` bytes of `.0`'s text (cut at a character boundary) and then, if anything
+/// was left out, `…(+N bytes)` with the number of bytes left out.
+pub struct Capped<T>(pub T, pub usize);
+
+impl<T: fmt::Display> fmt::Display for Capped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct W<'a, 'b> {
+            f: &'a mut fmt::Formatter<'b>,
+            left: usize,
+            dropped: usize,
+        }
+        impl fmt::Write for W<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                if self.dropped == 0 && s.len() <= self.left {
+                    self.left -= s.len();
+                    return self.f.write_str(s);
+                }
+                let mut cut = if self.dropped == 0 { self.left } else { 0 };
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                self.left = 0;
+                self.dropped += s.len() - cut;
+                self.f.write_str(&s[..cut])
+            }
+        }
+        let mut w = W {
+            f,
+            left: self.1,
+            dropped: 0,
+        };
+        fmt::write(&mut w, format_args!("{}", self.0))?;
+        if w.dropped > 0 {
+            let dropped = w.dropped;
+            write!(w.f, "…(+{dropped} bytes)")?;
+        }
+        Ok(())
+    }
+}
+
 /// One access-log line, filled in along the request and written exactly once, when the response
 /// body ends or is dropped (so `bytes_out` and `duration_ms` are true for streamed bodies).
 pub struct AccessRecord {
@@ -691,18 +742,21 @@ impl AccessRecord {
         crate::metrics::global().observe_request(self.status, self.key_id.as_ref(), duration);
         // Refused before any key authenticated: anyone can cause these, so they are budgeted
         // per client (the metric above stays complete). Authenticated requests always log.
-        if self.status >= 400
-            && self.key_id.is_none()
-            && !budget().allow(ClientEvent::AccessRefused, self.client_ip)
-        {
+        let refused = self.status >= 400 && self.key_id.is_none();
+        if refused && !budget().allow(ClientEvent::AccessRefused, self.client_ip) {
             return;
         }
+        let method = self.method.as_str();
         tracing::info!(
             target: "keygate::access",
             request_id = request_id_str(&self.request_id),
             client_ip = %self.client_ip,
-            method = self.method.as_str(),
-            path = %RedactedPath { pq, params: &self.snapshot.log.redact_query_params },
+            // A token-shaped method is refused (`pipeline::check_protocol`), never logged.
+            method = %Capped(if holds_token(method) { "REDACTED" } else { method }, METHOD_LOG_BYTES),
+            path = %Capped(
+                RedactedPath { pq, params: &self.snapshot.log.redact_query_params },
+                if refused { REFUSED_PATH_LOG_BYTES } else { usize::MAX },
+            ),
             status = self.status,
             bytes_in,
             bytes_out = self.bytes_out,
@@ -1155,6 +1209,39 @@ mod tests {
         ] {
             assert_eq!(redact_query(pq, &p), want, "{pq}");
         }
+    }
+
+    /// `Capped` keeps whole characters and says how many bytes it left out.
+    #[test]
+    fn capped_text_counts_what_it_leaves_out() {
+        assert_eq!(Capped("abcdef", 6).to_string(), "abcdef");
+        assert_eq!(Capped("abcdef", 4).to_string(), "abcd…(+2 bytes)");
+        assert_eq!(Capped("aé", 2).to_string(), "a…(+2 bytes)");
+        assert_eq!(Capped("", 0).to_string(), "");
+        let p = params();
+        let long = format!("/{}?token=s3cret", "a".repeat(2000));
+        let out = Capped(
+            RedactedPath {
+                pq: &long,
+                params: &p,
+            },
+            1024,
+        )
+        .to_string();
+        assert!(
+            out.starts_with("/aaa") && out.ends_with("…(+992 bytes)"),
+            "{out}"
+        );
+        assert!(!out.contains("s3cret"));
+        let out = Capped(
+            RedactedPath {
+                pq: &long,
+                params: &p,
+            },
+            usize::MAX,
+        )
+        .to_string();
+        assert!(out.ends_with("?token=REDACTED"), "{out}");
     }
 
     /// An operator's name matches in any spelling (case, `-`, `_`, `.`).

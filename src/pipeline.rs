@@ -434,6 +434,12 @@ fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
         client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = m.as_str(), error = %m, "malformed request refused");
         return Err(Reject::BadRequest);
     }
+    // A key pasted as the method (a client bug) would be forwarded and logged as it is: the
+    // method is the one client-chosen field of the access line that is not redacted.
+    if crate::log::holds_token(req.method().as_str()) {
+        client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = "credential_in_method", "malformed request refused");
+        return Err(Reject::BadRequest);
+    }
     if req.method() == http::Method::CONNECT || req.method() == http::Method::TRACE {
         client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, method = req.method().as_str(), "method not implemented by keygate");
         return Err(Reject::NotImplemented);

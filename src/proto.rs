@@ -464,6 +464,12 @@ pub enum Malformed {
     /// RFC 9113 §8.3.1: an HTTP/2 request with neither `:authority` nor `host`.
     #[error("HTTP/2 request without :authority or host")]
     MissingAuthority,
+    /// The request target's authority (HTTP/1.1 absolute-form, HTTP/2 `:authority`) is not
+    /// `uri-host [":" port]`: userinfo (`user:pass@host`, RFC 9110 §4.2.4: to be treated as an
+    /// error; RFC 9113 §8.3.1: malformed) or a port that is not 1 to 5 digits. It would be
+    /// forwarded as `Host` and `X-Forwarded-Host`, userinfo (a credential, often) and all.
+    #[error("invalid authority in the request target")]
+    InvalidAuthority,
 }
 
 impl Malformed {
@@ -474,13 +480,18 @@ impl Malformed {
             Malformed::InvalidHost => "invalid_host",
             Malformed::HostMismatch => "host_mismatch",
             Malformed::MissingAuthority => "missing_authority",
+            Malformed::InvalidAuthority => "invalid_authority",
         }
     }
 }
 
 /// A `Host` value: `uri-host [":" port]`, no userinfo, no path (RFC 9110 §7.2).
 fn valid_host(v: &HeaderValue) -> bool {
-    let Ok(s) = v.to_str() else { return false };
+    v.to_str().is_ok_and(valid_host_str)
+}
+
+/// [`valid_host`] on a string (also a request target's authority).
+fn valid_host_str(s: &str) -> bool {
     let port = match s.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
             Some((_, "")) => None,
@@ -514,6 +525,13 @@ pub fn check_authority<B>(req: &http::Request<B>) -> Result<(), Malformed> {
     }
     if host.is_some_and(|h| !valid_host(h)) {
         return Err(Malformed::InvalidHost);
+    }
+    if req
+        .uri()
+        .authority()
+        .is_some_and(|a| !valid_host_str(a.as_str()))
+    {
+        return Err(Malformed::InvalidAuthority);
     }
     match req.version() {
         http::Version::HTTP_2 | http::Version::HTTP_3 => match (req.uri().authority(), host) {
@@ -1106,6 +1124,43 @@ mod tests {
                 Some("a.example"),
             ),
             (Version::HTTP_2, "/p", &[], Err(MissingAuthority), None),
+            // RFC 9110 §4.2.4, RFC 9113 §8.3.1: no userinfo in a target's authority, whatever
+            // Host says; the port is digits.
+            (
+                Version::HTTP_11,
+                "https://user:pw@target.example/p",
+                &["target.example"],
+                Err(InvalidAuthority),
+                Some("user:pw@target.example"),
+            ),
+            (
+                Version::HTTP_11,
+                "http://@target.example/p",
+                &["target.example"],
+                Err(InvalidAuthority),
+                Some("@target.example"),
+            ),
+            (
+                Version::HTTP_2,
+                "https://user@a.example/p",
+                &[],
+                Err(InvalidAuthority),
+                Some("user@a.example"),
+            ),
+            (
+                Version::HTTP_2,
+                "https://u:p@a.example:8443/p",
+                &["u:p@a.example:8443"],
+                Err(InvalidHost),
+                Some("u:p@a.example:8443"),
+            ),
+            (
+                Version::HTTP_2,
+                "https://[::1]:8443/p",
+                &[],
+                Ok(()),
+                Some("[::1]:8443"),
+            ),
         ];
         for (version, target, hosts, want, authority) in rows {
             let mut b = http::Request::builder().version(*version).uri(*target);

@@ -185,3 +185,88 @@ async fn h2_host_must_agree_with_authority() {
             .all(|s| s.header("host") == Some(&*authority) || s.header("host") == Some(&*upper))
     );
 }
+
+/// A fresh user: userinfo in the request target's authority (`https://user:<key>@host/…` in
+/// HTTP/1.1 absolute form, or in HTTP/2 `:authority`) was taken as the client's authority and
+/// forwarded as `Host` and `X-Forwarded-Host`, key and all (nginx: 400). RFC 9110 §4.2.4 and
+/// RFC 9113 §8.3.1: it is a 400 now, with or without a valid key, nothing forwarded, nothing
+/// of it logged. Same kind: a key pasted as the method (logged and forwarded as it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userinfo_in_the_authority_and_a_key_as_the_method_are_refused() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = kg_for(&up.url(), &hash, None);
+    let port = kg.addr.port();
+    for target in [
+        format!("https://user:{token}@localhost:{port}/redirect"),
+        format!("https://{token}@localhost/redirect"),
+        format!("http://@localhost:{port}/redirect"),
+    ] {
+        for key in [token.as_str(), "none"] {
+            let (status, text) = raw_h1(
+                &kg,
+                &format!(
+                    "GET {target} HTTP/1.1\r\nHost: localhost:{port}\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .await;
+            assert_eq!(status, 400, "{target}: {text}");
+            assert!(text.contains("{\"error\":\"bad request\""), "{text}");
+        }
+    }
+    let (status, text) = raw_h1(
+        &kg,
+        &format!(
+            "{token} /echo HTTP/1.1\r\nHost: localhost:{port}\r\nX-API-Key: {token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    let mut h2 = RawH2::connect(&kg).await;
+    let mut id = 1;
+    for authority in [
+        format!("user:{token}@localhost:{port}"),
+        format!("{token}@localhost:{port}"),
+    ] {
+        h2.headers(
+            id,
+            &[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", authority.as_str()),
+                (":path", "/redirect"),
+                ("x-api-key", token.as_str()),
+            ],
+            true,
+        )
+        .await;
+        let out = h2.outcome(id).await;
+        assert!(
+            matches!(out.indexed_status, Some(400)) || out.reset.is_some(),
+            "{out:?}"
+        );
+        id += 2;
+    }
+    // The well-formed request still goes through on the same connection.
+    let authority = format!("localhost:{port}");
+    h2.headers(
+        id,
+        &[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", authority.as_str()),
+            (":path", "/ok"),
+            ("x-api-key", token.as_str()),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(h2.outcome(id).await.indexed_status, Some(200));
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].uri, "/ok");
+    let secret = &token["kg_k_".len()..];
+    assert_no_secrets(&kg.logs(), &[secret]);
+    assert!(kg.logs().contains("invalid_authority"));
+    assert!(kg.logs().contains("credential_in_method"));
+}

@@ -409,3 +409,32 @@ async fn many_addresses_together_write_at_most_the_all_clients_ceiling() {
         "one line per address at most"
     );
 }
+
+/// A fresh user: the budget bounds lines, but each refused request's line carried its whole
+/// target (a 16 KB path without a key: a 16 KB line, ~16 MB a minute per kind). A refused,
+/// unauthenticated request's path is logged up to 1 KiB with the count of what was left out;
+/// an authenticated request's path whole. HTTP/1.1 and HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_log_at_most_a_kibibyte_of_their_path() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder().upstream(&up).key("k", &hash, "").start();
+    let long = format!("/{}", "a".repeat(12_000));
+    for c in [kg.client(), kg.client_h2()] {
+        for (key, want) in [(None, 401), (Some(token.as_str()), 200)] {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            let got = c.get(&kg.url(&long), &headers).await;
+            assert_eq!(got.status, want);
+            let rid = got.header("x-request-id").unwrap().to_string();
+            let path = kg.access_line(&rid)["path"].as_str().unwrap().to_string();
+            if want == 401 {
+                assert_eq!(
+                    path,
+                    format!("{}…(+{} bytes)", &long[..1024], long.len() - 1024)
+                );
+            } else {
+                assert_eq!(path, long);
+            }
+        }
+    }
+}
