@@ -35,21 +35,25 @@ fn start(up: &RecordingUpstream, secret: &str, api_hash: &str) -> Keygate {
         .start_with(&[(SECRET_ENV, secret)], None)
 }
 
-/// One unsigned delivery from 127.0.0.`src` over its own TLS connection: declares
-/// `declared` bytes, sends `sent` of them, then waits. The task ends with the status keygate
-/// answered (0 if none within 30 s).
+/// One unsigned delivery from 127.0.0.`src` over its own TLS connection (HTTP/1.1): declares
+/// `declared` bytes (`None`: chunked), sends `sent` of them, then waits. The task ends with the
+/// status keygate answered (0 if none within 30 s).
 async fn open_delivery(
     kg: &Keygate,
     src: u8,
-    declared: usize,
+    declared: Option<usize>,
     sent: usize,
 ) -> tokio::task::JoinHandle<u16> {
     let tls = kg.tls_from([127, 0, 0, src]).await.unwrap();
     tokio::spawn(async move {
         let (mut rd, mut wr) = tokio::io::split(tls);
+        let framing = match declared {
+            Some(n) => format!("Content-Length: {n}"),
+            None => "Transfer-Encoding: chunked".to_string(),
+        };
         let head = format!(
             "POST /hooks/github HTTP/1.1\r\nHost: localhost\r\nX-Hub-Signature-256: sha256={}\r\n\
-             X-GitHub-Delivery: d\r\nContent-Length: {declared}\r\n\r\n",
+             X-GitHub-Delivery: d\r\n{framing}\r\n\r\n",
             "0".repeat(64)
         );
         let writer = tokio::spawn(async move {
@@ -58,7 +62,15 @@ async fn open_delivery(
             let mut left = sent;
             while left > 0 {
                 let n = left.min(chunk.len());
-                if wr.write_all(&chunk[..n]).await.is_err() {
+                let written = if declared.is_some() {
+                    wr.write_all(&chunk[..n]).await
+                } else {
+                    let mut c = format!("{n:x}\r\n").into_bytes();
+                    c.extend_from_slice(&chunk[..n]);
+                    c.extend_from_slice(b"\r\n");
+                    wr.write_all(&c).await
+                };
+                if written.is_err() {
                     return;
                 }
                 left -= n;
@@ -82,6 +94,40 @@ async fn open_delivery(
             .unwrap_or(0);
         writer.abort();
         status
+    })
+}
+
+/// One unsigned delivery as an HTTP/2 stream (on `c`'s shared connection): 1000 bytes of a
+/// body that never ends, declaring 1 MiB or nothing. The task ends with the status.
+fn h2_delivery(
+    c: &std::sync::Arc<TestClient>,
+    url: String,
+    declare: bool,
+) -> tokio::task::JoinHandle<u16> {
+    use http_body_util::BodyExt as _;
+    let c = c.clone();
+    tokio::spawn(async move {
+        let first = futures_util::stream::once(async {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                bytes::Bytes::from(vec![b'{'; 1000]),
+            ))
+        });
+        let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(
+            first,
+            futures_util::stream::pending(),
+        ))
+        .boxed();
+        let mut req = hyper::Request::post(url)
+            .header("x-hub-signature-256", format!("sha256={}", "0".repeat(64)))
+            .header("x-github-delivery", "d");
+        if declare {
+            req = req.header("content-length", "1048576");
+        }
+        let sent = c.send_raw(req.body(body).unwrap());
+        match tokio::time::timeout(Duration::from_secs(30), sent).await {
+            Ok(Ok(resp)) => resp.status().as_u16(),
+            _ => 0,
+        }
     })
 }
 
@@ -126,8 +172,9 @@ async fn api_upload(kg: &Keygate, token: &str, len: usize) -> (u16, u64) {
     (status, reserved)
 }
 
-/// 70 stalled deliveries (1 MiB declared, 1 KB sent) hold 70 × 16 KiB, not 70 MiB: a real
-/// delivery is forwarded meanwhile, and an API upload is still buffered. Senders that do send
+/// 70 stalled deliveries (1 MiB declared, 1 KB sent) hold 70 × 16 KiB, not 70 MiB, and so do
+/// chunked ones and HTTP/2 streams: a real delivery is forwarded meanwhile, and an API upload
+/// is still buffered. Senders that do send
 /// their bytes hold at most the webhooks' half of the budget: API buffering keeps the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unauthenticated_senders_cannot_spend_the_api_clients_buffer_budget() {
@@ -136,12 +183,20 @@ async fn unauthenticated_senders_cannot_spend_the_api_clients_buffer_budget() {
     let (token, hash) = new_key("api");
     let kg = start(&up, &secret, &hash);
 
-    // 1. Stalled after 1 KB: charged what they sent (a 16 KiB allowance each).
+    // 1. Stalled after 1 KB: charged what they sent (a 16 KiB allowance each). HTTP/1.1 with
+    // Content-Length and chunked, and HTTP/2 streams with and without content-length.
     let mut stalled = Vec::new();
     for i in 0..70 {
-        stalled.push(open_delivery(&kg, 10 + (i % 20) as u8, 1024 * 1024, 1000).await);
+        stalled.push(open_delivery(&kg, 10 + (i % 20) as u8, Some(1024 * 1024), 1000).await);
     }
-    gauge_reaches(&kg, WEBHOOK_BYTES, 70 * 16 * 1024).await;
+    for i in 0..10 {
+        stalled.push(open_delivery(&kg, 40 + i, None, 1000).await);
+    }
+    let h2 = std::sync::Arc::new(kg.client_h2());
+    for i in 0..10 {
+        stalled.push(h2_delivery(&h2, kg.url("/hooks/github"), i % 2 == 0));
+    }
+    gauge_reaches(&kg, WEBHOOK_BYTES, 90 * 16 * 1024).await;
     let body = br#"{"action":"opened"}"#;
     let mut req = hyper::Request::post(kg.url("/hooks/github"));
     for (n, v) in sign_github(&secret, body, "d-real") {
@@ -165,8 +220,9 @@ async fn unauthenticated_senders_cannot_spend_the_api_clients_buffer_budget() {
     // 32 MiB is held, the rest are refused busy at once; API buffering is untouched.
     let mut full_senders = Vec::new();
     for i in 0..40 {
-        full_senders
-            .push(open_delivery(&kg, 10 + (i % 20) as u8, 1024 * 1024, 1024 * 1024 - 1).await);
+        full_senders.push(
+            open_delivery(&kg, 10 + (i % 20) as u8, Some(1024 * 1024), 1024 * 1024 - 1).await,
+        );
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while metric(&metrics(&kg).await, BUSY) < 8 {
