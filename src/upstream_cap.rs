@@ -164,11 +164,13 @@ impl UpstreamCap {
                     self.waiting.fetch_sub(1, Relaxed);
                     return Err(Saturated::QueueFull);
                 }
-                crate::metrics::global().upstream_waiting(1);
+                // The place in the queue is given back however the wait ends: granted, timed
+                // out, or abandoned (the client went away and this future was dropped; a
+                // fresh user's finding: counted after the `.await`, abandoned places stayed
+                // counted until the queue read full and every request got 503 at once).
+                let _place = QueuePlace::new(&self.waiting);
                 let got =
                     tokio::time::timeout(queue_timeout, self.sem.clone().acquire_owned()).await;
-                self.waiting.fetch_sub(1, Relaxed);
-                crate::metrics::global().upstream_waiting(-1);
                 match got {
                     Ok(Ok(p)) => p,
                     _ => return Err(Saturated::QueueTimeout),
@@ -179,7 +181,7 @@ impl UpstreamCap {
         Ok(UpstreamPermit { _permit: permit })
     }
 
-    /// Requests waiting for a permit now.
+    /// Requests waiting for a permit now (`keygate_upstream_queue`).
     pub fn waiting(&self) -> usize {
         self.waiting.load(Relaxed)
     }
@@ -203,6 +205,26 @@ impl UpstreamCap {
             });
         }
         *size = max;
+    }
+}
+
+/// One request's place in the upstream wait queue: counted (and shown in
+/// `keygate_upstream_queue`) from its creation until it is dropped, whichever way the wait ends.
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl<'a> QueuePlace<'a> {
+    /// `waiting` has already been incremented by the caller (it checks the limit with the same
+    /// `fetch_add`).
+    fn new(waiting: &'a AtomicUsize) -> Self {
+        crate::metrics::global().upstream_waiting(1);
+        QueuePlace(waiting)
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+        crate::metrics::global().upstream_waiting(-1);
     }
 }
 
@@ -244,6 +266,48 @@ mod tests {
         );
         drop(held);
         assert!(waiter.await.unwrap(), "the waiter gets the released permit");
+    }
+
+    /// A waiter that goes away (its future dropped: the client left) gives its place back;
+    /// before, 1,050 abandoned waits left the line full for good.
+    #[tokio::test]
+    async fn an_abandoned_wait_gives_its_place_back() {
+        let cap = Arc::new(UpstreamCap::new(1));
+        let held = cap.acquire(1, 2, Duration::from_millis(10)).await.unwrap();
+        for _ in 0..5 {
+            let c2 = cap.clone();
+            let waiter =
+                tokio::spawn(
+                    async move { c2.acquire(1, 2, Duration::from_secs(30)).await.is_ok() },
+                );
+            while cap.waiting() == 0 {
+                tokio::task::yield_now().await;
+            }
+            waiter.abort();
+            let _ = waiter.await;
+            assert_eq!(cap.waiting(), 0);
+        }
+        // The line of 2 is all there: two wait, the third is refused.
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let c2 = cap.clone();
+                tokio::spawn(async move { c2.acquire(1, 2, Duration::from_secs(30)).await.is_ok() })
+            })
+            .collect();
+        while cap.waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            cap.acquire(1, 2, Duration::from_secs(30)).await.err(),
+            Some(Saturated::QueueFull)
+        );
+        drop(held);
+        let mut granted = 0;
+        for w in waiters {
+            // The first gets the permit and drops it at once, then the second.
+            granted += usize::from(w.await.unwrap());
+        }
+        assert_eq!(granted, 2);
     }
 
     #[tokio::test]

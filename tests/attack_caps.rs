@@ -395,6 +395,51 @@ async fn idle_connections_that_reconnect_never_cut_a_newcomers_handshake() {
     );
 }
 
+/// A fresh user: clients that gave up while waiting for an upstream connection (their own
+/// timeout, an HTTP/2 reset) kept their place in the wait queue: the queue gauge climbed with
+/// nothing waiting, and once it read the limit every request got 503 at once, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_give_up_waiting_leave_the_upstream_queue() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .upstream_line("max_connections = 1")
+        .upstream_line("queue_timeout = \"20s\"")
+        .key("k", &hash, "max_concurrent = 100")
+        .admin()
+        .start();
+    let holder = {
+        let c = kg.client();
+        let (url, token) = (kg.url("/slow?ms=3000"), token.clone());
+        tokio::spawn(async move { c.get(&url, &[("x-api-key", &token)]).await.status })
+    };
+    wait_until("the slow request at the upstream", || up.count() == 1).await;
+    for c in [kg.client(), kg.client_h2()] {
+        for _ in 0..3 {
+            let (url, headers) = (kg.url("/"), [("x-api-key", token.as_str())]);
+            let get = c.get(&url, &headers);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), get)
+                    .await
+                    .is_err(),
+                "it waits"
+            );
+        }
+    }
+    wait_metric(&kg, "keygate_upstream_queue", |v| v == 0.0).await;
+    assert_eq!(holder.await.unwrap(), 200);
+    let r = kg
+        .client()
+        .get(&kg.url("/"), &[("x-api-key", &token)])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        metric_f64(&metrics(&kg).await, "keygate_upstream_queue"),
+        0.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_max_concurrent_gets_429_on_h1_and_h2_others_unaffected() {
     let up = Upstream::start().await;
