@@ -469,7 +469,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn full_table_reclaims_handshakes_then_idle_never_busy() {
+    async fn full_table_reclaims_idle_then_young_handshakes_never_busy() {
         let t = ConnTable::new(3);
         let peer: SocketAddr = "10.0.0.9:1".parse().unwrap();
         let busy = t.admit(ip("10.0.0.1"), 10, false).unwrap();
@@ -480,16 +480,17 @@ mod tests {
         idle.established(Arc::new(Conn::new(peer)));
         let bare = t.admit(ip("10.0.0.3"), 10, false).unwrap();
 
-        // Full: the bare TCP connection goes first, then the idle one; the busy one never.
+        // Full: the idle connection goes first (the bare one is a handshake younger than
+        // HANDSHAKE_GRACE: it may be a newcomer's), then the bare one; the busy one never.
         let n1 = t.admit(ip("10.0.0.4"), 10, false).unwrap();
-        assert!(bare.is_reclaimed() && !idle.is_reclaimed());
-        tokio::time::timeout(Duration::from_secs(1), bare.reclaimed())
+        assert!(idle.is_reclaimed() && !bare.is_reclaimed());
+        tokio::time::timeout(Duration::from_secs(1), idle.reclaimed())
             .await
             .unwrap();
         n1.established(Arc::new(Conn::new(peer)));
         n1.tracker.conn.get().unwrap().in_flight.store(1, Relaxed);
         let n2 = t.admit(ip("10.0.0.5"), 10, false).unwrap();
-        assert!(idle.is_reclaimed() && !busy.is_reclaimed());
+        assert!(bare.is_reclaimed() && !busy.is_reclaimed());
         n2.established(Arc::new(Conn::new(peer)));
         n2.tracker.conn.get().unwrap().in_flight.store(1, Relaxed);
         assert!(t.admit(ip("10.0.0.6"), 10, false).is_none());
