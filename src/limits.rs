@@ -232,9 +232,10 @@ fn network_key(ip: IpAddr) -> u128 {
 pub enum Standing {
     /// Neither the client nor its network failed an authentication within [`HISTORY`].
     Clean,
-    /// Its network (IPv4 /24, IPv6 /48) did, the client (IPv4 address, IPv6 /64) did not; also
-    /// every client the history does not know while the history is full (a scan from more
-    /// addresses than it holds: then no newcomer is presumed clean).
+    /// Its network (IPv4 /24, IPv6 /48) did, the client (IPv4 address, IPv6 /64) did not (or
+    /// did while the client history was full); also every client the history does not know
+    /// while the *network* history is full (a scan from more networks than it holds: then no
+    /// newcomer is presumed clean).
     NetworkFailed,
     /// The client failed within [`HISTORY`]; `debt` is how many failures still count against
     /// its `failed_auth_limit` budget (fewer first: a client that mistyped once goes ahead of
@@ -559,19 +560,21 @@ impl FailedAuthThrottle {
             t.failed_networks
                 .retain(|_, s| now_s.saturating_sub(*s) < HISTORY_SECS);
         }
-        for (map, key, max) in [
-            (&mut t.failed_clients, client_key(ip), HISTORY_MAX_CLIENTS),
-            (
-                &mut t.failed_networks,
-                network_key(ip),
-                HISTORY_MAX_NETWORKS,
-            ),
-        ] {
-            if map.len() < max || map.contains_key(&key) {
-                map.insert(key, now_s);
-            } else {
-                t.history_full_until = now_s.saturating_add(HISTORY_SECS);
-            }
+        // A full client history loses only the distinction between a client that failed and
+        // its network's other clients: every failure's network is still recorded, so a
+        // newcomer from a network with no failures is still clean. (Before, a full client
+        // history, which 100 000 cheap malformed tokens from the /64s of one IPv6 /48 fill in
+        // 15 minutes, made every newcomer anywhere rank as "network failed".) Only a full
+        // network history leaves keygate unable to tell a clean network.
+        let client = client_key(ip);
+        if t.failed_clients.len() < HISTORY_MAX_CLIENTS || t.failed_clients.contains_key(&client) {
+            t.failed_clients.insert(client, now_s);
+        }
+        let net = network_key(ip);
+        if t.failed_networks.len() < HISTORY_MAX_NETWORKS || t.failed_networks.contains_key(&net) {
+            t.failed_networks.insert(net, now_s);
+        } else {
+            t.history_full_until = now_s.saturating_add(HISTORY_SECS);
         }
     }
 
@@ -875,6 +878,35 @@ mod tests {
         }
         assert_eq!((t.tracked(), t.lock().networks.len()), (16, 8));
         assert!(t.throttled(net(1000)).is_some());
+    }
+
+    /// Same kind as the full throttle table: 100 000 malformed tokens from the /64s of one
+    /// IPv6 /48 (about 110 a second for the 15-minute history) filled the client history, and
+    /// then every newcomer anywhere ranked "network failed" in the verification queue,
+    /// alongside a flood's fresh addresses. Now only a full *network* history does that.
+    #[test]
+    fn a_full_client_history_does_not_demote_newcomers_from_clean_networks() {
+        let t = FailedAuthThrottle::new(Rate {
+            count: 20,
+            period: Duration::from_secs(3600),
+        });
+        let attacker = |i: u32| {
+            IpAddr::from(std::net::Ipv6Addr::from(
+                (0x2001_0db8_0000_u128 << 80) | (u128::from(i) << 64) | 1,
+            ))
+        };
+        for i in 0..=(HISTORY_MAX_CLIENTS as u32) {
+            t.record_failure(attacker(i));
+        }
+        assert_eq!(t.lock().failed_clients.len(), HISTORY_MAX_CLIENTS);
+        let newcomer: IpAddr = "2001:db8:ffff::1".parse().unwrap();
+        assert_eq!(t.standing(newcomer), Standing::Clean);
+        // The flood's own networks, and its clients the history could not hold, are not.
+        assert_ne!(
+            t.standing(attacker(HISTORY_MAX_CLIENTS as u32 + 10)),
+            Standing::Clean
+        );
+        assert!(matches!(t.standing(attacker(3)), Standing::Failed { .. }));
     }
 
     #[test]
