@@ -118,3 +118,19 @@ async fn a_full_failed_auth_table_does_not_lock_out_newcomers_from_other_network
     let tokens: Vec<&str> = keys.iter().map(|(t, _)| t.as_str()).collect();
     assert_no_secrets(&kg.logs(), &tokens);
 }
+
+/// `failed_auth_max_clients` below the smallest table is refused by `check`, by TOML path.
+#[test]
+fn check_refuses_a_failed_auth_table_too_small() {
+    let (_, hash) = new_key("k");
+    let b = Keygate::builder()
+        .key("k", &hash, "")
+        .auth("failed_auth_max_clients = 3");
+    let (_dir, config) = b.config_dir();
+    let (code, _, err) = keygate_cli(&["check"], &config);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("auth.failed_auth_max_clients") && err.contains("at least 16"),
+        "{err}"
+    );
+}
