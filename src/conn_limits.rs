@@ -101,11 +101,12 @@ struct Tracker {
 }
 
 impl Tracker {
-    /// When the connection last did something: the end of its last request, or its accept.
+    /// Since when the connection has had no admitted request (`pipeline::Admitted`): the end of
+    /// its last one, or its TLS handshake; `None` while one is in flight.
     fn idle_since(&self) -> Option<Instant> {
         let conn = self.conn.get()?;
-        (conn.in_flight.load(Relaxed) == 0)
-            .then(|| conn.opened + Duration::from_millis(conn.last_active_ms.load(Relaxed)))
+        (conn.admitted.load(Relaxed) == 0)
+            .then(|| conn.opened + Duration::from_millis(conn.last_admitted_ms.load(Relaxed)))
     }
 }
 
@@ -474,7 +475,7 @@ mod tests {
         let peer: SocketAddr = "10.0.0.9:1".parse().unwrap();
         let busy = t.admit(ip("10.0.0.1"), 10, false).unwrap();
         let busy_conn = Arc::new(Conn::new(peer));
-        busy_conn.in_flight.store(1, Relaxed);
+        busy_conn.admitted.store(1, Relaxed);
         busy.established(busy_conn);
         let idle = t.admit(ip("10.0.0.2"), 10, false).unwrap();
         idle.established(Arc::new(Conn::new(peer)));
@@ -488,11 +489,11 @@ mod tests {
             .await
             .unwrap();
         n1.established(Arc::new(Conn::new(peer)));
-        n1.tracker.conn.get().unwrap().in_flight.store(1, Relaxed);
+        n1.tracker.conn.get().unwrap().admitted.store(1, Relaxed);
         let n2 = t.admit(ip("10.0.0.5"), 10, false).unwrap();
         assert!(bare.is_reclaimed() && !busy.is_reclaimed());
         n2.established(Arc::new(Conn::new(peer)));
-        n2.tracker.conn.get().unwrap().in_flight.store(1, Relaxed);
+        n2.tracker.conn.get().unwrap().admitted.store(1, Relaxed);
         assert!(t.admit(ip("10.0.0.6"), 10, false).is_none());
         assert_eq!(t.len(), 3);
         // Reclaimed slots are not released twice.

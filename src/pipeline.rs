@@ -87,6 +87,12 @@ pub struct Conn {
     pub in_flight: AtomicU32,
     /// Milliseconds since `opened` at which the last request finished.
     pub last_active_ms: AtomicU64,
+    /// Requests in flight that keygate admitted (past authentication and every check: see
+    /// [`Admitted`]): what makes a connection busy for the connection table, which reclaims only
+    /// connections with none (`conn_limits.rs`).
+    pub admitted: AtomicU32,
+    /// Milliseconds since `opened` at which the last admitted request finished.
+    pub last_admitted_ms: AtomicU64,
     pub opened: Instant,
 }
 
@@ -97,6 +103,8 @@ impl Conn {
             peer_value: crate::forward::ip_value(peer.ip().to_canonical()),
             in_flight: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(0),
+            admitted: AtomicU32::new(0),
+            last_admitted_ms: AtomicU64::new(0),
             opened: Instant::now(),
         }
     }
@@ -119,6 +127,32 @@ impl Drop for InFlight {
             .last_active_ms
             .store(self.0.opened.elapsed().as_millis() as u64, Relaxed);
         self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Marks a connection busy with an admitted request, from the moment a key is through every
+/// check until the response is done (it lives in [`Held`]). A request keygate itself holds
+/// back (a throttled client's 429 held for [`THROTTLED_PAUSE`], a wait for verification, an
+/// unauthenticated upload lingering) does not make its connection busy: a fresh user's eight
+/// addresses sending wrong tokens on 512 connections kept each one "in flight" and the full
+/// table could reclaim none of them (a legitimate client got 9 of 30 requests through). Such a
+/// connection is reclaimable like an idle one (its request finishes, then it closes), ranked by
+/// its last admitted request.
+pub struct Admitted(Arc<Conn>);
+
+impl Admitted {
+    pub fn new(conn: &Arc<Conn>) -> Self {
+        conn.admitted.fetch_add(1, Relaxed);
+        Admitted(conn.clone())
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0
+            .last_admitted_ms
+            .store(self.0.opened.elapsed().as_millis() as u64, Relaxed);
+        self.0.admitted.fetch_sub(1, Relaxed);
     }
 }
 
@@ -158,7 +192,7 @@ impl AuthFailure {
 struct Ctx<'a> {
     snap: &'a Arc<Snapshot>,
     shared: &'a Shared,
-    conn: &'a Conn,
+    conn: &'a Arc<Conn>,
     request_id: &'a HeaderValue,
     client_ip: IpAddr,
     key: Option<Arc<Key>>,
@@ -786,6 +820,7 @@ async fn forward(
         return Err(Reject::RateLimited { retry_after: 1 });
     };
     ctx.held.key = Some(slot);
+    ctx.held.admitted = Some(Admitted::new(ctx.conn));
     // Only allowed protocols pass, and only after every check above (SPEC §4, docs/access.md).
     let offer = proto::upgrade_offer(
         req.version(),

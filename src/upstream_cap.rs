@@ -82,6 +82,8 @@ pub struct Held {
     pub upstream: Option<UpstreamPermit>,
     /// Bytes reserved in the request-buffer budget.
     pub buffer: Option<crate::buffer_budget::BufferReservation>,
+    /// The connection is busy with an admitted request (not reclaimable when the table is full).
+    pub admitted: Option<crate::pipeline::Admitted>,
 }
 
 /// Why no upstream permit was given.

@@ -395,6 +395,76 @@ async fn idle_connections_that_reconnect_never_cut_a_newcomers_handshake() {
     );
 }
 
+/// A fresh user: connections whose requests keygate itself holds back (a throttled client's
+/// 429 is held for a second) counted as busy, so a full table could reclaim none of them: 8
+/// addresses without a key kept a legitimate client to 9 of 30 requests. Only requests that
+/// keygate admitted make a connection busy now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_held_in_the_throttle_tarpit_are_reclaimable() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .server("max_connections = 24")
+        .server("max_connections_per_ip = 1000")
+        .auth("failed_auth_limit = \"3/min\"")
+        .key("k", &hash, "")
+        .admin()
+        .start();
+    // The legitimate key is verified (cached) before the attack.
+    assert_eq!(probe(&kg, [127, 0, 0, 2], &token).await, Some(200));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let throttled = Arc::new(AtomicUsize::new(0));
+    let wrong = "kg_k_wrongwrongwrongwrongwrongwrong1";
+    let attackers: Vec<_> = (0..32)
+        .map(|_| {
+            let (cfg, addr) = (kg.tls_config(), kg.addr);
+            let (stop, throttled) = (stop.clone(), throttled.clone());
+            tokio::spawn(async move {
+                let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+                while !stop.load(SeqCst) {
+                    if let Ok(tcp) = TcpStream::connect(addr).await
+                        && let Ok(mut s) = connector
+                            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                            .await
+                    {
+                        // Back to back on one connection: always one request held back.
+                        while let Some((status, _)) =
+                            exchange(&mut s, &get("/", wrong, false), b"").await
+                        {
+                            if status == 429 {
+                                throttled.fetch_add(1, SeqCst);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+    wait_until("the attackers are throttled", || {
+        throttled.load(SeqCst) >= 40
+    })
+    .await;
+    let mut ok = 0;
+    for _ in 0..20 {
+        if probe(&kg, [127, 0, 0, 2], &token).await == Some(200) {
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, SeqCst);
+    for a in attackers {
+        a.abort();
+    }
+    assert_eq!(ok, 20, "probes that got through");
+    let m = metrics(&kg).await;
+    assert!(
+        metric_f64(&m, "keygate_connections_limited_total{reason=\"idle\"}") >= 20.0,
+        "{m}"
+    );
+}
+
 /// A fresh user: clients that gave up while waiting for an upstream connection (their own
 /// timeout, an HTTP/2 reset) kept their place in the wait queue: the queue gauge climbed with
 /// nothing waiting, and once it read the limit every request got 503 at once, for good.
