@@ -95,7 +95,15 @@ fn wait_count(kg: &Keygate, what: &str, n: usize, pred: impl Fn(&serde_json::Val
 async fn denied_peer_is_closed_before_the_tls_handshake() {
     let up = Upstream::start().await;
     let (token, hash) = new_key("k");
-    for access in [r#"deny = ["127.0.0.0/8"]"#, r#"allow = ["10.0.0.0/8"]"#] {
+    // IPv4-mapped IPv6 spellings name the same IPv4 clients (a fresh user: they passed
+    // `check` and matched nothing, so such a deny rule was silently not enforced).
+    for access in [
+        r#"deny = ["127.0.0.0/8"]"#,
+        r#"allow = ["10.0.0.0/8"]"#,
+        r#"deny = ["::ffff:127.0.0.0/104"]"#,
+        r#"deny = ["::ffff:127.0.0.1"]"#,
+        r#"allow = ["::ffff:10.0.0.0/104"]"#,
+    ] {
         let kg = Keygate::builder()
             .upstream(&up)
             .access(access)

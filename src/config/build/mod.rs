@@ -213,16 +213,28 @@ fn parse_instant(s: &str) -> Result<jiff::Timestamp, String> {
     ))
 }
 
+/// A CIDR (or a bare address: /32, /128), truncated to its network. IPv4-mapped IPv6 networks
+/// (`::ffff:10.0.0.0/104`, `::ffff:192.0.2.7`) are read as the IPv4 network they map: client
+/// addresses are matched in canonical form (a mapped address as IPv4), so a mapped network
+/// would match nothing, and a `deny` rule written that way would silently not apply (a fresh
+/// user's finding). Mapped networks shorter than /96 are left as written.
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = if let Ok(net) = s.parse::<IpNet>() {
+        net.trunc()
+    } else if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        IpNet::from(ip)
+    } else {
+        return Err(format!("invalid CIDR {s:?}"));
+    };
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+    {
+        let v4 = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix within 0..=32");
+        return Ok(IpNet::V4(v4));
     }
-    // A bare address is a /32 or /128.
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    Err(format!("invalid CIDR {s:?}"))
+    Ok(net)
 }
 
 fn cidr_list(list: &[String], path: &str, errs: &mut Errors) -> IpList {
@@ -740,6 +752,29 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Networks in IPv4-mapped IPv6 form match the IPv4 clients they name (clients are matched
+    /// in canonical form), in every list that takes CIDRs.
+    #[test]
+    fn ipv4_mapped_networks_are_read_as_ipv4() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for (cidr, inside, outside) in [
+            ("::ffff:10.0.0.0/104", "10.200.1.2", "11.0.0.1"),
+            ("::ffff:192.0.2.7", "192.0.2.7", "192.0.2.8"),
+            ("::FFFF:c000:0200/120", "192.0.2.255", "192.0.3.0"),
+            ("::ffff:0:0/96", "203.0.113.9", "2001:db8::1"),
+        ] {
+            let net = parse_cidr(cidr).unwrap();
+            assert!(net.contains(&ip(inside)), "{cidr} {inside}");
+            assert!(!net.contains(&ip(outside)), "{cidr} {outside}");
+            let list = crate::access::IpList::new(vec![net]);
+            assert!(list.contains(ip(&format!("::ffff:{inside}"))) || inside.contains(':'));
+        }
+        assert_eq!(
+            parse_cidr("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
+    }
 
     /// Instances of one cluster with per-host addresses (docs/cluster.md's topology) share a
     /// digest; any shared setting changes it.
