@@ -270,7 +270,8 @@ const ATTEMPT_WEIGHT: u64 = 60 * SECOND_NS;
 
 /// A failed-auth budget charged before an argon2 verification (see
 /// [`FailedAuthThrottle::reserve`]). While it lives, the verification counts as in flight for
-/// its network. Dropping it keeps the charge (a hash abandoned by its client was still spent);
+/// its network. Dropping it keeps the charge (a hash abandoned by its client was still spent;
+/// the pipeline gives it back for a request abandoned before its hash ran);
 /// [`refund`](Self::refund) gives it back, [`confirm_failure`](Self::confirm_failure) records
 /// the failure.
 #[must_use = "refund the charge if the token is right, or confirm it if wrong"]

@@ -767,13 +767,24 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         };
         // From here the verification belongs to every request waiting for it: if this one is
         // abandoned, it goes on for them (its charge stays spent, as for any abandoned hash).
-        let outcome =
-            Box::pin(
-                ctx.shared
-                    .verifier
-                    .verify(leading, key, token.expose(), digest, priority),
-            )
-            .await;
+        // Abandoned before its hash was handed to an argon2 thread, this request spent nothing:
+        // its charge is given back (else one aborted request per address would fill the
+        // failed-auth table at no hashing cost). Abandoned later, the hash was spent: kept.
+        let hashing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut charged = AbandonedUnhashed {
+            reservation: Some(reservation),
+            hashing: hashing.clone(),
+        };
+        let outcome = Box::pin(ctx.shared.verifier.verify(
+            leading,
+            key,
+            token.expose(),
+            digest,
+            priority,
+            hashing,
+        ))
+        .await;
+        let reservation = charged.reservation.take().expect("taken only here");
         if let Some(cluster) = shared_guess
             && !matches!(outcome, Ok(Outcome::Invalid))
         {
@@ -803,6 +814,23 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         return Err(fail(AuthFailure::Expired, Some(&key.id)));
     }
     Ok(key.clone())
+}
+
+/// A failed-auth charge whose request may be abandoned while its verification waits: given
+/// back on drop unless the hash was handed to an argon2 thread (see [`authenticate`]).
+struct AbandonedUnhashed<'t> {
+    reservation: Option<crate::limits::Reservation<'t>>,
+    hashing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for AbandonedUnhashed<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take()
+            && !self.hashing.load(std::sync::atomic::Ordering::Acquire)
+        {
+            r.refused_unhashed();
+        }
+    }
 }
 
 async fn forward(

@@ -470,6 +470,15 @@ async fn waiters_get_the_verdict_of_a_verification_whose_request_was_cancelled()
         (t, h)
     };
     let (queued, queued_hash) = slow_key("queued");
+    let (blocker2, blocker2_hash) = {
+        let t = keygate::auth::NewToken::generate("blocker2")
+            .reveal()
+            .to_string();
+        // Slower still (about 3 s): the next request must still be queued when aborted.
+        let h = keygate::auth::hash_token_with(t.as_bytes(), 19_456, 200);
+        (t, h)
+    };
+    let (lone, lone_hash) = slow_key("lone");
     let kg = Keygate::builder()
         .upstream(&up)
         .auth("failed_auth_limit = \"1/min\"")
@@ -477,6 +486,8 @@ async fn waiters_get_the_verdict_of_a_verification_whose_request_was_cancelled()
         .key("hashing", &hashing_hash, "")
         .key("blocker", &blocker_hash, "")
         .key("queued", &queued_hash, "")
+        .key("blocker2", &blocker2_hash, "")
+        .key("lone", &lone_hash, "")
         .admin()
         .start();
 
@@ -526,5 +537,27 @@ async fn waiters_get_the_verdict_of_a_verification_whose_request_was_cancelled()
         metric(&metrics(&kg).await, "keygate_auth_throttled_total"),
         0
     );
-    assert_no_secrets(&kg.logs(), &[&hashing, &blocker, &queued]);
+
+    // 3. Cancelled while queued, with nobody else waiting: the verification is given up
+    // unhashed and the request's failed-auth charge given back (nothing was spent; before, it
+    // was kept, so one aborted request per address could fill the failed-auth table at no
+    // hashing cost). The client's next request is verified, not throttled.
+    let busy = h2_get(&h2_from(&kg, Ipv4Addr::new(127, 0, 0, 12)).await, &blocker2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = Ipv4Addr::new(127, 0, 0, 11);
+    let conn = h2_from(&kg, from).await;
+    let leader = h2_get(&conn, &lone);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    leader.abort();
+    assert_eq!(busy.await.unwrap(), 200);
+    assert_eq!(
+        h2_get(&conn, &lone).await.unwrap(),
+        200,
+        "the abandoned request's charge was given back"
+    );
+    assert_eq!(
+        metric(&metrics(&kg).await, "keygate_auth_throttled_total"),
+        0
+    );
+    assert_no_secrets(&kg.logs(), &[&hashing, &blocker, &queued, &blocker2, &lone]);
 }

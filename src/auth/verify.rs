@@ -132,6 +132,8 @@ struct Verification {
     digest: Digest,
     priority: Priority,
     leading: Leading,
+    /// Set when the hash is handed to an argon2 thread (from then on it is spent).
+    hashing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Verification {
@@ -149,6 +151,7 @@ impl Verification {
             digest,
             priority,
             leading,
+            hashing,
         } = self;
         let slot = tokio::select! {
             slot = queue.acquire(priority) => slot,
@@ -183,6 +186,7 @@ impl Verification {
                 leading.settle(Settled::Invalid);
             }
         });
+        hashing.store(true, std::sync::atomic::Ordering::Release);
         // The threads are gone only while the verifier is dropped: the job, and with it the
         // leader, is dropped, and the waiters learn that no verdict came.
         let _ = jobs.send(job);
@@ -309,7 +313,9 @@ impl Verifier {
     /// better-placed requests, or waited [`MAX_WAIT`]); nothing was hashed.
     ///
     /// The verification outlives the caller: if the caller is dropped (its client went away),
-    /// it goes on for the requests that joined it (see [`Verification`]).
+    /// it goes on for the requests that joined it (see [`Verification`]). `hashing` is set
+    /// once the hash is handed to an argon2 thread: a caller dropped before that spent nothing
+    /// (its failed-auth charge can be given back).
     pub async fn verify(
         &self,
         leading: Leading,
@@ -317,6 +323,7 @@ impl Verifier {
         token: &[u8],
         digest: Digest,
         priority: Priority,
+        hashing: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Outcome, Busy> {
         let mut verdict = leading.tx.subscribe();
         let verification = Verification {
@@ -328,6 +335,7 @@ impl Verifier {
             digest,
             priority,
             leading,
+            hashing,
         };
         tokio::spawn(verification.run());
         match verdict
