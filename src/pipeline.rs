@@ -474,6 +474,19 @@ fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
         client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = "credential_in_method", "malformed request refused");
         return Err(Reject::BadRequest);
     }
+    // With an upstream base path (`url = "http://127.0.0.1:8000/api"`) the upstream receives
+    // `/api` + the client's path: a path that leaves `/api` once dot-segments are resolved,
+    // under any reading an origin server may apply (`/../admin`, `/%2e%2e/admin`,
+    // `/..;/admin`), would reach what the base path was meant to keep out (nginx answers 400).
+    let (_, _, base) = ctx.snap.upstream.origin();
+    let path = req.uri().path();
+    if !base.is_empty() && path.starts_with('/') && !crate::access::is_plain_path(path) {
+        let full = format!("{base}{path}");
+        if !crate::access::every_reading(&full, |p| crate::access::path_has_prefix(p, base)) {
+            client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = "path_escapes_base", "malformed request refused");
+            return Err(Reject::BadRequest);
+        }
+    }
     if req.method() == http::Method::CONNECT || req.method() == http::Method::TRACE {
         client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, method = req.method().as_str(), "method not implemented by keygate");
         return Err(Reject::NotImplemented);

@@ -271,3 +271,67 @@ async fn userinfo_in_the_authority_and_a_key_as_the_method_are_refused() {
     let secret = &token["kg_k_".len()..];
     assert_no_secrets(&kg.logs(), &[secret]);
 }
+
+/// A fresh user: with an upstream base path (`url = "http://…/api"`) dot-segments were
+/// forwarded under it (`GET /../admin` reached the upstream as `/api/../admin`, which servers
+/// that resolve dot-segments serve as `/admin`). A path that leaves the base path under any
+/// reading is a 400 now (raw, escaped, double-escaped, with path parameters; HTTP/1.1 and
+/// HTTP/2); dot-segments that stay inside it pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_leave_the_upstream_base_path_are_refused() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = kg_for(&format!("{}/api", up.url()), &hash, None);
+    let port = kg.addr.port();
+    for path in [
+        "/../admin",
+        "/%2e%2e/admin",
+        "/.%2E/admin",
+        "/..%2fadmin",
+        "/%252e%252e/admin",
+        "/..;/admin",
+        "/x/../../admin",
+        "/..",
+    ] {
+        let (status, text) = raw_h1(
+            &kg,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nX-API-Key: {token}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status, 400, "{path}: {text}");
+    }
+    let mut h2 = RawH2::connect(&kg).await;
+    let authority = format!("localhost:{port}");
+    let mut id = 1;
+    for (path, want) in [("/%2e%2e/admin", 400), ("/v1/../jobs", 200), ("/jobs", 200)] {
+        h2.headers(
+            id,
+            &[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", authority.as_str()),
+                (":path", path),
+                ("x-api-key", token.as_str()),
+            ],
+            true,
+        )
+        .await;
+        assert_eq!(h2.outcome(id).await.indexed_status, Some(want), "{path}");
+        id += 2;
+    }
+    let (status, _) = raw_h1(
+        &kg,
+        &format!(
+            "GET /a/./b/../c?x=1 HTTP/1.1\r\nHost: localhost:{port}\r\nX-API-Key: {token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let uris: Vec<String> = up.requests().iter().map(|s| s.uri.clone()).collect();
+    assert_eq!(
+        uris,
+        ["/api/v1/../jobs", "/api/jobs", "/api/a/./b/../c?x=1"]
+    );
+}
