@@ -70,7 +70,7 @@ if [[ $PERF_BUILD == 1 ]]; then
         cargo build --release -q --target-dir "$HSLOAD_DIR"; }) >&2
 fi
 [[ -x $KEYGATE_BIN ]] || die "$KEYGATE_BIN missing"
-[[ -x $HSLOAD_BIN ]] || die "$HSLOAD_BIN missing (PERF_BUILD=1 builds it)"
+[[ " $PERF_CASES " != *" hs "* || -x $HSLOAD_BIN ]] || die "$HSLOAD_BIN missing (PERF_BUILD=1 builds it)"
 HZ=$(getconf CLK_TCK)
 T_BEGIN=$(date +%s)
 UPTIME_BEGIN=$(uptime)
@@ -449,7 +449,7 @@ report() {
     echo "- failed/non-2xx responses (must be 0): $(for k in "${!R[@]}"; do [[ $k == *'|fail' && ${R[$k]} != 0 ]] && printf '%s=%s ' "$k" "${R[$k]}"; done)"
     echo "- handshake runs: client-side resumed handshakes keygate ${R[w1-off|hs|keygate|resumed]:-?}, nginx ${R[w1-off|hs|nginx|resumed]:-?} (must be 0); ${R[w1-off|hs|keygate|tls]:-}."
     [[ $PERF_LOG_ON == 1 ]] && echo "- log lines written with logs on: keygate ${R[w1-on|keygate|lines]}, nginx ${R[w1-on|nginx|lines]}; with logs off: keygate ${R[w1-off|keygate|lines]}, nginx ${R[w1-off|nginx|lines]}."
-    echo "- 1-minute load average at the start of each CPU run, h1 logs off (nginx / keygate):${R[w1-off|h1|nginx|load]} /${R[w1-off|h1|keygate|load]}."
+    echo "- 1-minute load average at the start of each CPU run, h1 logs off (nginx / keygate):${R[w1-off|h1|nginx|load]:-} /${R[w1-off|h1|keygate|load]:-}."
     return 0
 }
 REPORT=$(report)

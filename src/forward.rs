@@ -20,6 +20,18 @@
 //! `[upstream] max_connections`, `upstream_cap.rs`); hyper-util's pool, used before, raced a new
 //! connection against every wait for an idle one and kept the winner and the loser (77 upstream
 //! connections for 50 clients, 807 for 500 requests in flight).
+//!
+//! **Memory per upstream connection** (issue 10). hyper's HTTP/1.1 client keeps, per
+//! connection, an 8 KiB write buffer, a read buffer of 8 KiB (up to [`UPSTREAM_READ_BUF`]), its
+//! protocol task (~3.7 KiB) and the queue its requests pass through (one 32-request block of
+//! ~8 KiB, jemalloc's 10 KiB class); none of these sizes can be set. After 32 requests that
+//! queue would keep a second block for good, so a pooled connection is renewed every
+//! [`RENEW_AFTER`] requests: hyper hands the socket back while it is idle and a new client
+//! connection is started on it (nothing is sent; the upstream sees the same TCP connection).
+//! A request that offers an upgrade (`Upgrade`, only for `[upstream] upgrade_protocols`) goes
+//! on a connection of its own, run with hyper's upgrade support so that a 101 hands the socket
+//! to the tunnel; when the upstream declines, that connection is pooled like the others (and
+//! closed instead of renewed).
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -274,9 +286,24 @@ impl Upstream {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
         let pool = self.pool();
-        let Some(mut conn) = pool.checkout() else {
+        // A request that offers an upgrade goes on a connection of its own that can hand its
+        // socket to the tunnel (`Kind::Upgradable`); pooled connections cannot.
+        let offers_upgrade = req.headers().contains_key(header::UPGRADE);
+        let mut conn = (!offers_upgrade).then(|| pool.checkout()).flatten();
+        if let Some(c) = conn.take_if(|c| c.sent >= RENEW_AFTER) {
+            // Renewed in the request's own time: a few polls of this worker's tasks. Done in
+            // the background instead, the connection was missing from the pool meanwhile and
+            // busy workers opened new ones in its place (~130 connects/s at 20k requests/s).
+            conn = Box::pin(c.renew()).await;
+        }
+        let Some(mut conn) = conn else {
             // A new connection: a failure here is the upstream's, never retried.
-            return Box::pin(self.send_on_new(pool, req.map(Box::new))).await;
+            let kind = if offers_upgrade {
+                Kind::Upgradable
+            } else {
+                Kind::Renewable
+            };
+            return Box::pin(self.send_on_new(pool, req.map(Box::new), kind)).await;
         };
         // Kept only for requests that may be replayed: one header-map copy per GET sent on a
         // reused connection.
@@ -288,6 +315,7 @@ impl Upstream {
             )
         });
         let guard = AbortOnDrop::arm(&conn);
+        conn.sent += 1;
         let sent = conn.tx.try_send_request(req.map(Box::new)).await;
         guard.disarm();
         match sent {
@@ -299,7 +327,7 @@ impl Upstream {
                 if let Some(unsent) = e.take_message() {
                     // Found closed before a byte was written: sending it is not sending twice.
                     stats.set_retried();
-                    return Box::pin(self.send_on_new(pool, unsent)).await;
+                    return Box::pin(self.send_on_new(pool, unsent, Kind::Renewable)).await;
                 }
                 match replay {
                     Some((method, uri, headers)) if failed_before_response(e.error()) => {
@@ -309,7 +337,7 @@ impl Upstream {
                         *again.method_mut() = method;
                         *again.uri_mut() = uri;
                         *again.headers_mut() = headers;
-                        Box::pin(self.send_on_new(pool, again)).await
+                        Box::pin(self.send_on_new(pool, again, Kind::Renewable)).await
                     }
                     _ => Err(SendError::Http(e.into_error())),
                 }
@@ -325,9 +353,11 @@ impl Upstream {
         &self,
         pool: &Arc<Pool>,
         req: http::Request<Box<RequestBody>>,
+        kind: Kind,
     ) -> Result<http::Response<Incoming>, SendError> {
-        let mut conn = Box::pin(self.connect()).await?;
+        let mut conn = Box::pin(self.connect(kind)).await?;
         let guard = AbortOnDrop::arm(&conn);
+        conn.sent += 1;
         let sent = conn.tx.send_request(req).await;
         guard.disarm();
         let resp = sent.map_err(SendError::Http)?;
@@ -336,9 +366,8 @@ impl Upstream {
     }
 
     /// Opens a connection (TCP, and TLS for an `https` upstream, within `connect_timeout`) and
-    /// runs its HTTP/1.1 protocol on a task of this worker's runtime, which ends when the
-    /// connection closes or its last [`SendRequest`] is dropped while idle.
-    async fn connect(&self) -> Result<Conn, SendError> {
+    /// starts its HTTP/1.1 protocol ([`Conn::start`]).
+    async fn connect(&self, kind: Kind) -> Result<Conn, SendError> {
         use tower_service::Service as _;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
@@ -348,18 +377,9 @@ impl Upstream {
             .call(self.connect_uri.clone())
             .await
             .map_err(SendError::Connect)?;
-        let (conn, protocol) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(UPSTREAM_READ_BUF)
-            .handshake(io)
+        Conn::start(io, kind)
             .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        let task = tokio::spawn(async move {
-            if let Err(e) = protocol.with_upgrades().await {
-                tracing::debug!(error = %Chain(&e), "upstream connection ended with an error");
-            }
-        })
-        .abort_handle();
-        Ok(Conn { tx: conn, task })
+            .map_err(|e| SendError::Connect(e.into()))
     }
 
     /// This worker thread's pool. Each worker runs its own single-threaded runtime
@@ -382,10 +402,112 @@ enum SendError {
 
 type Sender = SendRequest<Box<RequestBody>>;
 
+/// An upstream connection's socket (TCP, or TLS over TCP for an `https` upstream).
+type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+
+/// What an upstream connection's protocol task can do with its socket when it ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Pooled, renewed on the same socket every [`RENEW_AFTER`] requests.
+    Renewable,
+    /// Opened for a request that offers an upgrade: on a 101 its socket becomes the tunnel's.
+    /// Pooled like the others when the upstream declines, but closed rather than renewed.
+    Upgradable,
+}
+
+/// Requests one hyper connection carries before it is renewed on the same socket.
+///
+/// hyper queues requests to its HTTP/1.1 connection task through a tokio channel whose
+/// blocks hold 32 requests (~8 KiB: 32 × the 248-byte `http::Request` and its reply
+/// handle). When the 33rd request crosses into a second block, tokio keeps the first one for
+/// reuse, so every upstream connection that had served 32 requests held two blocks, 16 KiB,
+/// for one request in flight at a time (issue 10: 500 busy upstream connections held ~8 MiB
+/// of them). Renewed (the socket handed back by hyper while idle and a new handshake made on
+/// it, which costs no bytes on the wire), a connection holds one block and starts with fresh
+/// buffers.
+const RENEW_AFTER: u32 = 32;
+
 /// An upstream connection: the handle requests are sent through, and its protocol task.
 struct Conn {
     tx: Sender,
-    task: tokio::task::AbortHandle,
+    /// The protocol task; yields the socket back when asked to (`hand_back`) and idle.
+    task: tokio::task::JoinHandle<Option<Io>>,
+    /// Tells the task to hand the socket back rather than close it (`None`: it cannot).
+    hand_back: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Requests given to this hyper connection.
+    sent: u32,
+}
+
+impl Conn {
+    /// Runs the HTTP/1.1 protocol on `io` on a task of this worker's runtime, which ends when
+    /// the connection closes or its [`SendRequest`] is dropped while idle.
+    async fn start(io: Io, kind: Kind) -> Result<Self, hyper::Error> {
+        let (tx, protocol) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(UPSTREAM_READ_BUF)
+            .handshake(io)
+            .await?;
+        if kind == Kind::Upgradable {
+            let task = tokio::spawn(async move {
+                if let Err(e) = protocol.with_upgrades().await {
+                    tracing::debug!(error = %Chain(&e), "upstream connection ended with an error");
+                }
+                None
+            });
+            return Ok(Conn {
+                tx,
+                task,
+                hand_back: None,
+                sent: 0,
+            });
+        }
+        let (hand_back, renewal) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(drive(protocol, renewal));
+        Ok(Conn {
+            tx,
+            task,
+            hand_back: Some(hand_back),
+            sent: 0,
+        })
+    }
+
+    /// The same socket under a new hyper connection (`RENEW_AFTER`); `None` when the socket
+    /// cannot be reused (closed, bytes arrived unasked, or an upgradable connection, which is
+    /// closed instead). Call only while idle (as pooled).
+    async fn renew(self) -> Option<Self> {
+        let Conn {
+            tx,
+            task,
+            hand_back,
+            ..
+        } = self;
+        hand_back?.send(()).ok()?;
+        drop(tx);
+        let io = task.await.ok().flatten()?;
+        Conn::start(io, Kind::Renewable).await.ok()
+    }
+}
+
+/// A pooled connection's protocol task: runs hyper's HTTP/1.1 client until its sender is
+/// dropped while idle or the connection closes. Hands the socket back (for [`Conn::renew`])
+/// when told to before the sender was dropped and nothing is left unread; else shuts it down
+/// (a TLS upstream gets its close_notify) and closes it.
+async fn drive(
+    mut protocol: hyper::client::conn::http1::Connection<Io, Box<RequestBody>>,
+    mut renewal: tokio::sync::oneshot::Receiver<()>,
+) -> Option<Io> {
+    if let Err(e) = std::future::poll_fn(|cx| protocol.poll_without_shutdown(cx)).await {
+        tracing::debug!(error = %Chain(&e), "upstream connection ended with an error");
+        return None;
+    }
+    let parts = protocol.into_parts();
+    let mut io = parts.io;
+    if renewal.try_recv().is_ok() && parts.read_buf.is_empty() {
+        return Some(io);
+    }
+    let _ =
+        std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(std::pin::Pin::new(&mut io), cx))
+            .await;
+    None
 }
 
 /// Ends a connection's task if the request being sent on it is abandoned before its response
@@ -398,7 +520,7 @@ struct AbortOnDrop(Option<tokio::task::AbortHandle>);
 
 impl AbortOnDrop {
     fn arm(conn: &Conn) -> Self {
-        AbortOnDrop(Some(conn.task.clone()))
+        AbortOnDrop(Some(conn.task.abort_handle()))
     }
 
     /// The response head came (or the send failed by itself): nothing to abort.

@@ -105,6 +105,56 @@ async fn connections_are_reused_and_never_more_than_requests_in_flight() {
     assert_eq!(up.closed.load(SeqCst), 0, "pool_idle_timeout is 30 s");
 }
 
+/// Every 32 requests keygate renews its hyper connection on the same socket (`forward.rs`,
+/// `RENEW_AFTER`: hyper's request queue would otherwise keep a second 8 KiB block per
+/// connection). Renewing must not be seen upstream: one TCP connection carries every request,
+/// GETs and POSTs with bodies alike, on HTTP/1.1 and HTTP/2, and no extra connection is opened
+/// while one is being renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_connection_keeps_its_socket() {
+    let up = counting_upstream(Duration::ZERO).await;
+    let (kg, token) = one_worker(&up, "30s");
+    let hdr = [("x-api-key", token.as_str())];
+    for h2 in [false, true] {
+        let c = if h2 { kg.client_h2() } else { kg.client() };
+        for i in 0..70 {
+            let r = if i % 3 == 0 {
+                let req = hyper::Request::post(kg.url(&format!("/p{i}")))
+                    .header("x-api-key", &token)
+                    .body(full(&b"{\"n\":1}"[..]))
+                    .unwrap();
+                c.send(req).await
+            } else {
+                c.get(&kg.url(&format!("/g{i}")), &hdr).await
+            };
+            assert_eq!(r.status, 200, "h2={h2} request {i}");
+            assert_eq!(&r.body[..], b"ok", "h2={h2} request {i}");
+        }
+    }
+    assert_eq!(
+        up.opened.load(SeqCst),
+        1,
+        "140 sequential requests, one socket"
+    );
+    assert_eq!(up.closed.load(SeqCst), 0, "the socket was never closed");
+    // Busy connections are renewed too, without leaving the pool short meanwhile: 8 clients
+    // sending 40 requests each, one after the other, never need more than 8 sockets.
+    let c = kg.client_h2();
+    let url = kg.url("/busy");
+    let loops = (0..8).map(|_| async {
+        for _ in 0..40 {
+            assert_eq!(c.get(&url, &hdr).await.status, 200);
+        }
+    });
+    futures_util::future::join_all(loops).await;
+    let opened = up.opened.load(SeqCst);
+    assert!(
+        opened <= 8,
+        "{opened} upstream connections for 8 requests in flight"
+    );
+    assert_eq!(up.closed.load(SeqCst), 0, "no socket was closed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_pool_idle_timeout_without_traffic() {
     let up = counting_upstream(Duration::ZERO).await;
