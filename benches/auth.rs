@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
                 presented.as_bytes(),
                 d,
                 keygate::limits::Standing::Clean.into(),
-                Default::default(),
+                Box::new(|_| {}),
             )
             .await
     });

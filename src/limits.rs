@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -270,13 +270,14 @@ const ATTEMPT_WEIGHT: u64 = 60 * SECOND_NS;
 
 /// A failed-auth budget charged before an argon2 verification (see
 /// [`FailedAuthThrottle::reserve`]). While it lives, the verification counts as in flight for
-/// its network. Dropping it keeps the charge (a hash abandoned by its client was still spent;
-/// the pipeline gives it back for a request abandoned before its hash ran);
-/// [`refund`](Self::refund) gives it back, [`confirm_failure`](Self::confirm_failure) records
-/// the failure.
+/// its network. It is settled by the verification's verdict ([`refund`](Self::refund) if the
+/// token was right, [`confirm_failure`](Self::confirm_failure) if wrong,
+/// [`refused_unhashed`](Self::refused_unhashed) if nothing was hashed), and it owns its throttle
+/// so that the verdict can settle it after the request that asked is gone (see
+/// `crate::auth::verify::OnVerdict`). Dropped unsettled, it keeps the charge.
 #[must_use = "refund the charge if the token is right, or confirm it if wrong"]
-pub struct Reservation<'t> {
-    throttle: &'t FailedAuthThrottle,
+pub struct Reservation {
+    throttle: Arc<FailedAuthThrottle>,
     ip: IpAddr,
     /// The entry charged (the client's, or its network's when the table was full).
     entry: Entry,
@@ -286,7 +287,7 @@ pub struct Reservation<'t> {
     pub exhausted: bool,
 }
 
-impl Reservation<'_> {
+impl Reservation {
     /// The token was right: the charge, and the attempt, are given back.
     pub fn refund(self) {
         self.throttle.refund(self.entry);
@@ -316,7 +317,7 @@ impl Reservation<'_> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         let mut t = self.throttle.lock();
         let net = network_key(self.ip);
@@ -458,10 +459,11 @@ impl FailedAuthThrottle {
     /// has in flight: with a check before hashing and a count after, 200 concurrent wrong tokens
     /// from one address all passed the check (issue 9: 219 hashes against a budget of 20).
     /// Then [`Reservation::refund`] if the token was right (or never hashed), or
-    /// [`Reservation::confirm_failure`] if it was wrong. A request abandoned while its hash runs
-    /// keeps the charge: the hash was spent. The reservation also carries the request's
+    /// [`Reservation::confirm_failure`] if it was wrong, whether or not the request that asked
+    /// is still there: the verification's own verdict settles it (a fresh user's 25 abandoned
+    /// requests with a *valid* key left 25 failures charged, and its valid key got 429). The reservation also carries the request's
     /// [`Standing`] in the verification queue, decided with the charge.
-    pub fn reserve(&self, ip: IpAddr) -> Result<Reservation<'_>, u64> {
+    pub fn reserve(self: &Arc<Self>, ip: IpAddr) -> Result<Reservation, u64> {
         let key = client_key(ip);
         let now = self.now();
         let mut t = self.lock();
@@ -487,7 +489,7 @@ impl FailedAuthThrottle {
                         0
                     };
                 Ok(Reservation {
-                    throttle: self,
+                    throttle: self.clone(),
                     ip,
                     entry,
                     priority: Priority { standing, attempts },
@@ -716,10 +718,10 @@ mod tests {
 
     #[test]
     fn throttle_blocks_after_exactly_the_limit_and_lifts() {
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 2,
             period: Duration::from_secs(60),
-        });
+        }));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(t.throttled(ip).is_none());
         assert_eq!(t.tracked(), 0, "asking creates no state");
@@ -734,10 +736,10 @@ mod tests {
         assert!(t.throttled("192.0.2.2".parse().unwrap()).is_none());
         assert!(t.throttled("::ffff:192.0.2.1".parse().unwrap()).is_some());
 
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 1,
             period: Duration::from_millis(200),
-        });
+        }));
         assert!(t.record_failure(ip));
         assert_eq!(t.throttled(ip), Some(1));
         std::thread::sleep(Duration::from_millis(250));
@@ -748,10 +750,10 @@ mod tests {
 
     #[test]
     fn ipv6_is_throttled_per_64() {
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 2,
             period: Duration::from_secs(60),
-        });
+        }));
         assert!(!t.record_failure("2001:db8::1".parse().unwrap()));
         assert!(t.record_failure("2001:db8::ffff:2".parse().unwrap()));
         assert!(t.throttled("2001:db8::3".parse().unwrap()).is_some());
@@ -765,7 +767,7 @@ mod tests {
             count: 20,
             period: Duration::from_secs(3600),
         };
-        let t = FailedAuthThrottle::new(rate);
+        let t = Arc::new(FailedAuthThrottle::new(rate));
         let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
         // Hashed failures from 100 500 addresses: the client table fills, the rest
         // are counted by network.
@@ -780,10 +782,10 @@ mod tests {
         assert!(t.throttled(ip(0)).is_none());
 
         // Entries whose budget has refilled are dropped, inline or periodically.
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 10,
             period: Duration::from_millis(10),
-        });
+        }));
         for i in 0..(2 * PRUNE_AT as u32) {
             t.record_failure(ip(i));
         }
@@ -801,10 +803,10 @@ mod tests {
     #[test]
     fn a_full_table_counts_newcomers_by_network_instead_of_refusing_them() {
         // Per hour rather than per minute: nothing expires while the test fills the table.
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 20,
             period: Duration::from_secs(3600),
-        });
+        }));
         // 2001:db8:0::/47: two /48s, 131 072 /64s; one hashed failure from each of 100 000.
         let attacker = |i: u32| {
             IpAddr::from(std::net::Ipv6Addr::from(
@@ -843,13 +845,13 @@ mod tests {
         assert_eq!(t.lock().networks.len(), 2);
 
         // Failures decided without hashing (malformed tokens, unknown key ids) fill only half.
-        let t = FailedAuthThrottle::with_capacity(
+        let t = Arc::new(FailedAuthThrottle::with_capacity(
             Rate {
                 count: 2,
                 period: Duration::from_secs(60),
             },
             64,
-        );
+        ));
         for i in 0..200 {
             t.record_failure(attacker(i));
         }
@@ -866,13 +868,13 @@ mod tests {
 
         // Both tables full (more flooding networks than the network table holds): newcomers
         // in neither are refused, as the safe side.
-        let t = FailedAuthThrottle::with_capacity(
+        let t = Arc::new(FailedAuthThrottle::with_capacity(
             Rate {
                 count: 2,
                 period: Duration::from_secs(60),
             },
             16,
-        );
+        ));
         let net = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8)));
         for i in 0..100 {
             let _ = t.reserve(net(i)).map(Reservation::confirm_failure);
@@ -887,10 +889,10 @@ mod tests {
     /// alongside a flood's fresh addresses. Now only a full *network* history does that.
     #[test]
     fn a_full_client_history_does_not_demote_newcomers_from_clean_networks() {
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 20,
             period: Duration::from_secs(3600),
-        });
+        }));
         let attacker = |i: u32| {
             IpAddr::from(std::net::Ipv6Addr::from(
                 (0x2001_0db8_0000_u128 << 80) | (u128::from(i) << 64) | 1,
@@ -912,10 +914,10 @@ mod tests {
 
     #[test]
     fn reservations_hold_the_budget_however_many_are_in_flight() {
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 20,
             period: Duration::from_secs(60),
-        });
+        }));
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         // 200 requests in flight at once: every one reserves before any hash is done.
         let mut granted: Vec<_> = (0..200).filter_map(|_| t.reserve(ip).ok()).collect();
@@ -948,10 +950,10 @@ mod tests {
 
     #[test]
     fn standing_orders_clean_then_network_then_failed() {
-        let t = FailedAuthThrottle::new(Rate {
+        let t = Arc::new(FailedAuthThrottle::new(Rate {
             count: 20,
             period: Duration::from_secs(60),
-        });
+        }));
         let guesser: IpAddr = "198.51.100.10".parse().unwrap();
         let neighbour: IpAddr = "198.51.100.99".parse().unwrap();
         let elsewhere: IpAddr = "203.0.113.5".parse().unwrap();

@@ -779,41 +779,41 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             None => None,
         };
         // From here the verification belongs to every request waiting for it: if this one is
-        // abandoned, it goes on for them (its charge stays spent, as for any abandoned hash).
-        // Abandoned before its hash was handed to an argon2 thread, this request spent nothing:
-        // its charge is given back (else one aborted request per address would fill the
-        // failed-auth table at no hashing cost). Abandoned later, the hash was spent: kept.
-        let hashing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut charged = AbandonedUnhashed {
-            reservation: Some(reservation),
-            hashing: hashing.clone(),
-        };
+        // abandoned, it goes on for them, and its verdict settles this request's charge
+        // (here and in the cluster's budget) all the same: refunded for a right token or one
+        // never hashed, kept for a wrong one (an abandoned guess still counts).
+        let (ip, rate) = (ctx.client_ip, throttle.rate());
+        let shared_guess = shared_guess
+            .cloned()
+            .map(|c| (c, tokio::runtime::Handle::current()));
+        let on_verdict: crate::auth::verify::OnVerdict = Box::new(move |verdict| {
+            let wrong = verdict == Some(Settled::Invalid);
+            match verdict {
+                Some(Settled::Valid) => reservation.refund(),
+                Some(Settled::Invalid) => reservation.confirm_failure(),
+                Some(Settled::Busy) | None => reservation.refused_unhashed(),
+            }
+            if let Some((cluster, runtime)) = shared_guess
+                && !wrong
+            {
+                runtime.spawn(async move { cluster.guess_refund(ip, rate).await });
+            }
+        });
         let outcome = Box::pin(ctx.shared.verifier.verify(
             leading,
             key,
             token.expose(),
             digest,
             priority,
-            hashing,
+            on_verdict,
         ))
         .await;
-        let reservation = charged.reservation.take().expect("taken only here");
-        if let Some(cluster) = shared_guess
-            && !matches!(outcome, Ok(Outcome::Invalid))
-        {
-            Box::pin(cluster.guess_refund(ctx.client_ip, throttle.rate())).await;
-        }
         match outcome {
-            Ok(Outcome::Valid) => {
-                reservation.refund();
-                break;
-            }
+            Ok(Outcome::Valid) => break,
             Ok(Outcome::Invalid) => {
-                reservation.confirm_failure();
                 return Err(report(AuthFailure::BadSecret, Some(&key.id), exhausted));
             }
             Err(Busy) => {
-                reservation.refused_unhashed();
                 client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?priority.standing, attempts = priority.attempts, "argon2 verification queue: waited too long or full; refused unhashed");
                 return Err(Reject::Unavailable { retry_after: 1 });
             }
@@ -827,23 +827,6 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         return Err(fail(AuthFailure::Expired, Some(&key.id)));
     }
     Ok(key.clone())
-}
-
-/// A failed-auth charge whose request may be abandoned while its verification waits: given
-/// back on drop unless the hash was handed to an argon2 thread (see [`authenticate`]).
-struct AbandonedUnhashed<'t> {
-    reservation: Option<crate::limits::Reservation<'t>>,
-    hashing: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Drop for AbandonedUnhashed<'_> {
-    fn drop(&mut self) {
-        if let Some(r) = self.reservation.take()
-            && !self.hashing.load(std::sync::atomic::Ordering::Acquire)
-        {
-            r.refused_unhashed();
-        }
-    }
 }
 
 async fn forward(

@@ -121,6 +121,37 @@ impl Drop for Leading {
     }
 }
 
+/// What a verification settles with its verdict, exactly once, whether or not the request that
+/// started it still waits: that request's failed-auth charge (`pipeline.rs`: refunded for a
+/// right token, kept for a wrong one). `None`: no verdict and nothing hashed (given up while
+/// queued because nobody waited any more, or the argon2 threads are gone). Called before the
+/// waiters are told, from an argon2 thread or a runtime task; it must not block.
+///
+/// Why here and not in the request: a request abandoned while its verification was pending (a
+/// client timeout, an HTTP/2 reset) never saw the verdict, so its charge stayed as a failure:
+/// a fresh user's 25 abandoned requests with a valid key throttled its address, and the valid
+/// key then got 429.
+pub type OnVerdict = Box<dyn FnOnce(Option<Settled>) + Send>;
+
+/// An [`OnVerdict`] that runs once: with the verdict, or with `None` when dropped without one.
+struct Settlement(Option<OnVerdict>);
+
+impl Settlement {
+    fn settle(mut self, verdict: Settled) {
+        if let Some(f) = self.0.take() {
+            f(Some(verdict));
+        }
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(None);
+        }
+    }
+}
+
 /// One verification of a token against a key's hash, on behalf of every request waiting for
 /// it: a task of its own, independent of the request that started it.
 struct Verification {
@@ -132,8 +163,7 @@ struct Verification {
     digest: Digest,
     priority: Priority,
     leading: Leading,
-    /// Set when the hash is handed to an argon2 thread (from then on it is spent).
-    hashing: Arc<std::sync::atomic::AtomicBool>,
+    settlement: Settlement,
 }
 
 impl Verification {
@@ -151,7 +181,7 @@ impl Verification {
             digest,
             priority,
             leading,
-            hashing,
+            settlement,
         } = self;
         let slot = tokio::select! {
             slot = queue.acquire(priority) => slot,
@@ -160,16 +190,19 @@ impl Verification {
             () = leading.tx.closed() => return,
         };
         let Ok(slot) = slot else {
+            settlement.settle(Settled::Busy);
             leading.settle(Settled::Busy);
             return;
         };
         // Another verification of this token against this hash may have ended while we
         // waited (one that started before this one's leader joined was not joined).
         if Verifier::is_cached(&key, &digest) {
+            settlement.settle(Settled::Valid);
             leading.settle(Settled::Valid);
             return;
         }
         if known_bad(&negative, &subject(&key, &digest)) {
+            settlement.settle(Settled::Invalid);
             leading.settle(Settled::Invalid);
             return;
         }
@@ -180,13 +213,14 @@ impl Verification {
             if ok {
                 // Only one token can match a hash, so a set-once slot is enough.
                 let _ = key.verified.set(digest);
+                settlement.settle(Settled::Valid);
                 leading.settle(Settled::Valid);
             } else {
                 remember_bad(&negative, subject(&key, &digest));
+                settlement.settle(Settled::Invalid);
                 leading.settle(Settled::Invalid);
             }
         });
-        hashing.store(true, std::sync::atomic::Ordering::Release);
         // The threads are gone only while the verifier is dropped: the job, and with it the
         // leader, is dropped, and the waiters learn that no verdict came.
         let _ = jobs.send(job);
@@ -313,9 +347,8 @@ impl Verifier {
     /// better-placed requests, or waited [`MAX_WAIT`]); nothing was hashed.
     ///
     /// The verification outlives the caller: if the caller is dropped (its client went away),
-    /// it goes on for the requests that joined it (see [`Verification`]). `hashing` is set
-    /// once the hash is handed to an argon2 thread: a caller dropped before that spent nothing
-    /// (its failed-auth charge can be given back).
+    /// it goes on for the requests that joined it (see [`Verification`]), and its verdict
+    /// runs `on_verdict` (the caller's failed-auth charge) either way.
     pub async fn verify(
         &self,
         leading: Leading,
@@ -323,7 +356,7 @@ impl Verifier {
         token: &[u8],
         digest: Digest,
         priority: Priority,
-        hashing: Arc<std::sync::atomic::AtomicBool>,
+        on_verdict: OnVerdict,
     ) -> Result<Outcome, Busy> {
         let mut verdict = leading.tx.subscribe();
         let verification = Verification {
@@ -335,7 +368,7 @@ impl Verifier {
             digest,
             priority,
             leading,
-            hashing,
+            settlement: Settlement(Some(on_verdict)),
         };
         tokio::spawn(verification.run());
         match verdict
