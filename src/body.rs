@@ -529,38 +529,95 @@ pub struct Carried {
     pub to_client: u64,
 }
 
-/// Copies both ways between the client and the upstream until both sides are done (or one
-/// fails); returns what was carried, counted as read from each side, even when it ends in an
-/// error (a reset is how many WebSocket sessions end).
+/// How an upgraded connection ended.
+#[derive(Debug)]
+pub enum TunnelEnd {
+    /// Both sides closed their half.
+    Closed,
+    /// One side failed (a reset is how many WebSocket sessions end).
+    Failed(std::io::Error),
+    /// No byte went either way for `[upstream] tunnel_idle_timeout`: both sides were closed.
+    Idle,
+}
+
+/// Copies both ways between the client and the upstream until both sides are done, one fails,
+/// or nothing has moved either way for `idle` (`[upstream] tunnel_idle_timeout`, as nginx's
+/// `proxy_read_timeout` closes a silent WebSocket): then both are shut down, so a client that
+/// vanished or just sits gives back its key slot and upstream connection. A byte read from
+/// either side, or written to either side, is activity, so a server-push stream with a silent
+/// client lives on, and a client that stops reading stalls the copy and times out too.
+/// Returns what was carried, counted as read from each side, however it ended.
 pub async fn splice(
     client: hyper::upgrade::Upgraded,
     upstream: hyper::upgrade::Upgraded,
-) -> (Carried, Option<std::io::Error>) {
-    let mut client = Counted::new(hyper_util::rt::TokioIo::new(client));
-    let mut upstream = Counted::new(hyper_util::rt::TokioIo::new(upstream));
-    let err = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .err();
+    idle: Duration,
+) -> (Carried, TunnelEnd) {
+    use tokio::io::AsyncWriteExt as _;
+    let start = tokio::time::Instant::now();
+    // Milliseconds from `start` to the last byte that moved.
+    let moved = AtomicU64::new(0);
+    let mut client = Counted::new(hyper_util::rt::TokioIo::new(client), &moved, start);
+    let mut upstream = Counted::new(hyper_util::rt::TokioIo::new(upstream), &moved, start);
+    let end = {
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        let mut deadline = start + idle;
+        loop {
+            tokio::select! {
+                r = &mut copy => break r.map_or_else(TunnelEnd::Failed, |_| TunnelEnd::Closed),
+                () = tokio::time::sleep_until(deadline) => {
+                    let last = start + Duration::from_millis(moved.load(Relaxed));
+                    if last + idle <= tokio::time::Instant::now() {
+                        break TunnelEnd::Idle;
+                    }
+                    deadline = last + idle;
+                }
+            }
+        }
+    };
+    if matches!(end, TunnelEnd::Idle) {
+        // TLS close_notify and FIN to the client, FIN to the upstream; bounded, as a peer that
+        // reads nothing may never take them.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = tokio::join!(client.io.shutdown(), upstream.io.shutdown());
+        })
+        .await;
+    }
     let carried = Carried {
         from_client: client.read,
         to_client: upstream.read,
     };
-    (carried, err)
+    (carried, end)
 }
 
-/// An I/O object that counts the bytes read from it.
-struct Counted<T> {
+/// An I/O object that counts the bytes read from it, and notes when bytes last moved through
+/// it either way (in `moved`, milliseconds from `start`, shared by both sides of a tunnel).
+struct Counted<'a, T> {
     io: T,
     read: u64,
+    moved: &'a AtomicU64,
+    start: tokio::time::Instant,
 }
 
-impl<T> Counted<T> {
-    fn new(io: T) -> Self {
-        Counted { io, read: 0 }
+impl<'a, T> Counted<'a, T> {
+    fn new(io: T, moved: &'a AtomicU64, start: tokio::time::Instant) -> Self {
+        Counted {
+            io,
+            read: 0,
+            moved,
+            start,
+        }
+    }
+
+    fn note(&self, n: usize) {
+        if n > 0 {
+            self.moved
+                .store(self.start.elapsed().as_millis() as u64, Relaxed);
+        }
     }
 }
 
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -570,17 +627,22 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         self.read += n as u64;
+        self.note(n);
         polled
     }
 }
 
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.note(n);
+        }
+        polled
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -610,6 +672,8 @@ impl Body for ResponseBody {
                 Pin::new(body).poll_frame(cx)
             }
         };
+        // HTTP/2: whether the stream now owes the client a frame (`stall.rs`, send_timeout).
+        crate::stall::body_polled(matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()));
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {

@@ -46,7 +46,9 @@ pub const UPSTREAM_ERRORS: [&str; 4] = ["connect", "timeout", "protocol", "other
 pub const UPGRADE_REFUSED: [&str; 2] = ["h2c", "other"];
 /// Where a client timed out: `body` (no request-body byte within `body_read_timeout`),
 /// `request_buffer` (a small body not complete within `request_buffer_timeout`).
-pub const CLIENT_TIMEOUTS: [&str; 2] = ["body", "request_buffer"];
+/// `send`: a response the client took nothing of for `server.send_timeout` (aborted);
+/// `tunnel_idle`: an upgraded connection silent both ways for `upstream.tunnel_idle_timeout`.
+pub const CLIENT_TIMEOUTS: [&str; 4] = ["body", "request_buffer", "send", "tunnel_idle"];
 /// `keygate_connections_limited_total` reasons (see `conn_limits::Limited`).
 pub const CONNECTION_LIMITS: [&str; 4] = ["per_ip", "full", "handshake", "idle"];
 /// `keygate_upstream_saturated_total` reasons (see `upstream_cap::Saturated`).
@@ -291,7 +293,7 @@ impl Metrics {
         }
         registry.register(
             "keygate_client_timeouts",
-            "Requests answered 408 because the client stalled, by phase",
+            "Requests ended because the client stalled, by phase (body, request_buffer: 408; send: response aborted; tunnel_idle: upgraded connection closed)",
             client_timeouts.clone(),
         );
         let config_reloads = Family::<ResultLabel, Counter>::default();

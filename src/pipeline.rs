@@ -1015,15 +1015,26 @@ async fn forward(
         let (record, log) = crate::body::tunnel_log();
         // The tunnel keeps the key's slot and the upstream connection while it lasts.
         let held = std::mem::take(&mut ctx.held);
+        let idle = snap.caps.tunnel_idle_timeout;
+        let key_id = key.id.clone();
         tokio::spawn(async move {
             let _held = held;
             let mut carried = crate::body::Carried::default();
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
-                    let (c, err) = crate::body::splice(client, upstream).await;
+                    let (c, end) = crate::body::splice(client, upstream, idle).await;
                     carried = c;
-                    if let Some(e) = err {
-                        tracing::debug!(request_id = request_id_str(&request_id), error = %e, "upgraded connection ended with an error");
+                    match end {
+                        crate::body::TunnelEnd::Closed => {}
+                        crate::body::TunnelEnd::Failed(e) => {
+                            tracing::debug!(request_id = request_id_str(&request_id), error = %e, "upgraded connection ended with an error");
+                        }
+                        // Counted with the client timeouts: the client holds the slots, and a
+                        // client that vanished is the usual cause.
+                        crate::body::TunnelEnd::Idle => {
+                            metrics::global().client_timeout("tunnel_idle");
+                            client_event!(ClientEvent::ClientTimeout, client_ip, Level::INFO, event = "client_timeout", phase = "tunnel_idle", request_id = request_id_str(&request_id), client_ip = %client_ip, key_id = &*key_id, timeout_ms = idle.as_millis() as u64, "no byte either way through the upgraded connection within upstream.tunnel_idle_timeout; closed");
+                        }
                     }
                 }
                 Err(e) => {

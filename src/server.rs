@@ -6,11 +6,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -389,6 +389,7 @@ async fn serve_connection(
     slot: &ConnSlot,
 ) {
     let _ = stream.set_nodelay(true);
+    keep_alive(&stream);
     let s = &snap.server;
     // Memory per connection (issue 9 §3): the handshake's state (a TLS stream and a timer) is
     // boxed and freed once it is done, and the TLS stream it yields is boxed too, so that the
@@ -410,7 +411,7 @@ async fn serve_connection(
     slot.established(conn.clone());
     // Set when the first request's head is complete and reaches the pipeline.
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let io_state = Arc::new(IoState::default());
+    let io_state = Arc::new(IoState::new(conn.opened));
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     // HTTP/1.1: response bodies are paced by what the client's TLS stream takes (body.rs).
     let gate = (!h2).then(|| Arc::new(WriteGate::default()));
@@ -435,20 +436,26 @@ async fn serve_connection(
             // future and the future it awaits in two slots, so the box was twice the pipeline's
             // future (14 KiB per request in flight, jemalloc's 14,336-byte class; issue 10).
             let gate = gate.clone();
-            Box::pin(pipeline::handle(req, shared.clone(), conn.clone()).map(
-                move |resp| match gate {
-                    Some(gate) => resp.map(|r| r.map(|b| b.gated(gate))),
-                    None => resp,
-                },
-            ))
+            Box::pin(
+                pipeline::handle(req, shared.clone(), conn.clone()).map(move |resp| {
+                    // HTTP/2: from here the stream owes the client its response (stall.rs).
+                    crate::stall::response_ready();
+                    match gate {
+                        Some(gate) => resp.map(|r| r.map(|b| b.gated(gate))),
+                        None => resp,
+                    }
+                }),
+            )
         })
     };
+    let send_timeout = snap.caps.send_timeout;
     let watch = Watch {
         peer,
         conn,
         started,
         idle: s.idle_timeout,
         header_read_timeout,
+        send_timeout,
     };
     // The protocol is the one negotiated by ALPN (RFC 9113 §3.2, RFC 7301), never guessed from
     // the first bytes: `h2` speaks HTTP/2 only, `http/1.1` or no ALPN HTTP/1.1 only.
@@ -465,7 +472,12 @@ async fn serve_connection(
             // connection (GOAWAY) for a block too large to decode or a CONTINUATION flood.
             let h2_header_list =
                 u32::try_from((s.max_header_bytes * 2).max(8192)).unwrap_or(u32::MAX);
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            // Each stream's task is dropped (the stream reset) when the client takes nothing of
+            // its response for send_timeout (stall.rs).
+            let mut b = hyper::server::conn::http2::Builder::new(crate::stall::StreamExec {
+                send_timeout,
+                peer,
+            });
             b.timer(TokioTimer::new())
                 // Streams over the limit are refused (RST_STREAM REFUSED_STREAM); refusals count
                 // towards the local-reset cap below.
@@ -562,6 +574,25 @@ async fn serve_connection(
     }
 }
 
+/// TCP keep-alive on a client's socket (SO_KEEPALIVE; Linux TCP_KEEPIDLE, TCP_KEEPINTVL,
+/// TCP_KEEPCNT): after [`KEEPALIVE_IDLE`] without a segment from the client the kernel probes
+/// it every [`KEEPALIVE_INTERVAL`], and after [`KEEPALIVE_PROBES`] unanswered probes the
+/// connection fails, so a client that vanished (lost its network, a NAT dropped the mapping)
+/// is detected within about two minutes even while keygate has nothing to send it (a silent
+/// tunnel, a long upstream wait), as nginx's `so_keepalive` does. Failure to set it is
+/// harmless (the other timeouts still apply).
+fn keep_alive(stream: &TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&params);
+}
+
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 6;
+
 /// How long an HTTP/1.1 connection stays idle before it is parked: hyper's read and write
 /// buffers (8 KiB each) and its state are freed, and rebuilt when the client sends again, as
 /// nginx frees an idle keep-alive connection's buffers (issue 9 §3). A busy connection is
@@ -578,11 +609,14 @@ enum Driven {
 }
 
 /// What the connection's driver learns from its I/O and service (HTTP/1.1).
-#[derive(Default)]
 struct IoState {
     /// The last write or flush did not complete (hyper or rustls still hold bytes for the
     /// client): not parkable.
     write_blocked: AtomicBool,
+    /// When a write or flush last went through, in milliseconds from `opened`: with
+    /// `write_blocked`, how long the client has taken nothing (`send_timeout`, stall.rs).
+    wrote_ms: AtomicU64,
+    opened: std::time::Instant,
     /// The last request had no body and asked for no upgrade: once it is answered, hyper has
     /// nothing of it left to read.
     parkable: AtomicBool,
@@ -598,9 +632,30 @@ struct ConnIo {
     gate: Arc<WriteGate>,
 }
 
+impl IoState {
+    fn new(opened: std::time::Instant) -> Self {
+        IoState {
+            write_blocked: AtomicBool::new(false),
+            wrote_ms: AtomicU64::new(0),
+            opened,
+            parkable: AtomicBool::new(false),
+        }
+    }
+
+    /// When a write last went through.
+    fn last_write(&self) -> std::time::Instant {
+        self.opened + Duration::from_millis(self.wrote_ms.load(Relaxed))
+    }
+}
+
 impl ConnIo {
     fn note<T>(&self, polled: std::task::Poll<T>) -> std::task::Poll<T> {
-        self.state.write_blocked.store(polled.is_pending(), Relaxed);
+        let blocked = polled.is_pending();
+        self.state.write_blocked.store(blocked, Relaxed);
+        if !blocked {
+            let ms = self.state.opened.elapsed().as_millis() as u64;
+            self.state.wrote_ms.store(ms, Relaxed);
+        }
         polled
     }
 }
@@ -766,6 +821,8 @@ struct Watch {
     started: Arc<std::sync::atomic::AtomicBool>,
     idle: Duration,
     header_read_timeout: Duration,
+    /// HTTP/1.1: how long the connection's writes may stay blocked (stall.rs).
+    send_timeout: Duration,
 }
 
 impl Watch {
@@ -789,8 +846,11 @@ impl Watch {
             started,
             idle,
             header_read_timeout,
+            send_timeout,
         } = self;
         let (peer, idle, header_read_timeout) = (*peer, *idle, *header_read_timeout);
+        let send_timeout = *send_timeout;
+        let mut send_check = tokio::time::Instant::now() + send_timeout;
         let mut park_at = tokio::time::Instant::now() + PARK_AFTER;
         let mut closing = false;
         let mut idle_deadline = tokio::time::Instant::now() + idle;
@@ -822,6 +882,20 @@ impl Watch {
                         return Driven::Park;
                     }
                     park_at = tokio::time::Instant::from_std(last.max(std::time::Instant::now() - PARK_AFTER / 2)) + PARK_AFTER;
+                }
+                // send_timeout (HTTP/1.1): the client has taken nothing for that long while
+                // keygate has bytes for it; closing frees the response, its key slot and its
+                // upstream connection, as nginx's send_timeout does.
+                () = tokio::time::sleep_until(send_check), if park.is_some() => {
+                    let io = park.expect("guarded");
+                    let last = io.last_write();
+                    if io.write_blocked.load(Relaxed) && last.elapsed() >= send_timeout {
+                        metrics::global().client_timeout("send");
+                        client_event!(ClientEvent::ClientTimeout, peer.ip(), Level::INFO, event = "client_timeout", phase = "send", protocol = "HTTP/1.1", peer = %peer, timeout_ms = send_timeout.as_millis() as u64, "the client took nothing of its response within send_timeout; connection closed");
+                        return Driven::Ended;
+                    }
+                    let now = std::time::Instant::now();
+                    send_check = tokio::time::Instant::from_std(if io.write_blocked.load(Relaxed) { last } else { now }) + send_timeout;
                 }
                 _ = drain.changed(), if !closing => {
                     shut(http.as_mut());

@@ -195,6 +195,12 @@ pub struct Caps {
     pub upstream_queue_timeout: Duration,
     /// Requests one key may have in flight unless its `max_concurrent` says otherwise.
     pub default_max_concurrent: u32,
+    /// `server.send_timeout`: a response the client takes nothing of for this long is aborted
+    /// (HTTP/1.1: connection closed; HTTP/2: stream reset), see `stall.rs`.
+    pub send_timeout: Duration,
+    /// `upstream.tunnel_idle_timeout`: an upgraded connection (WebSocket) that carries no byte
+    /// either way for this long is closed, see `body::splice`.
+    pub tunnel_idle_timeout: Duration,
 }
 
 pub struct AuthSettings {

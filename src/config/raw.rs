@@ -58,6 +58,7 @@ pub struct RawServer {
     pub max_connections_per_ip: Option<usize>,
     pub request_buffer_bytes: Option<usize>,
     pub request_buffer_timeout: Option<String>,
+    pub send_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub hsts: Option<Hsts>,
@@ -94,6 +95,7 @@ pub struct RawUpstream {
     pub upgrade_protocols: Option<Vec<String>>,
     pub max_connections: Option<usize>,
     pub queue_timeout: Option<String>,
+    pub tunnel_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,6 +3,7 @@
     python clients.py get URL --ca PEM [--http2] [-H 'Name: value']...
     python clients.py sse URL --ca PEM [-H ...]            # each event with its arrival time
     python clients.py ws-echo URL --ca PEM [-H ...] [--messages N] [--size BYTES] [--pause-ms MS]
+                                         [--idle-s S]  # then silence (no pings) for up to S s
 
 Trust is the keygate test certificate given by --ca (never verification turned off).
 """
@@ -66,6 +67,7 @@ async def ws_echo(args):
         additional_headers=headers_of(args),
         max_size=None,
         compression=None,  # so the bytes on the wire are the payload's (keygate's log counts them)
+        ping_interval=None if args.idle_s else 20,
     ) as ws:
         for i in range(args.messages):
             payload = bytes((i + j) % 256 for j in range(args.size))
@@ -79,6 +81,18 @@ async def ws_echo(args):
             results["bytes_received"] += len(back)
             if args.pause_ms:
                 await asyncio.sleep(args.pause_ms / 1000)
+        if args.idle_s:
+            # A client that just sits (or vanished): how long until the tunnel is closed?
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(ws.recv(), args.idle_s)
+                results["closed_after"] = "message"
+            except asyncio.TimeoutError:
+                results["closed_after"] = None
+            except websockets.ConnectionClosed:
+                results["closed_after"] = round(time.monotonic() - t0, 2)
+            print(json.dumps(results))
+            return
         await ws.send("bye")
         results["text"] = await ws.recv()
     print(json.dumps(results))
@@ -94,6 +108,7 @@ def main():
     p.add_argument("--messages", type=int, default=3)
     p.add_argument("--size", type=int, default=1000)
     p.add_argument("--pause-ms", type=int, default=0)
+    p.add_argument("--idle-s", type=float, default=0)
     args = p.parse_args()
     if args.cmd == "get":
         cmd_get(args)

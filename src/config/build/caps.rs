@@ -1,5 +1,6 @@
 //! `server.max_connections_per_ip`, `server.request_buffer_*`, `upstream.max_connections`,
-//! `upstream.queue_timeout`, `auth.default_max_concurrent`: the caps that keep one client, one
+//! `upstream.queue_timeout`, `auth.default_max_concurrent`, and the progress deadlines
+//! `server.send_timeout` and `upstream.tunnel_idle_timeout`: the caps that keep one client, one
 //! address or one key from taking what others need (issue 9; README "Connection and upstream
 //! caps").
 
@@ -69,7 +70,19 @@ pub(super) fn build(raw: &RawConfig, max_connections: usize, errs: &mut Errors) 
         // to a worker pool of 8 and one key still held all 8 and the queue).
         None => default_key_max_concurrent(upstream_max_connections),
     };
+    // nginx's send_timeout and proxy_read_timeout (60 s each): without them a client that stops
+    // reading, or a tunnel where nobody speaks, holds its key slot and upstream connection for
+    // ever (fresh user T3-9, T3-18).
+    let send_timeout = duration_or(&s.send_timeout, "60s", "server.send_timeout", errs);
+    let tunnel_idle_timeout = duration_or(
+        &u.tunnel_idle_timeout,
+        "60s",
+        "upstream.tunnel_idle_timeout",
+        errs,
+    );
     Caps {
+        send_timeout,
+        tunnel_idle_timeout,
         max_connections_per_ip,
         request_buffer_bytes,
         request_buffer_timeout,

@@ -19,6 +19,10 @@ const BOUNDS: &[(&str, u64, u64)] = &[
     // A client between two body bytes: a slow mobile link pauses for seconds, not for hours.
     ("server.body_read_timeout", S, H),
     ("server.idle_timeout", S, H),
+    // Between two writes that the client took (nginx's send_timeout); tests use seconds.
+    ("server.send_timeout", S, H),
+    // A tunnel where nothing moves either way; a day for applications that never ping.
+    ("upstream.tunnel_idle_timeout", S, D),
     // Under systemd, TimeoutStopSec (45 s in the shipped unit) must exceed it.
     ("server.shutdown_grace", 100 * MS, H),
     ("upstream.connect_timeout", 100 * MS, 5 * MIN),
@@ -69,6 +73,8 @@ mod tests {
             ("server.tls_handshake_timeout", "10s"),
             ("server.body_read_timeout", "60s"),
             ("server.idle_timeout", "60s"),
+            ("server.send_timeout", "60s"),
+            ("upstream.tunnel_idle_timeout", "60s"),
             ("server.shutdown_grace", "30s"),
             ("upstream.connect_timeout", "5s"),
             ("upstream.request_timeout", "60s"),
