@@ -350,3 +350,51 @@ async fn client_sockets_have_tcp_keepalive() {
     assert!(when <= 60 * 100, "first keep-alive probe in {when} ticks");
     drop(s);
 }
+
+/// T3-9, the other way a tunnel stops moving: the client keeps sending but reads nothing back
+/// from an echoing upstream. Once every buffer on the way is full nothing moves either way, and
+/// `tunnel_idle_timeout` closes the tunnel (on the old code it stayed open, holding the slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_client_reads_nothing_back_is_closed_too() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .upstream_line("tunnel_idle_timeout = \"2s\"")
+        .key("k", &hash, "max_concurrent = 1")
+        .start();
+    let mut s = small_window_tls(&kg).await;
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nhost: localhost\r\nx-api-key: {token}\r\nconnection: upgrade\r\n\
+         upgrade: websocket\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Write until the writes block (every buffer full), without reading the echo.
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0usize;
+    while let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(3), s.write_all(&chunk)).await {
+        sent += chunk.len();
+        assert!(
+            sent < 1 << 30,
+            "a GiB went through without the client reading"
+        );
+    }
+    let waited = slot_comes_back(&kg, &token, Duration::from_secs(20)).await;
+    assert!(waited < Duration::from_secs(20));
+    let ev = kg.wait_log("tunnel idle", |v| {
+        v["event"] == "client_timeout" && v["phase"] == "tunnel_idle"
+    });
+    assert_eq!(ev["key_id"], "k", "{ev}");
+}
