@@ -425,6 +425,22 @@ impl FailedAuthThrottle {
         self.throttled_in(&self.lock(), ip, now)
     }
 
+    /// `Some(seconds ≥ 1)` if this client, or the network it is counted by, has used up its
+    /// own budget; unlike [`throttled`](Self::throttled), a full table alone refuses nobody.
+    /// For failures that cost no hash (webhook signatures, `webhook/mod.rs`): refusing a
+    /// stranger there protects nothing, and would let many addresses lock out every sender.
+    /// Creates no state.
+    pub fn over_budget(&self, ip: IpAddr) -> Option<u64> {
+        let now = self.now();
+        let t = self.lock();
+        let tat = t
+            .tat
+            .get(&client_key(ip))
+            .or_else(|| t.networks.get(&network_key(ip)))?;
+        let free_at = tat.saturating_sub(self.tolerance);
+        (free_at > now).then(|| ceil_secs_ns(free_at - now))
+    }
+
     /// A client in the table is judged by its own budget; one that is not, by its network's
     /// (if the table was full when its network failed), then by whether both tables are full.
     fn throttled_in(&self, t: &Table, ip: IpAddr, now: u64) -> Option<u64> {

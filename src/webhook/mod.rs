@@ -4,8 +4,9 @@
 //! key stages (the global IP rules and header size limit still apply first):
 //!
 //! ```text
-//! sender allowlist → rate limit → method → body (read whole, up to max_body_bytes)
-//!   → signature (constant time, any of the route's secrets) → timestamp tolerance
+//! sender allowlist → the client's failed-auth budget → method → body (read whole, up to
+//!   max_body_bytes) → signature (constant time, any of the route's secrets) → timestamp
+//!   tolerance (a failure of either is charged to the client's budget) → rate limit
 //!   → duplicate key, from signed content only (an accepted one? answered 200 here)
 //!   → forward unchanged
 //! ```
@@ -69,10 +70,13 @@ pub enum Reason {
     /// Deliveries being read whole already hold the webhooks' share of the request-buffer
     /// budget, or bodies together the whole budget ([`crate::buffer_budget`]): 503.
     Busy,
+    /// The client's address sent more unverified deliveries (no, a wrong or a stale signature)
+    /// than `[auth] failed_auth_limit` allows: 429 before its body is read.
+    Throttled,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::MissingSignature,
         Reason::BadSignature,
         Reason::Stale,
@@ -84,6 +88,7 @@ impl Reason {
         Reason::MethodNotAllowed,
         Reason::AmbiguousId,
         Reason::Busy,
+        Reason::Throttled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +104,7 @@ impl Reason {
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::AmbiguousId => "ambiguous_id",
             Reason::Busy => "busy",
+            Reason::Throttled => "throttled",
         }
     }
 }
@@ -332,13 +338,16 @@ async fn deliver_inner(
     {
         return Err(early(req, Reason::IpDenied, Reject::Forbidden));
     }
-    if let Some(limiter) = &route.limiter
-        && let Some(retry_after) = limiter.check().retry_after
-    {
+    // Unverified deliveries are bounded per client address, by the failed-auth budget API keys
+    // use (a wrong signature is a failed authentication): a client over it is refused before
+    // its body is read. A full table refuses nobody here (unlike for argon2, there is no hash
+    // to save: an HMAC is cheap), so many addresses cannot lock out a sender they do not know.
+    let throttle = &a.snap.auth.failed_auth;
+    if let Some(retry_after) = throttle.over_budget(a.client_ip) {
         return Err(early(
             req,
-            Reason::RateLimited,
-            Reject::RateLimited { retry_after },
+            Reason::Throttled,
+            Reject::Throttled { retry_after },
         ));
     }
     if !route.methods.contains(req.method()) {
@@ -436,6 +445,7 @@ async fn deliver_inner(
         single(h, std.then_some(&route.std_id_header)),
         single(h, std.then_some(&route.std_timestamp_header)),
     ) else {
+        throttle.record_failure(a.client_ip);
         return Err(refuse(Reason::BadSignature, Reject::Unauthorized));
     };
     let signed = signature::Signed {
@@ -446,7 +456,19 @@ async fn deliver_inner(
     };
     let now = jiff::Timestamp::now().as_second();
     if let Err(f) = signature::verify(route.scheme, &route.keys, &signed, now, route.tolerance) {
+        throttle.record_failure(a.client_ip);
         return Err(refuse(f.into(), Reject::Unauthorized));
+    }
+    // The route's rate limit protects the upstream, so only verified deliveries are charged:
+    // charged before the signature check, one bucket for everybody let anyone who knows the
+    // URL keep the genuine sender at 429 with 5 forged requests a second (fresh user T3-4).
+    if let Some(limiter) = &route.limiter
+        && let Some(retry_after) = limiter.check().retry_after
+    {
+        return Err(refuse(
+            Reason::RateLimited,
+            Reject::RateLimited { retry_after },
+        ));
     }
 
     // Duplicates.
