@@ -15,7 +15,8 @@
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub struct RequestStats {
     client_timed_out: AtomicBool,
     waiting_on_client: AtomicBool,
     retried: AtomicBool,
+    /// The upstream client has let go of the body: nothing of this request is left to send.
+    body_released: AtomicBool,
 }
 
 impl RequestStats {
@@ -51,6 +54,11 @@ impl RequestStats {
     /// The request was sent a second time, on a new upstream connection (see `forward.rs`).
     pub fn retried(&self) -> bool {
         self.retried.load(Relaxed)
+    }
+    /// hyper's upstream client has dropped the request body (sent in full, or abandoned): the
+    /// upstream connection has nothing more of this request to write ([`ReadPacer`]).
+    fn body_released(&self) -> bool {
+        self.body_released.load(SeqCst)
     }
     /// Request body bytes read from the client so far (a webhook body read before forwarding).
     pub(crate) fn set_bytes(&self, n: u64) {
@@ -106,6 +114,7 @@ pub struct RequestBody {
 /// end, or whose client is gone, costs nothing here.
 impl Drop for RequestBody {
     fn drop(&mut self) {
+        self.stats.body_released.store(true, SeqCst);
         if let Source::Stream(rest) = std::mem::replace(&mut self.inner, Source::Buffered(None)) {
             linger_for(rest, i64::MAX, AUTHENTICATED_LINGER_TIME);
         }
@@ -205,6 +214,11 @@ impl RequestBody {
             return Poll::Ready(Some(Err(Box::new(BodyReadTimeout))));
         }
         Poll::Pending
+    }
+
+    /// The counters shared with the access record (and with [`ReadPacer`]).
+    pub(crate) fn stats(&self) -> &Arc<RequestStats> {
+        &self.stats
     }
 
     /// The body with what [`read_prefix`] already read from it in front.
@@ -420,6 +434,8 @@ pub struct ResponseBody {
     kind: Kind,
     /// HTTP/1.1: the next upstream chunk waits until the client's TLS stream took the last one.
     gate: Option<Arc<WriteGate>>,
+    /// The upstream connection whose reads wait on `gate` until this body is done.
+    paced: Option<Arc<ReadPacer>>,
     /// Inline rather than boxed: one allocation less per request.
     record: Option<AccessRecord>,
     in_flight: Option<crate::pipeline::InFlight>,
@@ -432,6 +448,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             gate: None,
+            paced: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -446,6 +463,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Upstream(body),
             gate: None,
+            paced: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -458,9 +476,17 @@ impl ResponseBody {
         self
     }
 
-    /// Paces an upstream body by what the client takes (HTTP/1.1; see [`WriteGate`]).
-    pub fn gated(mut self, gate: Arc<WriteGate>) -> Self {
+    /// Paces an upstream body by what the client takes (HTTP/1.1; see [`WriteGate`]), and, with
+    /// the [`Pacing`] of the upstream connection it comes from, that connection's reads too
+    /// ([`ReadPacer`]). An upgrade's (101) connection is never paced: it becomes a tunnel.
+    pub fn gated(mut self, gate: Arc<WriteGate>, upstream: Option<Pacing>) -> Self {
         if matches!(self.kind, Kind::Upstream(_)) {
+            if let Some(p) = upstream
+                && self.tunnel.is_none()
+            {
+                p.pacer.attach(&gate, &p.request);
+                self.paced = Some(p.pacer);
+            }
             self.gate = Some(gate);
         }
         self
@@ -480,6 +506,9 @@ impl ResponseBody {
     }
 
     fn finish(&mut self) {
+        if let (Some(pacer), Some(gate)) = (self.paced.take(), &self.gate) {
+            pacer.detach(gate);
+        }
         if let Some(r) = self.record.take() {
             match self.tunnel.take() {
                 Some(tunnel) => {
@@ -720,22 +749,23 @@ impl Body for ResponseBody {
 /// [`ResponseBody`] hands hyper its next chunk only once the last one has left keygate: hyper
 /// flushes the connection's I/O only when its own queue is empty, and the TLS stream's flush
 /// completes only when its records are all in the socket, so a completed flush opens the gate
-/// ([`WriteGate::drained`]). A client that does not read thus makes keygate hold at most one
-/// chunk's TLS records (`server::TLS_SEND_BUFFER`, plus what of the chunk the TLS stream could
-/// not take yet, in hyper's queue) and the one chunk that hyper's client reads ahead from the
-/// upstream connection (its body channel holds one): README, "Memory". The next chunk waits in
-/// the upstream connection's socket (TCP flow control), as nginx leaves it when its buffers are
-/// full. A client that keeps up is not slowed: the gate opens within the poll that wrote the
-/// chunk.
+/// ([`WriteGate::drained`]). The upstream connection the body comes from reads nothing while
+/// the gate is closed ([`ReadPacer`]), so a client that does not read makes keygate hold the one
+/// chunk being written (its TLS records, at most `server::TLS_SEND_BUFFER`, and what of it TLS
+/// could not take yet, in hyper's queue, sharing the upstream connection's read buffer): README,
+/// "Memory". The rest of the response waits in the upstream connection's socket (TCP flow
+/// control), as nginx leaves it when its buffers are full. A client that keeps up is not
+/// slowed: the gate opens within the poll that wrote the chunk.
 ///
-/// No waker is kept: the gate opens only in the connection's own flush, and while a body is
-/// being written hyper's HTTP/1.1 dispatcher polls the body again right after a flush that
-/// completed, in the same poll of the connection (`Dispatcher::poll_loop`: it loops while it can
-/// write body and the flush was ready); a flush that cannot complete leaves the socket's
-/// wake-up registered, and the poll it brings flushes again. A wake-up per chunk cost ~10 % more
-/// CPU on 1 MiB bodies (one more poll of the connection per 16 KiB, each with a read attempt).
-/// Bodies streamed whole over HTTP/1.1 in `tests/memory.rs` and `tests/upstream_buffers.rs`
-/// would hang if that changed.
+/// The response body itself keeps no waker: the gate opens only in the connection's own flush,
+/// and while a body is being written hyper's HTTP/1.1 dispatcher polls the body again right
+/// after a flush that completed, in the same poll of the connection (`Dispatcher::poll_loop`:
+/// it loops while it can write body and the flush was ready); a flush that cannot complete
+/// leaves the socket's wake-up registered, and the poll it brings flushes again. A wake-up per
+/// chunk cost ~10 % more CPU on 1 MiB bodies (one more poll of the connection per 16 KiB, each
+/// with a read attempt). Bodies streamed whole over HTTP/1.1 in `tests/memory.rs` and
+/// `tests/upstream_buffers.rs` would hang if that changed. Only an upstream connection that
+/// found the gate closed is woken when it opens.
 ///
 /// HTTP/2 needs no gate: each stream's queue is bounded by `server::H2_STREAM_SEND_BUFFER` and
 /// the client's flow-control window.
@@ -743,22 +773,155 @@ impl Body for ResponseBody {
 pub struct WriteGate {
     /// A chunk was handed to hyper and has not all reached the socket yet.
     queued: AtomicBool,
+    /// An upstream connection waits for the gate to open ([`ReadPacer`]); woken through `reader`.
+    reader_waiting: AtomicBool,
+    reader: futures_util::task::AtomicWaker,
 }
 
 impl WriteGate {
     /// Everything handed over has reached the socket (called when the connection's
     /// `poll_flush` completes).
     pub fn drained(&self) {
-        self.queued.store(false, Relaxed);
+        self.queued.store(false, SeqCst);
+        self.wake_reader();
     }
 
     /// Whether the last chunk handed over has left keygate (see above for the wake-up).
     fn open(&self) -> bool {
-        !self.queued.load(Relaxed)
+        !self.queued.load(SeqCst)
     }
 
     fn handed_over(&self) {
-        self.queued.store(true, Relaxed);
+        self.queued.store(true, SeqCst);
+    }
+
+    /// Wakes the upstream connection waiting for this gate, if one is.
+    fn wake_reader(&self) {
+        if self.reader_waiting.load(SeqCst) && self.reader_waiting.swap(false, SeqCst) {
+            self.reader.wake();
+        }
+    }
+
+    /// Whether an upstream connection must wait before it reads; if so, it is woken when the
+    /// gate opens.
+    fn must_wait(&self, cx: &Context<'_>) -> bool {
+        if self.open() {
+            return false;
+        }
+        self.reader.register(cx.waker());
+        self.reader_waiting.store(true, SeqCst);
+        // Opened in between: go on (a wake-up may still come; it is harmless).
+        !self.open()
+    }
+}
+
+/// Paces an upstream connection's reads by the client its response goes to (issue 9 §3).
+///
+/// hyper's HTTP/1.1 client reads the next chunk of a response body into its body channel (it
+/// holds one) as soon as the last one was taken, so a client that reads slowly used to make
+/// keygate hold two chunks: the one being written and the one read ahead. The upstream
+/// connection's protocol task ([`paced`]) is not polled while the [`WriteGate`] of the client
+/// connection its response goes to is closed, so it reads nothing more, and its read buffer is
+/// the chunk being written (hyper reuses it once that chunk is gone). It is woken when the gate
+/// opens. Only once the request is sent in full: while hyper still writes a request body (an
+/// upload with the response already streaming), the connection is never held, so a client that
+/// sends its whole body before it reads cannot deadlock.
+///
+/// Attached when an HTTP/1.1 response body starts ([`ResponseBody::gated`]), detached when it
+/// ends or is dropped (the client gone), and only to the connection's current request: a
+/// connection that already went back to the pool and carries another client's request is never
+/// held for the first client (each request sent starts afresh, [`ReadPacer::begin`]). HTTP/2
+/// clients' responses and upgraded connections are never held.
+#[derive(Default, Debug)]
+pub struct ReadPacer {
+    /// The request the connection serves now, and the gate its response waits on.
+    current: Mutex<Option<Current>>,
+}
+
+/// A connection's current request and the gate its response waits on, once attached.
+type Current = (Arc<RequestStats>, Option<Arc<WriteGate>>);
+
+/// What the upstream client puts in a response's extensions: the connection's [`ReadPacer`]
+/// and the request the response answers.
+#[derive(Clone, Debug)]
+pub struct Pacing {
+    pacer: Arc<ReadPacer>,
+    request: Arc<RequestStats>,
+}
+
+impl ReadPacer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A request is about to be sent on this connection: whatever paced the last one no longer
+    /// applies. Returns what its response carries ([`ResponseBody::gated`] attaches it).
+    pub fn begin(self: &Arc<Self>, request: &Arc<RequestStats>) -> Pacing {
+        let last = self.lock().replace((request.clone(), None));
+        if let Some((_, Some(gate))) = last {
+            gate.wake_reader();
+        }
+        Pacing {
+            pacer: self.clone(),
+            request: request.clone(),
+        }
+    }
+
+    fn attach(&self, gate: &Arc<WriteGate>, request: &Arc<RequestStats>) {
+        let mut current = self.lock();
+        if let Some((r, g)) = &mut *current
+            && Arc::ptr_eq(r, request)
+        {
+            *g = Some(gate.clone());
+        }
+    }
+
+    /// Detaches `gate` (if still attached) and wakes the connection if it waited for it.
+    fn detach(&self, gate: &Arc<WriteGate>) {
+        let mut current = self.lock();
+        if let Some((_, g)) = &mut *current
+            && g.as_ref().is_some_and(|g| Arc::ptr_eq(g, gate))
+        {
+            *g = None;
+            drop(current);
+            gate.wake_reader();
+        }
+    }
+
+    fn must_wait(&self, cx: &Context<'_>) -> bool {
+        match &*self.lock() {
+            Some((request, Some(gate))) => request.body_released() && gate.must_wait(cx),
+            _ => false,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream connection's protocol future (hyper's HTTP/1.1 client connection), polled
+    /// only while its [`ReadPacer`] lets it read. A struct rather than an `async fn`, which would
+    /// keep room for the connection's state twice (argument and pinned local) in every
+    /// connection's task.
+    pub struct Paced<F> {
+        #[pin]
+        conn: F,
+        pacer: Arc<ReadPacer>,
+    }
+}
+
+/// `conn`, paced by `pacer`.
+pub fn paced<F: std::future::Future>(pacer: Arc<ReadPacer>, conn: F) -> Paced<F> {
+    Paced { conn, pacer }
+}
+
+impl<F: std::future::Future> std::future::Future for Paced<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if this.pacer.must_wait(cx) {
+            return Poll::Pending;
+        }
+        this.conn.poll(cx)
     }
 }
 
@@ -766,5 +929,132 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Client went away mid-stream, or the body was never polled (HEAD, 304…).
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// A connection future that counts how often it was polled.
+    fn conn(polls: &Arc<AtomicUsize>) -> impl Future<Output = ()> + use<> {
+        let polls = polls.clone();
+        std::future::poll_fn(move |_| {
+            polls.fetch_add(1, SeqCst);
+            Poll::<()>::Pending
+        })
+    }
+
+    /// A request whose body hyper has let go of (sent in full).
+    fn sent_request() -> Arc<RequestStats> {
+        let stats = Arc::new(RequestStats::default());
+        drop(RequestBody::empty(stats.clone()));
+        stats
+    }
+
+    #[test]
+    fn an_upstream_connection_reads_only_while_its_client_has_taken_the_last_chunk() {
+        let pacer = Arc::new(ReadPacer::default());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut fut = Box::pin(paced(pacer.clone(), conn(&polls)));
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        // The request still being uploaded: never held, gate or not.
+        let uploading = Arc::new(RequestStats::default());
+        let pacing = pacer.begin(&uploading);
+        let gate = Arc::new(WriteGate::default());
+        pacing.pacer.attach(&gate, &pacing.request);
+        gate.handed_over();
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.load(SeqCst),
+            1,
+            "held while the request body is still sent"
+        );
+
+        // The next request, sent in full: held while the client has a chunk in flight.
+        let request = sent_request();
+        let pacing = pacer.begin(&request);
+        pacing.pacer.attach(&gate, &pacing.request);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(SeqCst), 1, "read on with a chunk in flight");
+        // The chunk reached the socket: the connection is woken and reads.
+        gate.drained();
+        assert_eq!(wakes.0.load(SeqCst), 1, "not woken when the gate opened");
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(SeqCst), 2);
+        // A fast client's gate opens before the connection is polled: no wake-up is spent.
+        gate.handed_over();
+        gate.drained();
+        assert_eq!(wakes.0.load(SeqCst), 1);
+
+        // Held again; the response body ends (or the client goes): detached and woken.
+        gate.handed_over();
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(SeqCst), 2, "read on with a chunk in flight");
+        pacer.detach(&gate);
+        assert_eq!(wakes.0.load(SeqCst), 2, "not woken when detached");
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(SeqCst), 3);
+    }
+
+    #[test]
+    fn a_pooled_connection_is_never_held_for_an_earlier_client() {
+        let pacer = Arc::new(ReadPacer::default());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut fut = Box::pin(paced(pacer.clone(), conn(&polls)));
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        // Client A's response was read in full; the connection went back to the pool and
+        // carries client B's request before A's response body was attached (or ended).
+        let first = pacer.begin(&sent_request());
+        let second = pacer.begin(&sent_request());
+        let a = Arc::new(WriteGate::default());
+        a.handed_over();
+        first.pacer.attach(&a, &first.request);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.load(SeqCst),
+            1,
+            "held for a client whose request is done"
+        );
+
+        // Attached, then the connection is taken for the next request: released and woken.
+        let b = Arc::new(WriteGate::default());
+        b.handed_over();
+        second.pacer.attach(&b, &second.request);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(SeqCst), 1);
+        let _third = pacer.begin(&sent_request());
+        assert_eq!(wakes.0.load(SeqCst), 1, "not woken when released");
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(SeqCst), 2);
+        // An earlier client's body ending does not detach someone else's gate.
+        let c = Arc::new(WriteGate::default());
+        let fourth = pacer.begin(&sent_request());
+        c.handed_over();
+        fourth.pacer.attach(&c, &fourth.request);
+        pacer.detach(&b);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.load(SeqCst),
+            2,
+            "another client's detach released the connection"
+        );
     }
 }

@@ -47,7 +47,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::body::{RequestBody, RequestStats};
+use crate::body::{ReadPacer, RequestBody, RequestStats};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -314,12 +314,14 @@ impl Upstream {
                 req.headers().clone(),
             )
         });
+        let pacing = conn.pacer.begin(stats);
         let guard = AbortOnDrop::arm(&conn);
         conn.sent += 1;
         let sent = conn.tx.try_send_request(req.map(Box::new)).await;
         guard.disarm();
         match sent {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                resp.extensions_mut().insert(pacing);
                 pool.checkin(conn, &resp);
                 Ok(resp)
             }
@@ -356,11 +358,13 @@ impl Upstream {
         kind: Kind,
     ) -> Result<http::Response<Incoming>, SendError> {
         let mut conn = Box::pin(self.connect(kind)).await?;
+        let pacing = conn.pacer.begin(req.body().stats());
         let guard = AbortOnDrop::arm(&conn);
         conn.sent += 1;
         let sent = conn.tx.send_request(req).await;
         guard.disarm();
-        let resp = sent.map_err(SendError::Http)?;
+        let mut resp = sent.map_err(SendError::Http)?;
+        resp.extensions_mut().insert(pacing);
         pool.checkin(conn, &resp);
         Ok(resp)
     }
@@ -436,6 +440,8 @@ struct Conn {
     hand_back: Option<tokio::sync::oneshot::Sender<()>>,
     /// Requests given to this hyper connection.
     sent: u32,
+    /// Paces its reads by the client a response goes to (body.rs, `ReadPacer`).
+    pacer: Arc<ReadPacer>,
 }
 
 impl Conn {
@@ -446,27 +452,30 @@ impl Conn {
             .max_buf_size(UPSTREAM_READ_BUF)
             .handshake(io)
             .await?;
+        let pacer = Arc::new(ReadPacer::default());
         if kind == Kind::Upgradable {
-            let task = tokio::spawn(async move {
+            let task = tokio::spawn(crate::body::paced(pacer.clone(), async move {
                 if let Err(e) = protocol.with_upgrades().await {
                     tracing::debug!(error = %Chain(&e), "upstream connection ended with an error");
                 }
                 None
-            });
+            }));
             return Ok(Conn {
                 tx,
                 task,
                 hand_back: None,
                 sent: 0,
+                pacer,
             });
         }
         let (hand_back, renewal) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(drive(protocol, renewal));
+        let task = tokio::spawn(crate::body::paced(pacer.clone(), drive(protocol, renewal)));
         Ok(Conn {
             tx,
             task,
             hand_back: Some(hand_back),
             sent: 0,
+            pacer,
         })
     }
 

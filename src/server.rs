@@ -441,7 +441,10 @@ async fn serve_connection(
                     // HTTP/2: from here the stream owes the client its response (stall.rs).
                     crate::stall::response_ready();
                     match gate {
-                        Some(gate) => resp.map(|r| r.map(|b| b.gated(gate))),
+                        Some(gate) => resp.map(|mut r| {
+                            let upstream = r.extensions_mut().remove::<crate::body::Pacing>();
+                            r.map(|b| b.gated(gate, upstream))
+                        }),
                         None => resp,
                     }
                 }),
@@ -658,6 +661,23 @@ impl ConnIo {
         }
         polled
     }
+    /// New plaintext is encrypted only once the TLS records already made are all in the socket.
+    /// Otherwise a client that reads a few bytes at a time makes TLS top its buffer up with a
+    /// record per opening of its window: a slow reader ended up holding ~200 records of ~70
+    /// bytes (each an allocation, with its queue entry) instead of one. Ready: write on (nothing
+    /// is noted as written: the write that follows is).
+    fn poll_records_sent(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.inner.get_ref().1.wants_write() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        match tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.inner), cx) {
+            std::task::Poll::Pending => self.note(std::task::Poll::Pending),
+            done => done,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for ConnIo {
@@ -683,6 +703,7 @@ impl tokio::io::AsyncWrite for ConnIo {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.poll_records_sent(cx))?;
         let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
         this.note(polled)
     }
@@ -692,6 +713,7 @@ impl tokio::io::AsyncWrite for ConnIo {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.poll_records_sent(cx))?;
         let polled = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.note(polled)
     }
