@@ -449,7 +449,7 @@ fn hash() -> ExitCode {
 }
 
 fn keys(path: &Path) -> ExitCode {
-    let raw = match config::load_file(path) {
+    let mut raw = match config::load_file(path) {
         Ok(r) => r,
         Err(e) => return fail(format!("invalid config {}:\n{e}", path.display())),
     };
@@ -464,7 +464,26 @@ fn keys(path: &Path) -> ExitCode {
         Ok(r) => r.unwrap_or(std::time::Duration::from_secs(90 * 86_400)),
         Err(e) => return fail(format!("state.rotation_period: {e}")),
     };
-    let snap = match load(path) {
+    // A listing needs the keys and roles (and, in cluster mode, Redis for the shared state):
+    // not the webhook secrets, nor the TLS private key, which the operator's shell need not
+    // be able to read (`check` and `run` still resolve them). A throwaway certificate stands
+    // in for the configured one.
+    raw.webhooks.clear();
+    let stand_in = match rcgen::generate_simple_self_signed(vec!["localhost".into()]) {
+        Ok(ck) => TlsSource::Pem {
+            cert: ck.cert.pem().into_bytes(),
+            key: ck.signing_key.serialize_pem().into_bytes(),
+        },
+        Err(e) => return fail(format!("cannot make a stand-in certificate: {e}")),
+    };
+    let snap = match config::build(
+        raw,
+        &BuildContext {
+            base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            tls_override: Some(stand_in),
+            ..Default::default()
+        },
+    ) {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid config {}:\n{e}", path.display())),
     };
@@ -603,7 +622,9 @@ fn self_signed(days: i64) -> Result<(Vec<u8>, Vec<u8>, jiff::Timestamp), String>
 }
 
 fn demo(listen: &str, upstream: &str, admin: Option<&str>) -> ExitCode {
-    let (cert, key, _) = match self_signed(1) {
+    // 30 days: the in-memory certificate is made anew at every start; a shorter one would
+    // greet the first run with a `cert_expiring` warning nobody can act on.
+    let (cert, key, _) = match self_signed(30) {
         Ok(p) => p,
         Err(e) => return fail(format!("cannot make a certificate: {e}")),
     };

@@ -47,7 +47,44 @@ pub fn run(source: Source, snapshot: Snapshot, log: LogGuard) -> std::io::Result
         .server
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    raise_open_files_limit(
+        (snapshot.server.max_connections + snapshot.caps.upstream_max_connections + 256) as u64,
+    );
     worker_runtime()?.block_on(serve(source, snapshot, log, workers))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (as Go's runtime does at start, and
+/// nginx with `worker_rlimit_nofile`): a shell, or a systemd unit without `LimitNOFILE=`
+/// (the shipped one sets 65,536), starts at 1,024, below the default `max_connections`, and
+/// `accept` would then fail with EMFILE before the connection table is full and can reclaim
+/// anything (a fresh user's finding). Warns when the limit stays below `needed` (client and
+/// upstream connections plus a margin for files, sockets and the admin listener). Returns
+/// the soft limit in effect (`None`: unlimited).
+pub fn raise_open_files_limit(needed: u64) -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // An unlimited hard limit cannot be the soft one (the kernel caps it at fs.nr_open).
+    let target = lim.maximum.unwrap_or(1 << 20);
+    if lim.current.is_some_and(|c| c < target) {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: lim.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "cannot raise RLIMIT_NOFILE");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    if let Some(n) = now
+        && n < needed
+    {
+        tracing::warn!(
+            open_files_limit = n,
+            needed,
+            "the open files limit (RLIMIT_NOFILE) is below server.max_connections + upstream.max_connections: accept will fail with EMFILE before the connection table is full; raise LimitNOFILE= (systemd) or ulimit -n, or lower max_connections"
+        );
+    }
+    now
 }
 
 fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -1213,5 +1250,28 @@ fn save_state(shared: &Shared, force: bool) {
         && let Err(e) = shared.state.save(&st.path, force, &snap.key_networks)
     {
         tracing::warn!(path = %st.path.display(), error = %e, "cannot write the state file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A soft open-files limit below the hard one (a shell's 1,024) is raised to the hard one.
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let lim = getrlimit(Resource::Nofile);
+        let Some(hard) = lim.maximum.filter(|&h| h > 512) else {
+            return; // nothing to raise to here
+        };
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(512),
+                maximum: lim.maximum,
+            },
+        )
+        .unwrap();
+        assert_eq!(super::raise_open_files_limit(100), Some(hard));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
     }
 }

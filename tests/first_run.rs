@@ -375,3 +375,33 @@ fn check_of_the_example_config_says_what_to_fill_in() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("make one: keygate init . ("), "{err}");
 }
+
+/// A fresh user: `keys`, a read-only listing, refused to run unless every webhook secret
+/// reference resolved in the operator's shell (and the TLS private key was readable). It
+/// needs the keys and roles only (and Redis in cluster mode); `check` still resolves all.
+#[test]
+fn keys_lists_without_the_services_secrets_or_private_key() {
+    let dir = config_dir();
+    let cfg = dir.path().join("keygate.toml");
+    let (_, hash) = new_key("ops");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("[[keys]]\nid = \"ops\"\nhash = \"{hash}\"\n"));
+    text.push_str(
+        "[[webhooks]]\nid = \"gh\"\npath = \"/hooks/gh\"\nscheme = \"github\"\nsecrets = [{ env = \"KEYGATE_TEST_UNSET_WEBHOOK_SECRET\" }]\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    // The private key becomes unreadable (as for an operator without access to it).
+    let key_pem = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("key.pem"))
+        .expect("init writes a key.pem");
+    std::fs::rename(&key_pem, dir.path().join("moved-away.pem")).unwrap();
+    let (code, out, err) = keygate(&["keys", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ops") && out.contains("active"), "{out}");
+    let (code, _, err) = keygate(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("KEYGATE_TEST_UNSET_WEBHOOK_SECRET"), "{err}");
+}
