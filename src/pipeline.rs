@@ -3,8 +3,12 @@
 //! ```text
 //! request id → client IP → global allow/deny (behind trusted proxies) → header size
 //!   → credential → key status → key IP allowlist → key networks → [introspection]
-//!   → scope → rate limit → body size → quota → forward → access log
+//!   → scope → key concurrency → rate limit → body size → quota → forward → access log
 //! ```
+//!
+//! keygate's own refusals after the quota charge (no upstream slot, a body failing while it
+//! is buffered) give the quota back; only a request sent to the upstream costs quota
+//! ([`QuotaCharge`]).
 //!
 //! The introspection endpoint (`[introspection] path`) is answered here, never forwarded: it
 //! skips scope and quota (it costs nothing) but not the key's IP allowlist or rate limit.
@@ -205,6 +209,45 @@ struct Ctx<'a> {
     /// The path as forwarded, when credential echoes were removed from its query (`echo.rs`).
     echo_free_path: Option<http::uri::PathAndQuery>,
     held: Held,
+    /// The quota this request was charged, given back unless it reached the upstream.
+    quota_charge: Option<QuotaCharge<'a>>,
+}
+
+/// A quota charge that is given back when dropped, unless [`spent`](Self::spent): a request
+/// keygate refuses after charging it (503 `upstream_saturated`, 408/400 while its body is
+/// buffered, an `OPTIONS` answered here) or that its client abandons before it is sent to the
+/// upstream costs no quota. Once sent, it is spent whatever the upstream answers (a 5xx, or a
+/// 502/504 keygate gives when the upstream fails or is too slow: the upstream may have done
+/// the work, and keygate cannot tell). Fresh user T3-11: a 4/day key was used up by one served
+/// request and three 503s.
+struct QuotaCharge<'a> {
+    shared: &'a Shared,
+    key: Arc<Key>,
+    quota: crate::quota::Quota,
+    cost: u64,
+    /// Unix second of the charge: a refund in a later window gives nothing back.
+    at: i64,
+    /// Charged to the cluster's lease (else to this instance's counters).
+    cluster: bool,
+}
+
+impl QuotaCharge<'_> {
+    fn spent(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for QuotaCharge<'_> {
+    fn drop(&mut self) {
+        match (&self.shared.cluster, self.cluster) {
+            (Some(c), true) => c.quota_refund(&self.key.id, self.quota, self.cost, self.at),
+            _ => self
+                .shared
+                .state
+                .quotas
+                .refund(&self.key.id, self.quota, self.cost, self.at),
+        }
+    }
 }
 
 /// The hyper service body: never fails, every outcome is a response.
@@ -246,6 +289,7 @@ pub async fn handle(
         stats: None,
         echo_free_path: None,
         held: Held::default(),
+        quota_charge: None,
     };
     // keygate's own answers (refusals, introspection) to a HEAD request carry their header
     // fields but no content (RFC 9110 §9.3.2); over HTTP/2 a HEAD response with DATA is a
@@ -420,6 +464,16 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         client_event!(ClientEvent::ScopeDenied, ctx.client_ip, Level::WARN, event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = %crate::log::RedactedPath { pq: req.uri().path(), params: &[] });
         return Err(Reject::Forbidden);
     }
+    // The key's concurrency cap: a slow or stuck client of this key holds a slot until its
+    // response is done, so one key (a leaked one, say) cannot hold every upstream connection.
+    // Before the rate limit and the quota, so that this refusal costs the key neither a token
+    // nor quota (fresh user T3-11: a client obeying its Retry-After: 1 emptied its bucket).
+    let Some(slot) = key.in_flight.try_acquire(key.max_concurrent) else {
+        metrics::global().concurrency_limited(&key.id);
+        client_event!(ClientEvent::ConcurrencyLimited, ctx.client_ip, Level::WARN, event = "concurrency_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, max_concurrent = key.max_concurrent, "key has max_concurrent requests in flight");
+        return Err(Reject::RateLimited { retry_after: 1 });
+    };
+    ctx.held.key = Some(slot);
     rate_limit(&key, ctx).await?;
 
     // Announced bodies over the limit never reach the upstream.
@@ -503,10 +557,14 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
     let cost = ctx.snap.quota_costs.cost(req.method(), req.uri().path());
     let now = crate::clock::now();
     let local = || ctx.shared.state.quotas.charge(&key.id, quota, cost, now);
+    let mut in_cluster = false;
     let state = match &ctx.shared.cluster {
         None => local().await,
         Some(cluster) => match Box::pin(cluster.quota_charge(&key.id, quota, cost, now)).await {
-            Ok(s) => s,
+            Ok(s) => {
+                in_cluster = true;
+                s
+            }
             Err(e) => {
                 cluster.fall_back(
                     "quota",
@@ -521,6 +579,16 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
     };
     ctx.quota = Some(state);
     let Some(first) = state.refused else {
+        if cost > 0 {
+            ctx.quota_charge = Some(QuotaCharge {
+                shared: ctx.shared,
+                key: ctx.key.clone().expect("authenticated"),
+                quota,
+                cost,
+                at: now,
+                cluster: in_cluster,
+            });
+        }
         return Ok(());
     };
     metrics::global().quota_exceeded(&key.id);
@@ -835,15 +903,7 @@ async fn forward(
     ctx: &mut Ctx<'_>,
 ) -> Result<Response<ResponseBody>, Reject> {
     let snap = ctx.snap;
-    // The key's concurrency cap: a slow or stuck client of this key holds a slot until its
-    // response is done, so one key (a leaked one, say) cannot hold every upstream connection.
-    let Some(slot) = key.in_flight.try_acquire(key.max_concurrent) else {
-        metrics::global().concurrency_limited(&key.id);
-        client_event!(ClientEvent::ConcurrencyLimited, ctx.client_ip, Level::WARN, event = "concurrency_limited", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, max_concurrent = key.max_concurrent, "key has max_concurrent requests in flight");
-        linger(req.into_body());
-        return Err(Reject::RateLimited { retry_after: 1 });
-    };
-    ctx.held.key = Some(slot);
+    // (The key's concurrency slot was taken in `admit`.)
     ctx.held.admitted = Some(Admitted::new(ctx.conn));
     // Only allowed protocols pass, and only after every check above (SPEC §4, docs/access.md).
     let offer = proto::upgrade_offer(
@@ -926,6 +986,10 @@ async fn forward(
     *up.version_mut() = http::Version::HTTP_11;
 
     ctx.held.upstream = Some(upstream_permit(ctx, &key).await?);
+    // From here the request reaches the upstream: its quota is spent, whatever the answer.
+    if let Some(charge) = ctx.quota_charge.take() {
+        charge.spent();
+    }
     let sent = snap.upstream.send(up, &stats).await;
     if stats.retried() {
         metrics::global().upstream_retried();

@@ -2,7 +2,9 @@
 //! calendar windows in UTC (a day starts at 00:00 UTC, a month on the 1st at 00:00 UTC).
 //!
 //! Place in the request path: after the rate limit, before forwarding. A request refused by the
-//! rate limit therefore costs no quota. What a request costs comes from `[quota_costs]`
+//! rate limit therefore costs no quota, and one keygate refuses after the charge, before it
+//! reaches the upstream (503 `upstream_saturated`, a body that fails while buffered), gets it
+//! back ([`QuotaStore::refund`], `pipeline.rs` `QuotaCharge`). What a request costs comes from `[quota_costs]`
 //! ([`CostTable`]); a request whose cost is 0 (a status poll) always passes, even when the quota
 //! is used up, so a client can still collect the results of work it has paid for.
 //!
@@ -209,6 +211,14 @@ impl QuotaStore {
         }
     }
 
+    /// Gives back `cost` units charged at unix second `now` (a request refused by keygate
+    /// before it reached the upstream, `pipeline.rs`), if the window has not changed since.
+    pub fn refund(&self, key_id: &str, quota: Quota, cost: u64, now: i64) {
+        match self {
+            QuotaStore::Local(l) => l.refund(key_id, quota, cost, now),
+        }
+    }
+
     /// The state without counting anything (introspection).
     pub async fn peek(&self, key_id: &str, quota: Quota, now: i64) -> QuotaState {
         match self {
@@ -321,6 +331,17 @@ impl LocalQuotas {
             }
             state(quota, c, now, end, refused)
         })
+    }
+
+    /// See [`QuotaStore::refund`].
+    pub fn refund(&self, key_id: &str, quota: Quota, cost: u64, now: i64) {
+        let (start, _) = window(quota.period, now);
+        self.with_current(key_id, quota, crate::clock::now(), |c, _| {
+            if c.window_start == start && cost > 0 {
+                c.used = c.used.saturating_sub(cost);
+                self.dirty.store(true, Relaxed);
+            }
+        });
     }
 
     pub fn peek(&self, key_id: &str, quota: Quota, now: i64) -> QuotaState {

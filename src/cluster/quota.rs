@@ -320,6 +320,20 @@ impl Cluster {
     }
 }
 
+impl super::Cluster {
+    /// Gives back `cost` units charged at unix second `now` to a request that never reached the
+    /// upstream (`pipeline.rs`): they return to this instance's lease, and so to the next
+    /// request of the key here, if the window has not changed meanwhile. No Redis call.
+    pub fn quota_refund(&self, key_id: &str, quota: Quota, cost: u64, now: i64) {
+        let (start, _) = window(quota.period, now);
+        self.quota_leases.with(key_id, |l| {
+            if l.window_start == start {
+                l.units = l.units.saturating_add(cost);
+            }
+        });
+    }
+}
+
 impl QuotaLeases {
     fn fetch_gate(&self, key_id: &str) -> Arc<super::FetchGate> {
         let mut g = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
