@@ -465,6 +465,86 @@ async fn connections_held_in_the_throttle_tarpit_are_reclaimable() {
     );
 }
 
+/// A fresh user: a client that aborts its requests freed its key slot and upstream permit at
+/// once, while the upstream's worker went on (uvicorn, Django and gunicorn do not stop on a
+/// closed socket): a key capped at 2 kept 33 requests busy at the upstream by aborting each
+/// after 0.3 s. The slots are now held until the upstream answers, whoever left. The upstream
+/// here works like those: each request runs in a task of its own to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_requests_hold_their_slots_until_the_upstream_answers() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let working = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (w2, m2) = (working.clone(), most.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (w, m) = (w2.clone(), m2.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let (w, m) = (w.clone(), m.clone());
+                        // The worker: runs to the end even if the connection goes.
+                        let work = tokio::spawn(async move {
+                            m.fetch_max(w.fetch_add(1, SeqCst) + 1, SeqCst);
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                            w.fetch_sub(1, SeqCst);
+                        });
+                        async move {
+                            let _ = work.await;
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(full(
+                                Bytes::from("done"),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let (token, hash) = new_key("k");
+    let kg = Keygate::builder()
+        .upstream_url(&url)
+        .key("k", &hash, "max_concurrent = 1")
+        .admin()
+        .start();
+    // Abort-and-retry, over HTTP/1.1 (connection closed) and HTTP/2 (stream reset).
+    let mut refused = 0;
+    for c in [kg.client(), kg.client_h2(), kg.client(), kg.client_h2()] {
+        for _ in 0..3 {
+            let (url, headers) = (kg.url("/work"), [("x-api-key", token.as_str())]);
+            if let Ok(r) =
+                tokio::time::timeout(Duration::from_millis(200), c.get(&url, &headers)).await
+            {
+                assert_eq!(r.status, 429, "only refusals come back this fast");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 6, "the slot stayed taken: {refused} refusals");
+    assert!(
+        most.load(SeqCst) <= 1,
+        "{} requests worked at the upstream at once for a key capped at 1",
+        most.load(SeqCst)
+    );
+    // Once the upstream has answered, the slot is back.
+    wait_until("the upstream's worker done", || working.load(SeqCst) == 0).await;
+    let r = kg
+        .client()
+        .get(&kg.url("/work"), &[("x-api-key", &token)])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(most.load(SeqCst), 1);
+    let m = metrics(&kg).await;
+    assert_eq!(
+        metric_f64(&m, "keygate_upstream_connections_in_use"),
+        0.0,
+        "{m}"
+    );
+}
+
 /// A fresh user: clients that gave up while waiting for an upstream connection (their own
 /// timeout, an HTTP/2 reset) kept their place in the wait queue: the queue gauge climbed with
 /// nothing waiting, and once it read the limit every request got 503 at once, for good.
