@@ -171,15 +171,15 @@ impl Drop for Admitted {
 /// fresh user's finding: the caps bounded connections, not the upstream's work). Like nginx's
 /// `proxy_ignore_client_abort on`. The cost on the way: the exchange's future is boxed (one
 /// allocation per forwarded request); a task is spawned only for an abandoned one.
-struct Exchange {
+pub(crate) struct Exchange {
     fut: Option<std::pin::Pin<Box<dyn Future<Output = Sent> + Send>>>,
     held: Held,
 }
 
-type Sent = Result<Response<Incoming>, crate::forward::UpstreamError>;
+pub(crate) type Sent = Result<Response<Incoming>, crate::forward::UpstreamError>;
 
 impl Exchange {
-    async fn start(
+    pub(crate) async fn start(
         snap: &Arc<Snapshot>,
         up: Request<RequestBody>,
         stats: &Arc<RequestStats>,

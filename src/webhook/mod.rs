@@ -267,7 +267,7 @@ impl Routes {
 
 /// What the pipeline knows of the request when it hands it over.
 pub struct Arrival<'a> {
-    pub snap: &'a Snapshot,
+    pub snap: &'a std::sync::Arc<Snapshot>,
     /// The TCP peer (a trusted proxy, or the sender).
     pub peer: IpAddr,
     pub client_ip: IpAddr,
@@ -559,7 +559,8 @@ async fn deliver_inner(
             return Err(Reject::Unavailable { retry_after: 1 });
         }
     }
-    let result = snap.upstream.send(up, &stats).await;
+    // Held until the upstream answers, even if the sender goes away (`pipeline::Exchange`).
+    let result = crate::pipeline::Exchange::start(a.snap, up, &stats, held_out).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
