@@ -462,10 +462,17 @@ fn nests_secret(v: &str, params: &[String]) -> bool {
                 .is_some_and(|(n, _)| !n.trim().is_empty() && is_sensitive(n, params))
         })
     };
-    if carries(v) {
+    any_decoding(v, carries)
+}
+
+/// Whether `pred` holds for `s` as it came or for one of its first three percent-decodings
+/// (doubly and triply encoded input is common in redirect chains); decoding stops early once
+/// nothing changes.
+fn any_decoding(s: &str, pred: impl Fn(&str) -> bool) -> bool {
+    if pred(s) {
         return true;
     }
-    let mut decoded = std::borrow::Cow::Borrowed(v);
+    let mut decoded = std::borrow::Cow::Borrowed(s);
     for _ in 0..3 {
         if !decoded.contains('%') {
             break;
@@ -474,7 +481,7 @@ fn nests_secret(v: &str, params: &[String]) -> bool {
         if next == *decoded {
             break;
         }
-        if carries(&next) {
+        if pred(&next) {
             return true;
         }
         decoded = std::borrow::Cow::Owned(next);
@@ -493,24 +500,7 @@ pub fn redact_query(pq: &str, params: &[String]) -> String {
 /// verified: a token with a typo still carries its secret. The prefix is matched in any case.
 /// Escapes are decoded (up to three times, for doubly encoded input) before looking.
 pub fn holds_token(s: &str) -> bool {
-    if token_shape(s.as_bytes()) {
-        return true;
-    }
-    let mut decoded = std::borrow::Cow::Borrowed(s);
-    for _ in 0..3 {
-        if !decoded.contains('%') {
-            break;
-        }
-        let next = percent_decode_lossy(&decoded);
-        if next == *decoded {
-            break;
-        }
-        if token_shape(next.as_bytes()) {
-            return true;
-        }
-        decoded = std::borrow::Cow::Owned(next);
-    }
-    false
+    any_decoding(s, |d| token_shape(d.as_bytes()))
 }
 
 fn token_shape(b: &[u8]) -> bool {
