@@ -255,6 +255,9 @@ async fn forged_webhook_deliveries_are_bounded_in_the_log_and_all_counted() {
         .upstream(&up)
         .key("k", &hash, "")
         .log("client_event_limit = \"10/s\"")
+        // Unverified deliveries count against the address's failed-auth budget (then 429
+        // throttled, tests/webhook_forgery.rs); here every one must reach the signature check.
+        .auth("failed_auth_limit = \"100000/min\"")
         .admin()
         .raw("[[webhooks]]\nid = \"gh\"\npath = \"/hooks/gh\"\nscheme = \"github\"\nsecret = { env = \"BUDGET_WH\" }\n")
         .start_with(&[("BUDGET_WH", secret.as_str())], None);
