@@ -950,7 +950,7 @@ impl Watch {
                     let last = io.last_write();
                     if io.write_blocked.load(Relaxed) && last.elapsed() >= send_timeout {
                         metrics::global().client_timeout("send");
-                        client_event!(ClientEvent::ClientTimeout, peer.ip(), Level::INFO, event = "client_timeout", phase = "send", protocol = "HTTP/1.1", peer = %peer, timeout_ms = send_timeout.as_millis() as u64, "the client took nothing of its response within send_timeout; connection closed");
+                        client_event!(ClientEvent::ClientTimeout, peer.ip(), Level::INFO, event = "client_timeout", phase = "send", protocol = "HTTP/1.1", client_ip = %peer.ip().to_canonical(), peer = %peer, timeout_ms = send_timeout.as_millis() as u64, "the client took nothing of its response within send_timeout; connection closed");
                         return Driven::Ended;
                     }
                     let now = std::time::Instant::now();
@@ -962,7 +962,13 @@ impl Watch {
                 }
                 // The table took this slot for a newcomer (only when idle: see conn_limits.rs).
                 () = slot.reclaimed(), if !closing => {
-                    if conn.in_flight.load(Relaxed) == 0 {
+                    // Closed at once unless a request keygate admitted is in flight (the table
+                    // picks only connections without one, but one may have started since):
+                    // requests it holds back itself (a throttled client's 429, a wait for
+                    // verification) are cut with the connection. Left open until they ended,
+                    // such connections no longer counted in the table but were still open: a
+                    // fresh user's guessers kept 1,536 open against a table of 512.
+                    if conn.admitted.load(Relaxed) == 0 {
                         return Driven::Ended;
                     }
                     shut(http.as_mut());

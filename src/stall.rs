@@ -144,6 +144,7 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for SendDeadline<F
             event = "client_timeout",
             phase = "send",
             protocol = "HTTP/2",
+            client_ip = %peer.ip().to_canonical(),
             peer = %peer,
             timeout_ms = this.send_timeout.as_millis() as u64,
             "the client took nothing of its response within send_timeout; stream reset"

@@ -292,6 +292,10 @@ async fn paths_that_leave_the_upstream_base_path_are_refused() {
         "/..;/admin",
         "/x/../../admin",
         "/..",
+        // WHATWG URL parsers and Python's urlsplit drop tab, LF and CR: `..\t` is `..`.
+        "/..%09/admin",
+        "/.%0a./admin",
+        "/%0d../admin",
     ] {
         let (status, text) = raw_h1(
             &kg,
