@@ -91,8 +91,9 @@ async fn wait_metric(kg: &Keygate, series: &str, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_valid_key_abandoned_while_its_verification_is_pending_costs_its_address_nothing() {
     let up = Upstream::start().await;
-    // About a second of hashing: what the abandoned request queues behind.
-    let (blocker, blocker_hash) = key_with("blocker", 60);
+    // About three seconds of hashing (a margin over the test's 0.6 s of sleeps, on a loaded
+    // machine): what the abandoned request queues behind.
+    let (blocker, blocker_hash) = key_with("blocker", 200);
     let (queued, queued_hash) = key_with("queued", 2);
     // About 1.5 s: abandoned while this hash runs.
     let (hashing, hashing_hash) = key_with("hashing", 100);
@@ -148,7 +149,7 @@ async fn a_valid_key_abandoned_while_its_verification_is_pending_costs_its_addre
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_token_abandoned_while_it_is_hashed_still_counts() {
     let up = Upstream::start().await;
-    let (blocker, blocker_hash) = key_with("blocker", 60);
+    let (blocker, blocker_hash) = key_with("blocker", 200);
     let (_, hashing_hash) = key_with("hashing", 100);
     let (valid, valid_hash) = key_with("valid", 2);
     let kg = Keygate::builder()
