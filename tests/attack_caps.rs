@@ -462,7 +462,7 @@ async fn connections_held_in_the_throttle_tarpit_are_reclaimable() {
     }
     assert_eq!(ok, 20, "probes that got through");
     assert!(
-        most_open <= 26.0,
+        most_open <= 28.0,
         "{most_open} connections open, table of 24"
     );
     let m = metrics(&kg).await;
