@@ -11,7 +11,10 @@
 #   2. syscalls per request, by name (strace -c -f on the keygate process)
 #   3. heap allocations per request (perf uprobes on libc malloc/calloc/realloc;
 #      with jemalloc or mimalloc linked in, its entry points are probed instead)
-#   4. a call-graph profile (perf record -g), top symbols self and children
+#   4. a call-graph profile (perf record), top symbols self, and user space grouped by
+#      component (rustls, hyper h1/h2, tokio, keygate, allocator...) self and children, by
+#      bench/profile_groups.py. PROF_CALLGRAPH=dwarf (default; keygate has no frame pointers,
+#      so `fp` stacks stop at the first Rust frame) or fp; PROF_FREQ samples/s (default 1999).
 # Needs perf, strace, nginx, h2load, jq. The numbers in 2 and 3 come from runs under
 # tracing (slower), so they are counts, not timings. Output: Markdown on stdout.
 set -euo pipefail
@@ -25,6 +28,8 @@ PERF_DIR=$ROOT/bench/perf
 : "${PROF_PORT_BASE:=19000}"
 : "${PROF_KEEP:=0}"
 : "${PROF_STEPS:=cpu strace alloc perf}"
+: "${PROF_CALLGRAPH:=dwarf}"
+: "${PROF_FREQ:=1999}"
 want() { [[ " $PROF_STEPS " == *" $1 "* ]]; }
 : "${CARGO_TARGET_DIR:=$ROOT/target}"
 : "${KEYGATE_BIN:=$CARGO_TARGET_DIR/release/keygate}"
@@ -136,11 +141,14 @@ if grep -q ' _rjem_malloc$' <<<"$SYMS"; then
     # calls malloc/calloc/realloc for ordinary alignments and the *x variants otherwise.
     for f in _rjem_malloc _rjem_mallocx _rjem_calloc _rjem_realloc _rjem_rallocx; do
         grep -q " $f$" <<<"$SYMS" || continue
-        perf probe -q -x "$KEYGATE_BIN" --add "kg$f=$f" 2>/dev/null && probes+=("probe_keygate:kg$f") || true
+        # An explicit group: perf names it after the binary otherwise (keygate-1 → probe_keygate_1).
+        perf probe -q -d "kgprof:kg$f" 2>/dev/null || true
+        perf probe -q -x "$KEYGATE_BIN" --add "kgprof:kg$f=$f" 2>/dev/null && probes+=("kgprof:kg$f") || true
     done
 elif nm -D --defined-only "$KEYGATE_BIN" 2>/dev/null | grep -q ' mi_malloc$' || grep -q ' mi_malloc_aligned$' <<<"$SYMS"; then
     for f in mi_malloc_aligned mi_zalloc_aligned mi_realloc_aligned mi_malloc mi_zalloc mi_realloc; do
-        perf probe -q -x "$KEYGATE_BIN" --add "kg_$f=$f" 2>/dev/null && probes+=("probe_keygate:kg_$f") || true
+        perf probe -q -d "kgprof:kg_$f" 2>/dev/null || true
+        perf probe -q -x "$KEYGATE_BIN" --add "kgprof:kg_$f=$f" 2>/dev/null && probes+=("kgprof:kg_$f") || true
     done
 else
     LIBC=$(ldd "$KEYGATE_BIN" | awk '/libc.so/ { print $3 }')
@@ -156,36 +164,59 @@ sleep 1
 load "$PROF_N"
 kill -INT "$PS"
 wait "$PS" 2>/dev/null || true
-for p in "${probes[@]}"; do perf probe -q -d "${p#*:}" 2>/dev/null || true; done
 echo "## Heap allocations per request (uprobes, $PROF_N requests)"
 echo
 awk -F, -v n="$PROF_N" '$1 ~ /^[0-9]+$/ { t += $1; printf "- %s: %.1f per request\n", $3, $1 / n } END { printf "- **total: %.1f per request**\n", t / n }' "$WORK/alloc.txt"
 echo
+# Where they come from: the probes' call stacks (dwarf) over fewer requests.
+: "${PROF_SITES_N:=2000}"
+if [[ $PROF_SITES_N -gt 0 ]]; then
+    log "allocation sites ($PROF_SITES_N requests)"
+    perf record -q -e "$ev" -m 2048 --call-graph dwarf,16384 -p "$KG_PID" -o "$WORK/alloc.data" 2>/dev/null &
+    PR=$!
+    sleep 1
+    load "$PROF_SITES_N"
+    kill -INT "$PR"
+    wait "$PR" 2>/dev/null || true
+    echo "## Allocation sites (perf record on the probes, dwarf stacks, $PROF_SITES_N requests)"
+    echo
+        # perf loses samples under bursts (its buffer): shares are scaled to the count above.
+    per_req=$(awk -F, -v n="$PROF_N" '$1 ~ /^[0-9]+$/ { t += $1 } END { printf "%.3f", t / n }' "$WORK/alloc.txt")
+    perf script -i "$WORK/alloc.data" -F ip,sym,dso 2>/dev/null | python3 "$ROOT/bench/profile_groups.py" --sites "$per_req" || true
+    echo
+fi
+for p in "${probes[@]}"; do perf probe -q -d "${p#*:}" 2>/dev/null || true; done
 
 }
 want perf && {
-log "perf record -g"
-perf record -q -g -F 4999 -p "$KG_PID" -o "$WORK/perf.data" 2>/dev/null &
+log "perf record --call-graph $PROF_CALLGRAPH"
+cg=(-g)
+[[ $PROF_CALLGRAPH == dwarf ]] && cg=(--call-graph dwarf,16384)
+perf record -q "${cg[@]}" -F "$PROF_FREQ" -p "$KG_PID" -o "$WORK/perf.data" 2>/dev/null &
 PR=$!
 sleep 1
 load "$PROF_N"
 kill -INT "$PR"
 wait "$PR" 2>/dev/null || true
-echo "## perf record -g: top symbols by self time"
+echo "## perf record ($PROF_CALLGRAPH call graphs): top symbols by self time"
 echo
 echo '```'
-perf report -i "$WORK/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -40 || true
+perf report -i "$WORK/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -e 's/ *- *- *$//' | cut -c1-170 | head -40 || true
 echo '```'
+echo
+echo "## User space by component (self and children)"
+echo
+perf script -i "$WORK/perf.data" -F comm,ip,sym,dso 2>/dev/null | python3 "$ROOT/bench/profile_groups.py" || true
 echo
 echo "## by shared object (self)"
 echo
 echo '```'
-perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -12 || true
+perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -e 's/ *- *- *$//' | cut -c1-170 | head -12 || true
 echo '```'
 echo
 echo "## by thread (self)"
 echo
 echo '```'
-perf report -i "$WORK/perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -8 || true
+perf report -i "$WORK/perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -e 's/ *- *- *$//' | cut -c1-170 | head -8 || true
 echo '```'
 }

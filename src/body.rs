@@ -436,6 +436,8 @@ pub struct ResponseBody {
     gate: Option<Arc<WriteGate>>,
     /// The upstream connection whose reads wait on `gate` until this body is done.
     paced: Option<Arc<ReadPacer>>,
+    /// The upstream connection this body comes from, until [`Self::gated`] attaches it.
+    pacing: Option<Pacing>,
     /// Inline rather than boxed: one allocation less per request.
     record: Option<AccessRecord>,
     in_flight: Option<crate::pipeline::InFlight>,
@@ -449,6 +451,7 @@ impl ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             gate: None,
             paced: None,
+            pacing: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -464,6 +467,7 @@ impl ResponseBody {
             kind: Kind::Upstream(body),
             gate: None,
             paced: None,
+            pacing: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -476,10 +480,18 @@ impl ResponseBody {
         self
     }
 
+    /// The [`Pacing`] of the upstream connection this body comes from (see [`Self::gated`]).
+    pub fn paced_by(mut self, pacing: Pacing) -> Self {
+        self.pacing = Some(pacing);
+        self
+    }
+
     /// Paces an upstream body by what the client takes (HTTP/1.1; see [`WriteGate`]), and, with
-    /// the [`Pacing`] of the upstream connection it comes from, that connection's reads too
-    /// ([`ReadPacer`]). An upgrade's (101) connection is never paced: it becomes a tunnel.
-    pub fn gated(mut self, gate: Arc<WriteGate>, upstream: Option<Pacing>) -> Self {
+    /// the [`Pacing`] of the upstream connection it comes from ([`Self::paced_by`]), that
+    /// connection's reads too ([`ReadPacer`]). An upgrade's (101) connection is never paced: it
+    /// becomes a tunnel.
+    pub fn gated(mut self, gate: Arc<WriteGate>) -> Self {
+        let upstream = self.pacing.take();
         if matches!(self.kind, Kind::Upstream(_)) {
             if let Some(p) = upstream
                 && self.tunnel.is_none()
@@ -506,6 +518,7 @@ impl ResponseBody {
     }
 
     fn finish(&mut self) {
+        self.pacing = None;
         if let (Some(pacer), Some(gate)) = (self.paced.take(), &self.gate) {
             pacer.detach(gate);
         }
@@ -841,8 +854,8 @@ pub struct ReadPacer {
 /// A connection's current request and the gate its response waits on, once attached.
 type Current = (Arc<RequestStats>, Option<Arc<WriteGate>>);
 
-/// What the upstream client puts in a response's extensions: the connection's [`ReadPacer`]
-/// and the request the response answers.
+/// What the upstream client returns with a response (`forward::Answer`): the connection's
+/// [`ReadPacer`] and the request the response answers.
 #[derive(Clone, Debug)]
 pub struct Pacing {
     pacer: Arc<ReadPacer>,

@@ -47,7 +47,13 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::body::{ReadPacer, RequestBody, RequestStats};
+use crate::body::{Pacing, ReadPacer, RequestBody, RequestStats};
+
+/// An upstream's response head, with the [`Pacing`] of the connection it came on (for
+/// [`crate::body::ResponseBody::paced_by`]). Carried beside the response rather than in its
+/// extensions: an extension costs three allocations per request (the map, its table and the
+/// boxed value; issue 10).
+pub type Answer = (http::Response<Incoming>, Pacing);
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -242,7 +248,7 @@ impl Upstream {
         &self,
         req: http::Request<RequestBody>,
         stats: &Arc<RequestStats>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         let fut = self.send_or_retry(req, stats);
         tokio::pin!(fut);
         let mut seen = stats.bytes();
@@ -279,7 +285,7 @@ impl Upstream {
         &self,
         mut req: http::Request<RequestBody>,
         stats: &Arc<RequestStats>,
-    ) -> Result<http::Response<Incoming>, SendError> {
+    ) -> Result<Answer, SendError> {
         use http_body::Body as _;
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
@@ -320,10 +326,9 @@ impl Upstream {
         let sent = conn.tx.try_send_request(req.map(Box::new)).await;
         guard.disarm();
         match sent {
-            Ok(mut resp) => {
-                resp.extensions_mut().insert(pacing);
+            Ok(resp) => {
                 pool.checkin(conn, &resp);
-                Ok(resp)
+                Ok((resp, pacing))
             }
             Err(mut e) => {
                 if let Some(unsent) = e.take_message() {
@@ -356,17 +361,16 @@ impl Upstream {
         pool: &Arc<Pool>,
         req: http::Request<Box<RequestBody>>,
         kind: Kind,
-    ) -> Result<http::Response<Incoming>, SendError> {
+    ) -> Result<Answer, SendError> {
         let mut conn = Box::pin(self.connect(kind)).await?;
         let pacing = conn.pacer.begin(req.body().stats());
         let guard = AbortOnDrop::arm(&conn);
         conn.sent += 1;
         let sent = conn.tx.send_request(req).await;
         guard.disarm();
-        let mut resp = sent.map_err(SendError::Http)?;
-        resp.extensions_mut().insert(pacing);
+        let resp = sent.map_err(SendError::Http)?;
         pool.checkin(conn, &resp);
-        Ok(resp)
+        Ok((resp, pacing))
     }
 
     /// Opens a connection (TCP, and TLS for an `https` upstream, within `connect_timeout`) and

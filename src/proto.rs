@@ -491,7 +491,30 @@ fn valid_host(v: &HeaderValue) -> bool {
 }
 
 /// [`valid_host`] on a string (also a request target's authority).
+///
+/// The last valid value is remembered per thread: a client names the same host on every
+/// request, and parsing it as an [`http::uri::Authority`] copies it into a new buffer (one
+/// allocation per request; issue 10). The answer depends only on the text, so a remembered one
+/// is the answer.
 fn valid_host_str(s: &str) -> bool {
+    thread_local! {
+        static LAST_VALID: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    if !s.is_empty() && LAST_VALID.with_borrow(|last| last == s) {
+        return true;
+    }
+    let valid = parse_host_str(s);
+    // Bounded: a host name is at most 255 bytes (RFC 1035 §2.3.4) and a port 6 more.
+    if valid && s.len() <= 262 {
+        LAST_VALID.with_borrow_mut(|last| {
+            last.clear();
+            last.push_str(s);
+        });
+    }
+    valid
+}
+
+fn parse_host_str(s: &str) -> bool {
     let port = match s.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
             Some((_, "")) => None,
@@ -710,6 +733,36 @@ fn strip_origin<'u>(url: &'u str, scheme: &str, authority: &str) -> Option<&'u s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The remembered last valid host never changes an answer: each value, checked after any
+    /// other (valid or not), gets what a fresh parse gives.
+    #[test]
+    fn remembered_host_gives_the_parsed_answer() {
+        let values = [
+            "example.com",
+            "example.com:8443",
+            "example.com@evil",
+            "[::1]:8443",
+            "[::1",
+            "",
+            "a b",
+            "example.com:99999",
+            "EXAMPLE.com",
+            "u:p@example.com",
+        ];
+        for first in values {
+            for second in values {
+                valid_host_str(first);
+                assert_eq!(
+                    valid_host_str(second),
+                    parse_host_str(second),
+                    "{second:?} after {first:?}"
+                );
+                assert_eq!(valid_host_str(second), valid_host_str(second));
+            }
+        }
+        assert!(valid_host_str("example.com") && !valid_host_str("example.com@evil"));
+    }
     use http::Version;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -467,7 +467,7 @@ async fn serve_connection(
                 Relaxed,
             );
             // Boxed: hyper keeps room for this future in every connection, idle or not
-            // (`Box<Option<future>>`), and the pipeline's future is ~7 KiB; boxed, an idle
+            // (`Box<Option<future>>`), and the pipeline's future is ~3 KiB; boxed, an idle
             // connection holds a pointer and the request pays one allocation (issue 9 §3).
             // `map`, not `async move { handled.await }`: an async block keeps its captured
             // future and the future it awaits in two slots, so the box was twice the pipeline's
@@ -478,10 +478,7 @@ async fn serve_connection(
                     // HTTP/2: from here the stream owes the client its response (stall.rs).
                     crate::stall::response_ready();
                     match gate {
-                        Some(gate) => resp.map(|mut r| {
-                            let upstream = r.extensions_mut().remove::<crate::body::Pacing>();
-                            r.map(|b| b.gated(gate, upstream))
-                        }),
+                        Some(gate) => resp.map(|r| r.map(|b| b.gated(gate))),
                         None => resp,
                     }
                 }),

@@ -171,8 +171,14 @@ impl UpstreamCap {
                 // fresh user's finding: counted after the `.await`, abandoned places stayed
                 // counted until the queue read full and every request got 503 at once).
                 let _place = QueuePlace::new(&self.waiting);
-                let got =
-                    tokio::time::timeout(queue_timeout, self.sem.clone().acquire_owned()).await;
+                // Boxed: only a request that waits pays for the wait's state (a timer and a
+                // semaphore waiter, ~250 bytes), which would otherwise be part of every
+                // forwarded request's future (issue 10).
+                let got = Box::pin(tokio::time::timeout(
+                    queue_timeout,
+                    self.sem.clone().acquire_owned(),
+                ))
+                .await;
                 match got {
                     Ok(Ok(p)) => p,
                     _ => return Err(Saturated::QueueTimeout),

@@ -561,7 +561,7 @@ async fn deliver_inner(
     }
     // Held until the upstream answers, even if the sender goes away (`pipeline::Exchange`).
     let result = crate::pipeline::Exchange::start(a.snap, up, &stats, held_out).await;
-    let mut resp = match result {
+    let (mut resp, pacing) = match result {
         Ok(r) => r,
         Err(e) => {
             if let Some(g) = guard.as_mut() {
@@ -581,7 +581,7 @@ async fn deliver_inner(
     }
     metrics::global().webhook_forwarded(&route.id);
     strip_hop_by_hop(resp.headers_mut(), None);
-    Ok(resp.map(ResponseBody::upstream))
+    Ok(resp.map(|b| ResponseBody::upstream(b).paced_by(pacing)))
 }
 
 /// A header's only value (`Some(None)` if absent or not asked for); `None` if it is repeated:
