@@ -877,9 +877,20 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             // throttled), or the verification was given up when nobody waited: try again.
             Joined::Waited(None) => continue,
         };
-        // Not verified before: this costs argon2 work, which a throttled IP does not get.
-        if let Some(refused) = throttled(Some(&key.id)) {
-            return Err(refused);
+        // Not verified before: this costs argon2 work, which a throttled IP does not get;
+        // unless (cluster mode) another instance verified this very token: see `vouched`.
+        let cluster = ctx.shared.cluster.as_ref();
+        let proof = cluster.map(|_| crate::cluster::throttle::vouch_proof(key, token.expose()));
+        let vouched = async || match (cluster, &proof) {
+            (Some(c), Some(p)) => Box::pin(c.vouched(&key.id, p)).await,
+            _ => false,
+        };
+        let mut exempt = false;
+        if let Some(retry_after) = throttle.throttled(ctx.client_ip) {
+            exempt = vouched().await;
+            if !exempt {
+                return Err(refuse(Some(&key.id), retry_after));
+            }
         }
         if ctx.shared.verifier.is_known_bad(key, &digest) {
             leading.settle(Settled::Invalid);
@@ -887,52 +898,87 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         }
         // The guess is charged to the client's budget before hashing (and refunded if right),
         // so a client with many requests in flight gets no more hashes than its budget.
-        let reservation = throttle
-            .reserve(ctx.client_ip)
-            .map_err(|retry_after| refuse(Some(&key.id), retry_after))?;
-        let (priority, exhausted) = (reservation.priority, reservation.exhausted);
+        let mut reservation = None;
+        if !exempt {
+            match throttle.reserve(ctx.client_ip) {
+                Ok(r) => reservation = Some(r),
+                Err(retry_after) => {
+                    exempt = vouched().await;
+                    if !exempt {
+                        return Err(refuse(Some(&key.id), retry_after));
+                    }
+                }
+            }
+        }
         // Cluster mode: the same budget, shared by every instance (cluster/throttle.rs).
-        let shared_guess = match &ctx.shared.cluster {
-            Some(cluster) => {
+        let shared_guess = match (cluster, reservation.is_some()) {
+            (Some(cluster), true) => {
                 match Box::pin(cluster.guess_reserve(ctx.client_ip, throttle.rate())).await {
                     Ok(None) => Some(cluster),
                     Ok(Some(retry_after)) => {
-                        reservation.refund();
-                        return Err(refuse(Some(&key.id), retry_after));
+                        if let Some(r) = reservation.take() {
+                            r.refund();
+                        }
+                        if !vouched().await {
+                            return Err(refuse(Some(&key.id), retry_after));
+                        }
+                        None
                     }
                     Err(e) => {
                         let rid = request_id_str(ctx.request_id);
                         if let Err(refused) =
                             cluster.fall_back("failed-auth budget", &e, ctx.client_ip, rid, None)
                         {
-                            reservation.refund();
+                            if let Some(r) = reservation.take() {
+                                r.refund();
+                            }
                             return Err(refused);
                         }
                         None
                     }
                 }
             }
-            None => None,
+            _ => None,
         };
+        // A token another instance vouched for waits like a client that never failed.
+        let (priority, exhausted) = reservation.as_ref().map_or(
+            (
+                crate::limits::Priority::from(crate::limits::Standing::Clean),
+                false,
+            ),
+            |r| (r.priority, r.exhausted),
+        );
+        let charged = reservation.is_some();
         // From here the verification belongs to every request waiting for it: if this one is
         // abandoned, it goes on for them, and its verdict settles this request's charge
         // (here and in the cluster's budget) all the same: refunded for a right token or one
-        // never hashed, kept for a wrong one (an abandoned guess still counts).
+        // never hashed, kept for a wrong one (an abandoned guess still counts). A right token
+        // is vouched for to the other instances (cluster mode).
         let (ip, rate) = (ctx.client_ip, throttle.rate());
-        let shared_guess = shared_guess
+        let runtime = cluster.map(|_| tokio::runtime::Handle::current());
+        let shared_guess = shared_guess.cloned();
+        let vouch = cluster
             .cloned()
-            .map(|c| (c, tokio::runtime::Handle::current()));
+            .zip(proof)
+            .map(|(c, p)| (c, p, key.id.clone()));
         let on_verdict: crate::auth::verify::OnVerdict = Box::new(move |verdict| {
             let wrong = verdict == Some(Settled::Invalid);
-            match verdict {
-                Some(Settled::Valid) => reservation.refund(),
-                Some(Settled::Invalid) => reservation.confirm_failure(),
-                Some(Settled::Busy) | None => reservation.refused_unhashed(),
+            match (verdict, reservation) {
+                (Some(Settled::Valid), Some(r)) => r.refund(),
+                (Some(Settled::Invalid), Some(r)) => r.confirm_failure(),
+                (Some(Settled::Busy) | None, Some(r)) => r.refused_unhashed(),
+                (_, None) => {}
             }
-            if let Some((cluster, runtime)) = shared_guess
+            let Some(runtime) = runtime else { return };
+            if let Some(cluster) = shared_guess
                 && !wrong
             {
                 runtime.spawn(async move { cluster.guess_refund(ip, rate).await });
+            }
+            if let Some((cluster, proof, key_id)) = vouch
+                && verdict == Some(Settled::Valid)
+            {
+                runtime.spawn(async move { cluster.vouch(&key_id, proof).await });
             }
         });
         let outcome = Box::pin(ctx.shared.verifier.verify(
@@ -946,9 +992,12 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         .await;
         match outcome {
             Ok(Outcome::Valid) => break,
-            Ok(Outcome::Invalid) => {
+            // Charged before hashing; an exempt token that proved wrong (a stale or forged
+            // proof) is charged now.
+            Ok(Outcome::Invalid) if charged => {
                 return Err(report(AuthFailure::BadSecret, Some(&key.id), exhausted));
             }
+            Ok(Outcome::Invalid) => return Err(fail(AuthFailure::BadSecret, Some(&key.id))),
             Err(Busy) => {
                 client_event!(ClientEvent::AuthBusy, ctx.client_ip, Level::WARN, event = "auth_busy", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, standing = ?priority.standing, attempts = priority.attempts, "argon2 verification queue: waited too long or full; refused unhashed");
                 return Err(Reject::Unavailable { retry_after: 1 });

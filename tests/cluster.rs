@@ -497,6 +497,84 @@ async fn the_failed_auth_budget_is_shared_by_the_instances() {
     }
 }
 
+/// Each instance's verified-key cache is its own, but the failed-auth budget is shared: a
+/// legitimate client behind the same address as a guesser (a NAT) met the budget the guesser
+/// spent on instance a as soon as its next connection landed on instance b, which had never
+/// verified its token (a fresh user, T5-3: 429). An instance that verifies a token now vouches
+/// for it through Redis, and the others verify a vouched token although the budget is spent;
+/// guesses are never vouched for, so the budget still holds for them, and for valid keys no
+/// instance has verified yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_verified_on_one_instance_is_not_throttled_on_the_others() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (token, hash) = new_key("target");
+    let (never, never_hash) = new_key("never");
+    let wrong: Vec<String> = (0..10).map(|_| new_key("target").0).collect();
+    let kgs: Vec<Keygate> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            Keygate::builder()
+                .upstream(&up)
+                .auth("failed_auth_limit = \"6/h\"")
+                .key("target", &hash, "")
+                .key("never", &never_hash, "")
+                .raw(&cluster_lines(&redis, n, ""))
+                .start()
+        })
+        .collect();
+    for kg in &kgs {
+        wait_healthy(kg).await;
+    }
+    let get = async |kg: &Keygate, token: &str| {
+        kg.client()
+            .get(&kg.url("/"), &[("x-api-key", token)])
+            .await
+            .status
+    };
+    assert_eq!(get(&kgs[0], &token).await, 200, "verified on a");
+    // The guesser, from the same address, spends the shared budget on a.
+    let mut statuses = Vec::new();
+    for w in &wrong[..8] {
+        statuses.push(get(&kgs[0], w).await);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        6,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[7], 429, "{statuses:?}");
+    // The legitimate client's next connection lands on b, which never verified its token.
+    assert_eq!(get(&kgs[1], &token).await, 200, "vouched for by a");
+    assert_eq!(get(&kgs[1], &token).await, 200, "cached on b now");
+    // Guesses on b are still refused unhashed, and so is a valid key no instance verified yet.
+    for w in &wrong[8..] {
+        assert_eq!(get(&kgs[1], w).await, 429);
+    }
+    assert_eq!(get(&kgs[1], &never).await, 429);
+    assert_eq!(get(&kgs[0], &never).await, 429);
+    // Redis holds a proof of the token, never the token or anything of its hash in clear.
+    let keys = redis.cli(&["KEYS", "*vk:*"]);
+    let entry = keys
+        .lines()
+        .find(|k| k.ends_with("vk:target"))
+        .expect(&keys);
+    let proof = redis.cli(&["GET", entry]);
+    assert!(
+        proof.trim().len() == 64 && proof.trim().bytes().all(|b| b.is_ascii_hexdigit()),
+        "{proof}"
+    );
+    assert!(
+        !keys.contains("never"),
+        "only verified keys are vouched for: {keys}"
+    );
+    let mut secrets: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    secrets.extend([token.as_str(), never.as_str()]);
+    for kg in &kgs {
+        assert_no_secrets(&kg.logs(), &secrets);
+    }
+}
+
 /// Many requests in flight for one key find its lease empty at the same moment: one of them
 /// leases for all (single flight). Leasing a block each (500 cells here) drained the shared
 /// burst of 2 000 into leases after four requests and refused the rest with 429, far below
