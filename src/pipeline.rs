@@ -60,6 +60,9 @@ pub struct Shared {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// `[upstream] max_connections` (runtime state: survives reloads, resized by them).
     pub upstream_cap: UpstreamCap,
+    /// Each key's requests in flight (`max_concurrent`), by key id: runtime state that outlives
+    /// the snapshots (a reload builds keys with the counters from here).
+    pub key_in_flight: crate::upstream_cap::KeyInFlightTable,
     /// Bytes of request bodies held at once
     /// ([`crate::buffer_budget::REQUEST_BUFFER_BUDGET`], webhook deliveries at most half).
     pub buffer_budget: crate::buffer_budget::BufferBudget,
@@ -75,6 +78,7 @@ impl Shared {
             cluster,
             verifier: Verifier::new(snapshot.auth.verify_concurrency),
             upstream_cap: UpstreamCap::new(snapshot.caps.upstream_max_connections),
+            key_in_flight: Default::default(),
             buffer_budget: crate::buffer_budget::BufferBudget::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
             state,

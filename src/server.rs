@@ -1057,6 +1057,7 @@ async fn reload_on_sighup(
         let prev = shared.snapshot.load_full();
         let path = path.clone();
         let prev_for_build = prev.clone();
+        let shared_for_build = shared.clone();
         let built = tokio::task::spawn_blocking(move || {
             let raw = config::load_file(&path)?;
             let base_dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
@@ -1066,6 +1067,7 @@ async fn reload_on_sighup(
                     base_dir,
                     tls_override: None,
                     previous: Some(&prev_for_build),
+                    in_flight: Some(&shared_for_build.key_in_flight),
                 },
             )
         })

@@ -17,7 +17,7 @@
 //! connections in use (the pool keeps idle ones for reuse, never more than were in use).
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,10 +40,56 @@ pub fn default_key_max_concurrent(upstream_max_connections: usize) -> u32 {
     (upstream_max_connections / 4).clamp(1, 256) as u32
 }
 
-/// One key's count of requests in flight, shared by every snapshot in which the key stays (a
-/// reload must not reset it: requests already in flight still count).
+/// One key's count of requests in flight (upgraded connections for their whole life). Owned by
+/// the runtime's [`KeyInFlightTable`], not by a config snapshot: a reload, or any sequence of
+/// reloads, must not reset it while requests it counts are still running.
 #[derive(Debug, Default)]
 pub struct KeyInFlight(AtomicU32);
+
+/// The in-flight counters of every key id, for the life of the process (like [`UpstreamCap`],
+/// runtime state beside the config). A snapshot's keys take their counter from here when the
+/// snapshot is built, so a key removed by one reload and put back by a later one finds the
+/// count its tunnels and requests still hold (fresh user T3-15: with the count carried only
+/// from the previous snapshot, a `max_concurrent = 2` key had four tunnels open after a
+/// remove-then-re-add). The table holds its entries weakly: an entry lives while a snapshot's
+/// key or a request's [`KeySlot`] holds it, and is dropped from the table at the next build
+/// after that (a removed key with nothing in flight costs nothing; put back later it starts
+/// at 0, which is then its true count). Never on the request path: only config builds lock it.
+#[derive(Debug, Default)]
+pub struct KeyInFlightTable(Mutex<std::collections::HashMap<Box<str>, Weak<KeyInFlight>>>);
+
+impl KeyInFlightTable {
+    /// The counter of key `id`: the live one if anything still holds it, else a new one.
+    pub fn counter(&self, id: &str) -> Arc<KeyInFlight> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(live) = map.get(id).and_then(Weak::upgrade) {
+            return live;
+        }
+        let fresh = Arc::new(KeyInFlight::default());
+        map.insert(id.into(), Arc::downgrade(&fresh));
+        fresh
+    }
+
+    /// Enters counters made without the table (the first snapshot, built before the runtime).
+    pub fn adopt<'a>(&self, keys: impl IntoIterator<Item = (&'a str, &'a Arc<KeyInFlight>)>) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, c) in keys {
+            map.insert(id.into(), Arc::downgrade(c));
+        }
+    }
+
+    /// Drops the entries nothing holds any more (called once per config build).
+    pub fn prune(&self) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+    }
+
+    /// Entries in the table (live or not yet pruned).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
 
 impl KeyInFlight {
     pub fn get(&self) -> u32 {
@@ -250,6 +296,31 @@ mod tests {
         drop(a);
         assert!(k.try_acquire(2).is_some());
         assert_eq!(k.get(), 1);
+    }
+
+    /// T3-15, the kind: whatever the sequence of builds, a key id finds the counter its slots
+    /// still hold; an entry nothing holds is dropped.
+    #[test]
+    fn the_table_keeps_a_counter_while_slots_hold_it_and_drops_it_after() {
+        let table = KeyInFlightTable::default();
+        let first = table.counter("small");
+        let a = first.try_acquire(2).unwrap();
+        let _b = first.try_acquire(2).unwrap();
+        // Removed from the config: the snapshot's reference goes, the slots stay.
+        drop(first);
+        table.prune();
+        assert_eq!(table.len(), 1, "held by two slots");
+        // Put back by a later build: the same count.
+        let again = table.counter("small");
+        assert_eq!(again.get(), 2);
+        assert!(again.try_acquire(2).is_none());
+        drop(a);
+        assert!(again.try_acquire(2).is_some());
+        // Nothing holds it any more: pruned; a later re-add starts at 0, its true count.
+        drop((again, _b));
+        table.prune();
+        assert_eq!(table.len(), 0);
+        assert_eq!(table.counter("small").get(), 0);
     }
 
     #[tokio::test]

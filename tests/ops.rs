@@ -18,29 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-fn reload_events(kg: &Keygate) -> Vec<serde_json::Value> {
-    kg.json_logs()
-        .into_iter()
-        .filter(|v| v["event"] == "config_reloaded" || v["event"] == "config_reload_failed")
-        .collect()
-}
-
-/// Writes `config` over the running config file, sends SIGHUP and waits for the outcome:
-/// the `config_reloaded` or `config_reload_failed` event.
-async fn reload_with(kg: &Keygate, config: &str) -> serde_json::Value {
-    std::fs::write(&kg.config, config).unwrap();
-    reload(kg).await
-}
-
-async fn reload(kg: &Keygate) -> serde_json::Value {
-    let before = reload_events(kg).len();
-    kg.signal("HUP");
-    eventually("reload outcome", kg, || {
-        reload_events(kg).get(before).cloned()
-    })
-    .await
-}
-
 /// The `auth_failed` event of a request.
 async fn auth_failure(kg: &Keygate, r: &Got) -> serde_json::Value {
     let rid = r.header("x-request-id").unwrap().to_string();

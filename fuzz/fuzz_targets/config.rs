@@ -79,6 +79,7 @@ fuzz_target!(|data: &[u8]| {
             key: key.clone(),
         }),
         previous: None,
+        in_flight: None,
     };
     match build(raw, &ctx) {
         Ok(snapshot) => {

@@ -175,7 +175,8 @@ pub struct Key {
     pub limiter: Option<Arc<KeyLimiter>>,
     /// Requests of this key in flight at once, at most (`max_concurrent`, 429 beyond).
     pub max_concurrent: u32,
-    /// Requests of this key in flight now; carried over a reload while the key stays.
+    /// Requests of this key in flight now: the runtime's counter for this id
+    /// ([`crate::upstream_cap::KeyInFlightTable`]), the same across any sequence of reloads.
     pub in_flight: Arc<crate::upstream_cap::KeyInFlight>,
     pub allow: Option<IpList>,
     pub scope: Scope,

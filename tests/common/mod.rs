@@ -9,6 +9,7 @@ pub mod h2raw;
 pub mod python;
 pub mod raw;
 pub mod redis;
+pub mod reload;
 
 // Each test binary uses some of these; the rest are not unused code.
 #[allow(unused_imports)]
@@ -17,6 +18,8 @@ pub use admin::*;
 pub use cli::*;
 #[allow(unused_imports)]
 pub use raw::*;
+#[allow(unused_imports)]
+pub use reload::*;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -643,6 +646,7 @@ pub fn tls_client_config(ca: &CertificateDer<'static>) -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
+#[derive(Clone)]
 pub struct TestClient {
     client: Client<
         hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,

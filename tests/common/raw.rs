@@ -36,6 +36,24 @@ impl Keygate {
         let tcp = sock.connect(self.addr).await?;
         self.handshake(tcp).await
     }
+
+    /// A WebSocket-style upgrade of `path` with `token` on a new connection: the open tunnel
+    /// after a 101, else the status keygate answered.
+    pub async fn open_tunnel(&self, path: &str, token: &str) -> Result<Tls, u16> {
+        let mut s = self.tls_stream().await;
+        s.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-API-Key: {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        match read_response(&mut s).await.0 {
+            101 => Ok(s),
+            status => Err(status),
+        }
+    }
 }
 
 /// The `Content-Length` of a response or request head (the lines before the blank line), 0 when

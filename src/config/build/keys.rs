@@ -1,6 +1,19 @@
 //! `[[keys]]`: each key's own fields merged over its role's (`roles.rs`), parsed once, with the
-//! live state that must survive a reload (verified cache, rate-limit bucket, requests in flight)
-//! carried over.
+//! live state that must survive a reload carried over.
+//!
+//! What a key keeps, by the sequence of reloads (fresh user T3-15):
+//!
+//! | state | key stays | key removed, later put back | key renamed |
+//! | --- | --- | --- | --- |
+//! | requests in flight (`max_concurrent`) | kept | kept while any is still running (runtime table, [`KeyInFlightTable`]) | new id, new count |
+//! | rate-limit bucket | kept if rate and burst are unchanged | new, full bucket | new |
+//! | verified cache | kept if the hash is unchanged | verified again (one argon2 run) | new |
+//! | quota usage, last use, network history | kept (`usage.rs`, by key id, persisted) | kept | new id, new history |
+//!
+//! The in-flight count bounds live resources (tunnels, upstream work), so no sequence may reset
+//! it. A rate-limit bucket of a removed key is not kept: removing a key ends its policy, and a
+//! re-added key gets at most one burst more than a key that stayed (SPEC §8 keeps the state of
+//! keys that remain). The verified cache is a cache: losing it costs one verification.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +28,7 @@ use crate::auth::{Key, PhcHash};
 use crate::config::Snapshot;
 use crate::config::raw::RawKey;
 use crate::limits::{KeyLimiter, Rate};
+use crate::upstream_cap::KeyInFlightTable;
 
 /// What a key gets when neither it nor its role says otherwise (`[auth]`).
 #[derive(Clone, Copy)]
@@ -31,12 +45,22 @@ pub(super) fn build_keys(
     roles: &HashMap<String, Role>,
     defaults: KeyDefaults,
     previous: Option<&Snapshot>,
+    in_flight: Option<&KeyInFlightTable>,
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> HashMap<Box<str>, Arc<Key>> {
+    if let Some(table) = in_flight {
+        // The previous snapshot's counters first (the first snapshot is built before the
+        // runtime and its table exist), then forget the ones nothing holds.
+        if let Some(prev) = previous {
+            table.adopt(prev.keys.values().map(|k| (&*k.id, &k.in_flight)));
+        }
+        table.prune();
+    }
     let mut keys: HashMap<Box<str>, Arc<Key>> = HashMap::with_capacity(raw.len());
     for (i, k) in raw.iter().enumerate() {
-        if let Some(key) = build_key(i, k, roles, defaults, previous, errs, warnings) {
+        let context = (previous, in_flight);
+        if let Some(key) = build_key(i, k, roles, defaults, context, errs, warnings) {
             if keys.contains_key(&*key.id) {
                 errs.push(
                     format!("keys[{i}].id"),
@@ -119,7 +143,7 @@ fn build_key(
     k: &RawKey,
     roles: &HashMap<String, Role>,
     defaults: KeyDefaults,
-    previous: Option<&Snapshot>,
+    (previous, in_flight): (Option<&Snapshot>, Option<&KeyInFlightTable>),
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> Option<Key> {
@@ -275,8 +299,11 @@ fn build_key(
     });
     Some(Key {
         max_concurrent,
-        // Requests in flight stay counted across a reload.
-        in_flight: old.map(|o| o.in_flight.clone()).unwrap_or_default(),
+        // Requests in flight stay counted across any sequence of reloads.
+        in_flight: match in_flight {
+            Some(table) => table.counter(&k.id),
+            None => old.map(|o| o.in_flight.clone()).unwrap_or_default(),
+        },
         id: k.id.as_str().into(),
         id_header: http::HeaderValue::from_str(&k.id).ok()?,
         hash,

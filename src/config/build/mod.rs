@@ -60,6 +60,10 @@ pub struct BuildContext<'a> {
     /// The snapshot being replaced: per-key rate-limit state, verified-key cache entries and the
     /// per-IP failed-auth state are carried over from it for keys that stay the same.
     pub previous: Option<&'a Snapshot>,
+    /// The runtime's per-key in-flight counters (`max_concurrent`), which outlive snapshots:
+    /// a key takes its counter from here, so no sequence of reloads resets a count that
+    /// requests still hold. `None` (`check`, start-up): carried from `previous`, else new.
+    pub in_flight: Option<&'a crate::upstream_cap::KeyInFlightTable>,
 }
 
 /// Reads and deserializes a config file. Structural errors (unknown fields, wrong types) are
@@ -584,6 +588,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             max_concurrent: caps.default_max_concurrent,
         },
         ctx.previous,
+        ctx.in_flight,
         &mut errs,
         &mut warnings,
     );

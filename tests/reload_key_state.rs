@@ -1,0 +1,150 @@
+//! A key's live state across sequences of SIGHUP reloads (SPEC §8; fresh user T3-15): a key
+//! removed (or renamed away) by one reload and put back by a later one. Its requests in flight
+//! (`max_concurrent`: tunnels for their whole life, held requests) keep counting whatever the
+//! sequence; its quota usage is kept by key id. Every test runs the real binary and reloads it
+//! with SIGHUP.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Opens tunnels with `token` until `n` are open at once; a refusal (the key's slots are still
+/// held by tunnels the test just closed) is retried for up to 10 s.
+async fn open_n(kg: &Keygate, token: &str, n: usize) -> Vec<Tls> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut open = Vec::new();
+    while open.len() < n {
+        match kg.open_tunnel("/ws", token).await {
+            Ok(t) => open.push(t),
+            Err(status) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} tunnels open, then {status}",
+                    open.len()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    open
+}
+
+/// T3-15: `small` (max_concurrent 2) holds a WebSocket tunnel (HTTP/1.1) and a slow request
+/// (HTTP/2). A reload renames it away (another key in its place), a second puts it back: its
+/// two in flight still count, so a third tunnel and a third request get 429 (on the old code,
+/// the count restarted at 0 and a third and fourth were let through). A later reload raising
+/// its cap to 3 admits exactly one more; everything closed, all three slots are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_and_put_back_keeps_counting_its_tunnels_and_requests_in_flight() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("small");
+    let (_, renamed_hash) = new_key("small-v2");
+    let with = |extra: &str| {
+        Keygate::builder()
+            .upstream(&up)
+            .key("small", &hash, extra)
+            .config_text()
+    };
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("small", &hash, "max_concurrent = 2")
+        .start();
+
+    let mut tunnel = kg.open_tunnel("/ws", &token).await.expect("first tunnel");
+    echo(&mut tunnel, b"one").await;
+    let h2 = kg.client_h2();
+    let held = {
+        let (h2, url, token) = (h2.clone(), kg.url("/slow?ms=6000"), token.clone());
+        tokio::spawn(async move { h2.get(&url, &[("x-api-key", &token)]).await.status })
+    };
+    eventually("the slow request at the upstream", &kg, || {
+        up.requests()
+            .iter()
+            .any(|s| s.uri.contains("/slow"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(kg.open_tunnel("/ws", &token).await.err(), Some(429));
+
+    // Renamed away (its tunnel and request stay, as README says), then put back.
+    let renamed = Keygate::builder()
+        .upstream(&up)
+        .key("small-v2", &renamed_hash, "max_concurrent = 2")
+        .config_text();
+    assert_eq!(reload_with(&kg, &renamed).await["event"], "config_reloaded");
+    assert_eq!(
+        reload_with(&kg, &with("max_concurrent = 2")).await["event"],
+        "config_reloaded"
+    );
+    assert_eq!(
+        kg.open_tunnel("/ws", &token).await.err(),
+        Some(429),
+        "two in flight for a key capped at 2"
+    );
+    let r = h2.get(&kg.url("/"), &[("x-api-key", &token)]).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    echo(&mut tunnel, b"still open").await;
+
+    // Removed outright, then back with room for one more: exactly one more.
+    let none = Keygate::builder().upstream(&up).config_text();
+    assert_eq!(reload_with(&kg, &none).await["event"], "config_reloaded");
+    assert_eq!(
+        reload_with(&kg, &with("max_concurrent = 3")).await["event"],
+        "config_reloaded"
+    );
+    let third = kg.open_tunnel("/ws", &token).await.expect("a third slot");
+    assert_eq!(kg.open_tunnel("/ws", &token).await.err(), Some(429));
+    eventually("a refusal at max_concurrent 3", &kg, || {
+        kg.events("concurrency_limited")
+            .into_iter()
+            .find(|ev| ev["max_concurrent"] == 3)
+    })
+    .await;
+
+    // Everything ends: the slots come back to the same count.
+    assert_eq!(held.await.unwrap(), 200);
+    drop((tunnel, third));
+    let all = open_n(&kg, &token, 3).await;
+    assert_eq!(all.len(), 3);
+    assert_no_secrets(&kg.logs(), &[&token, &hash]);
+}
+
+/// The rest of T3-15's kind: quota usage (SPEC §9, "usage survives reloads") is kept by key id
+/// through a remove-then-re-add, so deleting and restoring a key is no way to refill its quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_and_put_back_keeps_its_quota_usage() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("metered");
+    let with_key = || {
+        Keygate::builder()
+            .upstream(&up)
+            .key("metered", &hash, "quota = \"3/day\"")
+            .config_text()
+    };
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("metered", &hash, "quota = \"3/day\"")
+        .start();
+    let c = kg.client();
+    let (url, hdr) = (kg.url("/"), [("x-api-key", token.as_str())]);
+    let get = || c.get(&url, &hdr);
+    assert_eq!(get().await.status, 200);
+    assert_eq!(get().await.status, 200);
+
+    let none = Keygate::builder().upstream(&up).config_text();
+    assert_eq!(reload_with(&kg, &none).await["event"], "config_reloaded");
+    assert_eq!(get().await.status, 401);
+    assert_eq!(
+        reload_with(&kg, &with_key()).await["event"],
+        "config_reloaded"
+    );
+    assert_eq!(get().await.status, 200, "the third of 3");
+    let r = get().await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    eventually("quota_exceeded", &kg, || {
+        kg.events("quota_exceeded").into_iter().next()
+    })
+    .await;
+}
