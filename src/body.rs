@@ -728,7 +728,12 @@ impl Body for ResponseBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(error = %e, "upstream response body failed mid-stream");
+                let request_id = this.record.as_ref().map(|r| &r.request_id);
+                let request_id = request_id.map(crate::log::request_id_str);
+                tracing::warn!(request_id, error = %e, "upstream response body failed mid-stream");
+                if let Some(r) = this.record.as_mut() {
+                    r.cut = Some(crate::log::Cut::Upstream);
+                }
                 this.finish();
             }
             Poll::Ready(None) => this.finish(),
@@ -940,7 +945,19 @@ impl<F: std::future::Future> std::future::Future for Paced<F> {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // Client went away mid-stream, or the body was never polled (HEAD, 304…).
+        // Client went away mid-stream (or keygate cut it: send_timeout), or the body was never
+        // polled because it has no content (HEAD, 304…: it is at its end, nothing is cut).
+        if self.record.is_some() && self.tunnel.is_none() && !self.is_end_stream() {
+            let conn = self.in_flight.as_ref().map(crate::pipeline::InFlight::conn);
+            let cut = if crate::stall::cut_by_send_timeout(conn) {
+                crate::log::Cut::SendTimeout
+            } else {
+                crate::log::Cut::Client
+            };
+            if let Some(r) = self.record.as_mut() {
+                r.cut = Some(cut);
+            }
+        }
         self.finish();
     }
 }

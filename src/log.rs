@@ -707,6 +707,34 @@ impl<T: fmt::Display> fmt::Display for Capped<T> {
     }
 }
 
+/// Why a response ended before its body was complete: the access line says `completed: false`
+/// and `cut_by` names the cause (`status` stays what was sent, `bytes_out` what went out).
+/// Like HAProxy's termination state and Envoy's response flags, so that an operator can tell a
+/// 200 the client received whole from one it did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// The client closed the connection (HTTP/1.1) or reset the stream (HTTP/2 `RST_STREAM`)
+    /// before the body was sent.
+    Client,
+    /// keygate closed the connection (HTTP/1.1) or reset the stream (HTTP/2): the client took
+    /// nothing of the response for `[server] send_timeout` (`stall.rs`).
+    SendTimeout,
+    /// The upstream's body failed mid-stream: its connection reset or closed before the body's
+    /// end, or a framing error. The client's stream is aborted so it cannot take the truncated
+    /// body for a whole one.
+    Upstream,
+}
+
+impl Cut {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cut::Client => "client",
+            Cut::SendTimeout => "send_timeout",
+            Cut::Upstream => "upstream",
+        }
+    }
+}
+
 /// One access-log line, filled in along the request and written exactly once, when the response
 /// body ends or is dropped (so `bytes_out` and `duration_ms` are true for streamed bodies).
 pub struct AccessRecord {
@@ -720,6 +748,8 @@ pub struct AccessRecord {
     pub upstream_status: Option<u16>,
     pub bytes_in: Option<std::sync::Arc<crate::body::RequestStats>>,
     pub bytes_out: u64,
+    /// Set when the response ended before its body was complete (`completed: false`).
+    pub cut: Option<Cut>,
     /// Held for the redaction list (and so the config the request ran under stays alive).
     pub snapshot: std::sync::Arc<crate::config::Snapshot>,
 }
@@ -754,6 +784,8 @@ impl AccessRecord {
             duration_ms = duration.as_micros() as f64 / 1000.0,
             key_id = self.key_id.as_deref(),
             upstream_status = self.upstream_status,
+            completed = self.cut.is_none(),
+            cut_by = self.cut.map(Cut::as_str),
             "request"
         );
     }

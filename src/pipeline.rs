@@ -102,6 +102,12 @@ pub struct Conn {
     /// Milliseconds since `opened` at which the last admitted request finished.
     pub last_admitted_ms: AtomicU64,
     pub opened: Instant,
+    /// HTTP/1.1: the request id of the response being sent (or sent last), for the
+    /// `client_timeout` `send` event (`stall.rs`).
+    pub responding: std::sync::Mutex<Option<HeaderValue>>,
+    /// HTTP/1.1: keygate is closing the connection because the client took nothing for
+    /// `send_timeout`; a response cut by it is logged `cut_by: send_timeout`.
+    pub send_timed_out: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -114,6 +120,8 @@ impl Conn {
             admitted: AtomicU32::new(0),
             last_admitted_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            responding: std::sync::Mutex::new(None),
+            send_timed_out: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -126,6 +134,11 @@ impl InFlight {
     fn new(conn: &Arc<Conn>) -> Self {
         conn.in_flight.fetch_add(1, Relaxed);
         InFlight(conn.clone(), Held::default())
+    }
+
+    /// The connection the request came on.
+    pub fn conn(&self) -> &Conn {
+        &self.0
     }
 }
 
@@ -432,6 +445,7 @@ pub async fn handle(
         upstream_status: ctx.upstream_status,
         bytes_in: ctx.stats.take(),
         bytes_out: 0,
+        cut: None,
         snapshot: snap.clone(),
     };
     in_flight.1 = ctx.held;

@@ -473,10 +473,13 @@ async fn serve_connection(
             // future and the future it awaits in two slots, so the box was twice the pipeline's
             // future (14 KiB per request in flight, jemalloc's 14,336-byte class; issue 10).
             let gate = gate.clone();
+            let conn_r = conn.clone();
             Box::pin(
                 pipeline::handle(req, shared.clone(), conn.clone()).map(move |resp| {
                     // HTTP/2: from here the stream owes the client its response (stall.rs).
-                    crate::stall::response_ready();
+                    if let Ok(r) = &resp {
+                        crate::stall::response_ready(&conn_r, r.headers());
+                    }
                     match gate {
                         Some(gate) => resp.map(|r| r.map(|b| b.gated(gate))),
                         None => resp,
@@ -947,7 +950,10 @@ impl Watch {
                     let last = io.last_write();
                     if io.write_blocked.load(Relaxed) && last.elapsed() >= send_timeout {
                         metrics::global().client_timeout("send");
-                        client_event!(ClientEvent::ClientTimeout, peer.ip(), Level::INFO, event = "client_timeout", phase = "send", protocol = "HTTP/1.1", client_ip = %peer.ip().to_canonical(), peer = %peer, timeout_ms = send_timeout.as_millis() as u64, "the client took nothing of its response within send_timeout; connection closed");
+                        let request_id = crate::stall::responding(conn);
+                        client_event!(ClientEvent::ClientTimeout, peer.ip(), Level::INFO, event = "client_timeout", phase = "send", protocol = "HTTP/1.1", request_id = request_id.as_ref().map(crate::log::request_id_str), client_ip = %peer.ip().to_canonical(), peer = %peer, timeout_ms = send_timeout.as_millis() as u64, "the client took nothing of its response within send_timeout; connection closed");
+                        // The response it cuts is logged `cut_by: send_timeout`.
+                        conn.send_timed_out.store(true, Relaxed);
                         return Driven::Ended;
                     }
                     let now = std::time::Instant::now();

@@ -18,7 +18,8 @@
 //!   that waits on the upstream (a quiet server-sent-event stream, a long poll) is not owed and
 //!   never times out here; the upstream's own deadlines apply.
 //!
-//! Both are logged as `client_timeout` with `phase = "send"` and counted in
+//! Both are logged as `client_timeout` with `phase = "send"` (with the response's
+//! `request_id`; its access line says `completed: false`, `cut_by: "send_timeout"`) and counted in
 //! `keygate_client_timeouts_total{phase="send"}`, never as an upstream error. Upgraded
 //! connections (WebSocket) have their own clock, `[upstream] tunnel_idle_timeout`
 //! (`body::splice`).
@@ -44,14 +45,44 @@ tokio::task_local! {
 #[derive(Default, Debug)]
 struct StreamProgress {
     owed: AtomicU64,
+    /// The stream's request id, for the `client_timeout` event.
+    request_id: std::sync::OnceLock<http::HeaderValue>,
+    /// Set just before the stream's task is dropped for `send_timeout`.
+    timed_out: std::sync::atomic::AtomicBool,
 }
 
-/// The response head has been handed to hyper (called from the service future, inside the
-/// stream's task on HTTP/2; does nothing on HTTP/1.1).
-pub fn response_ready() {
-    let _ = STREAM.try_with(|s| {
+/// The response head has been handed to hyper (called from the service future: inside the
+/// stream's task on HTTP/2, on the connection's task on HTTP/1.1). Notes its request id
+/// (`X-Request-Id`, always set on keygate's responses) for the `client_timeout` event.
+pub fn response_ready(conn: &crate::pipeline::Conn, headers: &http::HeaderMap) {
+    let id = headers.get(&crate::forward::X_REQUEST_ID);
+    let h2 = STREAM.try_with(|s| {
         s.owed.fetch_add(1, Relaxed);
+        if let Some(id) = id {
+            let _ = s.request_id.set(id.clone());
+        }
     });
+    if h2.is_err() {
+        *conn.responding.lock().unwrap_or_else(|p| p.into_inner()) = id.cloned();
+    }
+}
+
+/// The request id of the response an HTTP/1.1 connection is sending (or sent last).
+pub fn responding(conn: &crate::pipeline::Conn) -> Option<http::HeaderValue> {
+    conn.responding
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+/// Whether a response body being dropped now is dropped because `send_timeout` ran out: its
+/// HTTP/2 stream's task is being dropped for it, or its HTTP/1.1 connection is being closed
+/// for it. Otherwise a body dropped before its end was abandoned by the client.
+pub(crate) fn cut_by_send_timeout(conn: Option<&crate::pipeline::Conn>) -> bool {
+    STREAM
+        .try_with(|s| s.timed_out.load(Relaxed))
+        .unwrap_or(false)
+        || conn.is_some_and(|c| c.send_timed_out.load(Relaxed))
 }
 
 /// A response body was polled: `handed_over` when it gave hyper a frame (hyper will ask again
@@ -81,7 +112,7 @@ where
 {
     fn execute(&self, fut: F) {
         tokio::spawn(SendDeadline {
-            stream: fut,
+            stream: Some(fut),
             progress: Arc::default(),
             seen: 0,
             owed_since: None,
@@ -96,8 +127,10 @@ pin_project_lite::pin_project! {
     /// One HTTP/2 stream's task, dropped (the stream reset) once its response has been owed to
     /// the client for `send_timeout` without hyper asking for more.
     pub struct SendDeadline<F> {
+        // `None` once dropped for `send_timeout` (dropped in place, with the stream's
+        // progress in scope, so its body knows why it was cut).
         #[pin]
-        stream: F,
+        stream: Option<F>,
         progress: Arc<StreamProgress>,
         // The last `owed` value seen, and since when it has been owed.
         seen: u64,
@@ -115,10 +148,10 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for SendDeadline<F
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let progress = this.progress.clone();
-        if STREAM
-            .sync_scope(progress, || this.stream.as_mut().poll(cx))
-            .is_ready()
-        {
+        let Some(stream) = this.stream.as_mut().as_pin_mut() else {
+            return Poll::Ready(());
+        };
+        if STREAM.sync_scope(progress, || stream.poll(cx)).is_ready() {
             return Poll::Ready(());
         }
         let owed = this.progress.owed.load(Relaxed);
@@ -144,12 +177,17 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for SendDeadline<F
             event = "client_timeout",
             phase = "send",
             protocol = "HTTP/2",
+            request_id = this.progress.request_id.get().map(crate::log::request_id_str),
             client_ip = %peer.ip().to_canonical(),
             peer = %peer,
             timeout_ms = this.send_timeout.as_millis() as u64,
             "the client took nothing of its response within send_timeout; stream reset"
         );
-        // Dropping the stream's future resets the stream and frees its body and slots.
+        // Dropping the stream's future resets the stream and frees its body and slots; its
+        // access line says it was cut by send_timeout.
+        this.progress.timed_out.store(true, Relaxed);
+        let progress = this.progress.clone();
+        STREAM.sync_scope(progress, || this.stream.set(None));
         Poll::Ready(())
     }
 }

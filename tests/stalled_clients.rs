@@ -115,7 +115,14 @@ async fn an_http1_client_that_stops_reading_is_cut_after_send_timeout() {
     let (token, hash) = new_key("k");
     let kg = stalled_keygate(&up, &hash);
     let mut s = small_window_tls(&kg).await;
-    request_head(&mut s, &format!("/bytes?n={}", 64 << 20), &token).await;
+    let head = request_head(&mut s, &format!("/bytes?n={}", 64 << 20), &token).await;
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let request_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("x-request-id")
+        .trim()
+        .to_string();
 
     let waited = slot_comes_back(&kg, &token, Duration::from_secs(20)).await;
     assert!(
@@ -127,6 +134,11 @@ async fn an_http1_client_that_stops_reading_is_cut_after_send_timeout() {
     });
     assert_eq!(ev["protocol"], "HTTP/1.1", "{ev}");
     assert!(kg.events("upstream_error").is_empty(), "{}", kg.logs());
+    // The event names the response it cut, whose access line says it was cut.
+    assert_eq!(ev["request_id"], request_id.as_str(), "{ev}");
+    let line = kg.access_line(&request_id);
+    assert_eq!(line["completed"], false, "{line}");
+    assert_eq!(line["cut_by"], "send_timeout", "{line}");
 
     // What the client finds when it reads again: the rest of what was in flight, then the end.
     let mut total = 0usize;
@@ -159,6 +171,7 @@ async fn an_http2_stream_whose_window_stays_shut_is_reset_after_send_timeout() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
 
     let waited = slot_comes_back(&kg, &token, Duration::from_secs(20)).await;
     assert!(
@@ -170,6 +183,10 @@ async fn an_http2_stream_whose_window_stays_shut_is_reset_after_send_timeout() {
     });
     assert_eq!(ev["protocol"], "HTTP/2", "{ev}");
     assert!(kg.events("upstream_error").is_empty(), "{}", kg.logs());
+    assert_eq!(ev["request_id"], request_id.as_str(), "{ev}");
+    let line = kg.access_line(&request_id);
+    assert_eq!(line["completed"], false, "{line}");
+    assert_eq!(line["cut_by"], "send_timeout", "{line}");
 
     // The stalled stream was reset: reading it now ends in an error, well short of 64 MiB.
     let mut body = resp.into_body();

@@ -243,14 +243,22 @@ async fn upstream_answer(
         ))
         .await;
     }
+    // `n` bytes announced; with `cut=M`, the body fails 0.3 s after M of them (the upstream's
+    // connection is cut mid-body).
     if path == "/bytes" {
         let n = query_num(&uri_parsed, "n").unwrap_or(0);
+        let cut_at = query_num(&uri_parsed, "cut").map(|m| n - m.min(n));
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
         let stream = futures_util::stream::unfold(n, move |left| {
             let chunk = chunk.clone();
             async move {
                 if left == 0 {
                     return None;
+                }
+                if cut_at.is_some_and(|c| left <= c) {
+                    // After what was sent has left (hyper flushes while the body waits).
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    return Some((Err("cut mid-body".into()), 0));
                 }
                 let take = left.min(chunk.len() as u64);
                 Some((
