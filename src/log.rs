@@ -741,6 +741,7 @@ pub struct AccessRecord {
     pub start: Instant,
     pub request_id: http::HeaderValue,
     pub client_ip: IpAddr,
+    /// As received, or `REDACTED` when it holds a token (the caller looks).
     pub method: http::Method,
     pub path: Option<PathAndQuery>,
     pub status: u16,
@@ -771,8 +772,9 @@ impl AccessRecord {
             target: "keygate::access",
             request_id = request_id_str(&self.request_id),
             client_ip = %self.client_ip,
-            // A token-shaped method is refused (`pipeline::check_protocol`), never logged.
-            method = %Capped(if holds_token(method) { "REDACTED" } else { method }, METHOD_LOG_BYTES),
+            // A token-shaped method is refused (`pipeline::check_protocol`) and recorded as
+            // `REDACTED` (`pipeline::handle`), never logged.
+            method = %Capped(method, METHOD_LOG_BYTES),
             path = %Capped(
                 RedactedPath { pq, params: &self.snapshot.log.redact_query_params },
                 if refused { REFUSED_PATH_LOG_BYTES } else { usize::MAX },

@@ -284,6 +284,8 @@ struct Ctx<'a> {
     conn: &'a Arc<Conn>,
     request_id: &'a HeaderValue,
     client_ip: IpAddr,
+    /// The method holds a token (`log::holds_token`): refused, never logged as it is.
+    token_method: bool,
     key: Option<Arc<Key>>,
     rate: Option<RateInfo>,
     quota: Option<QuotaState>,
@@ -357,7 +359,14 @@ pub async fn handle(
             .iter()
             .map(|v| v.as_bytes()),
     );
-    let method = req.method().clone();
+    // A key pasted as the method (a client bug): refused (`check_protocol`) and logged as
+    // `REDACTED`, looked for once.
+    let token_method = crate::log::holds_token(req.method().as_str());
+    let method = if token_method {
+        http::Method::from_bytes(b"REDACTED").unwrap_or_default()
+    } else {
+        req.method().clone()
+    };
     let path = req.uri().path_and_query().cloned();
 
     let mut ctx = Ctx {
@@ -366,6 +375,7 @@ pub async fn handle(
         conn: &conn,
         request_id: &request_id,
         client_ip,
+        token_method,
         key: None,
         rate: None,
         quota: None,
@@ -604,15 +614,17 @@ async fn rate_limit(key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
 /// (keygate is a gateway, not a tunnel) and `TRACE` (it would reflect the request, cookies and
 /// all, and keygate's identity header, back to a browser).
 fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
+    let malformed = |reason: &str, error: Option<&proto::Malformed>| {
+        client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason, error = error.map(tracing::field::display), "malformed request refused");
+        Err(Reject::BadRequest)
+    };
     if let Err(m) = proto::check_authority(req) {
-        client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = m.as_str(), error = %m, "malformed request refused");
-        return Err(Reject::BadRequest);
+        return malformed(m.as_str(), Some(&m));
     }
     // A key pasted as the method (a client bug) would be forwarded and logged as it is: the
     // method is the one client-chosen field of the access line that is not redacted.
-    if crate::log::holds_token(req.method().as_str()) {
-        client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = "credential_in_method", "malformed request refused");
-        return Err(Reject::BadRequest);
+    if ctx.token_method {
+        return malformed("credential_in_method", None);
     }
     // With an upstream base path (`url = "http://127.0.0.1:8000/api"`) the upstream receives
     // `/api` + the client's path: a path that leaves `/api` once dot-segments are resolved,
@@ -623,8 +635,7 @@ fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
     if !base.is_empty() && path.starts_with('/') && !crate::access::is_plain_path(path) {
         let full = format!("{base}{path}");
         if !crate::access::every_reading(&full, |p| crate::access::path_has_prefix(p, base)) {
-            client_event!(ClientEvent::MalformedRequest, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, reason = "path_escapes_base", "malformed request refused");
-            return Err(Reject::BadRequest);
+            return malformed("path_escapes_base", None);
         }
     }
     if req.method() == http::Method::CONNECT || req.method() == http::Method::TRACE {
