@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::h2client::{h2_from, h2_get};
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
@@ -18,9 +19,7 @@ use hyper_util::rt::TokioIo;
 
 /// A hash at OWASP's parameters: tens of milliseconds, so that a flood really queues.
 fn slow_key(id: &str) -> (String, String) {
-    let token = keygate::auth::NewToken::generate(id).reveal().to_string();
-    let hash = keygate::auth::hash_token_with(token.as_bytes(), 19_456, 2);
-    (token, hash)
+    key_with_cost(id, 2)
 }
 
 /// One keep-alive HTTP/1.1 connection over TLS from the loopback address `from`.
@@ -396,53 +395,6 @@ async fn a_verdict_against_a_replaced_hash_never_answers_for_the_new_one() {
     );
 }
 
-/// An HTTP/2 connection over TLS from the loopback address `from`.
-async fn h2_from(
-    kg: &Keygate,
-    from: Ipv4Addr,
-) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
-    let tcp = sock.connect(kg.addr).await.unwrap();
-    let mut cfg = kg.tls_config();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
-/// `GET /` with this token on an HTTP/2 connection, as a task (aborting it resets the stream:
-/// keygate drops the request). Returns the status.
-fn h2_get(
-    send: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-    token: &str,
-) -> tokio::task::JoinHandle<u16> {
-    let mut send = send.clone();
-    let req = http::Request::get("https://localhost/")
-        .header("x-api-key", token)
-        .body(Empty::new())
-        .unwrap();
-    tokio::spawn(async move {
-        send.ready().await.unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let _ = resp.into_body().collect().await;
-        status
-    })
-}
-
 /// A second fresh user: when the request that started a shared verification was cancelled (its
 /// client went away), the requests waiting for it woke with nothing and verified again: twice
 /// the wait, and each time a new charge to the client's failed-auth budget. The verification
@@ -453,31 +405,13 @@ fn h2_get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_get_the_verdict_of_a_verification_whose_request_was_cancelled() {
     let up = Upstream::start().await;
-    let (hashing, hashing_hash) = {
-        let t = keygate::auth::NewToken::generate("hashing")
-            .reveal()
-            .to_string();
-        // Slow on purpose (about 1.5 s, more on a loaded machine): the request that starts
-        // the verification is cancelled while it runs.
-        let h = keygate::auth::hash_token_with(t.as_bytes(), 19_456, 100);
-        (t, h)
-    };
-    let (blocker, blocker_hash) = {
-        let t = keygate::auth::NewToken::generate("blocker")
-            .reveal()
-            .to_string();
-        let h = keygate::auth::hash_token_with(t.as_bytes(), 19_456, 60);
-        (t, h)
-    };
+    // Slow on purpose (about 1.5 s, more on a loaded machine): the request that starts the
+    // verification is cancelled while it runs.
+    let (hashing, hashing_hash) = key_with_cost("hashing", 100);
+    let (blocker, blocker_hash) = key_with_cost("blocker", 60);
     let (queued, queued_hash) = slow_key("queued");
-    let (blocker2, blocker2_hash) = {
-        let t = keygate::auth::NewToken::generate("blocker2")
-            .reveal()
-            .to_string();
-        // Slower still (about 3 s): the next request must still be queued when aborted.
-        let h = keygate::auth::hash_token_with(t.as_bytes(), 19_456, 200);
-        (t, h)
-    };
+    // Slower still (about 3 s): the next request must still be queued when aborted.
+    let (blocker2, blocker2_hash) = key_with_cost("blocker2", 200);
     let (lone, lone_hash) = slow_key("lone");
     let kg = Keygate::builder()
         .upstream(&up)

@@ -7,68 +7,19 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::h2client::{h2_from, h2_get};
 use common::*;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 
 const RIGHT_HASHES: &str = "keygate_argon2_verifications_total{result=\"right\"}";
 const WRONG_HASHES: &str = "keygate_argon2_verifications_total{result=\"wrong\"}";
 const THROTTLED: &str = "keygate_auth_throttled_total";
 
-/// A token and its hash at OWASP's memory with `t_cost` passes: slow enough (tens of
-/// milliseconds per pass) that a request can be abandoned while it is queued or hashed.
-fn key_with(id: &str, t_cost: u32) -> (String, String) {
-    let token = keygate::auth::NewToken::generate(id).reveal().to_string();
-    let hash = keygate::auth::hash_token_with(token.as_bytes(), 19_456, t_cost);
-    (token, hash)
-}
-
-/// An HTTP/2 connection over TLS from the loopback address `from`.
-async fn h2_from(
-    kg: &Keygate,
-    from: Ipv4Addr,
-) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
-    let tcp = sock.connect(kg.addr).await.unwrap();
-    let mut cfg = kg.tls_config();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
 /// `GET /` with this token from `from` on a connection of its own, as a task: aborting the task
 /// resets the stream and closes the connection, and keygate drops the request.
 async fn get_from(kg: &Keygate, from: Ipv4Addr, token: &str) -> tokio::task::JoinHandle<u16> {
-    let mut send = h2_from(kg, from).await;
-    let req = http::Request::get("https://localhost/")
-        .header("x-api-key", token)
-        .body(Empty::new())
-        .unwrap();
-    tokio::spawn(async move {
-        send.ready().await.unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let _ = resp.into_body().collect().await;
-        status
-    })
+    h2_get(&h2_from(kg, from).await, token)
 }
 
 /// Waits (at most 20 s) until `series` reaches `n`: the verification of an abandoned request
@@ -93,11 +44,11 @@ async fn a_valid_key_abandoned_while_its_verification_is_pending_costs_its_addre
     let up = Upstream::start().await;
     // About three seconds of hashing (a margin over the test's 0.6 s of sleeps, on a loaded
     // machine): what the abandoned request queues behind.
-    let (blocker, blocker_hash) = key_with("blocker", 200);
-    let (queued, queued_hash) = key_with("queued", 2);
+    let (blocker, blocker_hash) = key_with_cost("blocker", 200);
+    let (queued, queued_hash) = key_with_cost("queued", 2);
     // About 1.5 s: abandoned while this hash runs.
-    let (hashing, hashing_hash) = key_with("hashing", 100);
-    let (later, later_hash) = key_with("later", 2);
+    let (hashing, hashing_hash) = key_with_cost("hashing", 100);
+    let (later, later_hash) = key_with_cost("later", 2);
     let kg = Keygate::builder()
         .upstream(&up)
         .auth("failed_auth_limit = \"1/min\"")
@@ -149,9 +100,9 @@ async fn a_valid_key_abandoned_while_its_verification_is_pending_costs_its_addre
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_token_abandoned_while_it_is_hashed_still_counts() {
     let up = Upstream::start().await;
-    let (blocker, blocker_hash) = key_with("blocker", 200);
-    let (_, hashing_hash) = key_with("hashing", 100);
-    let (valid, valid_hash) = key_with("valid", 2);
+    let (blocker, blocker_hash) = key_with_cost("blocker", 200);
+    let (_, hashing_hash) = key_with_cost("hashing", 100);
+    let (valid, valid_hash) = key_with_cost("valid", 2);
     let kg = Keygate::builder()
         .upstream(&up)
         .auth("failed_auth_limit = \"1/min\"")

@@ -99,6 +99,51 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// Attackers that connect over and over: each of `n` tasks completes a TLS handshake (ALPN as
+/// [`Keygate::tls_config`]), hands the connection to `each`, pauses 100 ms, and starts again,
+/// until [`stop`](Self::stop).
+struct Attackers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Attackers {
+    fn start<F, Fut>(kg: &Keygate, n: usize, each: F) -> Self
+    where
+        F: Fn(tokio_rustls::client::TlsStream<TcpStream>) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|_| {
+                let (cfg, addr) = (kg.tls_config(), kg.addr);
+                let (stop, each) = (stop.clone(), each.clone());
+                tokio::spawn(async move {
+                    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+                    while !stop.load(SeqCst) {
+                        if let Ok(tcp) = TcpStream::connect(addr).await
+                            && let Ok(s) = connector
+                                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                                .await
+                        {
+                            each(s).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+            })
+            .collect();
+        Attackers { stop, tasks }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, SeqCst);
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// An upstream that counts what reaches it: TCP connections accepted, requests in progress
 /// (and the most at once), and for each request its framing headers and body length.
 /// `/slow?ms=N` answers after N ms; everything else at once, after reading the body.
@@ -342,31 +387,18 @@ async fn idle_connections_that_reconnect_never_cut_a_newcomers_handshake() {
         .key("k", &hash, "")
         .admin()
         .start();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handshakes = Arc::new(AtomicUsize::new(0));
     // 24 attackers for 16 slots: 8 are always reconnecting (after 100 ms), each reconnect
     // closing someone to make room.
-    let attackers: Vec<_> = (0..24)
-        .map(|_| {
-            let (cfg, addr) = (kg.tls_config(), kg.addr);
-            let (stop, handshakes) = (stop.clone(), handshakes.clone());
-            tokio::spawn(async move {
-                let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-                while !stop.load(SeqCst) {
-                    if let Ok(tcp) = TcpStream::connect(addr).await
-                        && let Ok(mut s) = connector
-                            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                            .await
-                    {
-                        handshakes.fetch_add(1, SeqCst);
-                        let mut b = [0u8; 1];
-                        let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        })
-        .collect();
+    let h = handshakes.clone();
+    let attackers = Attackers::start(&kg, 24, move |mut s| {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, SeqCst);
+            let mut b = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await;
+        }
+    });
     wait_until("the attackers churn", || handshakes.load(SeqCst) >= 40).await;
     let mut ok = 0;
     for _ in 0..20 {
@@ -376,10 +408,7 @@ async fn idle_connections_that_reconnect_never_cut_a_newcomers_handshake() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let churned = handshakes.load(SeqCst);
-    stop.store(true, SeqCst);
-    for a in attackers {
-        a.abort();
-    }
+    attackers.stop();
     assert_eq!(
         ok, 20,
         "probes that got through ({churned} attacker handshakes)"
@@ -413,35 +442,20 @@ async fn connections_held_in_the_throttle_tarpit_are_reclaimable() {
         .start();
     // The legitimate key is verified (cached) before the attack.
     assert_eq!(probe(&kg, [127, 0, 0, 2], &token).await, Some(200));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let throttled = Arc::new(AtomicUsize::new(0));
     let wrong = "kg_k_wrongwrongwrongwrongwrongwrong1";
-    let attackers: Vec<_> = (0..32)
-        .map(|_| {
-            let (cfg, addr) = (kg.tls_config(), kg.addr);
-            let (stop, throttled) = (stop.clone(), throttled.clone());
-            tokio::spawn(async move {
-                let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-                while !stop.load(SeqCst) {
-                    if let Ok(tcp) = TcpStream::connect(addr).await
-                        && let Ok(mut s) = connector
-                            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                            .await
-                    {
-                        // Back to back on one connection: always one request held back.
-                        while let Some((status, _)) =
-                            exchange(&mut s, &get("/", wrong, false), b"").await
-                        {
-                            if status == 429 {
-                                throttled.fetch_add(1, SeqCst);
-                            }
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = throttled.clone();
+    let attackers = Attackers::start(&kg, 32, move |mut s| {
+        let t = t.clone();
+        async move {
+            // Back to back on one connection: always one request held back.
+            while let Some((status, _)) = exchange(&mut s, &get("/", wrong, false), b"").await {
+                if status == 429 {
+                    t.fetch_add(1, SeqCst);
                 }
-            })
-        })
-        .collect();
+            }
+        }
+    });
     // Held in the tarpit, their connections are reclaimed before most 429s are sent: count
     // the throttled requests at keygate.
     wait_metric(&kg, "keygate_auth_throttled_total", |v| v >= 40.0).await;
@@ -456,10 +470,7 @@ async fn connections_held_in_the_throttle_tarpit_are_reclaimable() {
         most_open = most_open.max(metric_f64(&metrics(&kg).await, "keygate_open_connections"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, SeqCst);
-    for a in attackers {
-        a.abort();
-    }
+    attackers.stop();
     assert_eq!(ok, 20, "probes that got through");
     assert!(
         most_open <= 28.0,

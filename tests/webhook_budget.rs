@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::webhooks::*;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const SECRET_ENV: &str = "WH_BUDGET";
 const WEBHOOK_BYTES: &str = "keygate_request_buffer_bytes{use=\"webhook\"}";
@@ -45,56 +45,12 @@ async fn open_delivery(
     sent: usize,
 ) -> tokio::task::JoinHandle<u16> {
     let tls = kg.tls_from([127, 0, 0, src]).await.unwrap();
-    tokio::spawn(async move {
-        let (mut rd, mut wr) = tokio::io::split(tls);
-        let framing = match declared {
-            Some(n) => format!("Content-Length: {n}"),
-            None => "Transfer-Encoding: chunked".to_string(),
-        };
-        let head = format!(
-            "POST /hooks/github HTTP/1.1\r\nHost: localhost\r\nX-Hub-Signature-256: sha256={}\r\n\
-             X-GitHub-Delivery: d\r\n{framing}\r\n\r\n",
-            "0".repeat(64)
-        );
-        let writer = tokio::spawn(async move {
-            let _ = wr.write_all(head.as_bytes()).await;
-            let chunk = vec![b'{'; 64 * 1024];
-            let mut left = sent;
-            while left > 0 {
-                let n = left.min(chunk.len());
-                let written = if declared.is_some() {
-                    wr.write_all(&chunk[..n]).await
-                } else {
-                    let mut c = format!("{n:x}\r\n").into_bytes();
-                    c.extend_from_slice(&chunk[..n]);
-                    c.extend_from_slice(b"\r\n");
-                    wr.write_all(&c).await
-                };
-                if written.is_err() {
-                    return;
-                }
-                left -= n;
-            }
-            let _ = wr.flush().await;
-            tokio::time::sleep(Duration::from_secs(60)).await;
-        });
-        let mut buf = Vec::new();
-        let mut byte = [0u8; 1];
-        let read = async {
-            while !buf.ends_with(b"\r\n\r\n") {
-                if rd.read(&mut byte).await.unwrap_or(0) == 0 {
-                    return 0;
-                }
-                buf.push(byte[0]);
-            }
-            String::from_utf8_lossy(&buf[9..12]).parse().unwrap_or(0)
-        };
-        let status = tokio::time::timeout(Duration::from_secs(30), read)
-            .await
-            .unwrap_or(0);
-        writer.abort();
-        status
-    })
+    tokio::spawn(unsigned_delivery(
+        tls,
+        declared,
+        sent,
+        Duration::from_secs(30),
+    ))
 }
 
 /// One unsigned delivery as an HTTP/2 stream (on `c`'s shared connection): 1000 bytes of a

@@ -49,42 +49,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// waits; returns the status keygate answered (0 if none within 20 s).
 async fn stalled_delivery(kg: &Keygate, declared: usize, sent: usize) -> u16 {
     let tls = kg.tls_from([127, 0, 0, 1]).await.unwrap();
-    let (mut rd, mut wr) = tokio::io::split(tls);
-    let head = format!(
-        "POST /hooks/github HTTP/1.1\r\nHost: localhost\r\nX-Hub-Signature-256: sha256={}\r\n\
-         X-GitHub-Delivery: d\r\nContent-Length: {declared}\r\n\r\n",
-        "0".repeat(64)
-    );
-    let writer = tokio::spawn(async move {
-        let _ = wr.write_all(head.as_bytes()).await;
-        let chunk = vec![b'{'; 64 * 1024];
-        let mut left = sent;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            if wr.write_all(&chunk[..n]).await.is_err() {
-                return;
-            }
-            left -= n;
-        }
-        let _ = wr.flush().await;
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    let read = async {
-        while !buf.ends_with(b"\r\n\r\n") {
-            if rd.read(&mut byte).await.unwrap_or(0) == 0 {
-                return 0;
-            }
-            buf.push(byte[0]);
-        }
-        String::from_utf8_lossy(&buf[9..12]).parse().unwrap_or(0)
-    };
-    let status = tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .unwrap_or(0);
-    writer.abort();
-    status
+    unsigned_delivery(tls, Some(declared), sent, Duration::from_secs(20)).await
 }
 
 /// 80 senders offer 2 MiB each (160 MiB) and stall one byte short: keygate holds at most the

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod h2client;
 pub mod h2raw;
 pub mod python;
 pub mod raw;
@@ -54,6 +55,14 @@ pub fn new_key(id: &str) -> (String, String) {
     let t = keygate::auth::NewToken::generate(id);
     let token = t.reveal().to_string();
     let hash = keygate::auth::hash_token_with(token.as_bytes(), 256, 1);
+    (token, hash)
+}
+
+/// A fresh key whose hash has OWASP's memory cost (19 MiB) and `t_cost` passes: tens of
+/// milliseconds a pass, for tests that need verifications to queue or to be abandoned.
+pub fn key_with_cost(id: &str, t_cost: u32) -> (String, String) {
+    let token = keygate::auth::NewToken::generate(id).reveal().to_string();
+    let hash = keygate::auth::hash_token_with(token.as_bytes(), 19_456, t_cost);
     (token, hash)
 }
 

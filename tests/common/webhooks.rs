@@ -200,3 +200,61 @@ pub fn post(url: &str, headers: &[(String, String)], body: &[u8]) -> Request<Bod
     }
     b.body(full(body.to_vec())).unwrap()
 }
+
+/// One unsigned GitHub delivery (a signature of zeros) to `/hooks/github` over `tls` (HTTP/1.1):
+/// declares `declared` bytes (`None`: chunked), sends `sent` of them, then waits. Returns the
+/// status keygate answered, 0 if none within `within`.
+pub async fn unsigned_delivery(
+    tls: super::Tls,
+    declared: Option<usize>,
+    sent: usize,
+    within: Duration,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let framing = match declared {
+        Some(n) => format!("Content-Length: {n}"),
+        None => "Transfer-Encoding: chunked".to_string(),
+    };
+    let head = format!(
+        "POST /hooks/github HTTP/1.1\r\nHost: localhost\r\nX-Hub-Signature-256: sha256={}\r\n\
+         X-GitHub-Delivery: d\r\n{framing}\r\n\r\n",
+        "0".repeat(64)
+    );
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let chunk = vec![b'{'; 64 * 1024];
+        let mut left = sent;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            let written = if declared.is_some() {
+                wr.write_all(&chunk[..n]).await
+            } else {
+                let mut c = format!("{n:x}\r\n").into_bytes();
+                c.extend_from_slice(&chunk[..n]);
+                c.extend_from_slice(b"\r\n");
+                wr.write_all(&c).await
+            };
+            if written.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        let _ = wr.flush().await;
+        tokio::time::sleep(within * 2).await;
+    });
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !buf.ends_with(b"\r\n\r\n") {
+            if rd.read(&mut byte).await.unwrap_or(0) == 0 {
+                return 0;
+            }
+            buf.push(byte[0]);
+        }
+        String::from_utf8_lossy(&buf[9..12]).parse().unwrap_or(0)
+    };
+    let status = tokio::time::timeout(within, read).await.unwrap_or(0);
+    writer.abort();
+    status
+}
