@@ -896,8 +896,13 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             Joined::Lead(leading) => leading,
             // Cached now (or verified against an older hash of a reloaded key: look again).
             Joined::Waited(Some(Settled::Valid)) => continue,
+            // Each waiter is a request with a wrong token, charged like one answered from the
+            // negative cache: the budget first, so that a burst sharing one wrong verdict is
+            // refused 429 once the budget is spent rather than overdrawing it (a fresh user:
+            // 100 parallel requests with one wrong token, 100 x 401 and the address blocked
+            // for 4 minutes instead of one more attempt every 3 s).
             Joined::Waited(Some(Settled::Invalid)) => {
-                return Err(fail(AuthFailure::BadSecret, Some(&key.id)));
+                return Err(guess(AuthFailure::BadSecret, Some(&key.id)));
             }
             Joined::Waited(Some(Settled::Busy)) => {
                 return Err(Reject::Unavailable { retry_after: 1 });

@@ -327,6 +327,20 @@ async fn parallel_first_requests_with_one_token_are_verified_once_and_never_thro
         "{statuses:?}"
     );
     assert_eq!(metric(&metrics(&kg).await, WRONG_HASHES), 1);
+    // The requests that shared the one wrong verdict are charged as they are answered, within
+    // the budget: at most 20 (+1 in flight) are 401, and the address may try again in one
+    // period (3 s for 20/min). Charged after the fact, all 60 were 401 and the bucket was
+    // overdrawn by 40 periods: Retry-After 120 (a fresh user, T5-7: 100 requests, 243 s).
+    let unauthorized = statuses
+        .iter()
+        .filter(|s| *s.as_ref().unwrap() == 401)
+        .count();
+    assert!(unauthorized <= 21, "{unauthorized} x 401: {statuses:?}");
+    let mut next = connect_from(&kg, from).await;
+    let (status, retry, _) = get(&mut next, &wrong_token("three")).await;
+    assert_eq!(status, 429);
+    let retry: u64 = retry.unwrap().parse().unwrap();
+    assert!(retry <= 6, "Retry-After {retry}");
     assert_no_secrets(&kg.logs(), &[&t1, &t2, &wrong, &h1, &h2]);
 }
 
