@@ -475,7 +475,7 @@ fn request_id<B>(req: &Request<B>) -> HeaderValue {
             && !crate::log::holds_token(std::str::from_utf8(b).unwrap_or_default())
         {
             // A copy, not a reference into hyper's read buffer (see `own_path`).
-            return HeaderValue::from_bytes(b).unwrap_or_else(|_| v.clone());
+            return unique_per_response(HeaderValue::from_bytes(b).unwrap_or_else(|_| v.clone()));
         }
     }
     new_request_id()
@@ -502,8 +502,22 @@ pub fn new_request_id() -> HeaderValue {
     for (i, slot) in buf.iter_mut().enumerate() {
         *slot = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
-        .expect("hex is a valid header value")
+    unique_per_response(
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+            .expect("hex is a valid header value"),
+    )
+}
+
+/// Marks a field value that differs in every response (the request id, the rate-limit state)
+/// as never to be indexed by HPACK (RFC 7541 §6.2.3, the `h2` crate's "sensitive" values).
+/// Indexed, each one was inserted into the connection's HPACK table only to be evicted unused,
+/// pushing out fields that do repeat (`content-type`, `server`), and the encoder compared each
+/// new value with every older one of the same name still in the table (~50 request ids in 4 KiB):
+/// 6.5 % of keygate's user-space CPU on HTTP/2 (issue 10). The cost: the field's name is sent
+/// as a literal (~10 bytes). HTTP/1.1 ignores the mark; `to_str` and logging are unaffected.
+fn unique_per_response(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
 }
 
 /// How long a 429 to a client over `failed_auth_limit` is held back (see `admit`).
@@ -1402,8 +1416,14 @@ fn finish_headers(resp: &mut Response<ResponseBody>, ctx: &Ctx<'_>) {
     }
     if let Some(r) = ctx.rate {
         h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(r.limit));
-        h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(r.remaining));
-        h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(r.reset_secs));
+        h.insert(
+            RATELIMIT_REMAINING.clone(),
+            unique_per_response(HeaderValue::from(r.remaining)),
+        );
+        h.insert(
+            RATELIMIT_RESET.clone(),
+            unique_per_response(HeaderValue::from(r.reset_secs)),
+        );
     }
     let burst = ctx
         .rate
@@ -1415,7 +1435,7 @@ fn finish_headers(resp: &mut Response<ResponseBody>, ctx: &Ctx<'_>) {
             HeaderValue::from_str(&current),
         ) {
             h.insert(RATELIMIT_POLICY.clone(), p);
-            h.insert(RATELIMIT.clone(), c);
+            h.insert(RATELIMIT.clone(), unique_per_response(c));
         }
     }
 }
@@ -1526,5 +1546,20 @@ mod tests {
         for (name, size) in &sizes[3..] {
             assert!(*size <= 256, "{name}'s future is {size} bytes");
         }
+    }
+
+    /// Request ids differ in every response: never indexed by HPACK (see `unique_per_response`),
+    /// whether keygate made them or the client sent them.
+    #[test]
+    fn request_ids_are_not_indexed_by_hpack() {
+        assert!(new_request_id().is_sensitive());
+        let req = Request::builder()
+            .header(&X_REQUEST_ID, "client-chosen.id_1")
+            .body(())
+            .unwrap();
+        let id = request_id(&req);
+        assert_eq!(id, "client-chosen.id_1");
+        assert!(id.is_sensitive());
+        assert_eq!(request_id_str(&id), "client-chosen.id_1");
     }
 }
