@@ -1176,7 +1176,15 @@ fn keep_restart_only_settings(new: &mut Snapshot, running: &Snapshot) -> Vec<&'s
 fn warn_if_cert_expiring(not_after: Option<i64>) {
     let Some(not_after) = not_after else { return };
     let left = not_after - jiff::Timestamp::now().as_second();
-    if left < 14 * 86_400 {
+    if left < 0 {
+        // Only a certificate that expired while keygate ran: start and reload refuse one.
+        tracing::error!(
+            event = "cert_expiring",
+            days_left = left.div_euclid(86_400),
+            not_after,
+            "the TLS certificate has expired: clients that check it fail; renew it and send SIGHUP"
+        );
+    } else if left < 14 * 86_400 {
         tracing::warn!(
             event = "cert_expiring",
             days_left = left / 86_400,

@@ -30,6 +30,10 @@ pub enum TlsError {
     UnsupportedKey(String),
     #[error("private key does not match the certificate")]
     KeyMismatch,
+    /// The leaf is outside its validity period now (RFC 5280 §4.1.2.5): every client that
+    /// checks certificates would fail its handshake.
+    #[error("the certificate {0}; install a current one")]
+    NotValidNow(String),
     #[error("client CA: {0}")]
     ClientCa(String),
     #[error("TLS setup failed: {0}")]
@@ -40,7 +44,9 @@ impl TlsError {
     /// The config path the problem belongs to.
     pub fn path(&self) -> &'static str {
         match self {
-            TlsError::NoCertificate | TlsError::BadCertificate(_) => "tls.cert",
+            TlsError::NoCertificate | TlsError::BadCertificate(_) | TlsError::NotValidNow(_) => {
+                "tls.cert"
+            }
             TlsError::BadKey | TlsError::UnsupportedKey(_) | TlsError::KeyMismatch => "tls.key",
             TlsError::ClientCa(_) => "tls.client_ca",
             TlsError::Rustls(_) => "tls",
@@ -98,6 +104,11 @@ pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// Builds the server config: TLS 1.3 (+ 1.2 unless `min` is 1.3), the provider's AEAD-only
 /// suites in its order ([`provider`]: AES-128-GCM first) with server preference, ALPN h2 + http/1.1, rotating
 /// session-ticket keys. Returns the leaf's expiry (unix seconds) when it can be read.
+///
+/// A leaf that is not valid now (expired, or `notBefore` still ahead) is refused
+/// ([`TlsError::NotValidNow`]): at start, in `check`, and on reload, where the running
+/// certificate stays (fresh user T5-5: a renewal hook that copied the old file swapped a valid
+/// certificate for an expired one, and every client failed its handshake).
 pub fn server_config(
     cert_pem: &[u8],
     key_pem: &[u8],
@@ -106,6 +117,9 @@ pub fn server_config(
 ) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
     let provider = provider();
     let chain = parse_certs(cert_pem)?;
+    if let Some(why) = not_valid_at(&chain[0], jiff::Timestamp::now().as_second()) {
+        return Err(TlsError::NotValidNow(why));
+    }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::BadKey)?;
     let signing_key = provider
         .key_provider
@@ -159,9 +173,64 @@ impl ResolvesServerCert for OneCert {
     }
 }
 
-/// Reads `notAfter` from an X.509 certificate (unix seconds). A minimal DER walk over the
-/// fixed prefix of `TBSCertificate`; returns `None` on anything unexpected.
+/// Reads `notAfter` from an X.509 certificate (unix seconds); `None` when it cannot be read.
 pub fn cert_not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    cert_validity(cert).map(|(_, not_after)| not_after)
+}
+
+/// Why `cert` is not valid at `now` (unix seconds): "expired on …" or "is not valid before …"
+/// (UTC); `None` when it is valid, or its validity cannot be read (then the TLS library and
+/// the clients judge it).
+pub fn not_valid_at(cert: &CertificateDer<'_>, now: i64) -> Option<String> {
+    let (not_before, not_after) = cert_validity(cert)?;
+    let day = |t: i64| {
+        jiff::Timestamp::from_second(t)
+            .map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_else(|_| t.to_string())
+    };
+    if now > not_after {
+        Some(format!("expired on {}", day(not_after)))
+    } else if now < not_before {
+        Some(format!("is not valid before {}", day(not_before)))
+    } else {
+        None
+    }
+}
+
+/// A CA bundle (`[tls] client_ca`, `[upstream] ca`) at `now`: an error when none of its
+/// certificates is valid (every chain through it would fail), a warning naming the ones that
+/// are not when some are (a bundle keeps old roots beside new ones during a rotation). A file
+/// that does not parse is left to the code that loads it.
+pub fn check_ca_validity(pem: &[u8], now: i64) -> Result<Option<String>, String> {
+    let Ok(certs) = parse_certs(pem) else {
+        return Ok(None);
+    };
+    let bad: Vec<String> = certs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| not_valid_at(c, now).map(|why| format!("certificate {} {why}", i + 1)))
+        .collect();
+    if bad.is_empty() {
+        Ok(None)
+    } else if bad.len() == certs.len() {
+        Err(format!(
+            "no certificate in it is valid now: {}",
+            bad.join("; ")
+        ))
+    } else {
+        Ok(Some(format!(
+            "{} of {} certificates are not valid now: {}",
+            bad.len(),
+            certs.len(),
+            bad.join("; ")
+        )))
+    }
+}
+
+/// Reads `notBefore` and `notAfter` from an X.509 certificate (unix seconds; RFC 5280
+/// §4.1.2.5, UTCTime or GeneralizedTime). A minimal DER walk over the fixed prefix of
+/// `TBSCertificate`; returns `None` on anything unexpected.
+pub fn cert_validity(cert: &CertificateDer<'_>) -> Option<(i64, i64)> {
     fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         let (&tag, rest) = b.split_first()?;
         let (&l0, rest) = rest.split_first()?;
@@ -193,8 +262,14 @@ pub fn cert_not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, _, rest) = tlv(tbs)?; // signature algorithm
     let (_, _, rest) = tlv(rest)?; // issuer
     let (_, validity, _) = tlv(rest)?;
-    let (_, _, rest) = tlv(validity)?; // notBefore
+    let (tag, t, rest) = tlv(validity)?;
+    let not_before = der_time(tag, t)?;
     let (tag, t, _) = tlv(rest)?;
+    Some((not_before, der_time(tag, t)?))
+}
+
+/// An X.509 `Time` (UTCTime, tag 0x17, or GeneralizedTime, 0x18) as unix seconds.
+fn der_time(tag: u8, t: &[u8]) -> Option<i64> {
     let t = std::str::from_utf8(t).ok()?;
     let (year, rest) = match tag {
         0x17 => {
@@ -218,6 +293,77 @@ pub fn cert_not_after(cert: &CertificateDer<'_>) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed certificate valid from `from` to `until` (midnight UTC), as (PEM cert, PEM
+    /// key).
+    fn cert_between(from: (i32, u8, u8), until: (i32, u8, u8), ca: bool) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        p.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        if ca {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn unix(y: i16, m: i8, d: i8) -> i64 {
+        jiff::civil::date(y, m, d)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_second()
+    }
+
+    /// T5-5: the validity period is read (UTCTime before 2050, GeneralizedTime after), a leaf
+    /// outside it is refused with the date, and a CA bundle is refused only when none of its
+    /// certificates is valid.
+    #[test]
+    fn certificates_outside_their_validity_are_refused() {
+        let (old, old_key) = cert_between((2019, 1, 1), (2021, 3, 4), false);
+        let der = parse_certs(old.as_bytes()).unwrap().remove(0);
+        assert_eq!(
+            cert_validity(&der),
+            Some((unix(2019, 1, 1), unix(2021, 3, 4)))
+        );
+        let e = server_config(old.as_bytes(), old_key.as_bytes(), MinVersion::Tls12, None)
+            .err()
+            .unwrap();
+        assert_eq!(e.path(), "tls.cert");
+        assert!(
+            e.to_string().contains("expired on 2021-03-04 00:00:00 UTC"),
+            "{e}"
+        );
+        let (future, future_key) = cert_between((2090, 6, 1), (2100, 1, 1), false);
+        let e = server_config(
+            future.as_bytes(),
+            future_key.as_bytes(),
+            MinVersion::Tls12,
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string()
+                .contains("is not valid before 2090-06-01 00:00:00 UTC"),
+            "{e}"
+        );
+        let now = unix(2030, 1, 1);
+        let (ca_old, _) = cert_between((2019, 1, 1), (2021, 1, 1), true);
+        let (ca_new, _) = cert_between((2020, 1, 1), (2040, 1, 1), true);
+        assert_eq!(check_ca_validity(ca_new.as_bytes(), now), Ok(None));
+        let both = format!("{ca_old}{ca_new}");
+        let w = check_ca_validity(both.as_bytes(), now).unwrap().unwrap();
+        assert!(
+            w.starts_with(
+                "1 of 2 certificates are not valid now: certificate 1 expired on 2021-01-01"
+            ),
+            "{w}"
+        );
+        let e = check_ca_validity(ca_old.as_bytes(), now).unwrap_err();
+        assert!(e.starts_with("no certificate in it is valid now"), "{e}");
+    }
 
     #[test]
     fn loads_rcgen_cert_and_detects_mismatch() {

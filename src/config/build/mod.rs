@@ -66,6 +66,16 @@ pub struct BuildContext<'a> {
     pub in_flight: Option<&'a crate::upstream_cap::KeyInFlightTable>,
 }
 
+/// A CA bundle with no certificate valid now is an error at `path`; one with some expired (or
+/// not yet valid) beside valid ones is a warning (`tls::check_ca_validity`).
+fn check_ca_validity(pem: &[u8], path: &str, errs: &mut Errors, warnings: &mut Vec<String>) {
+    match tls::check_ca_validity(pem, jiff::Timestamp::now().as_second()) {
+        Ok(None) => {}
+        Ok(Some(w)) => warnings.push(format!("{path}: {w}")),
+        Err(m) => errs.push(path, m),
+    }
+}
+
 /// Reads and deserializes a config file. Structural errors (unknown fields, wrong types) are
 /// reported with their TOML path; they stop the parse, so they come one at a time.
 pub fn load_file(path: &Path) -> Result<RawConfig, ConfigErrors> {
@@ -432,6 +442,9 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             .client_ca
             .as_deref()
             .and_then(|p| read_file(base, p, "tls.client_ca", &mut errs));
+        if let Some(pem) = &ca {
+            check_ca_validity(pem, "tls.client_ca", &mut errs, &mut warnings);
+        }
         match tls::server_config(&cert, &key, min_version, ca.as_deref()) {
             Ok((cfg, not_after)) => {
                 tls_config = Some(cfg);
@@ -465,6 +478,9 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     let upstream_ca =
         u.ca.as_deref()
             .and_then(|p| read_file(base, p, "upstream.ca", &mut errs));
+    if let Some(pem) = &upstream_ca {
+        check_ca_validity(pem, "upstream.ca", &mut errs, &mut warnings);
+    }
     let upstream = match Upstream::new(
         upstream_url,
         connect_timeout,
