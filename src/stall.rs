@@ -116,7 +116,7 @@ where
             progress: Arc::default(),
             seen: 0,
             owed_since: None,
-            timer: tokio::time::sleep(Duration::ZERO),
+            timer: None,
             send_timeout: self.send_timeout,
             peer: self.peer,
         });
@@ -135,8 +135,11 @@ pin_project_lite::pin_project! {
         // The last `owed` value seen, and since when it has been owed.
         seen: u64,
         owed_since: Option<tokio::time::Instant>,
+        // Made the first time the stream is owed a frame when it yields: most streams end in
+        // the poll that answers them and never need one (a timer costs a clock read and a
+        // runtime handle per stream; issue 10).
         #[pin]
-        timer: tokio::time::Sleep,
+        timer: Option<tokio::time::Sleep>,
         send_timeout: Duration,
         peer: std::net::SocketAddr,
     }
@@ -163,9 +166,19 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for SendDeadline<F
         if owed != *this.seen || this.owed_since.is_none() {
             *this.seen = owed;
             *this.owed_since = Some(now);
-            this.timer.as_mut().reset(now + *this.send_timeout);
+            let deadline = now + *this.send_timeout;
+            match this.timer.as_mut().as_pin_mut() {
+                Some(timer) => timer.reset(deadline),
+                None => this.timer.set(Some(tokio::time::sleep_until(deadline))),
+            }
         }
-        if this.timer.as_mut().poll(cx).is_pending() {
+        // (Always made by now: set whenever `owed_since` is.)
+        let expired = this
+            .timer
+            .as_mut()
+            .as_pin_mut()
+            .is_some_and(|timer| timer.poll(cx).is_ready());
+        if !expired {
             return Poll::Pending;
         }
         let peer = *this.peer;
