@@ -278,7 +278,15 @@ impl AuthFailure {
 }
 
 /// What the stages learn about the request, for the response headers and the access log.
+/// Dropped before the request was answered (its client went away), it writes the request's
+/// access line itself (status 499, see its `Drop`).
 struct Ctx<'a> {
+    start: Instant,
+    /// As received, or `REDACTED` (it held a token); moved into the access record.
+    method: http::Method,
+    path: Option<http::uri::PathAndQuery>,
+    /// A response exists: the access record went with it.
+    answered: bool,
     snap: &'a Arc<Snapshot>,
     shared: &'a Shared,
     conn: &'a Arc<Conn>,
@@ -368,8 +376,16 @@ pub async fn handle(
         req.method().clone()
     };
     let path = req.uri().path_and_query().cloned();
+    // keygate's own answers (refusals, introspection) to a HEAD request carry their header
+    // fields but no content (RFC 9110 §9.3.2); over HTTP/2 a HEAD response with DATA is a
+    // stream error (RFC 9113 §8.1.1) that clients report instead of the status.
+    let head = method == http::Method::HEAD;
 
     let mut ctx = Ctx {
+        start,
+        method,
+        path,
+        answered: false,
         snap: &snap,
         shared: &shared,
         conn: &conn,
@@ -386,10 +402,6 @@ pub async fn handle(
         held: Held::default(),
         quota_charge: None,
     };
-    // keygate's own answers (refusals, introspection) to a HEAD request carry their header
-    // fields but no content (RFC 9110 §9.3.2); over HTTP/2 a HEAD response with DATA is a
-    // stream error (RFC 9113 §8.1.1) that clients report instead of the status.
-    let head = method == http::Method::HEAD;
     let own = |r: Response<ResponseBody>| {
         if head {
             r.map(|_| ResponseBody::full(bytes::Bytes::new()))
@@ -444,22 +456,53 @@ pub async fn handle(
         },
     };
     finish_headers(&mut resp, &ctx);
-    let record = AccessRecord {
-        start,
-        request_id: request_id.clone(),
-        client_ip,
-        method,
-        path: ctx.echo_free_path.take().or(path.map(own_path)),
-        status: resp.status().as_u16(),
-        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
-        upstream_status: ctx.upstream_status,
-        bytes_in: ctx.stats.take(),
-        bytes_out: 0,
-        cut: None,
-        snapshot: snap.clone(),
-    };
-    in_flight.1 = ctx.held;
+    let record = ctx.record(resp.status().as_u16());
+    ctx.answered = true;
+    in_flight.1 = std::mem::take(&mut ctx.held);
     Ok(resp.map(|b| b.with_record(record).with_in_flight(in_flight)))
+}
+
+impl Ctx<'_> {
+    /// The access record of this request with `status` (taken once: method and path move in).
+    fn record(&mut self, status: u16) -> AccessRecord {
+        AccessRecord {
+            start: self.start,
+            request_id: self.request_id.clone(),
+            client_ip: self.client_ip,
+            method: std::mem::take(&mut self.method),
+            path: self
+                .echo_free_path
+                .take()
+                .or(self.path.take().map(own_path)),
+            status,
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            upstream_status: self.upstream_status,
+            bytes_in: self.stats.take(),
+            bytes_out: 0,
+            cut: None,
+            snapshot: self.snap.clone(),
+        }
+    }
+}
+
+/// Status of the access line of a request whose client went away before keygate answered it:
+/// nginx's 499 ("client closed request"), which operators' dashboards already know.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl Drop for Ctx<'_> {
+    /// The request's future was dropped before it had a response: its client closed the
+    /// connection or reset the stream while keygate waited (for the upstream's response head,
+    /// a verification, the body being buffered, the upstream queue). Before, such a request
+    /// left no access line at all; now it is logged with status 499, `completed: false`,
+    /// `cut_by: "client"` (an exchange already under way goes on without it: `Exchange`).
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let mut record = self.record(CLIENT_CLOSED_REQUEST);
+        record.cut = Some(crate::log::Cut::Client);
+        record.emit();
+    }
 }
 
 /// `X-Request-Id` from the client if well-formed (1–128 of `A-Za-z0-9._-`), else a new one.

@@ -148,3 +148,64 @@ async fn an_upstream_failing_mid_body_is_logged_cut_by_the_upstream() {
         assert_eq!(warn["level"], "WARN", "{warn}");
     }
 }
+
+/// A client that leaves before keygate answers (it closes the connection, HTTP/1.1, or resets
+/// the stream, HTTP/2, while the upstream is still working on the request): the request used
+/// to leave no access line at all. It is logged with nginx's 499, `completed: false`,
+/// `cut_by: client`, with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_answer_is_logged_499() {
+    let up = Upstream::start().await;
+    let (kg, token) = Keygate::with_key(&up.url(), "k");
+    let at_upstream = |id: &str| {
+        let id = id.to_string();
+        let up = &up;
+        move || {
+            up.requests()
+                .iter()
+                .any(|s| s.header("x-request-id") == Some(id.as_str()))
+                .then_some(())
+        }
+    };
+
+    let mut s = kg.tls_stream().await;
+    s.write_all(
+        format!("GET /slow?ms=3000 HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {token}\r\nX-Request-Id: gone-h1\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    eventually("gone-h1 at the upstream", &kg, at_upstream("gone-h1")).await;
+    drop(s);
+
+    let h2 = kg.client_h2();
+    let waiting = {
+        let (h2, req) = (
+            h2.clone(),
+            get_with_id(&kg, "/slow?ms=3000", &token, "gone-h2"),
+        );
+        tokio::spawn(async move { h2.send_raw(req).await.map(|r| r.status()) })
+    };
+    eventually("gone-h2 at the upstream", &kg, at_upstream("gone-h2")).await;
+    waiting.abort();
+
+    for id in ["gone-h1", "gone-h2"] {
+        let line = kg.access_line(id);
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["completed"], false, "{line}");
+        assert_eq!(line["cut_by"], "client", "{line}");
+        assert_eq!(line["key_id"], "k", "{line}");
+        assert_eq!(line["bytes_out"], 0, "{line}");
+    }
+    // Answered requests are logged once, with their own status.
+    let r = h2.send(get_with_id(&kg, "/", &token, "answered")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(kg.access_line("answered")["status"], 200);
+    let lines = kg.json_logs();
+    assert_eq!(
+        lines.iter().filter(|v| v["msg"] == "request").count(),
+        3,
+        "{}",
+        kg.logs()
+    );
+}
