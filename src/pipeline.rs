@@ -89,6 +89,11 @@ impl Shared {
 /// Per-connection state: who is on the other end, and whether it is busy (for idle timeout).
 pub struct Conn {
     pub peer: SocketAddr,
+    /// The snapshot whose global `[access]` rules admitted the peer at accept (SPEC §3), held
+    /// weakly (only its allocation, so its address is not reused while the connection lives):
+    /// a request under a newer snapshot is checked again, so that a reload denying a network
+    /// applies to connections already open (`gate`).
+    admitted_under: std::sync::Weak<Snapshot>,
     /// The peer's address (canonical) as a field value, for `X-Forwarded-For` and `X-Real-IP`:
     /// made once per connection rather than once per request.
     pub peer_value: HeaderValue,
@@ -111,9 +116,20 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection whose peer was not checked against any snapshot's rules: every request is.
     pub fn new(peer: SocketAddr) -> Self {
+        Self::admitted(peer, std::sync::Weak::new())
+    }
+
+    /// A connection whose peer `snap`'s global rules admitted at accept.
+    pub fn admitted_under(peer: SocketAddr, snap: &Arc<Snapshot>) -> Self {
+        Self::admitted(peer, Arc::downgrade(snap))
+    }
+
+    fn admitted(peer: SocketAddr, admitted_under: std::sync::Weak<Snapshot>) -> Self {
         Conn {
             peer,
+            admitted_under,
             peer_value: crate::forward::ip_value(peer.ip().to_canonical()),
             in_flight: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(0),
@@ -852,8 +868,14 @@ async fn rate_check(
 /// (when they could not be decided at accept), the header size limit and the protocol rules.
 fn gate<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
     let snap = ctx.snap;
-    // Behind trusted proxies the allow/deny decision could not be made at accept.
-    if !snap.access.decide_at_accept() && !snap.access.admits(ctx.client_ip) {
+    // Behind trusted proxies the allow/deny decision could not be made at accept; and a
+    // decision made at accept holds only for the snapshot that made it: after a reload, the
+    // open connections' next requests meet the new rules (a fresh user, T5-12: a network
+    // denied by a reload kept being served on its open HTTP/1.1 and HTTP/2 connections until
+    // they went idle; nginx evaluates `deny` per request too).
+    let decided_at_accept = snap.access.decide_at_accept()
+        && std::ptr::eq(ctx.conn.admitted_under.as_ptr(), Arc::as_ptr(snap));
+    if !decided_at_accept && !snap.access.admits(ctx.client_ip) {
         metrics::global().ip_denied();
         client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
         return Err(Reject::Forbidden);
