@@ -1480,28 +1480,73 @@ fn finish_headers(resp: &mut Response<ResponseBody>, ctx: &Ctx<'_>) {
         h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
     if let Some(r) = ctx.rate {
-        h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(r.limit));
+        h.insert(RATELIMIT_LIMIT.clone(), number_value(r.limit.into()));
         h.insert(
             RATELIMIT_REMAINING.clone(),
-            unique_per_response(HeaderValue::from(r.remaining)),
+            unique_per_response(number_value(r.remaining.into())),
         );
         h.insert(
             RATELIMIT_RESET.clone(),
-            unique_per_response(HeaderValue::from(r.reset_secs)),
+            unique_per_response(number_value(r.reset_secs)),
         );
     }
     let burst = ctx
         .rate
         .zip(ctx.key.as_ref().and_then(|k| k.limiter.as_ref()));
-    if burst.is_some() || ctx.quota.is_some() {
-        let (policy, current) = ratelimit_fields(burst.map(|(r, l)| (r, l.rate())), ctx.quota);
-        if let (Ok(p), Ok(c)) = (
-            HeaderValue::from_str(&policy),
-            HeaderValue::from_str(&current),
-        ) {
-            h.insert(RATELIMIT_POLICY.clone(), p);
-            h.insert(RATELIMIT.clone(), unique_per_response(c));
+    if (burst.is_some() || ctx.quota.is_some())
+        && let Some((policy, current)) =
+            ratelimit_fields(burst.map(|(r, l)| (r, l.rate())), ctx.quota)
+    {
+        h.insert(RATELIMIT_POLICY.clone(), policy);
+        h.insert(RATELIMIT.clone(), unique_per_response(current));
+    }
+}
+
+/// A count or a number of seconds as a field value. Below 256 it is a clone of a value made once
+/// (a reference count, no allocation); a larger one is formatted (one allocation). The three
+/// `RateLimit-*` numbers of a rate-limited key's every response cost three allocations before
+/// (issue 10).
+fn number_value(n: u64) -> HeaderValue {
+    static SMALL: std::sync::LazyLock<Vec<HeaderValue>> =
+        std::sync::LazyLock::new(|| (0..256u64).map(HeaderValue::from).collect());
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| SMALL.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
+}
+
+/// A field value formatted on the stack (at most 192 bytes; more is an error), so that the only
+/// allocation is the value's own.
+struct FieldBuf {
+    buf: [u8; 192],
+    len: usize,
+}
+
+impl FieldBuf {
+    fn new() -> Self {
+        FieldBuf {
+            buf: [0; 192],
+            len: 0,
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_bytes(&self.buf[..self.len]).ok()
+    }
+}
+
+impl std::fmt::Write for FieldBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -1515,37 +1560,43 @@ fn finish_headers(resp: &mut Response<ResponseBody>, ctx: &Ctx<'_>) {
 ///   completely in `w` seconds (burst × period / count, rounded up, ≥ 1).
 /// * `"quota"`: the calendar quota, `q` = the limit, `w` = the window's length (86400 for a day,
 ///   the month's length for a month); units are request costs from `[quota_costs]`.
+///
+/// Returns (`RateLimit-Policy`, `RateLimit`), formatted without a `String` (two allocations, the
+/// values'; four before).
 pub fn ratelimit_fields(
     burst: Option<(RateInfo, crate::limits::Rate)>,
     quota: Option<QuotaState>,
-) -> (String, String) {
+) -> Option<(HeaderValue, HeaderValue)> {
     use std::fmt::Write as _;
-    let mut policy = String::with_capacity(64);
-    let mut current = String::with_capacity(64);
+    let mut policy = FieldBuf::new();
+    let mut current = FieldBuf::new();
     if let Some((info, rate)) = burst {
         let refill = rate.period.as_secs_f64() * f64::from(info.limit) / f64::from(rate.count);
         let w = (refill.ceil() as u64).max(1);
-        let _ = write!(policy, "\"burst\";q={};w={w}", info.limit);
-        let _ = write!(
+        write!(policy, "\"burst\";q={};w={w}", info.limit).ok()?;
+        write!(
             current,
             "\"burst\";r={};t={}",
             info.remaining, info.reset_secs
-        );
+        )
+        .ok()?;
     }
     if let Some(q) = quota {
         let sep = if policy.is_empty() { "" } else { ", " };
-        let _ = write!(
+        write!(
             policy,
             "{sep}\"quota\";q={};w={}",
             q.quota.limit, q.window_secs
-        );
-        let _ = write!(
+        )
+        .ok()?;
+        write!(
             current,
             "{sep}\"quota\";r={};t={}",
             q.remaining, q.reset_secs
-        );
+        )
+        .ok()?;
     }
-    (policy, current)
+    Some((policy.value()?, current.value()?))
 }
 
 #[cfg(test)]
@@ -1626,5 +1677,67 @@ mod tests {
         assert_eq!(id, "client-chosen.id_1");
         assert!(id.is_sensitive());
         assert_eq!(request_id_str(&id), "client-chosen.id_1");
+    }
+
+    /// The RateLimit fields, formatted on the stack, read as before (the draft's syntax).
+    #[test]
+    fn ratelimit_fields_are_formatted_as_the_draft_says() {
+        let info = RateInfo {
+            limit: 10,
+            remaining: 7,
+            reset_secs: 2,
+            retry_after: None,
+        };
+        let rate = crate::limits::Rate {
+            count: 5,
+            period: std::time::Duration::from_secs(1),
+        };
+        let quota = QuotaState {
+            quota: crate::quota::Quota {
+                limit: 1000,
+                period: crate::quota::Period::Day,
+            },
+            used: 1,
+            remaining: 999,
+            reset_secs: 3600,
+            window_secs: 86400,
+            refused: None,
+        };
+        let (p, c) = ratelimit_fields(Some((info, rate)), Some(quota)).unwrap();
+        assert_eq!(p, "\"burst\";q=10;w=2, \"quota\";q=1000;w=86400");
+        assert_eq!(c, "\"burst\";r=7;t=2, \"quota\";r=999;t=3600");
+        let (p, c) = ratelimit_fields(None, Some(quota)).unwrap();
+        assert_eq!(p, "\"quota\";q=1000;w=86400");
+        assert_eq!(c, "\"quota\";r=999;t=3600");
+        let max = QuotaState {
+            quota: crate::quota::Quota {
+                limit: u64::MAX,
+                period: crate::quota::Period::Month,
+            },
+            used: 0,
+            remaining: u64::MAX,
+            reset_secs: u64::MAX,
+            window_secs: u64::MAX,
+            refused: None,
+        };
+        let info = RateInfo {
+            limit: u32::MAX,
+            remaining: u32::MAX,
+            reset_secs: u64::MAX,
+            retry_after: None,
+        };
+        let (p, _) = ratelimit_fields(Some((info, rate)), Some(max)).expect("fits 192 bytes");
+        assert!(p.to_str().unwrap().ends_with(&format!("w={}", u64::MAX)));
+    }
+
+    #[test]
+    fn numbers_as_field_values() {
+        for n in [0, 1, 9, 10, 255, 256, 1000, u64::MAX] {
+            assert_eq!(number_value(n), n.to_string().as_str());
+        }
+        // A clone of the table's value: marking it never-indexed leaves the table's alone.
+        let mut v = number_value(7);
+        v.set_sensitive(true);
+        assert!(!number_value(7).is_sensitive());
     }
 }
