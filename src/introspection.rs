@@ -45,7 +45,11 @@ pub async fn answer(
         Some(q) => {
             let now = crate::clock::now();
             let shared = match cluster {
-                Some(c) => c.quota_peek(&key.id, q, now).await.ok(),
+                // Redis unavailable: what this instance knows of the cluster's usage.
+                Some(c) => match c.quota_peek(&key.id, q, now).await {
+                    Ok(s) => Some(s),
+                    Err(_) => c.quota_known(&key.id, q, now),
+                },
                 None => None,
             };
             let s = match shared {

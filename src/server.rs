@@ -236,6 +236,7 @@ async fn serve(
         // The last uses noted since the last flush (bounded by the cluster timeout).
         let policy = shared.snapshot.load().key_networks;
         let _ = c.flush_uses(&policy, crate::clock::now()).await;
+        let _ = c.quota_sync(crate::clock::now(), false).await;
     }
     tracing::info!("stopped");
     drop(log);
@@ -1074,7 +1075,6 @@ async fn reload_on_sighup(
                     tls_override: None,
                     previous: Some(&prev_for_build),
                     in_flight: Some(&shared_for_build.key_in_flight),
-                    delivery_stores: Some(&shared_for_build.delivery_stores),
                 },
             )
         })

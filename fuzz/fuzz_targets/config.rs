@@ -80,7 +80,6 @@ fuzz_target!(|data: &[u8]| {
         }),
         previous: None,
         in_flight: None,
-        delivery_stores: None,
     };
     match build(raw, &ctx) {
         Ok(snapshot) => {

@@ -295,6 +295,8 @@ impl Cluster {
         loop {
             tick.tick().await;
             let _ = self.flush_uses(&policy(), crate::clock::now()).await;
+            // Quota counters: local units added, what this instance saw re-asserted.
+            let _ = self.quota_sync(crate::clock::now(), false).await;
         }
     }
 

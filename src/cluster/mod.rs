@@ -248,6 +248,32 @@ impl Cluster {
         let Some(conn) = self.conn.load_full().filter(|_| self.healthy()) else {
             return Err(ClusterError::Degraded);
         };
+        self.run_on(conn, op).await
+    }
+
+    /// [`run`](Self::run) on the current connection even while the cluster is marked
+    /// degraded: for the work that must be done before shared counting resumes (the quota
+    /// sync on reconnect).
+    async fn run_forced<T, F, Fut>(&self, op: F) -> Result<T, ClusterError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(ClusterError::Degraded);
+        };
+        self.run_on(conn, op).await
+    }
+
+    async fn run_on<T, F, Fut>(
+        &self,
+        conn: Arc<MultiplexedConnection>,
+        op: F,
+    ) -> Result<T, ClusterError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         match tokio::time::timeout(self.settings.timeout, op((*conn).clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -306,7 +332,14 @@ impl Cluster {
                     .connect(self.settings.timeout.max(RECONNECT_EVERY))
                     .await
                 {
-                    Ok(()) => self.recover(),
+                    // What this instance counted while Redis was unavailable goes to the
+                    // shared counters (and what it saw is re-asserted) before shared
+                    // counting resumes; if that fails, it stays degraded and tries again.
+                    Ok(()) => {
+                        if self.quota_sync(crate::clock::now(), true).await.is_ok() {
+                            self.recover();
+                        }
+                    }
                     Err(e) => {
                         if first {
                             self.announce_down(&e);

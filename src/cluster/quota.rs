@@ -18,8 +18,19 @@
 //! the window's flag (`<prefix>qx:<key id>:<window start>`, `SET NX` in the lease script) unset
 //! logs it. Once the shared counter is at the limit an instance refuses without asking Redis
 //! until the window ends (the counter never goes down within a window), so an over-quota
-//! client costs Redis nothing. While Redis is unavailable (`on_error = "local"`) each
-//! instance counts and logs on its own, as without cluster mode.
+//! client costs Redis nothing.
+//!
+//! While Redis is unavailable (`on_error = "local"`) an instance continues from the cluster
+//! usage it last saw for the key and window ([`Cluster::quota_charge_degraded`]), not from
+//! zero (fresh user T5-10: a `40/day` key with 9 units left was served 50 more times during a
+//! 1 s stall); what it admits is added to the shared counter before shared counting resumes.
+//! Every instance re-asserts the highest counter it has seen for each live window on the
+//! write-behind tick ([`Cluster::quota_sync`], a max-merge), so Redis losing its data does not
+//! hand the window to the first instance that leases (fresh user T5-2).
+//!
+//! `used` as shown (introspection, `RateLimit`) is the shared counter minus this instance's
+//! unspent lease plus its unsynced local units: other instances' unspent leases count as used
+//! (ahead of real spending by at most (instances − 1) × lease size, docs/cluster.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,7 +48,11 @@ use crate::quota::{Quota, QuotaState, window};
 /// cluster-wide}. A counter below what the instance saw (Redis lost its data: restarted
 /// without persistence, failed over, flushed) is raised to it first, so one instance's memory
 /// re-seeds the cluster's count instead of the window starting again from zero.
-/// Both keys get the TTL in the same atomic script (no key without an expiry).
+/// KEYS[3] = this instance's receipt for the key and window: a grant writes
+/// `"<ARGV[7]> <granted>"` there (TTL ARGV[8]), so that a lease whose reply was lost (a
+/// timeout: a stalled Redis runs the script when it wakes) is recognised by the next sync and
+/// its units are not counted twice (see [`Cluster::quota_sync`]).
+/// Every key gets a TTL in the same atomic script (no key without an expiry).
 const LEASE_LUA: &str = r"
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 local seen = tonumber(ARGV[6])
@@ -50,12 +65,71 @@ if avail >= tonumber(ARGV[4]) and avail > 0 then
   local grant = math.min(tonumber(ARGV[2]), avail)
   used = redis.call('INCRBY', KEYS[1], grant)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[7] .. ' ' .. grant, 'EX', ARGV[8])
   return {grant, used, 0}
 end
 if ARGV[5] == '1' then return {0, used, 0} end
 local first = redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3])
 return {0, used, first and 1 or 0}
 ";
+
+/// Per key, KEYS = counter, "exceeded" flag, this instance's lease receipt; ARGV = the counter
+/// this instance saw, units it admitted locally, TTL seconds, 1 to set the flag, the nonce of
+/// a lease whose reply was lost (0: none). A lease the receipt shows was granted after all
+/// (`late` units, already in the counter) pays for the local units first. Then a counter
+/// below what the instance saw is raised to it (never lowered), and the rest of the local
+/// units are added; the flag is set `NX`. Returns {counter after, late} per key.
+const SYNC_LUA: &str = r"
+local out = {}
+for i = 1, #KEYS, 3 do
+  local a = (i - 1) / 3 * 5
+  local seen = tonumber(ARGV[a + 1])
+  local add = tonumber(ARGV[a + 2])
+  local late = 0
+  if ARGV[a + 5] ~= '0' then
+    local r = redis.call('GET', KEYS[i + 2])
+    if r then
+      local sp = string.find(r, ' ')
+      if sp and string.sub(r, 1, sp - 1) == ARGV[a + 5] then
+        late = tonumber(string.sub(r, sp + 1))
+      end
+    end
+  end
+  add = math.max(0, add - late)
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used < seen or add > 0 then
+    used = math.max(used, seen) + add
+    redis.call('SET', KEYS[i], used, 'EX', ARGV[a + 3])
+  end
+  if ARGV[a + 4] == '1' then
+    redis.call('SET', KEYS[i + 1], '1', 'NX', 'EX', ARGV[a + 3])
+  end
+  out[#out + 1] = {used, late}
+end
+return out
+";
+
+/// How long a lease receipt is kept (at most the window's TTL): a lease whose reply was
+/// lost and that no sync resolves within this is counted as used, as before receipts.
+const RECEIPT_TTL: i64 = 86_400;
+
+/// A fresh nonce for a lease receipt: random per process, then counting (never 0).
+fn lease_nonce() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    let n = NEXT
+        .get_or_init(|| AtomicU64::new(rand::random::<u64>() >> 1 | 1))
+        .fetch_add(1, Ordering::Relaxed);
+    n.max(1)
+}
+
+/// Keys per sync script call (bounds how long one call holds Redis: ~1 µs per key).
+pub const SYNC_BATCH: usize = 500;
+
+fn sync_script() -> &'static Script {
+    static S: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    S.get_or_init(|| Script::new(SYNC_LUA))
+}
 
 fn script() -> &'static Script {
     static S: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
@@ -74,10 +148,18 @@ pub struct QuotaLeases {
 #[derive(Default, Clone, Copy)]
 struct KeyLease {
     window_start: i64,
+    /// Unix second the window ends (for the TTL of what [`Cluster::quota_sync`] writes).
+    window_end: i64,
     /// Units leased and not yet spent.
     units: u64,
-    /// The window's counter in Redis after this instance's last lease.
+    /// The highest value of the window's counter in Redis this instance has seen (lease and
+    /// sync replies): a lower bound of the cluster's usage, re-asserted by every sync.
     used_shared: u64,
+    /// Units admitted beyond the lease while Redis was unavailable (`on_error = "local"`),
+    /// not yet added to the shared counter (the next sync adds them).
+    local: u64,
+    /// `quota_exceeded` was logged by this instance while Redis was unavailable.
+    local_refused: bool,
     /// Redis refused a lease because the counter is at the limit: later refusals in this
     /// window need not ask (the first one did, for the once-per-cluster `quota_exceeded`).
     exhausted: bool,
@@ -86,13 +168,17 @@ struct KeyLease {
     last_fetch: Option<Instant>,
     /// A background lease request is under way.
     prefetching: bool,
+    /// The nonce of a lease request whose reply never came (timeout, connection lost): Redis
+    /// may have granted it; the next sync finds out from the receipt.
+    uncertain: u64,
 }
 
 /// A new window (or a changed period) starts from an empty lease.
-fn reset_on_new_window(l: &mut KeyLease, start: i64) {
+fn reset_on_new_window(l: &mut KeyLease, start: i64, end: i64) {
     if l.window_start != start {
         *l = KeyLease {
             window_start: start,
+            window_end: end,
             ..KeyLease::default()
         };
     }
@@ -125,8 +211,11 @@ fn next_lease(q: Quota, l: &KeyLease, now: Instant) -> u64 {
 }
 
 fn state(q: Quota, l: &KeyLease, now: i64, end: i64, refused: Option<bool>) -> QuotaState {
-    // Units this instance holds are not used yet.
-    let used = l.used_shared.saturating_sub(l.units).min(q.limit);
+    // Units this instance holds are not used yet; units it admitted while Redis was
+    // unavailable are, though the shared counter does not show them yet.
+    let used = (l.used_shared + l.local)
+        .saturating_sub(l.units)
+        .min(q.limit);
     QuotaState {
         quota: q,
         used,
@@ -149,7 +238,7 @@ impl Cluster {
     ) -> Result<QuotaState, ClusterError> {
         let (start, end) = window(quota.period, now);
         let take = |l: &mut KeyLease| {
-            reset_on_new_window(l, start);
+            reset_on_new_window(l, start, end);
             if l.units >= cost {
                 l.units -= cost;
                 // Running low: lease the next block in the background (see `prefetch`).
@@ -206,7 +295,7 @@ impl Cluster {
             .quota_lease(key_id, quota, now, need, need.max(lease), false)
             .await?;
         Ok(self.quota_leases.with(key_id, |l| {
-            reset_on_new_window(l, start);
+            reset_on_new_window(l, start, end);
             l.units += granted;
             l.used_shared = l.used_shared.max(used);
             if l.units >= cost {
@@ -233,6 +322,7 @@ impl Cluster {
         let counter = self.key(&["q", key_id, &start.to_string()]);
         let flag = self.key(&["qx", key_id, &start.to_string()]);
         let ttl = (end - now).max(1) + 86_400;
+        let receipt = self.receipt_key(key_id, start);
         let seen = self.quota_leases.with(key_id, |l| {
             if l.window_start == start {
                 l.used_shared
@@ -240,20 +330,39 @@ impl Cluster {
                 0
             }
         });
-        self.run(|mut c| async move {
-            script()
-                .key(counter)
-                .key(flag)
-                .arg(quota.limit)
-                .arg(want)
-                .arg(ttl)
-                .arg(need)
-                .arg(u8::from(prefetch))
-                .arg(seen)
-                .invoke_async(&mut c)
-                .await
-        })
-        .await
+        let nonce = lease_nonce();
+        let reply = self
+            .run(|mut c| async move {
+                script()
+                    .key(counter)
+                    .key(flag)
+                    .key(receipt)
+                    .arg(quota.limit)
+                    .arg(want)
+                    .arg(ttl)
+                    .arg(need)
+                    .arg(u8::from(prefetch))
+                    .arg(seen)
+                    .arg(nonce)
+                    .arg(ttl.min(RECEIPT_TTL))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        // Sent, and no answer (a refusal while degraded sent nothing).
+        if matches!(reply, Err(ClusterError::Timeout | ClusterError::Redis(_))) {
+            self.quota_leases.with(key_id, |l| {
+                if l.window_start == start {
+                    l.uncertain = nonce;
+                }
+            });
+        }
+        reply
+    }
+
+    /// `<prefix>ql:<key id>:<window start>:<instance>`: this instance's last lease receipt.
+    fn receipt_key(&self, key_id: &str, start: i64) -> String {
+        self.key(&["ql", key_id, &start.to_string(), &self.settings.instance])
     }
 
     /// Leases the key's next block in the background when its units run low (half of the
@@ -308,15 +417,130 @@ impl Cluster {
             })
             .await?;
         Ok(self.quota_leases.with(key_id, |l| {
-            if l.window_start != start {
-                *l = KeyLease {
-                    window_start: start,
-                    ..KeyLease::default()
-                };
-            }
+            reset_on_new_window(l, start, end);
             l.used_shared = l.used_shared.max(used.unwrap_or(0));
             state(quota, l, now, end, None)
         }))
+    }
+
+    /// What this instance knows of the key's window without asking Redis: the highest shared
+    /// counter it saw, plus what it admitted locally since, minus its unspent lease. For the
+    /// introspection endpoint while Redis is unavailable; `None` when this instance has not
+    /// seen the window (its own local counters are then all it knows).
+    pub fn quota_known(&self, key_id: &str, quota: Quota, now: i64) -> Option<QuotaState> {
+        let (start, end) = window(quota.period, now);
+        self.quota_leases.with(key_id, |l| {
+            (l.window_start == start && (l.used_shared > 0 || l.local > 0))
+                .then(|| state(quota, l, now, end, None))
+        })
+    }
+
+    /// Counts `cost` units while Redis is unavailable (`on_error = "local"`), continuing from
+    /// what this instance last knew of the cluster's usage: its unspent lease first (those
+    /// units are its own), then units beyond it while the highest shared counter it saw plus
+    /// what it admitted locally stays within the limit. So during an outage each instance
+    /// admits at most what was left when it last heard from Redis (an instance that never
+    /// leased for this window knows nothing and starts from zero), and what it admitted is
+    /// added to the shared counter by the next [`quota_sync`](Self::quota_sync) (at the
+    /// latest when Redis answers again, before shared counting resumes). `refused` is
+    /// `Some(true)` for this instance's first refusal in the window (logged `quota_exceeded`
+    /// on its own, as without cluster mode), unless the cluster already logged it. No Redis
+    /// call, no await.
+    pub fn quota_charge_degraded(
+        &self,
+        key_id: &str,
+        quota: Quota,
+        cost: u64,
+        now: i64,
+    ) -> QuotaState {
+        let (start, end) = window(quota.period, now);
+        self.quota_leases.with(key_id, |l| {
+            reset_on_new_window(l, start, end);
+            if l.units >= cost {
+                l.units -= cost;
+                return state(quota, l, now, end, None);
+            }
+            let extra = cost - l.units;
+            if l.used_shared.saturating_add(l.local).saturating_add(extra) <= quota.limit {
+                l.units = 0;
+                l.local += extra;
+                return state(quota, l, now, end, None);
+            }
+            let first = !l.exhausted && !l.local_refused;
+            l.local_refused = true;
+            state(quota, l, now, end, Some(first))
+        })
+    }
+
+    /// Re-asserts, for every live window this instance has counted in, the highest shared
+    /// counter it has seen (a max-merge: a counter is raised to it, never lowered), and adds
+    /// the units it admitted while Redis was unavailable; keys of windows it saw refused get
+    /// their `quota_exceeded` flag back. One script call per [`SYNC_BATCH`] keys. Called on
+    /// the write-behind tick (`history.rs`, every 2 s), when Redis answers again (before
+    /// shared counting resumes, `mod.rs`) and at shutdown. So when Redis loses its data
+    /// (restarted without persistence, flushed, failed over to a lagging replica), every
+    /// running instance puts back what it saw within one tick, instead of the first instance
+    /// to lease resetting the window to its own count. `force` runs it on a connection that
+    /// is not yet marked healthy (the reconnect). Errors leave the local units to the next
+    /// sync; a reply lost after Redis ran the script (a timeout) counts them again there
+    /// (an over-count of at most what was admitted locally; never an under-count).
+    pub async fn quota_sync(&self, now: i64, force: bool) -> Result<(), ClusterError> {
+        let live: Vec<(Box<str>, KeyLease)> = {
+            let g = self
+                .quota_leases
+                .keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            g.iter()
+                .filter(|(_, l)| {
+                    l.window_end > now && (l.used_shared > 0 || l.local > 0 || l.uncertain != 0)
+                })
+                .map(|(k, l)| (k.clone(), *l))
+                .collect()
+        };
+        for batch in live.chunks(SYNC_BATCH) {
+            let mut script = sync_script().prepare_invoke();
+            for (id, l) in batch {
+                let start = l.window_start.to_string();
+                script
+                    .key(self.key(&["q", id, &start]))
+                    .key(self.key(&["qx", id, &start]))
+                    .key(self.receipt_key(id, l.window_start))
+                    .arg(l.used_shared)
+                    .arg(l.local)
+                    .arg((l.window_end - now).max(1) + 86_400)
+                    .arg(u8::from(l.exhausted || l.local_refused))
+                    .arg(l.uncertain);
+            }
+            let invoke = |mut c: redis::aio::MultiplexedConnection| async move {
+                script.invoke_async::<Vec<(u64, u64)>>(&mut c).await
+            };
+            let counters = if force {
+                self.run_forced(invoke).await?
+            } else {
+                self.run(invoke).await?
+            };
+            let mut g = self
+                .quota_leases
+                .keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for ((id, sent), (used, late)) in batch.iter().zip(counters) {
+                if let Some(l) = g.get_mut(id)
+                    && l.window_start == sent.window_start
+                {
+                    l.used_shared = l.used_shared.max(used);
+                    l.local = l.local.saturating_sub(sent.local);
+                    // A lease granted after its reply was lost paid for the local units
+                    // first (the script added only the rest); what is left of it is ours.
+                    l.units += late.saturating_sub(sent.local);
+                    if l.uncertain == sent.uncertain {
+                        l.uncertain = 0;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

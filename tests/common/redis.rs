@@ -98,6 +98,30 @@ impl Redis {
         }
     }
 
+    /// Stalls the server (SIGSTOP): connections stay open, nothing is answered, as with a
+    /// Redis blocked by a long command or a frozen VM. [`Redis::resume`] continues it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Continues a server stalled by [`Redis::pause`] (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("a server this handle started")
+            .id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
