@@ -63,6 +63,9 @@ pub struct Shared {
     /// Each key's requests in flight (`max_concurrent`), by key id: runtime state that outlives
     /// the snapshots (a reload builds keys with the counters from here).
     pub key_in_flight: crate::upstream_cap::KeyInFlightTable,
+    /// Each webhook route's delivery ids, by route id: runtime state that outlives the
+    /// snapshots (a reload builds routes with the stores from here).
+    pub delivery_stores: crate::webhook::replay::DeliveryStores,
     /// Bytes of request bodies held at once
     /// ([`crate::buffer_budget::REQUEST_BUFFER_BUDGET`], webhook deliveries at most half).
     pub buffer_budget: crate::buffer_budget::BufferBudget,
@@ -79,6 +82,7 @@ impl Shared {
             verifier: Verifier::new(snapshot.auth.verify_concurrency),
             upstream_cap: UpstreamCap::new(snapshot.caps.upstream_max_connections),
             key_in_flight: Default::default(),
+            delivery_stores: Default::default(),
             buffer_budget: crate::buffer_budget::BufferBudget::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
             state,

@@ -1075,6 +1075,7 @@ async fn reload_on_sighup(
                     tls_override: None,
                     previous: Some(&prev_for_build),
                     in_flight: Some(&shared_for_build.key_in_flight),
+                    delivery_stores: Some(&shared_for_build.delivery_stores),
                 },
             )
         })

@@ -1,13 +1,14 @@
 //! A key's live state across sequences of SIGHUP reloads (SPEC §8; fresh user T3-15): a key
 //! removed (or renamed away) by one reload and put back by a later one. Its requests in flight
 //! (`max_concurrent`: tunnels for their whole life, held requests) keep counting whatever the
-//! sequence; its quota usage is kept by key id. Every test runs the real binary and reloads it
-//! with SIGHUP.
+//! sequence; its quota usage is kept by key id. The same for a webhook route's delivery ids.
+//! Every test runs the real binary and reloads it with SIGHUP.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::webhooks::*;
 use common::*;
 
 /// Opens tunnels with `token` until `n` are open at once; a refusal (the key's slots are still
@@ -147,4 +148,50 @@ async fn a_key_removed_and_put_back_keeps_its_quota_usage() {
         kg.events("quota_exceeded").into_iter().next()
     })
     .await;
+}
+
+/// The same kind for webhook routes: a delivery the upstream accepted is still answered as a
+/// duplicate (200, not forwarded) after its route was removed by one reload and put back by
+/// another; on the old code the store started empty and the sender's retry was forwarded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_route_removed_and_put_back_still_knows_its_deliveries() {
+    let up = RecordingUpstream::start().await;
+    let secret = unique_secret("gh");
+    let (_, hash) = new_key("app");
+    let route = "[[webhooks]]\nid = \"gh\"\npath = \"/hooks/github\"\nscheme = \"github\"\n\
+                 secret = { env = \"WH_RELOAD\" }\n";
+    let base = || {
+        Keygate::builder()
+            .upstream_url(&up.url())
+            .key("app", &hash, "")
+    };
+    let kg = base()
+        .raw(route)
+        .start_with(&[("WH_RELOAD", secret.as_str())], None);
+    let c = kg.client();
+    let body = br#"{"action":"opened","number":1}"#;
+    let send = || {
+        c.send(post(
+            &kg.url("/hooks/github"),
+            &sign_github(&secret, body, "d-1"),
+            body,
+        ))
+    };
+    assert_eq!(send().await.status, 200);
+    assert_eq!(up.count(), 1);
+    assert_eq!(send().await.json()["status"], "duplicate");
+
+    assert_eq!(
+        reload_with(&kg, &base().config_text()).await["event"],
+        "config_reloaded"
+    );
+    assert_eq!(
+        reload_with(&kg, &base().raw(route).config_text()).await["event"],
+        "config_reloaded"
+    );
+    let r = send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "duplicate", "{}", r.text());
+    assert_eq!(up.count(), 1, "forwarded again after the route came back");
+    assert_no_secrets(&kg.logs(), &[&secret]);
 }

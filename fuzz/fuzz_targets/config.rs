@@ -80,6 +80,7 @@ fuzz_target!(|data: &[u8]| {
         }),
         previous: None,
         in_flight: None,
+        delivery_stores: None,
     };
     match build(raw, &ctx) {
         Ok(snapshot) => {

@@ -149,6 +149,14 @@ impl DeliveryStore {
         self.len() == 0
     }
 
+    /// Whether any id in it is still in flight or within the window (so dropping the store
+    /// would forget something).
+    pub fn has_live(&self) -> bool {
+        match self {
+            DeliveryStore::Local(s) | DeliveryStore::Shared(s) => s.has_live(Instant::now()),
+        }
+    }
+
     /// The window, capacity and whether the store is shared, to decide whether a reload can
     /// keep this store.
     pub fn settings(&self) -> (Duration, usize, bool) {
@@ -156,6 +164,50 @@ impl DeliveryStore {
             DeliveryStore::Local(s) => (s.window, s.capacity, false),
             DeliveryStore::Shared(s) => (s.window, s.capacity, true),
         }
+    }
+}
+
+/// The delivery-id stores of every webhook route id, for the life of the process (runtime state
+/// beside the config, like the keys' in-flight counts): a route removed by one reload and put
+/// back by a later one finds the ids it accepted or has in flight, so a sender's retry of a
+/// delivery the upstream already took is still answered as a duplicate instead of forwarded
+/// again (the same kind as fresh user T3-15's in-flight counts). A removed route's store is
+/// kept while any of its ids is live (in flight, or accepted within `dedupe_window`), then
+/// dropped at the next config build. Only config builds touch it.
+#[derive(Default)]
+pub struct DeliveryStores(Mutex<HashMap<Box<str>, std::sync::Arc<DeliveryStore>>>);
+
+impl DeliveryStores {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, std::sync::Arc<DeliveryStore>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the stores of `routes` (the snapshot being replaced).
+    pub fn adopt<'a>(&self, routes: impl IntoIterator<Item = &'a crate::webhook::Route>) {
+        let mut map = self.lock();
+        for r in routes {
+            map.insert((*r.id).into(), r.deliveries.clone());
+        }
+    }
+
+    /// The kept store of route `id`, if any.
+    pub fn get(&self, id: &str) -> Option<std::sync::Arc<DeliveryStore>> {
+        self.lock().get(id).cloned()
+    }
+
+    /// Drops the stores of routes not in `configured` that hold nothing live any more.
+    pub fn prune(&self, configured: impl Fn(&str) -> bool) {
+        self.lock()
+            .retain(|id, store| configured(id) || store.has_live());
+    }
+
+    /// Route ids with a kept store.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -220,6 +272,13 @@ impl LocalStore {
         }
         self.insert(&mut g, id, State::InFlight, now);
         Claim::Fresh
+    }
+
+    fn has_live(&self, now: Instant) -> bool {
+        let g = self.lock();
+        g.entries
+            .values()
+            .any(|&(state, since)| self.live(state, since, now))
     }
 
     fn is_accepted(&self, id: &IdHash, now: Instant) -> bool {

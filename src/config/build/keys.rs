@@ -13,7 +13,10 @@
 //! The in-flight count bounds live resources (tunnels, upstream work), so no sequence may reset
 //! it. A rate-limit bucket of a removed key is not kept: removing a key ends its policy, and a
 //! re-added key gets at most one burst more than a key that stayed (SPEC §8 keeps the state of
-//! keys that remain). The verified cache is a cache: losing it costs one verification.
+//! keys that remain). The verified cache is a cache: losing it costs one verification. A
+//! webhook route's delivery ids are kept the same way as the in-flight counts
+//! (`webhooks.rs`, [`crate::webhook::replay::DeliveryStores`]): forgetting them would forward a
+//! delivery the upstream already accepted.
 
 use std::collections::HashMap;
 use std::sync::Arc;

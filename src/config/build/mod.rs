@@ -64,6 +64,9 @@ pub struct BuildContext<'a> {
     /// a key takes its counter from here, so no sequence of reloads resets a count that
     /// requests still hold. `None` (`check`, start-up): carried from `previous`, else new.
     pub in_flight: Option<&'a crate::upstream_cap::KeyInFlightTable>,
+    /// The runtime's webhook delivery-id stores, which outlive snapshots (a route removed and
+    /// put back keeps its ids). `None`: carried from `previous` only.
+    pub delivery_stores: Option<&'a crate::webhook::replay::DeliveryStores>,
 }
 
 /// A CA bundle with no certificate valid now is an error at `path`; one with some expired (or
@@ -723,7 +726,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     let webhooks = webhooks::build(
         &raw.webhooks,
         base,
-        ctx.previous,
+        (ctx.previous, ctx.delivery_stores),
         introspection_path.as_deref(),
         cluster.is_some(),
         &mut errs,

@@ -2,9 +2,11 @@
 //! (`webhooks[1].secrets[0]`); secret values never appear in a message.
 //!
 //! Secrets are resolved here, so a reload re-reads every environment variable, file and
-//! credential. What must survive a reload is carried over from the previous snapshot for a route
-//! with the same id: its duplicate-delivery memory (same window and capacity) and its rate-limit
-//! bucket (same rate and burst).
+//! credential. What must survive a reload is carried over for a route with the same id: its
+//! duplicate-delivery memory (same window and capacity), from the previous snapshot or, for a
+//! route removed by an earlier reload and put back, from the runtime's
+//! [`DeliveryStores`]; and its rate-limit bucket (same rate and burst), from the previous
+//! snapshot only (a removed route's rate limit starts afresh, as a key's does).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use crate::config::raw::RawWebhook;
 use crate::config::secret::Secret;
 use crate::config::{ConfigErrors, Snapshot};
 use crate::limits::KeyLimiter;
-use crate::webhook::replay::{DEFAULT_CAPACITY, DeliveryStore};
+use crate::webhook::replay::{DEFAULT_CAPACITY, DeliveryStore, DeliveryStores};
 use crate::webhook::{IdSource, Route, Routes, Scheme};
 
 /// Default `max_body_bytes`: 1 MiB.
@@ -37,12 +39,15 @@ pub const MAX_DEDUPE_IDS: usize = 1_000_000;
 pub(super) fn build(
     raw: &[RawWebhook],
     base: &Path,
-    previous: Option<&Snapshot>,
+    (previous, kept): (Option<&Snapshot>, Option<&DeliveryStores>),
     introspection: Option<&str>,
     shared: bool,
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> Routes {
+    if let (Some(kept), Some(prev)) = (kept, previous) {
+        kept.adopt(prev.webhooks.0.iter().map(|r| &**r));
+    }
     let mut routes: Vec<Arc<Route>> = Vec::with_capacity(raw.len());
     // (index, normalised path) of every route with a valid path, for the overlap check.
     let mut paths: Vec<(usize, String)> = Vec::new();
@@ -82,9 +87,15 @@ pub(super) fn build(
             paths.push((i, path));
         }
         let old = previous.and_then(|s| s.webhooks.get(&w.id));
-        if let Some(route) = build_route(i, w, base, old.map(|r| &**r), shared, errs) {
+        // The route's delivery ids: from the snapshot being replaced, else from the runtime's
+        // stores (a route removed by an earlier reload and now put back).
+        let store = (old.map(|r| r.deliveries.clone())).or_else(|| kept?.get(&w.id));
+        if let Some(route) = build_route(i, w, base, old.map(|r| &**r), store, shared, errs) {
             routes.push(Arc::new(route));
         }
+    }
+    if let Some(kept) = kept {
+        kept.prune(|id| raw.iter().any(|w| w.id == id));
     }
     Routes(routes)
 }
@@ -170,6 +181,7 @@ fn build_route(
     w: &RawWebhook,
     base: &Path,
     old: Option<&Route>,
+    old_store: Option<Arc<DeliveryStore>>,
     shared: bool,
     errs: &mut Errors,
 ) -> Option<Route> {
@@ -345,10 +357,8 @@ fn build_route(
         }
     });
     let window = dedupe_window;
-    let deliveries = match old {
-        Some(o) if o.deliveries.settings() == (window, dedupe_max_ids, shared) => {
-            o.deliveries.clone()
-        }
+    let deliveries = match old_store {
+        Some(o) if o.settings() == (window, dedupe_max_ids, shared) => o,
         _ if shared => Arc::new(DeliveryStore::shared(window, dedupe_max_ids)),
         _ => Arc::new(DeliveryStore::local(window, dedupe_max_ids)),
     };
@@ -394,7 +404,7 @@ pub fn webhook_route(
         ));
     };
     let mut errs = Errors(Vec::new());
-    let route = build_route(i, &raw.webhooks[i], base, None, false, &mut errs);
+    let route = build_route(i, &raw.webhooks[i], base, None, None, false, &mut errs);
     match route {
         Some(r) if errs.0.is_empty() => Ok(Arc::new(r)),
         _ => Err(ConfigErrors(errs.0)),
