@@ -98,6 +98,12 @@ pub struct Conn {
     /// a request under a newer snapshot is checked again, so that a reload denying a network
     /// applies to connections already open (`gate`).
     admitted_under: std::sync::Weak<Snapshot>,
+    /// The client's certificate chain (leaf first) when it presented one (`[tls] client_ca`),
+    /// and the digest of the CA bundle it was last verified against: after a reload that
+    /// changes `client_ca`, the chain is verified again before the connection's next request
+    /// is served (`gate`).
+    client_chain: Option<Box<[rustls_pki_types::CertificateDer<'static>]>>,
+    verified_ca: std::sync::Mutex<Option<[u8; 32]>>,
     /// The peer's address (canonical) as a field value, for `X-Forwarded-For` and `X-Real-IP`:
     /// made once per connection rather than once per request.
     pub peer_value: HeaderValue,
@@ -125,15 +131,26 @@ impl Conn {
         Self::admitted(peer, std::sync::Weak::new())
     }
 
-    /// A connection whose peer `snap`'s global rules admitted at accept.
-    pub fn admitted_under(peer: SocketAddr, snap: &Arc<Snapshot>) -> Self {
-        Self::admitted(peer, Arc::downgrade(snap))
+    /// A connection whose peer `snap`'s global rules admitted at accept, and whose client
+    /// certificate chain, if any, `snap`'s `client_ca` verified in the handshake.
+    pub fn admitted_under(
+        peer: SocketAddr,
+        snap: &Arc<Snapshot>,
+        client_chain: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+    ) -> Self {
+        let mut conn = Self::admitted(peer, Arc::downgrade(snap));
+        conn.client_chain =
+            client_chain.map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+        conn.verified_ca = std::sync::Mutex::new(snap.client_auth.as_ref().map(|a| a.ca_digest));
+        conn
     }
 
     fn admitted(peer: SocketAddr, admitted_under: std::sync::Weak<Snapshot>) -> Self {
         Conn {
             peer,
             admitted_under,
+            client_chain: None,
+            verified_ca: std::sync::Mutex::new(None),
             peer_value: crate::forward::ip_value(peer.ip().to_canonical()),
             in_flight: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(0),
@@ -871,6 +888,32 @@ async fn rate_check(
     }
 }
 
+/// On a connection opened under an earlier snapshot: a client certificate verified in its
+/// handshake must still verify against the running `[tls] client_ca` (a fresh user, T5-11: a
+/// reload that replaced a compromised client CA left connections authenticated by it served
+/// indefinitely; nginx closes them at the reload). Verified once per connection and CA bundle;
+/// a connection without a certificate is refused once `client_ca` is required.
+fn check_client_cert(ctx: &Ctx<'_>) -> Result<(), Reject> {
+    let Some(auth) = &ctx.snap.client_auth else {
+        return Ok(());
+    };
+    let conn = ctx.conn;
+    let mut verified = conn
+        .verified_ca
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *verified == Some(auth.ca_digest) {
+        return Ok(());
+    }
+    if conn.client_chain.as_deref().is_some_and(|c| auth.admits(c)) {
+        *verified = Some(auth.ca_digest);
+        return Ok(());
+    }
+    drop(verified);
+    client_event!(ClientEvent::TlsHandshake, ctx.client_ip, Level::WARN, event = "client_cert_refused", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, presented = conn.client_chain.is_some(), "the connection's client certificate does not verify against the reloaded tls.client_ca");
+    Err(Reject::Forbidden)
+}
+
 /// The checks every request passes first, webhook deliveries included: the global IP rules
 /// (when they could not be decided at accept), the header size limit and the protocol rules.
 fn gate<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
@@ -886,6 +929,9 @@ fn gate<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
         metrics::global().ip_denied();
         client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
         return Err(Reject::Forbidden);
+    }
+    if !std::ptr::eq(ctx.conn.admitted_under.as_ptr(), Arc::as_ptr(snap)) {
+        check_client_cert(ctx)?;
     }
     check_header_size(req, snap.server.max_header_bytes)?;
     check_protocol(req, ctx)

@@ -445,7 +445,11 @@ async fn serve_connection(
 
     // Explicit limits against hostile clients (tests/hostile.rs, docs/hardening.md).
     let header_read_timeout = s.header_read_timeout;
-    let conn = Arc::new(Conn::admitted_under(peer, &snap));
+    let conn = Arc::new(Conn::admitted_under(
+        peer,
+        &snap,
+        tls.get_ref().1.peer_certificates(),
+    ));
     slot.established(conn.clone());
     // Set when the first request's head is complete and reaches the pipeline.
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -143,18 +144,7 @@ pub fn server_config(
     let builder =
         ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
     let builder = match client_ca_pem {
-        Some(pem) => {
-            let mut roots = RootCertStore::empty();
-            for c in parse_certs(pem).map_err(|e| TlsError::ClientCa(e.to_string()))? {
-                roots
-                    .add(c)
-                    .map_err(|e| TlsError::ClientCa(e.to_string()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(pem) => builder.with_client_cert_verifier(ClientAuth::new(pem)?.verifier),
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(OneCert(Arc::new(certified))));
@@ -162,6 +152,47 @@ pub fn server_config(
     cfg.ignore_client_order = true;
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok((Arc::new(cfg), not_after))
+}
+
+/// `[tls] client_ca` as the pipeline needs it after a reload: the verifier, and a digest of the
+/// CA bundle it was built from to tell whether a reload changed it.
+#[derive(Clone)]
+pub struct ClientAuth {
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// SHA-256 of the CA bundle's PEM text.
+    pub ca_digest: [u8; 32],
+}
+
+impl ClientAuth {
+    /// The verifier the TLS server uses for `pem` (webpki, keygate's crypto provider).
+    pub fn new(pem: &[u8]) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in parse_certs(pem).map_err(|e| TlsError::ClientCa(e.to_string()))? {
+            roots
+                .add(c)
+                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+        use sha2::Digest as _;
+        Ok(ClientAuth {
+            verifier,
+            ca_digest: sha2::Sha256::digest(pem).into(),
+        })
+    }
+
+    /// Whether a client's certificate chain (leaf first), verified at its handshake against
+    /// an earlier `client_ca`, still verifies against this one (RFC 5280 path validation by
+    /// webpki, at the current time).
+    pub fn admits(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.verifier
+            .verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now())
+            .is_ok()
+    }
 }
 
 #[derive(Debug)]

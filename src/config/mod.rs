@@ -130,6 +130,9 @@ fn scrub_piece(s: &str) -> String {
 pub struct Snapshot {
     pub server: ServerSettings,
     pub tls: Arc<rustls::ServerConfig>,
+    /// `[tls] client_ca`, for re-checking the client certificates of connections opened under
+    /// an earlier snapshot (`pipeline::gate`).
+    pub client_auth: Option<crate::tls::ClientAuth>,
     /// The leaf certificate's expiry (unix seconds), when it could be read.
     pub cert_not_after: Option<i64>,
     pub upstream: Upstream,

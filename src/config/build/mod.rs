@@ -440,6 +440,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     };
     let mut tls_config = None;
     let mut cert_not_after = None;
+    let mut client_auth = None;
     if let Some((cert, key)) = pem {
         let ca = raw_tls
             .client_ca
@@ -452,6 +453,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             Ok((cfg, not_after)) => {
                 tls_config = Some(cfg);
                 cert_not_after = not_after;
+                client_auth = ca.as_deref().and_then(|pem| tls::ClientAuth::new(pem).ok());
             }
             Err(e) => errs.push(e.path(), e.to_string()),
         }
@@ -742,6 +744,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     Ok(Snapshot {
         server,
         tls,
+        client_auth,
         cert_not_after,
         upstream,
         forwarding,
