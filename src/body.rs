@@ -438,6 +438,17 @@ pub struct ResponseBody {
     paced: Option<Arc<ReadPacer>>,
     /// The upstream connection this body comes from, until [`Self::gated`] attaches it.
     pacing: Option<Pacing>,
+    /// HTTP/1.1: the last chunk handed to hyper, kept until the next one arrives (issue 9 §3).
+    /// hyper's client reads an upstream body into one buffer and hands out each chunk as a view
+    /// of it; it reads the next chunk into the same buffer once the last one is gone, which the
+    /// write gate makes sure of. When that buffer grows from its first 8 KiB to
+    /// [`crate::forward::UPSTREAM_READ_BUF`], the `bytes` crate grows it in place to
+    /// 8 KiB + 16,320 bytes (jemalloc's 24 KiB class), and the connection keeps that for good:
+    /// 8 KiB more for every upstream connection that carried a large body, and for every slow
+    /// reader. With the last chunk still referenced, hyper takes a fresh buffer of exactly
+    /// 16,320 bytes instead (16 KiB class), and the old one is freed when the next chunk
+    /// arrives. The cost is a buffer taken and freed per chunk, from jemalloc's thread cache.
+    previous: Option<Bytes>,
     /// Inline rather than boxed: one allocation less per request.
     record: Option<AccessRecord>,
     in_flight: Option<crate::pipeline::InFlight>,
@@ -452,6 +463,7 @@ impl ResponseBody {
             gate: None,
             paced: None,
             pacing: None,
+            previous: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -468,6 +480,7 @@ impl ResponseBody {
             gate: None,
             paced: None,
             pacing: None,
+            previous: None,
             record: None,
             in_flight: None,
             tunnel: None,
@@ -519,6 +532,7 @@ impl ResponseBody {
 
     fn finish(&mut self) {
         self.pacing = None;
+        self.previous = None;
         if let (Some(pacer), Some(gate)) = (self.paced.take(), &self.gate) {
             pacer.detach(gate);
         }
@@ -724,6 +738,7 @@ impl Body for ResponseBody {
                     }
                     if let Some(gate) = &this.gate {
                         gate.handed_over();
+                        this.previous = Some(d.clone());
                     }
                 }
             }
@@ -769,8 +784,10 @@ impl Body for ResponseBody {
 /// completes only when its records are all in the socket, so a completed flush opens the gate
 /// ([`WriteGate::drained`]). The upstream connection the body comes from reads nothing while
 /// the gate is closed ([`ReadPacer`]), so a client that does not read makes keygate hold the one
-/// chunk being written (its TLS records, at most `server::TLS_SEND_BUFFER`, and what of it TLS
-/// could not take yet, in hyper's queue, sharing the upstream connection's read buffer): README,
+/// chunk being written: what of it TLS could not take yet, in hyper's queue, sharing the
+/// upstream connection's read buffer, and its TLS records, which the client's TLS stream hands
+/// to the kernel when the socket refuses them for its unsent-data bound (`server::ConnIo`; at
+/// most `server::TLS_SEND_BUFFER` stays when the socket's send buffer itself is full): README,
 /// "Memory". The rest of the response waits in the upstream connection's socket (TCP flow
 /// control), as nginx leaves it when its buffers are full. A client that keeps up is not
 /// slowed: the gate opens within the poll that wrote the chunk.

@@ -375,9 +375,13 @@ impl Drop for OpenConnection {
 }
 
 /// What one connection may have encrypted and waiting for the client's socket (rustls'
-/// default is 64 KiB): one TLS record. With hyper's write buffer (at most `max_buf_size`)
-/// and the upstream read buffers a response's chunks pin ([`crate::forward::UPSTREAM_READ_BUF`]),
-/// this bounds what a client that reads slowly can make keygate hold (README, "Memory").
+/// default is 64 KiB), in bytes: one TLS record. With hyper's write buffer (at most
+/// `max_buf_size`) and the upstream read buffers a response's chunks pin
+/// ([`crate::forward::UPSTREAM_READ_BUF`]), this bounds what a client that reads slowly can
+/// make keygate hold (README, "Memory"). On HTTP/1.1 a record the socket refused for its
+/// unsent-data bound ([`CLIENT_NOTSENT_LOWAT`]) is handed to the kernel ([`ConnIo`]), so
+/// keygate keeps one only when the socket's send buffer itself is full (a path whose window
+/// has not grown yet); on HTTP/2 the last record stays while its client does not read.
 pub const TLS_SEND_BUFFER: usize = 16 * 1024;
 
 /// What one HTTP/2 stream may have queued for a client that does not open its flow-control
@@ -428,6 +432,7 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     keep_alive(&stream);
+    bound_unsent(&stream);
     let s = &snap.server;
     // Memory per connection (issue 9 §3): the handshake's state (a TLS stream and a timer) is
     // boxed and freed once it is done, and the TLS stream it yields is boxed too, so that the
@@ -634,6 +639,22 @@ fn keep_alive(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&params);
 }
 
+/// How many bytes a client's socket may hold that the kernel has not sent yet (Linux
+/// `TCP_NOTSENT_LOWAT`; Cloudflare and Apple set it on their servers for the same reason), in
+/// bytes: 128 KiB, on HTTP/1.1 and HTTP/2 connections alike.
+/// Without it the kernel takes up to `net.ipv4.tcp_wmem`'s maximum (4 MiB) for a client that
+/// does not read: ~3.9 MB per slow reader on loopback, 3.9 GB for 1,000 of them (issue 9 §3).
+/// With it, a client that does not read makes the kernel hold at most this much unsent, plus
+/// what is in flight (the client's receive window) and one TLS record handed over when the
+/// socket refused it ([`ConnIo`]). Data in flight is not bounded by it, so a fast client's
+/// throughput is not: the kernel reports the socket writable again once less than half of it
+/// is unsent, and keygate refills it. Failure to set it is harmless (the kernel's default).
+pub const CLIENT_NOTSENT_LOWAT: u32 = 128 * 1024;
+
+fn bound_unsent(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(CLIENT_NOTSENT_LOWAT);
+}
+
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_PROBES: u32 = 6;
@@ -703,22 +724,76 @@ impl ConnIo {
         }
         polled
     }
-    /// New plaintext is encrypted only once the TLS records already made are all in the socket.
-    /// Otherwise a client that reads a few bytes at a time makes TLS top its buffer up with a
-    /// record per opening of its window: a slow reader ended up holding ~200 records of ~70
-    /// bytes (each an allocation, with its queue entry) instead of one. Ready: write on (nothing
-    /// is noted as written: the write that follows is).
-    fn poll_records_sent(
+    /// New plaintext is encrypted only once the TLS records already made are all in the socket,
+    /// and the socket has room (its writability, as the kernel last reported it: a refused
+    /// write clears it, and with [`CLIENT_NOTSENT_LOWAT`] the kernel sets it again once less
+    /// than half of that is unsent). Otherwise a client that reads a few bytes at a time makes
+    /// TLS top its buffer up with a record per opening of its window (a slow reader ended up
+    /// holding ~200 records of ~70 bytes, each an allocation, instead of one), and a client
+    /// that does not read makes keygate encrypt a 16 KiB record that then waits in keygate.
+    /// Ready: write on (nothing is noted as written: the write that follows is).
+    fn poll_room(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.inner.get_ref().1.wants_write() {
-            return std::task::Poll::Ready(Ok(()));
+        if self.inner.get_ref().1.wants_write() {
+            match tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.inner), cx) {
+                std::task::Poll::Pending => {
+                    if !self.hand_over_refused() {
+                        return self.note(std::task::Poll::Pending);
+                    }
+                }
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Ready(Ok(())) => {}
+            }
         }
-        match tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.inner), cx) {
+        match self.inner.get_ref().0.poll_write_ready(cx) {
             std::task::Poll::Pending => self.note(std::task::Poll::Pending),
-            done => done,
+            ready => ready,
         }
+    }
+
+    /// TLS records the client's socket refused (the client stopped reading while a record was
+    /// on its way) are handed to the kernel, with the socket's unsent-data bound lifted for
+    /// that one write: keygate then holds no encrypted data for a slow reader, only the
+    /// plaintext of the chunk being written (README "Memory"), and [`Self::poll_room`] makes
+    /// no new record until the kernel reports room. The kernel holds at most one record (16 KiB,
+    /// `TLS_SEND_BUFFER`) more than [`CLIENT_NOTSENT_LOWAT`] for it. A socket refused for its
+    /// send buffer instead (`tcp_wmem`, on a path with a small window) refuses this write too,
+    /// and the records stay in keygate, as before (at most `TLS_SEND_BUFFER`). Returns whether
+    /// none is left. Called only when a write did not go through, never on the fast path.
+    fn hand_over_refused(&mut self) -> bool {
+        let (tcp, tls) = self.inner.get_mut();
+        let sock = socket2::SockRef::from(&*tcp);
+        let _ = sock.set_tcp_notsent_lowat(i32::MAX as u32);
+        let mut out = SendNow(tcp);
+        while tls.wants_write() {
+            match tls.write_tls(&mut out) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        let _ = sock.set_tcp_notsent_lowat(CLIENT_NOTSENT_LOWAT);
+        !tls.wants_write()
+    }
+}
+
+/// A write straight to the socket (`send` with `MSG_DONTWAIT`), whatever tokio last heard
+/// of its writability: [`ConnIo::hand_over_refused`] writes right after a refusal, with the
+/// socket's bound lifted, when tokio would wait for the kernel's next wake-up.
+struct SendNow<'a>(&'a TcpStream);
+
+impl std::io::Write for SendNow<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use rustix::net::SendFlags;
+        Ok(rustix::net::send(
+            self.0,
+            buf,
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+        )?)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -745,7 +820,7 @@ impl tokio::io::AsyncWrite for ConnIo {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        std::task::ready!(this.poll_records_sent(cx))?;
+        std::task::ready!(this.poll_room(cx))?;
         let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
         this.note(polled)
     }
@@ -755,7 +830,7 @@ impl tokio::io::AsyncWrite for ConnIo {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        std::task::ready!(this.poll_records_sent(cx))?;
+        std::task::ready!(this.poll_room(cx))?;
         let polled = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.note(polled)
     }
@@ -767,7 +842,14 @@ impl tokio::io::AsyncWrite for ConnIo {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        let mut polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        if polled.is_pending() && this.hand_over_refused() {
+            // The records are the kernel's now, but the client has made no room: the flush
+            // completes (and the write gate opens, so the upstream reads on) only once the
+            // kernel reports room, and until then keygate holds no byte of the response but
+            // the upstream connection's read buffer.
+            polled = this.inner.get_ref().0.poll_write_ready(cx);
+        }
         // hyper flushes its I/O only once its own write queue is empty, and the TLS stream's
         // flush is done once its records are all in the socket: keygate holds nothing of the
         // response any more.

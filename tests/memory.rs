@@ -38,10 +38,11 @@ async fn small_window_tls(kg: &Keygate) -> tokio_rustls::client::TlsStream<tokio
 }
 
 /// 64 clients ask for 16 MiB each and read nothing. keygate's documented bound is one upstream
-/// chunk per such client (its TLS records and the upstream read buffer it came in, at most
-/// 32 KiB) plus the two connections' own state, about 85 KiB in all (README "Memory"); with
-/// hyper's default buffers it was ~750 KiB, and ~110 KiB before the write gate. The test allows
-/// 150 KiB per client, and checks that keygate still serves a normal request meanwhile (the
+/// chunk per such client (the upstream read buffer it came in, 16,320 bytes; its TLS record
+/// goes to the kernel, and only when the socket's send buffer is full stays, 16 KiB more) plus
+/// the two connections' own state, about 64 KiB in all (README "Memory"); with hyper's default
+/// buffers it was ~750 KiB, ~110 KiB before the write gate, ~85 KiB before the TLS record was
+/// handed to the kernel. The test allows 150 KiB per client, and checks that keygate still serves a normal request meanwhile (the
 /// upstream connections of the slow readers are paced by them, `body::ReadPacer`, and must not
 /// hold anyone else up) and gives the memory back once they are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,6 +125,82 @@ async fn clients_that_do_not_read_make_keygate_hold_a_bounded_number_of_bytes() 
     assert!(
         now <= before + 8 * 1024,
         "memory not given back after the slow readers left: {before} KiB before, {now} KiB now"
+    );
+}
+
+/// Bytes keygate's socket to `client` holds that the client has not acknowledged (sent and in
+/// flight, or not sent yet): the `tx_queue` column of `/proc/net/tcp` for that connection.
+fn unacked_bytes(kg: &Keygate, client: std::net::SocketAddr) -> Option<u64> {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => unreachable!("the test harness listens on IPv4"),
+    };
+    let (local, remote) = (hex(kg.addr), hex(client));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && f[1] == local && f[2] == remote)
+        .and_then(|f| u64::from_str_radix(f[4].split(':').next()?, 16).ok())
+}
+
+/// A client that stops reading a 16 MiB response makes the kernel hold a bounded amount for it,
+/// not `tcp_wmem`'s 4 MiB: keygate sets `TCP_NOTSENT_LOWAT` (128 KiB, `server::CLIENT_NOTSENT_LOWAT`)
+/// on client sockets, and once the socket refuses a TLS record keygate hands that record to the
+/// kernel and makes no new one until the kernel reports room (README "Memory"). Before, ~3.9 MB
+/// sat in each such socket on loopback. The bound checked: 128 KiB unsent + one 64 KiB segment
+/// the kernel fills past it + one TLS record + the client's small window, with a margin: 512 KiB.
+/// The client then reads the whole body, every byte in order (the handed-over records are part of
+/// the stream).
+#[tokio::test]
+async fn a_client_that_stops_reading_leaves_a_bounded_amount_in_the_kernel() {
+    use tokio::io::AsyncReadExt;
+    let up = Upstream::start().await;
+    let (kg, token) = Keygate::with_key(&up.url(), "stalled");
+    let mut s = small_window_tls(&kg).await;
+    let me = s.get_ref().0.local_addr().unwrap();
+    let n = 16 << 20;
+    let req = format!(
+        "GET /bytes?n={n} HTTP/1.1\r\nhost: localhost\r\nx-api-key: {token}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    // The socket fills within moments on loopback; wait until what it holds stops changing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    let held = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = unacked_bytes(&kg, me);
+        if now.is_some() && now == last || Instant::now() > deadline {
+            break now.expect("keygate's side of the connection in /proc/net/tcp");
+        }
+        last = now;
+    };
+    eprintln!("keygate's socket holds {held} bytes for a client that stopped reading");
+    assert!(
+        held > 0,
+        "nothing was sent: the test does not test anything"
+    );
+    assert!(
+        held <= 512 * 1024,
+        "{held} bytes held in the kernel for one client that does not read"
+    );
+    // Reading resumes: the whole body arrives, intact.
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut all))
+        .await
+        .expect("the body stalled after the client resumed reading")
+        .unwrap();
+    let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(all.starts_with(b"HTTP/1.1 200"), "{:?}", &all[..40]);
+    assert_eq!(all.len() - body_at, n);
+    assert!(
+        all[body_at..].iter().all(|&b| b == b'x'),
+        "body bytes changed"
     );
 }
 
