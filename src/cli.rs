@@ -339,6 +339,12 @@ pub fn install_panic_hook() {
 fn check(path: &Path) -> ExitCode {
     match load(path) {
         Ok(s) => {
+            if let Some(st) = &s.state
+                && let Err(e) = crate::usage::check_state_dir(&st.path)
+            {
+                let _ = writeln!(std::io::stderr(), "state.path: {e}");
+                return ExitCode::FAILURE;
+            }
             for w in &s.warnings {
                 let _ = writeln!(std::io::stderr(), "warning: {w}");
             }
@@ -908,6 +914,17 @@ fn init(o: &InitOptions<'_>) -> ExitCode {
         "Start:  systemctl enable --now keygate   (or: keygate run -c {})",
         config_path.display()
     );
+    let state_dir = Path::new(&state)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = state_dir.filter(|d| d.is_absolute() && !d.is_dir()) {
+        println!(
+            "        {} (state.path) does not exist yet: the systemd unit creates it; for \
+             keygate run, create it first (install -d -o keygate -g keygate {})",
+            d.display(),
+            d.display()
+        );
+    }
     let port = listen.port();
     println!(
         "Try:    curl --cacert {} -H 'X-API-Key: {}' https://localhost:{port}/",

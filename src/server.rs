@@ -113,6 +113,12 @@ async fn serve(
         })?;
     let local = listener.local_addr()?;
     crate::clock::init();
+    if let Some(st) = &snapshot.state
+        && let Err(e) = crate::usage::check_state_dir(&st.path)
+    {
+        tracing::error!(path = %st.path.display(), error = %e, "state.path: cannot keep key usage, quotas and network history");
+        return Err(std::io::Error::other(format!("state.path: {e}")));
+    }
     let state = match &snapshot.state {
         Some(st) => State::load(&st.path, &snapshot.key_networks).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "starting with empty key-usage state");

@@ -188,6 +188,36 @@ impl Usage {
     }
 }
 
+/// The state file can be written where `path` says: its directory exists and a file can be
+/// created and removed in it (as [`write_atomically`] does: a temporary file, then a rename).
+/// Checked by `keygate check` and at start-up, so that a missing or read-only directory is an
+/// error naming `state.path` rather than a warning every few seconds while usage, quotas and
+/// network history silently go unsaved (fresh user T5-9: a `3/day` quota started again from
+/// zero at every restart).
+pub fn check_state_dir(path: &Path) -> Result<(), String> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!(
+            "the directory {} does not exist (create it for the user keygate runs as; the \
+             systemd unit's StateDirectory= creates /var/lib/keygate)",
+            dir.display()
+        ));
+    }
+    let probe = dir.join(format!(".keygate-check.{}", std::process::id()));
+    std::fs::File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&probe);
+            format!(
+                "cannot write the state file's directory {}: {e}",
+                dir.display()
+            )
+        })
+}
+
 fn write_atomically(path: &Path, file: &StateFile) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(file).map_err(std::io::Error::other)?;
     let dir = path

@@ -428,3 +428,41 @@ fn demo_on_a_taken_port_prints_no_key_and_names_the_address() {
     assert!(!out.contains("kg_") && !out.contains("API key"), "{out}");
     assert!(err.contains(&addr) && err.contains("--listen"), "{err}");
 }
+
+/// T5-9: a `[state] path` whose directory is missing, or cannot be written (even by root:
+/// `/proc`), passed `check` and `run` served without ever saving usage, quotas or network
+/// history (a `3/day` quota started again at every restart). Both refuse it now, naming
+/// `state.path`; a writable one passes.
+#[test]
+fn check_and_run_refuse_a_state_path_that_cannot_be_written() {
+    let (_, hash) = new_key("k");
+    for (path, says) in [
+        ("missing/dir/state.json", "does not exist"),
+        (
+            "/proc/keygate-state.json",
+            "cannot write the state file's directory /proc",
+        ),
+    ] {
+        let (_dir, cfg) = Keygate::builder()
+            .key("k", &hash, "")
+            .raw(&format!("[state]\npath = {path:?}\n"))
+            .config_dir();
+        let (code, out, err) = keygate_cli(&["check"], &cfg);
+        assert_eq!(code, 1, "{path}: {out}{err}");
+        assert!(err.contains("state.path: ") && err.contains(says), "{err}");
+        let (code, out, err) = captured(
+            Command::new("timeout")
+                .arg("20")
+                .arg(env!("CARGO_BIN_EXE_keygate"))
+                .args(["run", "-c"])
+                .arg(&cfg)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(code, 1, "keygate run: {out}{err}");
+        assert!(format!("{out}{err}").contains("state.path"), "{out}{err}");
+    }
+    let (_dir, cfg) = Keygate::builder().key("k", &hash, "").state().config_dir();
+    let (code, out, err) = keygate_cli(&["check"], &cfg);
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+}

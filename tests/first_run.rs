@@ -202,6 +202,22 @@ fn init_as_root_yields_files_an_unprivileged_service_user_can_check() {
     let (code, out, err) = keygate(&["init", etc.to_str().unwrap(), "--group", "nogroup"]);
     assert_eq!(code, 0, "{err}");
     let cfg = etc.join("keygate.toml");
+    // The state file goes to the unit's StateDirectory, which systemd creates at start; check
+    // (T5-9) wants its directory writable, so here it is moved to one nobody can write (the
+    // file keeps its owner and mode).
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains("path = \"/var/lib/keygate/state.json\""),
+        "{text}"
+    );
+    let state_dir = tmp.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let moved = text.replace(
+        "/var/lib/keygate/state.json",
+        state_dir.join("state.json").to_str().unwrap(),
+    );
+    std::fs::write(&cfg, moved).unwrap();
     let (code, out2, err) = as_nobody(&bin, &["check", "-c", cfg.to_str().unwrap()]);
     assert_eq!((code, out2.trim()), (0, "ok"), "check as nobody: {err}");
 
@@ -218,14 +234,9 @@ fn init_as_root_yields_files_an_unprivileged_service_user_can_check() {
         assert_eq!((m.uid(), m.gid()), (0, gid), "{}", p.display());
         assert_eq!(mode(&p), want, "{}", p.display());
     }
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    // The public address, the unit's StateDirectory (root's default), a body limit for
+    // The public address, the unit's StateDirectory (root's default, above), a body limit for
     // 300 MiB uploads.
     assert!(text.contains("listen = \"0.0.0.0:8443\""), "{text}");
-    assert!(
-        text.contains("path = \"/var/lib/keygate/state.json\""),
-        "{text}"
-    );
     let max_body: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("max_body_bytes = "))
@@ -237,6 +248,13 @@ fn init_as_root_yields_files_an_unprivileged_service_user_can_check() {
         out.contains("0.0.0.0:8443") && out.contains("90 days"),
         "{out}"
     );
+    // Outside systemd the state directory must exist first: init says so (T5-9).
+    if !std::path::Path::new("/var/lib/keygate").is_dir() {
+        assert!(
+            out.contains("/var/lib/keygate (state.path) does not exist yet"),
+            "{out}"
+        );
+    }
 
     // The certificate is short-lived: valid now and in 89 days, expired in 91.
     let pem = etc.join("cert.pem");
