@@ -339,7 +339,7 @@ pub enum Managed {
 
 /// The fields keygate manages, beyond `[auth] header` and `[auth] identity_header` (added by
 /// the caller). One row per name; the next one is one line here and one row in the test.
-pub static MANAGED_FIELDS: [(HeaderName, Managed); 25] = {
+pub static MANAGED_FIELDS: [(HeaderName, Managed); 37] = {
     use Managed::*;
     [
         // RFC 7239 and the de-facto X-Forwarded-* family: keygate's view of the client.
@@ -362,6 +362,25 @@ pub static MANAGED_FIELDS: [(HeaderName, Managed); 25] = {
             HeaderName::from_static("x-original-forwarded-for"),
             ProxyContext,
         ),
+        // The client-address names "real IP" helpers read besides those (PHP's most copied
+        // snippet checks HTTP_CLIENT_IP first; Node's request-ip, django-ipware, CDNs and
+        // clouds): a fresh user planted an address through each (T5-14). keygate is the edge,
+        // so no client may name its own address to the upstream under any of them.
+        (HeaderName::from_static("client-ip"), ProxyContext),
+        (HeaderName::from_static("x-forwarded"), ProxyContext),
+        (HeaderName::from_static("forwarded-for"), ProxyContext),
+        (HeaderName::from_static("cf-connecting-ip"), ProxyContext),
+        (HeaderName::from_static("cf-pseudo-ipv4"), ProxyContext),
+        (HeaderName::from_static("fastly-client-ip"), ProxyContext),
+        (HeaderName::from_static("fly-client-ip"), ProxyContext),
+        (HeaderName::from_static("x-appengine-user-ip"), ProxyContext),
+        (HeaderName::from_static("x-azure-clientip"), ProxyContext),
+        (HeaderName::from_static("x-proxyuser-ip"), ProxyContext),
+        (
+            HeaderName::from_static("x-envoy-external-address"),
+            ProxyContext,
+        ),
+        (HeaderName::from_static("x-originating-ip"), ProxyContext),
         (HeaderName::from_static("x-request-id"), Set),
         // Set by keygate on webhook routes (SPEC §10); never the client's to claim.
         (HeaderName::from_static("x-keygate-webhook"), Set),
@@ -1025,12 +1044,23 @@ mod tests {
             ("x_original_url", false, true),
             ("true-client-ip", false, true),
             ("true-client-ip", true, false),
-            // Not managed: names that merely contain a managed one, or differ in length.
             ("x-keygate-anything", true, true),
             ("X_KEYGATE_FUTURE", false, true),
+            ("x-forwarded", false, true),
+            ("x_forwarded", false, true),
+            ("x-forwarded", true, false),
+            ("client-ip", false, true),
+            ("Client_IP", false, true),
+            ("cf-connecting-ip", false, true),
+            ("CF_CONNECTING_IP", false, true),
+            ("fastly-client-ip", false, true),
+            ("forwarded-for", false, true),
+            ("x-envoy-external-address", false, true),
+            ("x-azure-clientip", false, true),
+            // Not managed: names that merely contain a managed one, or differ in length.
             ("x-keygate", false, false),
             ("x-forwarded-forx", false, false),
-            ("x-forwarded", false, false),
+            ("client-ips", false, false),
             ("x-api-keys", false, false),
             ("x_custom_header", false, false),
             ("content-type", false, false),

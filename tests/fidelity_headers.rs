@@ -36,6 +36,28 @@ fn forgeries(token: &str) -> Vec<(String, String)> {
             }
         }
     }
+    // The other client-address names "real IP" helpers read (a fresh user, T5-14): exact, and
+    // as a CGI server spells it.
+    for name in [
+        "Client-IP",
+        "X-Forwarded",
+        "Forwarded-For",
+        "CF-Connecting-IP",
+        "Cf-Pseudo-IPv4",
+        "Fastly-Client-IP",
+        "Fly-Client-IP",
+        "X-Appengine-User-IP",
+        "X-Azure-ClientIP",
+        "X-ProxyUser-IP",
+        "X-Envoy-External-Address",
+        "X-Originating-IP",
+    ] {
+        v.push((name.to_string(), "forged-203.0.113.67".to_string()));
+        v.push((
+            name.to_ascii_uppercase().replace('-', "_"),
+            "forged-203.0.113.68".to_string(),
+        ));
+    }
     // The credential in look-alike spellings (next to the real one) must not leak either.
     for name in ["X_API_Key", "x_api_key", "X.Api.Key", "Authorization"] {
         v.push((name.to_string(), token.to_string()));
