@@ -311,13 +311,18 @@ impl Upstream {
             };
             return Box::pin(self.send_on_new(pool, req.map(Box::new), kind)).await;
         };
-        // Kept only for requests that may be replayed: one header-map copy per GET sent on a
-        // reused connection.
+        // Kept only for requests that may be replayed: one copy of the head per GET sent on a
+        // reused connection. The fields as a list (one allocation; the names and values are
+        // reference counts): a `HeaderMap` clone costs two (its index and its entries), for a
+        // copy that is almost never used (issue 10).
         let replay = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
             (
                 req.method().clone(),
                 req.uri().clone(),
-                req.headers().clone(),
+                req.headers()
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect::<Vec<_>>(),
             )
         });
         let pacing = conn.pacer.begin(stats);
@@ -343,7 +348,12 @@ impl Upstream {
                             http::Request::new(Box::new(RequestBody::empty(stats.clone())));
                         *again.method_mut() = method;
                         *again.uri_mut() = uri;
-                        *again.headers_mut() = headers;
+                        let h = again.headers_mut();
+                        h.reserve(headers.len());
+                        // In order: each name's values keep theirs.
+                        for (n, v) in headers {
+                            h.append(n, v);
+                        }
                         Box::pin(self.send_on_new(pool, again, Kind::Renewable)).await
                     }
                     _ => Err(SendError::Http(e.into_error())),

@@ -209,10 +209,12 @@ struct FlakyUpstream {
     addr: std::net::SocketAddr,
     /// "METHOD /path" of every request read, in order.
     seen: Arc<Mutex<Vec<String>>>,
+    /// The whole head of every request read, in order.
+    heads: Arc<Mutex<Vec<String>>>,
     connections: Arc<Mutex<u32>>,
 }
 
-/// Reads one request (head and Content-Length body). None at EOF.
+/// Reads one request (head and Content-Length body): its head. None at EOF.
 async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -227,8 +229,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
                 buf.extend_from_slice(&chunk[..n]);
             }
             buf.drain(..end + 4 + len);
-            let line = head.lines().next().unwrap_or_default();
-            return Some(line.rsplit_once(' ').map_or(line, |(a, _)| a).to_string());
+            return Some(head);
         }
         let mut chunk = [0u8; 8192];
         let n = s.read(&mut chunk).await.ok()?;
@@ -246,12 +247,14 @@ impl FlakyUpstream {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
         let connections: Arc<Mutex<u32>> = Arc::default();
-        let (seen2, conns2) = (seen.clone(), connections.clone());
+        let (seen2, conns2, heads2) = (seen.clone(), connections.clone(), heads.clone());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 *conns2.lock().unwrap() += 1;
                 let seen = seen2.clone();
+                let heads = heads2.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut served = 0;
@@ -275,7 +278,10 @@ impl FlakyUpstream {
                         } else {
                             read_request(&mut s, &mut buf).await
                         };
-                        let Some(req) = next else { return };
+                        let Some(head) = next else { return };
+                        let line = head.lines().next().unwrap_or_default();
+                        let req = line.rsplit_once(' ').map_or(line, |(a, _)| a).to_string();
+                        heads.lock().unwrap().push(head);
                         let head_only = req.starts_with("HEAD");
                         seen.lock().unwrap().push(req);
                         let answer = match mode {
@@ -298,6 +304,7 @@ impl FlakyUpstream {
         FlakyUpstream {
             addr,
             seen,
+            heads,
             connections,
         }
     }
@@ -363,6 +370,45 @@ async fn idempotent_requests_are_retried_once_when_a_reused_connection_drops_the
             0
         );
     }
+}
+
+/// The retry sends the head the dropped attempt sent, field for field: repeated fields and
+/// their order included (keygate keeps a copy of an idempotent request's head for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_carries_the_same_head() {
+    let up = FlakyUpstream::start(Flaky::ClosesOnSecondRequest).await;
+    let (kg, token) = flaky_keygate(&up, &[]);
+    let c = kg.client();
+    assert_eq!(call(&kg, &c, &token, "GET", "/warm").await, 200);
+    let req = Request::builder()
+        .method("GET")
+        .uri(kg.url("/again?q=1"))
+        .header("x-api-key", &token)
+        .header("x-trace", "first")
+        .header("accept", "text/plain")
+        .header("x-trace", "second")
+        .header("x-request-id", "retry-test-1")
+        .body(empty())
+        .unwrap();
+    assert_eq!(c.send(req).await.status, 200);
+    let heads = up.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 3, "warm-up, dropped attempt, retry: {heads:?}");
+    let (dropped, retry) = (&heads[1], &heads[2]);
+    assert_eq!(
+        dropped, retry,
+        "the retry's head differs from the attempt's"
+    );
+    let traces: Vec<&str> = retry
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-trace:"))
+        .collect();
+    assert_eq!(traces, ["x-trace: first", "x-trace: second"]);
+    assert!(retry.starts_with("GET /again?q=1 HTTP/1.1\r\n"), "{retry}");
+    assert!(retry.contains("x-request-id: retry-test-1"), "{retry}");
+    assert!(
+        !retry.contains(&token),
+        "the credential reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
