@@ -77,7 +77,8 @@ impl Scheme {
     }
 
     /// The HMAC key for a configured secret: Standard Webhooks secrets are `whsec_` + base64
-    /// of the key; every other scheme uses the secret's bytes as they are.
+    /// of the key; every other scheme uses the secret's bytes as they are, which must be at
+    /// least [`MIN_SECRET_BYTES`] and not only whitespace. The error never quotes the value.
     pub fn key_from_secret(self, secret: &Secret) -> Result<Secret, &'static str> {
         match self {
             Scheme::StandardWebhooks => {
@@ -93,10 +94,28 @@ impl Scheme {
                 }
                 Ok(Secret::new(key))
             }
-            _ => Ok(secret.clone()),
+            _ => {
+                // What an empty value looks like after templating or a secret-store mishap
+                // (spaces, a file of blank lines) carries no secret: anyone could sign with it
+                // (a fresh user, T5-13). GitHub and Stripe generate 32+ characters.
+                let s = secret.expose();
+                if s.trim_ascii().is_empty() {
+                    return Err("is only whitespace: it would let anyone sign deliveries");
+                }
+                if s.len() < MIN_SECRET_BYTES {
+                    return Err(
+                        "is shorter than 16 bytes: too short to keep deliveries unforgeable (GitHub and Stripe generate 32 or more characters)",
+                    );
+                }
+                Ok(secret.clone())
+            }
         }
     }
 }
+
+/// The shortest HMAC secret `check` accepts for the hex, GitHub and Stripe schemes (Standard
+/// Webhooks secrets carry their own 16-byte minimum, after base64).
+pub const MIN_SECRET_BYTES: usize = 16;
 
 /// Why a delivery's signature was refused (logged as `webhook_rejected.reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -620,5 +639,24 @@ mod tests {
         let many = format!("v1,{} ", "A".repeat(44)).repeat(MAX_SIGNATURES + 1);
         assert_eq!(parse_standard(many.as_bytes()), None);
         assert_eq!(parse_standard(b"v1a,abc v2,xyz"), None);
+    }
+
+    /// A fresh user (T5-13): secrets that are only whitespace, or one character, passed
+    /// `check` and let anyone sign deliveries.
+    #[test]
+    fn secrets_that_carry_no_secret_are_refused() {
+        for scheme in [Scheme::HmacSha256Hex, Scheme::Github, Scheme::Stripe] {
+            for weak in ["   ", "\n", "\t \r\n", "a", "0123456789abcde"] {
+                let e = scheme
+                    .key_from_secret(&Secret::new(weak.as_bytes().to_vec()))
+                    .unwrap_err();
+                assert!(!e.contains("0123456789"), "never quotes the value: {e}");
+            }
+            assert!(
+                scheme
+                    .key_from_secret(&Secret::new(b"0123456789abcdef".to_vec()))
+                    .is_ok()
+            );
+        }
     }
 }
