@@ -87,6 +87,19 @@ pub fn raise_open_files_limit(needed: u64) -> Option<u64> {
     now
 }
 
+/// Worker event loops made but not yet handed to their threads. Dropped on a start error
+/// (inside the main runtime, where a runtime may not be dropped blocking), they are shut down
+/// in the background.
+struct WorkerRuntimes(Vec<tokio::runtime::Runtime>);
+
+impl Drop for WorkerRuntimes {
+    fn drop(&mut self) {
+        for rt in self.0.drain(..) {
+            rt.shutdown_background();
+        }
+    }
+}
+
 fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -105,6 +118,19 @@ async fn serve(
     // Shared with the reload task (log level); kept here so that the last lines ("stopped")
     // are still written and flushed after the reload task is gone.
     let log = Arc::new(log);
+    // The other workers' event loops (and their listener descriptors), made before anything
+    // is announced: one that cannot be made is a start error naming server.workers, not a
+    // "listening" line followed by an exit (fresh user T5-8).
+    let mut runtimes = WorkerRuntimes(Vec::with_capacity(workers.saturating_sub(1)));
+    for n in 1..workers {
+        runtimes.0.push(worker_runtime().map_err(|e| {
+            let e = std::io::Error::other(format!(
+                "server.workers = {workers}: cannot start event loop {n}: {e}"
+            ));
+            tracing::error!(error = %e, "cannot start");
+            e
+        })?);
+    }
     let listener = TcpListener::bind(snapshot.server.listen)
         .await
         .map_err(|e| {
@@ -183,19 +209,12 @@ async fn serve(
     let table = ConnTable::new(max_connections);
     // Every worker accepts from the same socket (its own descriptor of it).
     let listener = listener.into_std()?;
-    for n in 1..workers {
+    for (n, rt) in (1..workers).zip(std::mem::take(&mut runtimes.0)) {
         let std_listener = listener.try_clone()?;
         let (shared, table, drain) = (shared.clone(), table.clone(), drain_rx.clone());
         std::thread::Builder::new()
             .name(format!("keygate-w{n}"))
             .spawn(move || {
-                let rt = match worker_runtime() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a worker runtime; serving with fewer workers");
-                        return;
-                    }
-                };
                 rt.block_on(async move {
                     match TcpListener::from_std(std_listener) {
                         Ok(l) => accept_loop(l, shared, table, drain).await,

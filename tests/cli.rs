@@ -466,3 +466,75 @@ fn check_and_run_refuse_a_state_path_that_cannot_be_written() {
     let (code, out, err) = keygate_cli(&["check"], &cfg);
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
 }
+
+/// T5-8: counts and sizes whose cost is memory or descriptors per unit had lower bounds only:
+/// `workers = 5000`, a 100 GB `max_header_bytes` or 10 000 argon2 verifications at once passed
+/// `check`. Each is named by TOML path now; the bounds themselves pass. And a worker event
+/// loop that cannot be made (here: 64 workers under a 64-descriptor limit) is a start error
+/// naming `server.workers`, before any "listening" line.
+#[test]
+fn check_bounds_counts_and_sizes_whose_cost_is_per_unit() {
+    let (_, hash) = new_key("k");
+    let config = |server: &[&str], auth: &[&str]| {
+        let mut b = Keygate::builder().key("k", &hash, "");
+        for l in server {
+            b = b.server(l);
+        }
+        for l in auth {
+            b = b.auth(l);
+        }
+        b.config_dir()
+    };
+    let (_dir, cfg) = config(
+        &[
+            "workers = 5000",
+            "max_header_bytes = 99999999999",
+            "h2_max_concurrent_streams = 100000",
+        ],
+        &[
+            "verify_concurrency = 10000",
+            "failed_auth_max_clients = 100000000",
+        ],
+    );
+    let (code, out, err) = keygate_cli(&["check"], &cfg);
+    assert_eq!(code, 1, "{out}{err}");
+    for path in [
+        "server.workers: must be at most 1024",
+        "server.max_header_bytes: must be at most 1048576",
+        "server.h2_max_concurrent_streams: must be at most 1000",
+        "auth.verify_concurrency: must be at most 64",
+        "auth.failed_auth_max_clients: must be at most 1000000",
+    ] {
+        assert!(err.contains(path), "{path}: {err}");
+    }
+    let (_dir, cfg) = config(
+        &[
+            "workers = 1024",
+            "max_header_bytes = 1048576",
+            "h2_max_concurrent_streams = 1000",
+        ],
+        &[
+            "verify_concurrency = 64",
+            "failed_auth_max_clients = 1000000",
+        ],
+    );
+    let (code, out, err) = keygate_cli(&["check"], &cfg);
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+
+    let (_dir, cfg) = config(&["workers = 64"], &[]);
+    let (code, out, err) = captured(
+        Command::new("prlimit")
+            .args(["--nofile=64:64", "timeout", "20"])
+            .arg(env!("CARGO_BIN_EXE_keygate"))
+            .args(["run", "-c"])
+            .arg(&cfg)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("server.workers = 64: cannot start event loop"),
+        "{out}{err}"
+    );
+    assert!(!out.contains("\"listening\""), "{out}");
+}

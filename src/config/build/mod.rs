@@ -50,6 +50,19 @@ pub enum TlsSource {
     Pem { cert: Vec<u8>, key: Vec<u8> },
 }
 
+/// Most `[server] workers`: event loops beyond the CPUs add threads and descriptors, not
+/// throughput.
+pub const MAX_WORKERS: usize = 1024;
+/// Most `[server] max_header_bytes` (1 MiB; nginx's `large_client_header_buffers` are a few
+/// times 8 KiB).
+pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
+/// Most `[server] h2_max_concurrent_streams` (nginx's default is 128, Envoy's and hyper's 100-200).
+pub const MAX_H2_STREAMS: u32 = 1000;
+/// Most `[auth] verify_concurrency`: 64 argon2 verifications at OWASP's 19 MiB are 1.2 GiB.
+pub const MAX_VERIFY_CONCURRENCY: usize = 64;
+/// Most `[auth] failed_auth_max_clients` (about 100 MB of tracked addresses).
+pub const MAX_FAILED_AUTH_CLIENTS: usize = 1_000_000;
+
 /// What a build needs besides the file itself.
 #[derive(Default)]
 pub struct BuildContext<'a> {
@@ -346,12 +359,25 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         );
         SocketAddr::from(([0, 0, 0, 0], 8443))
     });
-    if s.workers == Some(0) {
-        errs.push("server.workers", "must be at least 1");
+    // Counts and sizes whose cost is memory or descriptors per unit have upper bounds as well
+    // as lower ones (fresh user T5-8: `workers = 5000` passed check, then the process ran out
+    // of descriptors after announcing it was listening).
+    match s.workers {
+        Some(0) => errs.push("server.workers", "must be at least 1"),
+        Some(n) if n > MAX_WORKERS => errs.push(
+            "server.workers",
+            format!("must be at most {MAX_WORKERS} (one event loop per CPU is the useful most)"),
+        ),
+        _ => {}
     }
     let max_header_bytes = s.max_header_bytes.unwrap_or(16 * 1024);
     if max_header_bytes < 1024 {
         errs.push("server.max_header_bytes", "must be at least 1024");
+    } else if max_header_bytes > MAX_HEADER_BYTES {
+        errs.push(
+            "server.max_header_bytes",
+            format!("must be at most {MAX_HEADER_BYTES} (1 MiB): every connection may hold that much before 431"),
+        );
     }
     let max_connections = s.max_connections.unwrap_or(4096);
     if max_connections == 0 {
@@ -360,6 +386,13 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     let h2_streams = s.h2_max_concurrent_streams.unwrap_or(100);
     if h2_streams == 0 {
         errs.push("server.h2_max_concurrent_streams", "must be at least 1");
+    } else if h2_streams > MAX_H2_STREAMS {
+        errs.push(
+            "server.h2_max_concurrent_streams",
+            format!(
+                "must be at most {MAX_H2_STREAMS}: each stream in flight holds a request's state"
+            ),
+        );
     }
     let hsts = match &s.hsts {
         None | Some(Hsts::Enabled(true)) => Some(HeaderValue::from_static("max-age=31536000")),
@@ -557,6 +590,15 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             errs.push("auth.verify_concurrency", "must be at least 1");
             1
         }
+        Some(n) if n > MAX_VERIFY_CONCURRENCY => {
+            errs.push(
+                "auth.verify_concurrency",
+                format!(
+                    "must be at most {MAX_VERIFY_CONCURRENCY}: each argon2 verification holds its memory cost (19 MiB at OWASP's), and more hashes at once than CPUs adds memory, not throughput"
+                ),
+            );
+            MAX_VERIFY_CONCURRENCY
+        }
         Some(n) => n,
         None => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1),
     };
@@ -567,6 +609,13 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
                 format!("must be at least {}", crate::limits::MIN_TRACKED),
             );
             crate::limits::MIN_TRACKED
+        }
+        Some(n) if n > MAX_FAILED_AUTH_CLIENTS => {
+            errs.push(
+                "auth.failed_auth_max_clients",
+                format!("must be at most {MAX_FAILED_AUTH_CLIENTS} (about 100 bytes each)"),
+            );
+            MAX_FAILED_AUTH_CLIENTS
         }
         Some(n) => n,
         None => crate::limits::MAX_TRACKED,
