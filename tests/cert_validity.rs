@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use rustls_pki_types::CertificateDer;
 
@@ -57,15 +55,7 @@ fn check_and_start_refuse_a_certificate_that_is_not_valid_now() {
         let (code, out, err) = keygate_cli(&["check"], &cfg);
         assert_eq!(code, 1, "{out}{err}");
         assert!(err.contains(says), "{err}");
-        let (code, out, err) = captured(
-            Command::new("timeout")
-                .arg("20")
-                .arg(env!("CARGO_BIN_EXE_keygate"))
-                .args(["run", "-c"])
-                .arg(&cfg)
-                .output()
-                .unwrap(),
-        );
+        let (code, out, err) = run_refused(&cfg, &[]);
         assert_eq!(code, 1, "keygate run: {out}{err}");
         assert!(format!("{out}{err}").contains(says), "{out}{err}");
     }

@@ -450,15 +450,7 @@ fn check_and_run_refuse_a_state_path_that_cannot_be_written() {
         let (code, out, err) = keygate_cli(&["check"], &cfg);
         assert_eq!(code, 1, "{path}: {out}{err}");
         assert!(err.contains("state.path: ") && err.contains(says), "{err}");
-        let (code, out, err) = captured(
-            Command::new("timeout")
-                .arg("20")
-                .arg(env!("CARGO_BIN_EXE_keygate"))
-                .args(["run", "-c"])
-                .arg(&cfg)
-                .output()
-                .unwrap(),
-        );
+        let (code, out, err) = run_refused(&cfg, &[]);
         assert_eq!(code, 1, "keygate run: {out}{err}");
         assert!(format!("{out}{err}").contains("state.path"), "{out}{err}");
     }
@@ -522,15 +514,7 @@ fn check_bounds_counts_and_sizes_whose_cost_is_per_unit() {
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
 
     let (_dir, cfg) = config(&["workers = 64"], &[]);
-    let (code, out, err) = captured(
-        Command::new("prlimit")
-            .args(["--nofile=64:64", "timeout", "20"])
-            .arg(env!("CARGO_BIN_EXE_keygate"))
-            .args(["run", "-c"])
-            .arg(&cfg)
-            .output()
-            .unwrap(),
-    );
+    let (code, out, err) = run_refused(&cfg, &["prlimit", "--nofile=64:64"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         format!("{out}{err}").contains("server.workers = 64: cannot start event loop"),

@@ -32,3 +32,25 @@ pub fn keygate_cli(args: &[&str], config: &std::path::Path) -> (i32, String, Str
             .unwrap(),
     )
 }
+
+/// `keygate run -c <config>` for a config it should refuse: bounded to 20 s (`timeout`),
+/// after `wrapper` (e.g. `["prlimit", "--nofile=64:64"]`). (exit code, stdout, stderr).
+pub fn run_refused(config: &std::path::Path, wrapper: &[&str]) -> (i32, String, String) {
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest);
+            c.arg("timeout");
+            c
+        }
+        None => Command::new("timeout"),
+    };
+    captured(
+        cmd.arg("20")
+            .arg(env!("CARGO_BIN_EXE_keygate"))
+            .args(["run", "-c"])
+            .arg(config)
+            .output()
+            .unwrap(),
+    )
+}
