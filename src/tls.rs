@@ -116,9 +116,32 @@ pub fn server_config(
     min: MinVersion,
     client_ca_pem: Option<&[u8]>,
 ) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
+    server_config_with(cert_pem, key_pem, min, client_ca_pem, None)
+}
+
+/// SHA-256 of a certificate file's PEM text: tells a reload whether `[tls] cert` changed.
+pub fn cert_digest(cert_pem: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(cert_pem).into()
+}
+
+/// [`server_config`] on a reload: `running` is the [`cert_digest`] of the certificate being
+/// served. A leaf that is not valid now is refused only when it would *replace* that one: the
+/// same file, expired while keygate ran, does not block the rest of a reload (a fresh user,
+/// T6-7: a key could not be revoked by reload once the certificate had lapsed; it keeps being
+/// logged as `cert_expiring` "has expired").
+pub fn server_config_with(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    min: MinVersion,
+    client_ca_pem: Option<&[u8]>,
+    running: Option<&[u8; 32]>,
+) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
     let provider = provider();
     let chain = parse_certs(cert_pem)?;
-    if let Some(why) = not_valid_at(&chain[0], jiff::Timestamp::now().as_second()) {
+    if let Some(why) = not_valid_at(&chain[0], jiff::Timestamp::now().as_second())
+        && running != Some(&cert_digest(cert_pem))
+    {
         return Err(TlsError::NotValidNow(why));
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::BadKey)?;

@@ -158,3 +158,36 @@ fn ca_bundles_with_no_valid_certificate_are_refused() {
         "{err}"
     );
 }
+
+/// A fresh user (T6-7): once the certificate being served had expired while keygate ran, every
+/// SIGHUP was refused (the unchanged file failed the "valid now" rule), so a key could not be
+/// revoked by reload. Only a reload that would *replace* the running certificate by one not
+/// valid now is refused; the same file, expired meanwhile, lets the rest of the reload apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expired_while_running_does_not_block_a_reload() {
+    let (token, hash) = new_key("k");
+    let (gone, gone_hash) = new_key("gone");
+    let base = || Keygate::builder().key("k", &hash, "");
+    let kg = base().key("gone", &gone_hash, "").start();
+    // A certificate valid for a few more seconds, swapped in while valid.
+    let now = jiff::Timestamp::now().as_second() as u64;
+    let mut p =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(now + 3);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    let short: Cert = (cert.pem(), key.serialize_pem(), cert.der().clone());
+    write_cert(kg.dir.path(), Some(short));
+    assert_eq!(reload(&kg).await["event"], "config_reloaded");
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    // Expired now; revoke `gone` by reload: applied.
+    let ev = common::reload::reload_with(&kg, &base().config_text()).await;
+    assert_eq!(ev["event"], "config_reloaded", "{ev}");
+    assert_eq!(ev["keys"], 1, "the revocation applied: {ev}");
+    assert_no_secrets(&kg.logs(), &[&token, &gone, &hash, &gone_hash]);
+    // Replacing it by another certificate that is not valid now is still refused.
+    write_cert(kg.dir.path(), Some(expired()));
+    assert_eq!(reload(&kg).await["event"], "config_reload_failed");
+}

@@ -133,6 +133,9 @@ pub struct Snapshot {
     /// `[tls] client_ca`, for re-checking the client certificates of connections opened under
     /// an earlier snapshot (`pipeline::gate`).
     pub client_auth: Option<crate::tls::ClientAuth>,
+    /// [`crate::tls::cert_digest`] of the `[tls] cert` file served (zero for the demo's
+    /// in-memory certificate).
+    pub cert_digest: [u8; 32],
     /// The leaf certificate's expiry (unix seconds), when it could be read.
     pub cert_not_after: Option<i64>,
     pub upstream: Upstream,

@@ -474,16 +474,35 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     let mut tls_config = None;
     let mut cert_not_after = None;
     let mut client_auth = None;
+    let mut cert_digest = [0u8; 32];
     if let Some((cert, key)) = pem {
         let ca = raw_tls
             .client_ca
             .as_deref()
             .and_then(|p| read_file(base, p, "tls.client_ca", &mut errs));
-        if let Some(pem) = &ca {
+        // The bundle being served, expired meanwhile, does not block the rest of a reload
+        // (T6-7, as for the certificate): only a change to one not valid now is refused.
+        let running_ca = ctx
+            .previous
+            .and_then(|p| p.client_auth.as_ref())
+            .map(|a| a.ca_digest);
+        if let Some(pem) = &ca
+            && running_ca != Some(tls::cert_digest(pem))
+        {
             check_ca_validity(pem, "tls.client_ca", &mut errs, &mut warnings);
         }
-        match tls::server_config(&cert, &key, min_version, ca.as_deref()) {
+        cert_digest = tls::cert_digest(&cert);
+        let running = ctx.previous.map(|p| &p.cert_digest);
+        match tls::server_config_with(&cert, &key, min_version, ca.as_deref(), running) {
             Ok((cfg, not_after)) => {
+                if let Some(why) = not_after
+                    .filter(|t| *t < jiff::Timestamp::now().as_second())
+                    .map(|_| "expired")
+                {
+                    warnings.push(format!(
+                        "tls.cert: the certificate being served has {why}; the reload applied everything else; install a current one and reload"
+                    ));
+                }
                 tls_config = Some(cfg);
                 cert_not_after = not_after;
                 client_auth = ca.as_deref().and_then(|pem| tls::ClientAuth::new(pem).ok());
@@ -793,6 +812,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     Ok(Snapshot {
         server,
         tls,
+        cert_digest,
         client_auth,
         cert_not_after,
         upstream,
