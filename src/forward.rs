@@ -147,23 +147,28 @@ impl Upstream {
         if authority_part.contains('@') {
             return Err("URL must not contain credentials (user:password@)".to_string());
         }
-        let uri: Uri = url.parse().map_err(|_| format!("invalid URL {url:?}"))?;
+        // Errors show the URL without its query or fragment, which may carry a secret
+        // (`?api_key=…`; a fresh user, T6-6: the refusal repeated it in `check` and the log).
+        let shown = url.split(['?', '#']).next().unwrap_or_default();
+        let uri: Uri = url.parse().map_err(|_| format!("invalid URL {shown:?}"))?;
         let scheme = uri
             .scheme()
             .cloned()
-            .ok_or_else(|| format!("URL {url:?} needs http:// or https://"))?;
+            .ok_or_else(|| format!("URL {shown:?} needs http:// or https://"))?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-            return Err(format!("URL {url:?} must be http:// or https://"));
+            return Err(format!("URL {shown:?} must be http:// or https://"));
         }
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("URL {url:?} has no host"))?;
+            .ok_or_else(|| format!("URL {shown:?} has no host"))?;
         if authority.as_str().contains('@') {
             return Err("URL must not contain credentials".to_string());
         }
         if uri.query().is_some() {
-            return Err(format!("URL {url:?} must not have a query"));
+            return Err(format!(
+                "URL {shown:?} must not have a query (not repeated here)"
+            ));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
 
@@ -212,7 +217,8 @@ impl Upstream {
             Some(p) if p != default_port => format!("{}:{p}", authority.host()),
             _ => authority.host().to_string(),
         };
-        let host = HeaderValue::from_str(&host).map_err(|_| format!("URL {url:?} has no host"))?;
+        let host =
+            HeaderValue::from_str(&host).map_err(|_| format!("URL {shown:?} has no host"))?;
         Ok(Upstream {
             pools: (0..POOLS).map(|_| OnceLock::new()).collect(),
             connector,

@@ -522,3 +522,27 @@ fn check_bounds_counts_and_sizes_whose_cost_is_per_unit() {
     );
     assert!(!out.contains("\"listening\""), "{out}");
 }
+
+/// A fresh user (T6-6): `upstream.url` with a query is refused, but the refusal repeated the
+/// whole URL, query (`?api_key=…`) included, in `check`'s output (and the reload log). Errors
+/// about the upstream URL show it without its query or fragment.
+#[test]
+fn upstream_url_errors_never_repeat_its_query() {
+    let (_, hash) = new_key("k");
+    for url in [
+        "http://127.0.0.1:8000/api?api_key=LeakMe9secret",
+        "ftp://127.0.0.1:8000/?token=LeakMe9secret",
+    ] {
+        let (_dir, cfg) = Keygate::builder()
+            .upstream_url(url)
+            .key("k", &hash, "")
+            .config_dir();
+        let (code, out, err) = keygate_cli(&["check"], &cfg);
+        assert_eq!(code, 1, "{url}: {out}{err}");
+        assert!(err.contains("upstream.url"), "{err}");
+        assert!(
+            !format!("{out}{err}").contains("LeakMe9"),
+            "{url}: {out}{err}"
+        );
+    }
+}

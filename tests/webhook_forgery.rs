@@ -117,3 +117,62 @@ async fn forged_deliveries_cannot_rate_limit_the_genuine_sender() {
     );
     assert_no_secrets(&kg.logs(), &[&secret]);
 }
+
+/// A fresh user (T6-3, T5-7's kind on the webhook path): forged deliveries whose bodies were
+/// still arriving when the address's budget ran out were each answered 401 and charged after
+/// the fact (150 in parallel: 150 x 401 for a budget of 20, the address blocked for 393 s, API
+/// keys from it included). They are now charged as they are answered, within the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_forged_deliveries_cannot_overdraw_the_budget() {
+    let up = RecordingUpstream::start().await;
+    let secret = unique_secret("gh");
+    let kg = start(&up, &secret);
+    let from = [127, 0, 33, 1];
+    let body = br#"{"forged":true}"#;
+    // 40 senders send their heads, all of them, and only then their bodies.
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        let mut tls = kg.tls_from(from).await.unwrap();
+        let head = format!(
+            "POST /hooks/github HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\nX-Hub-Signature-256: sha256={}\r\n\r\n",
+            body.len(),
+            "0".repeat(64)
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        conns.push(tls);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let statuses = futures_util::future::join_all(conns.into_iter().map(|mut tls| async move {
+        tls.write_all(body).await.unwrap();
+        common::raw::read_response(&mut tls).await.0
+    }))
+    .await;
+    let unauthorized = statuses.iter().filter(|s| **s == 401).count();
+    assert!(
+        statuses.iter().all(|s| matches!(*s, 401 | 429)),
+        "{statuses:?}"
+    );
+    assert!(
+        unauthorized <= 11,
+        "{unauthorized} x 401 for a budget of 10: {statuses:?}"
+    );
+    assert_eq!(up.got.lock().unwrap().len(), 0);
+    // The address may try again within a period or so (6 s for 10/min), not minutes.
+    let mut tls = kg.tls_from(from).await.unwrap();
+    tls.write_all(b"POST /hooks/github HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = common::raw::read_response(&mut tls).await;
+    assert_eq!(status, 429, "{head}");
+    let retry: u64 = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    assert!(retry <= 12, "Retry-After {retry}");
+    assert_no_secrets(&kg.logs(), &[&secret]);
+}
