@@ -4,10 +4,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::h2client::h2_from;
 use common::reload::reload_with;
 use common::*;
 use http_body_util::{BodyExt, Empty};
@@ -69,30 +70,6 @@ async fn h1_from(
     send
 }
 
-async fn h2_from(
-    kg: &Keygate,
-    src: [u8; 4],
-) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::from((src, 0))).unwrap();
-    let tcp = sock.connect(kg.addr).await.unwrap();
-    let mut cfg = kg.tls_config();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
 /// A fresh user (T5-12): with no trusted proxies the global rules are applied at accept, and a
 /// network denied by a reload kept being served on its open HTTP/1.1 and HTTP/2 connections,
 /// with a key or guessing without one, until they went idle (nginx closes them at the reload,
@@ -105,8 +82,8 @@ async fn a_network_denied_by_a_reload_is_refused_on_its_open_connections() {
     let base = || Keygate::builder().upstream(&up).key("k", &hash, "");
     let kg = base().start();
     let mut h1 = h1_from(&kg, [127, 0, 18, 1]).await;
-    let mut h2 = h2_from(&kg, [127, 0, 18, 2]).await;
-    let mut guesser = h2_from(&kg, [127, 0, 18, 3]).await;
+    let mut h2 = h2_from(&kg, Ipv4Addr::new(127, 0, 18, 2)).await;
+    let mut guesser = h2_from(&kg, Ipv4Addr::new(127, 0, 18, 3)).await;
     let mut other = h1_from(&kg, [127, 0, 19, 1]).await;
     assert_eq!(status(&mut h1, Some(&token)).await, 200);
     assert_eq!(status(&mut h2, Some(&token)).await, 200);
