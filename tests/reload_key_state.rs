@@ -193,5 +193,24 @@ async fn a_webhook_route_removed_and_put_back_still_knows_its_deliveries() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "duplicate", "{}", r.text());
     assert_eq!(up.count(), 1, "forwarded again after the route came back");
+    // A longer dedupe_window (docs/webhooks.md recommends raising it) and a smaller
+    // dedupe_max_ids keep the ids already known (fresh user T5-22 / T6-4: forgot them).
+    for settings in [
+        "dedupe_window = \"2h\"\n",
+        "dedupe_window = \"2h\"\ndedupe_max_ids = 100\n",
+    ] {
+        let changed = format!("{route}{settings}");
+        assert_eq!(
+            reload_with(&kg, &base().raw(&changed).config_text()).await["event"],
+            "config_reloaded"
+        );
+        let r = send().await;
+        assert_eq!(r.json()["status"], "duplicate", "{settings}: {}", r.text());
+        assert_eq!(
+            up.count(),
+            1,
+            "{settings}: forwarded again after the window changed"
+        );
+    }
     assert_no_secrets(&kg.logs(), &[&secret]);
 }

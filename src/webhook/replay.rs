@@ -157,6 +157,30 @@ impl DeliveryStore {
         }
     }
 
+    /// A store with other settings that knows the ids this one knows (each judged live or not
+    /// under the new window; the newest kept when the new capacity is smaller).
+    pub fn resettled(&self, window: Duration, capacity: usize, shared: bool) -> Self {
+        let (DeliveryStore::Local(old) | DeliveryStore::Shared(old)) = self;
+        let store = LocalStore::new(window, capacity);
+        {
+            let from = old.lock();
+            let mut to = store.lock();
+            let now = Instant::now();
+            for &(id, at) in &from.order {
+                if let Some(&(state, since)) = from.entries.get(&id)
+                    && since == at
+                {
+                    store.insert(&mut to, id, state, since.min(now));
+                }
+            }
+        }
+        if shared {
+            DeliveryStore::Shared(store)
+        } else {
+            DeliveryStore::Local(store)
+        }
+    }
+
     /// The window, capacity and whether the store is shared, to decide whether a reload can
     /// keep this store.
     pub fn settings(&self) -> (Duration, usize, bool) {

@@ -359,8 +359,12 @@ fn build_route(
     let window = dedupe_window;
     let deliveries = match old_store {
         Some(o) if o.settings() == (window, dedupe_max_ids, shared) => o,
-        _ if shared => Arc::new(DeliveryStore::shared(window, dedupe_max_ids)),
-        _ => Arc::new(DeliveryStore::local(window, dedupe_max_ids)),
+        // A changed window or capacity keeps the ids already known, under the new settings
+        // (a fresh user, T5-22/T6-4: raising dedupe_window, as docs/webhooks.md recommends,
+        // forgot every accepted delivery and replays were forwarded again).
+        Some(o) => Arc::new(o.resettled(window, dedupe_max_ids, shared)),
+        None if shared => Arc::new(DeliveryStore::shared(window, dedupe_max_ids)),
+        None => Arc::new(DeliveryStore::local(window, dedupe_max_ids)),
     };
     Some(Route {
         id: w.id.as_str().into(),
