@@ -139,7 +139,16 @@ pub fn server_config_with(
 ) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
     let provider = provider();
     let chain = parse_certs(cert_pem)?;
-    if let Some(why) = not_valid_at(&chain[0], jiff::Timestamp::now().as_second())
+    // Every certificate in the chain, not only the leaf: an expired intermediate fails every
+    // client that validates just the same (a fresh user, T6-2).
+    let now = jiff::Timestamp::now().as_second();
+    let invalid = chain.iter().enumerate().find_map(|(i, c)| {
+        not_valid_at(c, now).map(|why| match i {
+            0 => why,
+            i => format!("chain's certificate {} (an intermediate) {why}", i + 1),
+        })
+    });
+    if let Some(why) = invalid
         && running != Some(&cert_digest(cert_pem))
     {
         return Err(TlsError::NotValidNow(why));

@@ -191,3 +191,56 @@ async fn a_certificate_that_expired_while_running_does_not_block_a_reload() {
     write_cert(kg.dir.path(), Some(expired()));
     assert_eq!(reload(&kg).await["event"], "config_reload_failed");
 }
+
+/// A fresh user (T6-2): only the leaf's dates were checked, so a chain whose intermediate had
+/// expired passed `check` and was swapped in by a reload; every validating client then failed.
+/// Every certificate in `[tls] cert` is checked now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_with_an_expired_intermediate_is_refused() {
+    let (_, hash) = new_key("k");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.not_before = rcgen::date_time_ymd(2018, 1, 1);
+    ca.not_after = rcgen::date_time_ymd(2090, 1, 1);
+    let root = rcgen::Issuer::new(ca, ca_key);
+    let mid_key = rcgen::KeyPair::generate().unwrap();
+    let mut mid = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    mid.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    mid.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    mid.not_after = rcgen::date_time_ymd(2021, 5, 6);
+    let mid_cert = mid.signed_by(&mid_key, &root).unwrap();
+    let mid_issuer = rcgen::Issuer::new(mid, mid_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    leaf.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    leaf.not_after = rcgen::date_time_ymd(2090, 1, 1);
+    let leaf_cert = leaf.signed_by(&leaf_key, &mid_issuer).unwrap();
+    let chain: Cert = (
+        format!("{}{}", leaf_cert.pem(), mid_cert.pem()),
+        leaf_key.serialize_pem(),
+        leaf_cert.der().clone(),
+    );
+
+    let (dir, cfg) = Keygate::builder().key("k", &hash, "").config_dir();
+    write_cert(dir.path(), Some(chain.clone()));
+    let (code, out, err) = keygate_cli(&["check"], &cfg);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("tls.cert")
+            && err.contains("intermediate")
+            && err.contains("expired on 2021-05-06"),
+        "{err}"
+    );
+    // A reload to it keeps the running certificate.
+    let kg = Keygate::builder().key("k", &hash, "").start();
+    write_cert(kg.dir.path(), Some(chain));
+    let ev = reload(&kg).await;
+    assert_eq!(ev["event"], "config_reload_failed", "{ev}");
+    assert!(
+        ev["error"].as_str().unwrap().contains("intermediate"),
+        "{ev}"
+    );
+}
