@@ -139,6 +139,45 @@ impl Scope {
         };
         every_reading(path, |p| prefixes.iter().any(|pre| path_has_prefix(p, pre)))
     }
+
+    /// Whether a method override in the query permits the method the application will run:
+    /// Laravel/Symfony (on by default) and Express `method-override` with a query getter read
+    /// `_method` from a POST's query string, so `POST /items/1?_method=DELETE` is a DELETE to
+    /// them (a fresh user, T5-15: a GET/POST key deleted). For a key with a `methods` scope,
+    /// every `_method` parameter (any case, percent-encoded up to 3 times) must name a method
+    /// in it. The header forms are removed (`proto::MANAGED_FIELDS`); a `_method` field in a
+    /// form *body* is the application's to disable (README "Scopes").
+    pub fn permits_overrides(&self, query: Option<&str>) -> bool {
+        let (Some(ms), Some(q)) = (&self.methods, query) else {
+            return true;
+        };
+        // Cheap test first: no "method" anywhere, nothing to look at.
+        if !q
+            .as_bytes()
+            .windows(6)
+            .any(|w| w.eq_ignore_ascii_case(b"method"))
+        {
+            return true;
+        }
+        let decode = |s: &str| {
+            let mut d = s.to_string();
+            for _ in 0..3 {
+                if !d.contains('%') && !d.contains('+') {
+                    break;
+                }
+                d = crate::log::percent_decode_lossy(&d);
+            }
+            d
+        };
+        q.split(['&', ';']).all(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if !decode(name).trim().eq_ignore_ascii_case("_method") {
+                return true;
+            }
+            let v = decode(value).trim().to_ascii_uppercase();
+            Method::from_bytes(v.as_bytes()).is_ok_and(|m| ms.contains(&m))
+        })
+    }
 }
 
 /// Segment-aware prefix match: `/v1` matches `/v1` and `/v1/x`, not `/v1admin`.
@@ -569,5 +608,37 @@ mod tests {
         ] {
             assert!(normalize_path(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn method_overrides_in_the_query_must_lie_in_the_scope() {
+        let get_post = Scope::new(Some(vec![Method::GET, Method::POST]), None);
+        for q in [
+            "_method=DELETE",
+            "a=1&_method=delete",
+            "_METHOD=PUT",
+            "%5Fmethod=DELETE",
+            "%255Fmethod=DELETE",
+            "_method=%44ELETE",
+            "_method=+DELETE",
+            "x=1;_method=PATCH",
+            "_method=",
+            "_method",
+        ] {
+            assert!(!get_post.permits_overrides(Some(q)), "{q}");
+        }
+        for q in [
+            "_method=GET",
+            "_method=post",
+            "method=DELETE",
+            "x_method=DELETE",
+            "a=1&b=2",
+            "",
+        ] {
+            assert!(get_post.permits_overrides(Some(q)), "{q}");
+        }
+        assert!(get_post.permits_overrides(None));
+        let any = Scope::new(None, None);
+        assert!(any.permits_overrides(Some("_method=DELETE")));
     }
 }

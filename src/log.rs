@@ -623,7 +623,7 @@ pub fn secret_bearing_name(name: &str) -> bool {
             .any(|f| norm.windows(f.len()).any(|w| w == *f))
 }
 
-fn percent_decode_lossy(s: &str) -> String {
+pub(crate) fn percent_decode_lossy(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -649,7 +649,9 @@ async fn admit(req: &Request<Incoming>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>, R
         rate_limit(&key, ctx).await?;
         return Ok(key);
     }
-    if !key.scope.permits(req.method(), req.uri().path()) {
+    if !key.scope.permits(req.method(), req.uri().path())
+        || !key.scope.permits_overrides(req.uri().query())
+    {
         metrics::global().scope_denied(&key.id);
         client_event!(ClientEvent::ScopeDenied, ctx.client_ip, Level::WARN, event = "scope_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, method = req.method().as_str(), path = %crate::log::RedactedPath { pq: req.uri().path(), params: &[] });
         return Err(Reject::Forbidden);

@@ -446,6 +446,22 @@ async fn scope_methods_and_paths_cannot_be_escaped() {
             v["event"] == "scope_denied" && v["path"] == logged.as_str()
         });
     }
+    // Method overrides in the query, which Laravel/Symfony and Express read on a request
+    // (a fresh user, T5-15): the method they name must be in the scope too.
+    for q in [
+        "_method=DELETE",
+        "_METHOD=put",
+        "%5Fmethod=PATCH",
+        "a=1&_method=%44ELETE",
+    ] {
+        let target = format!("/v1/docs?{q}");
+        let mut s = kg.tls_stream().await;
+        let (status, _) = raw_request(&mut s, "GET", &target, &[key]).await;
+        assert_eq!(status, 403, "{target}");
+    }
+    let mut s = kg.tls_stream().await;
+    let (status, _) = raw_request(&mut s, "GET", "/v1/docs?_method=HEAD&method=x", &[key]).await;
+    assert_eq!(status, 200, "an override inside the scope");
     // A dot-segment that stays inside the scope is fine, and is forwarded as sent.
     let mut s = kg.tls_stream().await;
     let (status, _) = raw_request(&mut s, "GET", "/v1/x/%2e%2e/docs", &[key]).await;
@@ -453,7 +469,7 @@ async fn scope_methods_and_paths_cannot_be_escaped() {
     assert_eq!(up.requests().last().unwrap().uri, "/v1/x/%2e%2e/docs");
     assert_eq!(
         up.count(),
-        allowed + 1,
+        allowed + 2,
         "a refused request reached the upstream"
     );
     assert_no_secrets(&kg.logs(), &[&token, &hash]);
