@@ -119,7 +119,8 @@ pub fn server_config(
     server_config_with(cert_pem, key_pem, min, client_ca_pem, None)
 }
 
-/// SHA-256 of a certificate file's PEM text: tells a reload whether `[tls] cert` changed.
+/// SHA-256 of a PEM file's text: tells a reload whether `[tls] cert` or `[tls] client_ca`
+/// changed (the one digest both comparisons use, [`ClientAuth::ca_digest`] included).
 pub fn cert_digest(cert_pem: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
     sha2::Sha256::digest(cert_pem).into()
@@ -191,7 +192,7 @@ pub fn server_config_with(
 #[derive(Clone)]
 pub struct ClientAuth {
     pub verifier: Arc<dyn ClientCertVerifier>,
-    /// SHA-256 of the CA bundle's PEM text.
+    /// [`cert_digest`] of the CA bundle's PEM text.
     pub ca_digest: [u8; 32],
 }
 
@@ -207,10 +208,9 @@ impl ClientAuth {
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map_err(|e| TlsError::ClientCa(e.to_string()))?;
-        use sha2::Digest as _;
         Ok(ClientAuth {
             verifier,
-            ca_digest: sha2::Sha256::digest(pem).into(),
+            ca_digest: cert_digest(pem),
         })
     }
 
