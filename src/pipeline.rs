@@ -925,14 +925,14 @@ fn gate<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
     // open connections' next requests meet the new rules (a fresh user, T5-12: a network
     // denied by a reload kept being served on its open HTTP/1.1 and HTTP/2 connections until
     // they went idle; nginx evaluates `deny` per request too).
-    let decided_at_accept = snap.access.decide_at_accept()
-        && std::ptr::eq(ctx.conn.admitted_under.as_ptr(), Arc::as_ptr(snap));
+    let admitted_under_this = std::ptr::eq(ctx.conn.admitted_under.as_ptr(), Arc::as_ptr(snap));
+    let decided_at_accept = snap.access.decide_at_accept() && admitted_under_this;
     if !decided_at_accept && !snap.access.admits(ctx.client_ip) {
         metrics::global().ip_denied();
         client_event!(ClientEvent::IpDenied, ctx.client_ip, Level::WARN, event = "ip_denied", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, scope = "global");
         return Err(Reject::Forbidden);
     }
-    if !std::ptr::eq(ctx.conn.admitted_under.as_ptr(), Arc::as_ptr(snap)) {
+    if !admitted_under_this {
         check_client_cert(ctx)?;
     }
     check_header_size(req, snap.server.max_header_bytes)?;
