@@ -26,7 +26,10 @@
 # For the memory scenarios (idle, idle_h2, slow_read) and slow_body keygate runs with its per-address,
 # per-key and connection caps raised (max_connections 8192, max_connections_per_ip 8192,
 # default_max_concurrent 8192), so that the figure is what one connection costs, not what a cap
-# refused; one_address uses the defaults (that is what it tests). nginx: worker_connections 4096
+# refused; one_address uses the defaults (that is what it tests). [upstream] max_connections stays
+# at its default 1,024: with ATTACK_READERS or ATTACK_SLOW_CONNS above 1,024 the rest wait
+# queue_timeout and get 503 (upstream_saturated events), and the row measures that cap, not
+# what a connection costs. nginx: worker_connections 4096
 # for one_address, 16384 otherwise.
 #
 # Usage: bash bench/attack.sh
@@ -246,7 +249,9 @@ slow_read() {
     res=$(tr '\n' ' ' <"$WORK/slow_read.$1.out")
     sleep 30
     after=$(rss)
-    row "slow_read | $1 | peak RSS MiB / 30 s after MiB | $((peak / 1024)) / $((after / 1024)) | $ATTACK_READERS slow readers of 3 x 1 MiB, ${ATTACK_READ_SECS} s (client: $res); RSS before $((idle0 / 1024)) MiB; load $(loadavg)"
+    local capped=""
+    [[ $1 != nginx ]] && ((ATTACK_READERS > 1024)) && capped=" (keygate: readers beyond [upstream] max_connections 1024 get 503 after queue_timeout)"
+    row "slow_read | $1 | peak RSS MiB / 30 s after MiB | $((peak / 1024)) / $((after / 1024)) | $ATTACK_READERS slow readers of 3 x 1 MiB, ${ATTACK_READ_SECS} s (client: $res); RSS before $((idle0 / 1024)) MiB; load $(loadavg)$capped"
 }
 
 one_address() {
