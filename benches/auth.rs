@@ -96,7 +96,7 @@ fn bench(c: &mut Criterion) {
             let d = verifier.digest(t.expose());
             assert!(Verifier::is_cached(k, &d));
             let now = keygate::clock::now();
-            let cost = costs.cost(&http::Method::POST, "/api/v1/convert");
+            let cost = costs.cost(&http::Method::POST, "/api/v1/convert", None);
             let q = quotas.charge(&k.id, quota, cost, now);
             assert!(q.refused.is_none());
             let seen = networks.observe(&k.id, ip, now, &policy);
@@ -110,7 +110,7 @@ fn bench(c: &mut Criterion) {
         let k = snap.keys.get("bench-key").unwrap();
         b.iter(|| {
             let now = keygate::clock::now();
-            let cost = costs.cost(&http::Method::POST, "/api/v1/convert");
+            let cost = costs.cost(&http::Method::POST, "/api/v1/convert", None);
             let q = quotas.charge(&k.id, quota, cost, now);
             std::hint::black_box(q);
             std::hint::black_box(networks.observe(&k.id, ip, now, &policy));

@@ -151,33 +151,40 @@ impl Scope {
         let (Some(ms), Some(q)) = (&self.methods, query) else {
             return true;
         };
-        // Cheap test first: no "method" anywhere, nothing to look at.
-        if !q
-            .as_bytes()
-            .windows(6)
-            .any(|w| w.eq_ignore_ascii_case(b"method"))
-        {
-            return true;
-        }
-        let decode = |s: &str| {
-            let mut d = s.to_string();
-            for _ in 0..3 {
-                if !d.contains('%') && !d.contains('+') {
-                    break;
-                }
-                d = crate::log::percent_decode_lossy(&d);
+        method_overrides(q).all(|m| m.is_some_and(|m| ms.contains(&m)))
+    }
+}
+
+/// Every `_method` parameter of a query (any case, percent-encoded up to 3 times), as the
+/// method an application with a method override would run: `None` for a value that is no
+/// method. Empty (and no allocation) for a query without "method" in it. Used by scopes
+/// ([`Scope::permits_overrides`]) and quota costs (`quota::CostTable::cost`).
+pub fn method_overrides(q: &str) -> impl Iterator<Item = Option<Method>> + '_ {
+    // Cheap test first: no "method" anywhere, nothing to look at.
+    let any = q
+        .as_bytes()
+        .windows(6)
+        .any(|w| w.eq_ignore_ascii_case(b"method"));
+    let decode = |s: &str| {
+        let mut d = s.to_string();
+        for _ in 0..3 {
+            if !d.contains('%') && !d.contains('+') {
+                break;
             }
-            d
-        };
-        q.split(['&', ';']).all(|pair| {
+            d = crate::log::percent_decode_lossy(&d);
+        }
+        d
+    };
+    q.split(['&', ';'])
+        .filter(move |_| any)
+        .filter_map(move |pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             if !decode(name).trim().eq_ignore_ascii_case("_method") {
-                return true;
+                return None;
             }
             let v = decode(value).trim().to_ascii_uppercase();
-            Method::from_bytes(v.as_bytes()).is_ok_and(|m| ms.contains(&m))
+            Some(Method::from_bytes(v.as_bytes()).ok())
         })
-    }
 }
 
 /// Segment-aware prefix match: `/v1` matches `/v1` and `/v1/x`, not `/v1admin`.

@@ -747,7 +747,10 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
     let Some(quota) = key.quota else {
         return Ok(());
     };
-    let cost = ctx.snap.quota_costs.cost(req.method(), req.uri().path());
+    let cost = ctx
+        .snap
+        .quota_costs
+        .cost(req.method(), req.uri().path(), req.uri().query());
     let now = crate::clock::now();
     let local = || ctx.shared.state.quotas.charge(&key.id, quota, cost, now);
     let mut in_cluster = false;

@@ -96,6 +96,12 @@ pub fn window(period: Period, now: i64) -> (i64, i64) {
 /// equal length a rule naming methods before one for any method. Paths are matched segment-wise
 /// on the normalised path, exactly as scopes are (`/v1/jobs/../convert` is `/v1/convert`), so a
 /// differently spelled path cannot buy a cheaper rule.
+///
+/// Nor can a differently spelled *method* (fresh user T5-19): a rule naming `GET` also prices
+/// `HEAD` (RFC 9110 §9.3.2: HEAD is GET without the content, and Starlette/FastAPI, Flask,
+/// Django and Rails run the GET handler in full for it), unless a rule for the same path names
+/// `HEAD` itself; and a `_method` override in the query (Laravel/Symfony, Express
+/// `method-override`, `access::method_overrides`) costs at least what the method it names costs.
 #[derive(Debug, Clone)]
 pub struct CostTable {
     default: u64,
@@ -121,6 +127,24 @@ impl Default for CostTable {
 
 impl CostTable {
     pub fn new(default: u64, mut rules: Vec<CostRule>) -> Self {
+        // A GET rule prices HEAD too, unless the operator priced HEAD for that path himself.
+        let head_named: Vec<String> = rules
+            .iter()
+            .filter(|r| {
+                r.methods
+                    .as_ref()
+                    .is_some_and(|ms| ms.contains(&Method::HEAD))
+            })
+            .map(|r| r.path.clone())
+            .collect();
+        for r in &mut rules {
+            if let Some(ms) = &mut r.methods
+                && ms.contains(&Method::GET)
+                && !head_named.contains(&r.path)
+            {
+                ms.push(Method::HEAD);
+            }
+        }
         // Stable: ties keep file order.
         rules.sort_by_key(|r| (std::cmp::Reverse(r.path.len()), r.methods.is_none()));
         CostTable { default, rules }
@@ -130,10 +154,22 @@ impl CostTable {
     /// [`PathReading`], so no spelling of a costly path (e.g. `/jobs/..;/convert` under a free
     /// `/jobs/` rule) is cheaper than the path itself. Readings under which the path does not
     /// decode add nothing; a path that decodes under none (a bad escape) costs the default.
-    pub fn cost(&self, method: &Method, path: &str) -> u64 {
+    /// A `_method` override in `query` costs at least what its method costs (see the type).
+    pub fn cost(&self, method: &Method, path: &str, query: Option<&str>) -> u64 {
         if self.rules.is_empty() {
             return self.default;
         }
+        let cost = self.cost_of_path(method, path);
+        match query {
+            None => cost,
+            Some(q) => crate::access::method_overrides(q)
+                .flatten()
+                .map(|m| self.cost_of_path(&m, path))
+                .fold(cost, u64::max),
+        }
+    }
+
+    fn cost_of_path(&self, method: &Method, path: &str) -> u64 {
         if crate::access::is_plain_path(path) {
             return self.cost_of_normal(method, path);
         }
@@ -491,12 +527,16 @@ mod tests {
                 rule(Some(&[Method::POST]), "/api/v1/convert", 10),
             ],
         );
-        assert_eq!(t.cost(&Method::GET, "/api/v1/jobs/7"), 0);
-        assert_eq!(t.cost(&Method::DELETE, "/api/v1/jobs/7"), 5);
-        assert_eq!(t.cost(&Method::POST, "/api/v1/convert"), 10);
-        assert_eq!(t.cost(&Method::GET, "/api/v1/convert"), 2);
-        assert_eq!(t.cost(&Method::GET, "/other"), 1);
-        assert_eq!(t.cost(&Method::GET, "/api/v1/jobsx"), 2, "segment-wise");
+        assert_eq!(t.cost(&Method::GET, "/api/v1/jobs/7", None), 0);
+        assert_eq!(t.cost(&Method::DELETE, "/api/v1/jobs/7", None), 5);
+        assert_eq!(t.cost(&Method::POST, "/api/v1/convert", None), 10);
+        assert_eq!(t.cost(&Method::GET, "/api/v1/convert", None), 2);
+        assert_eq!(t.cost(&Method::GET, "/other", None), 1);
+        assert_eq!(
+            t.cost(&Method::GET, "/api/v1/jobsx", None),
+            2,
+            "segment-wise"
+        );
         // Other spellings of the expensive path cannot buy the cheap rule.
         for sneaky in [
             "/api/v1/jobs/../convert",
@@ -514,7 +554,61 @@ mod tests {
             "/api/v1/jobs/%252e%252e/convert",
             "/api/v1/convert/%2500",
         ] {
-            assert_eq!(t.cost(&Method::POST, sneaky), 10, "{sneaky}");
+            assert_eq!(t.cost(&Method::POST, sneaky, None), 10, "{sneaky}");
         }
+    }
+
+    /// Fresh user T5-19: HEAD /c cost 1 where GET /c cost 4 (Starlette runs the GET handler
+    /// for HEAD). A GET rule prices HEAD, unless HEAD is priced for that path; a `_method`
+    /// override costs what its method costs.
+    #[test]
+    fn no_spelling_of_a_method_is_cheaper_than_the_method() {
+        let rule = |m: &[Method], p: &str, cost| CostRule {
+            methods: Some(m.to_vec()),
+            path: p.into(),
+            cost,
+        };
+        let t = CostTable::new(
+            1,
+            vec![
+                rule(&[Method::GET], "/c", 4),
+                rule(&[Method::POST], "/d", 4),
+                rule(&[Method::GET], "/poll", 0),
+                rule(&[Method::GET], "/e", 6),
+                rule(&[Method::HEAD], "/e", 2),
+                rule(&[Method::DELETE], "/items", 9),
+            ],
+        );
+        assert_eq!(t.cost(&Method::HEAD, "/c", None), 4);
+        assert_eq!(t.cost(&Method::HEAD, "/c/x", None), 4);
+        assert_eq!(t.cost(&Method::HEAD, "/C", None), 4, "case as for GET");
+        assert_eq!(t.cost(&Method::HEAD, "/x/../c", None), 4);
+        assert_eq!(
+            t.cost(&Method::HEAD, "/poll", None),
+            0,
+            "free GET, free HEAD"
+        );
+        assert_eq!(t.cost(&Method::HEAD, "/e", None), 2, "HEAD priced itself");
+        assert_eq!(t.cost(&Method::GET, "/e", None), 6);
+        // Other methods stay the operator's business (PUT is not POST).
+        assert_eq!(t.cost(&Method::PUT, "/d", None), 1);
+        assert_eq!(t.cost(&Method::OPTIONS, "/c", None), 1);
+        // Method overrides in the query: the highest of the method and what it names.
+        for q in [
+            "_method=DELETE",
+            "a=1&_method=delete",
+            "_METHOD=%44ELETE",
+            "_method=%2544ELETE",
+            "x=1;_method=+DELETE",
+        ] {
+            assert_eq!(t.cost(&Method::POST, "/items/1", Some(q)), 9, "{q}");
+        }
+        assert_eq!(t.cost(&Method::POST, "/c", Some("_method=HEAD")), 4);
+        assert_eq!(t.cost(&Method::DELETE, "/items/1", Some("_method=GET")), 9);
+        assert_eq!(
+            t.cost(&Method::POST, "/items/1", Some("x_method=DELETE")),
+            1
+        );
+        assert_eq!(t.cost(&Method::POST, "/items/1", Some("_method=")), 1);
     }
 }
