@@ -30,6 +30,7 @@ pub mod proxy_protocol;
 pub mod quota;
 pub mod reject;
 pub mod server;
+pub mod side_runtime;
 pub mod stall;
 pub mod tls;
 pub mod upstream_cap;

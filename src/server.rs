@@ -166,7 +166,7 @@ async fn serve(
             let c =
                 crate::cluster::Cluster::new(settings.clone()).map_err(std::io::Error::other)?;
             tracing::info!(instance = %settings.instance, "cluster mode: rate limits shared through Redis");
-            tokio::spawn(c.clone().maintain());
+            c.start();
             crate::cluster::install(c.clone());
             Some(c)
         }

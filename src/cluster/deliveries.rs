@@ -56,7 +56,7 @@ impl Cluster {
     ) -> Result<Claim, ClusterError> {
         let key = self.delivery_key(id_hash);
         let state: i64 = self
-            .run(|mut c| async move {
+            .run(move |mut c| async move {
                 claim_script()
                     .key(key)
                     .arg(in_flight_ms.max(1))
@@ -80,7 +80,7 @@ impl Cluster {
     ) -> Result<(), ClusterError> {
         let key = self.delivery_key(id_hash);
         if accepted {
-            self.run(|mut c| async move {
+            self.run(move |mut c| async move {
                 redis::cmd("SET")
                     .arg(key)
                     .arg("a")
@@ -91,9 +91,9 @@ impl Cluster {
             })
             .await
         } else {
-            self.run(
-                |mut c| async move { release_script().key(key).invoke_async::<i64>(&mut c).await },
-            )
+            self.run(move |mut c| async move {
+                release_script().key(key).invoke_async::<i64>(&mut c).await
+            })
             .await
             .map(|_| ())
         }

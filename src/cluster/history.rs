@@ -219,7 +219,7 @@ impl Cluster {
             ip.to_canonical()
         );
         let (new, previous, first): (u8, usize, u8) = self
-            .run(|mut c| async move {
+            .run(move |mut c| async move {
                 sighting_script()
                     .key(nets)
                     .key(last)
@@ -274,7 +274,7 @@ impl Cluster {
             }
         }
         let written = self
-            .run(|mut c| async move { script.invoke_async::<i64>(&mut c).await })
+            .run(move |mut c| async move { script.invoke_async::<i64>(&mut c).await })
             .await
             .map(|_| ());
         if written.is_err() {
@@ -317,7 +317,7 @@ impl Cluster {
         }
         type Row = (Option<String>, redis::Value, HashMap<String, i64>);
         let rows: Vec<redis::Value> = self
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .run(move |mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         let mut out = Vec::with_capacity(keys.len());
         for (chunk, (_, window)) in rows.chunks(3).zip(keys) {

@@ -6,7 +6,8 @@
 //!
 //! Place in the request path: the rate-limit stage of `pipeline.rs` asks [`Cluster`] instead
 //! of the key's local bucket while Redis is healthy. Redis is never on the path of a request
-//! that does not need shared state, and never holds a request longer than `[cluster] timeout`:
+//! that does not need shared state, and a slow Redis never holds a request much longer than
+//! `[cluster] timeout`:
 //!
 //! * one multiplexed connection (commands from all requests are pipelined on it);
 //! * every command runs under `timeout`; a failure or timeout marks the cluster *degraded*
@@ -15,6 +16,26 @@
 //!   `"deny"` refuses with 503;
 //! * a maintenance task reconnects (every [`RECONNECT_EVERY`]) and probes with `PING`; when it
 //!   answers, shared counting resumes (`cluster_recovered`), no restart needed.
+//!
+//! **Where Redis' latency is measured** (fresh user T5-17): the connection, its driver task,
+//! every command's `timeout` and the reconnect/`PING` loop live on the side runtime
+//! ([`crate::side_runtime`]: one thread with a tokio runtime of its own), never on the
+//! request workers. A request hands its command over ([`Cluster::run`]: one task spawned on
+//! the side runtime) and awaits the verdict. Before, the timeout ran on the request's own
+//! runtime, so a reply that had arrived but waited in the run queue behind a flood of
+//! (unauthenticated, all-401) requests counted as Redis latency, and a flood made the
+//! instance declare Redis unusable (503 for every rate-limited key under `"deny"`,
+//! per-instance limits and a forgotten webhook-delivery history under `"local"`). Now the
+//! degraded state says something about Redis only; a request's own wait can exceed
+//! `timeout` while its runtime is overloaded, which is keygate's latency and refuses
+//! nothing. Alternatives weighed: confirming a timeout with a `PING` from an unqueued task
+//! before degrading (still needs an unqueued place to measure from, and doubles the time to
+//! notice a real stall), or degrading after N failures (an attacker sustains the flood).
+//!
+//! Cost of the hand-over: per Redis command one task allocation and up to two thread
+//! wake-ups (a few µs of CPU). Commands are per lease, not per request (a busy key renews its
+//! lease a few times per second), so the steady hot path (a request served from its lease)
+//! has no hand-over at all. Measured with `bench/cluster.sh`: see docs/cluster.md, "Cost".
 //!
 //! Why one hand-managed connection rather than redis-rs' `ConnectionManager`: the manager
 //! cannot be created while Redis is down, and keygate must start (and serve, with local limits)
@@ -28,7 +49,7 @@ pub mod throttle;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -153,6 +174,9 @@ pub enum ClusterError {
 
 /// The shared-state client of one keygate process; lives across reloads.
 pub struct Cluster {
+    /// This cluster itself, for the tasks it hands to the side runtime (which must own what
+    /// they use); set by [`Cluster::new`].
+    me: Weak<Cluster>,
     settings: ClusterSettings,
     client: redis::Client,
     conn: ArcSwapOption<MultiplexedConnection>,
@@ -176,7 +200,8 @@ impl Cluster {
             info = info.set_redis_settings(redis_settings);
         }
         let client = redis::Client::open(info).map_err(|e| format!("Redis client: {e}"))?;
-        Ok(Arc::new(Cluster {
+        Ok(Arc::new_cyclic(|me| Cluster {
+            me: me.clone(),
             settings,
             client,
             conn: ArcSwapOption::empty(),
@@ -238,17 +263,22 @@ impl Cluster {
         k
     }
 
-    /// Runs one command (or pipeline) under the cluster timeout. Any failure marks the cluster
-    /// degraded; while degraded this returns [`ClusterError::Degraded`] at once.
+    /// Runs one command (or pipeline) under the cluster timeout, on the side runtime (see the
+    /// module doc: the timeout measures Redis, not this request's runtime). Any failure marks
+    /// the cluster degraded; while degraded this returns [`ClusterError::Degraded`] at once,
+    /// without a hand-over. The caller waits for the verdict however long its own runtime
+    /// takes to come back to it; dropping the returned future does not cancel the command
+    /// (it ends within `timeout` on the side runtime, and its failure still counts).
     pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, ClusterError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
+        F: FnOnce(MultiplexedConnection) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
     {
-        let Some(conn) = self.conn.load_full().filter(|_| self.healthy()) else {
+        if !self.healthy() {
             return Err(ClusterError::Degraded);
-        };
-        self.run_on(conn, op).await
+        }
+        self.on_side(false, op).await
     }
 
     /// [`run`](Self::run) on the current connection even while the cluster is marked
@@ -256,24 +286,40 @@ impl Cluster {
     /// sync on reconnect).
     async fn run_forced<T, F, Fut>(&self, op: F) -> Result<T, ClusterError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
+        F: FnOnce(MultiplexedConnection) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
     {
-        let Some(conn) = self.conn.load_full() else {
-            return Err(ClusterError::Degraded);
-        };
-        self.run_on(conn, op).await
+        self.on_side(true, op).await
     }
 
-    async fn run_on<T, F, Fut>(
-        &self,
-        conn: Arc<MultiplexedConnection>,
-        op: F,
-    ) -> Result<T, ClusterError>
+    /// The hand-over: [`run_measured`](Self::run_measured) as a task of the side runtime (in
+    /// place when already there, as the maintenance loop is).
+    async fn on_side<T, F, Fut>(&self, forced: bool, op: F) -> Result<T, ClusterError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(me) = self.me.upgrade() else {
+            return Err(ClusterError::Degraded);
+        };
+        crate::side_runtime::run(async move { me.run_measured(forced, op).await })
+            .await
+            // The command panicked (a bug in a reply conversion): nothing was decided.
+            .unwrap_or(Err(ClusterError::Degraded))
+    }
+
+    /// On the side runtime: the command under `timeout`, and the health verdict from it.
+    async fn run_measured<T, F, Fut>(&self, forced: bool, op: F) -> Result<T, ClusterError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        debug_assert!(crate::side_runtime::on_side());
+        let Some(conn) = self.conn.load_full().filter(|_| forced || self.healthy()) else {
+            return Err(ClusterError::Degraded);
+        };
         match tokio::time::timeout(self.settings.timeout, op((*conn).clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -322,9 +368,15 @@ impl Cluster {
         }
     }
 
-    /// Keeps the connection alive for the life of the process: connects, probes with `PING`
-    /// every [`RECONNECT_EVERY`], reconnects after failures. Spawned once at start.
-    pub async fn maintain(self: Arc<Self>) {
+    /// Starts the maintenance loop on the side runtime (once, at start): it keeps the
+    /// connection alive for the life of the process (connects, probes with `PING` every
+    /// [`RECONNECT_EVERY`], reconnects after failures). The connection's driver task is
+    /// spawned by redis-rs on the runtime that connects, so it lives on the side runtime too.
+    pub fn start(self: &Arc<Self>) {
+        crate::side_runtime::spawn(self.clone().maintain());
+    }
+
+    async fn maintain(self: Arc<Self>) {
         let mut first = true;
         loop {
             if self.conn.load().is_none() || !self.healthy() {
@@ -349,8 +401,8 @@ impl Cluster {
                 first = false;
             } else {
                 // Probe: a dead connection is found here even when no request needs Redis.
-                let _ =
-                    self.run(|mut c| async move {
+                let _ = self
+                    .run(move |mut c| async move {
                         redis::cmd("PING").query_async::<String>(&mut c).await
                     })
                     .await;
@@ -387,7 +439,12 @@ impl Cluster {
     /// Connects once, for a command that reads shared state and exits (`keygate keys`): no
     /// events, no reconnect task.
     pub async fn connect_once(&self, within: Duration) -> Result<(), ClusterError> {
-        self.connect(within).await?;
+        let Some(me) = self.me.upgrade() else {
+            return Err(ClusterError::Degraded);
+        };
+        crate::side_runtime::run(async move { me.connect(within).await })
+            .await
+            .unwrap_or(Err(ClusterError::Degraded))?;
         self.degraded.store(false, Relaxed);
         Ok(())
     }

@@ -332,7 +332,7 @@ impl Cluster {
         });
         let nonce = lease_nonce();
         let reply = self
-            .run(|mut c| async move {
+            .run(move |mut c| async move {
                 script()
                     .key(counter)
                     .key(flag)
@@ -409,7 +409,7 @@ impl Cluster {
         let (start, end) = window(quota.period, now);
         let counter = self.key(&["q", key_id, &start.to_string()]);
         let used: Option<u64> = self
-            .run(|mut c| async move {
+            .run(move |mut c| async move {
                 redis::cmd("GET")
                     .arg(counter)
                     .query_async::<Option<u64>>(&mut c)
@@ -512,7 +512,7 @@ impl Cluster {
                     .arg(u8::from(l.exhausted || l.local_refused))
                     .arg(l.uncertain);
             }
-            let invoke = |mut c: redis::aio::MultiplexedConnection| async move {
+            let invoke = move |mut c: redis::aio::MultiplexedConnection| async move {
                 script.invoke_async::<Vec<(u64, u64)>>(&mut c).await
             };
             let counters = if force {

@@ -125,7 +125,7 @@ impl Cluster {
         burst: u32,
         want: u32,
     ) -> Result<(u32, u32, u64), ClusterError> {
-        self.run(|mut c| async move {
+        self.run(move |mut c| async move {
             script()
                 .key(bucket)
                 .arg(interval_us)

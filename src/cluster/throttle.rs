@@ -83,7 +83,7 @@ impl Cluster {
         let bucket = self.guess_bucket(ip);
         let interval = interval_us(rate);
         let _ = self
-            .run(|mut c| async move {
+            .run(move |mut c| async move {
                 refund_script()
                     .key(bucket)
                     .arg(interval)
@@ -102,7 +102,7 @@ impl Cluster {
     pub async fn vouch(&self, key_id: &str, proof: [u8; 32]) {
         let entry = self.vouch_entry(key_id);
         let _ = self
-            .run(|mut c| async move {
+            .run(move |mut c| async move {
                 c.set_ex::<_, _, ()>(entry, hex::encode(proof), VOUCH_TTL.as_secs())
                     .await
             })
@@ -115,7 +115,7 @@ impl Cluster {
     pub async fn vouched(&self, key_id: &str, proof: &[u8; 32]) -> bool {
         let entry = self.vouch_entry(key_id);
         let recorded: Option<String> = self
-            .run(|mut c| async move { c.get(entry).await })
+            .run(move |mut c| async move { c.get(entry).await })
             .await
             .ok()
             .flatten();
