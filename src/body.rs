@@ -969,7 +969,9 @@ impl Drop for ResponseBody {
             let cut = if crate::stall::cut_by_send_timeout(conn) {
                 crate::log::Cut::SendTimeout
             } else {
-                crate::log::Cut::Client
+                // keygate closing the connection itself (shutdown, reclaimed), else the client.
+                conn.and_then(crate::pipeline::Conn::closed_by)
+                    .unwrap_or(crate::log::Cut::Client)
             };
             if let Some(r) = self.record.as_mut() {
                 r.cut = Some(cut);

@@ -723,6 +723,13 @@ pub enum Cut {
     /// end, or a framing error. The client's stream is aborted so it cannot take the truncated
     /// body for a whole one.
     Upstream,
+    /// keygate was stopping (SIGTERM/SIGINT) and `[server] shutdown_grace` ran out before the
+    /// response was complete: keygate closed the connection.
+    Shutdown,
+    /// The connection table (`conn_limits.rs`) took the connection for a newcomer while keygate
+    /// held this request back (a throttled client's pause, a wait for verification): only
+    /// connections with no admitted request in flight are reclaimed.
+    Reclaimed,
 }
 
 impl Cut {
@@ -731,6 +738,8 @@ impl Cut {
             Cut::Client => "client",
             Cut::SendTimeout => "send_timeout",
             Cut::Upstream => "upstream",
+            Cut::Shutdown => "shutdown",
+            Cut::Reclaimed => "reclaimed",
         }
     }
 }

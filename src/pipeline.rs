@@ -123,6 +123,25 @@ pub struct Conn {
     /// HTTP/1.1: keygate is closing the connection because the client took nothing for
     /// `send_timeout`; a response cut by it is logged `cut_by: send_timeout`.
     pub send_timed_out: std::sync::atomic::AtomicBool,
+    /// keygate is closing the connection, and why (`shutdown`: `shutdown_grace` ran out;
+    /// `reclaimed`: the connection table took it): a request or response it cuts is logged
+    /// with this `cut_by` rather than as the client's doing ([`Conn::closing`]).
+    closed_by: std::sync::OnceLock<crate::log::Cut>,
+}
+
+/// [`Conn`]s alive: their requests, responses and tunnels hold them, so once this is zero every
+/// access line has been written (the shutdown waits for it, bounded, before the log is flushed).
+static CONNS_ALIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many [`Conn`]s are alive (see [`CONNS_ALIVE`]).
+pub fn conns_alive() -> usize {
+    CONNS_ALIVE.load(Relaxed)
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        CONNS_ALIVE.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Conn {
@@ -146,6 +165,7 @@ impl Conn {
     }
 
     fn admitted(peer: SocketAddr, admitted_under: std::sync::Weak<Snapshot>) -> Self {
+        CONNS_ALIVE.fetch_add(1, Relaxed);
         Conn {
             peer,
             admitted_under,
@@ -159,7 +179,19 @@ impl Conn {
             opened: Instant::now(),
             responding: std::sync::Mutex::new(None),
             send_timed_out: std::sync::atomic::AtomicBool::new(false),
+            closed_by: std::sync::OnceLock::new(),
         }
+    }
+
+    /// keygate closes this connection for `why`: what it cuts is logged with that `cut_by`.
+    /// The first reason given stands.
+    pub fn closing(&self, why: crate::log::Cut) {
+        let _ = self.closed_by.set(why);
+    }
+
+    /// Why keygate is closing this connection, if it is ([`Self::closing`]).
+    pub fn closed_by(&self) -> Option<crate::log::Cut> {
+        self.closed_by.get().copied()
     }
 }
 
@@ -526,18 +558,29 @@ impl Ctx<'_> {
 /// nginx's 499 ("client closed request"), which operators' dashboards already know.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
+/// Status of the access line of a request keygate itself abandoned before answering it, closing
+/// its connection (at `shutdown_grace`, or reclaimed by the connection table): nginx's 444
+/// ("connection closed without response"). Its `cut_by` says why.
+pub const CLOSED_WITHOUT_RESPONSE: u16 = 444;
+
 impl Drop for Ctx<'_> {
     /// The request's future was dropped before it had a response: its client closed the
     /// connection or reset the stream while keygate waited (for the upstream's response head,
     /// a verification, the body being buffered, the upstream queue). Before, such a request
     /// left no access line at all; now it is logged with status 499, `completed: false`,
     /// `cut_by: "client"` (an exchange already under way goes on without it: `Exchange`).
+    /// When keygate closed the connection itself (shutdown, reclaimed), the line says so:
+    /// status 444 and that `cut_by`.
     fn drop(&mut self) {
         if self.answered {
             return;
         }
-        let mut record = self.record(CLIENT_CLOSED_REQUEST);
-        record.cut = Some(crate::log::Cut::Client);
+        let (status, cut) = match self.conn.closed_by() {
+            Some(cut) => (CLOSED_WITHOUT_RESPONSE, cut),
+            None => (CLIENT_CLOSED_REQUEST, crate::log::Cut::Client),
+        };
+        let mut record = self.record(status);
+        record.cut = Some(cut);
         record.emit();
     }
 }

@@ -198,7 +198,7 @@ async fn serve(
     tokio::spawn(housekeeping(shared.clone()));
     tokio::spawn(write_state_behind(shared.clone()));
     tokio::spawn(crate::log::summaries());
-    let (drain_tx, drain_rx) = watch::channel(false);
+    let (drain_tx, drain_rx) = watch::channel(Drain::Serving);
     let reload_task = tokio::spawn(reload_on_sighup(
         signals.hup,
         source,
@@ -245,7 +245,7 @@ async fn serve(
         open_connections = metrics::global().open_connections(),
         "shutting down"
     );
-    let _ = drain_tx.send(true);
+    let _ = drain_tx.send(Drain::Draining);
     drop(drain_rx);
     if tokio::time::timeout(grace, drain_tx.closed())
         .await
@@ -255,7 +255,19 @@ async fn serve(
             open_connections = metrics::global().open_connections(),
             "shutdown_grace elapsed; closing remaining connections"
         );
+        // Every connection still open is closed now, on whichever worker serves it, and what it
+        // cuts is logged `cut_by: shutdown` (before, the process just ended: no access line).
+        let _ = drain_tx.send(Drain::Cut);
     }
+    // The access lines of what was cut are written before the log is flushed (bounded: a
+    // stream task that does not end is not waited for).
+    let _ = tokio::time::timeout(CUT_LOGGED_WITHIN, async {
+        drain_tx.closed().await;
+        while pipeline::conns_alive() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     save_state(&shared, true);
     if let Some(c) = &shared.cluster {
         // The last uses noted since the last flush (bounded by the cluster timeout).
@@ -268,18 +280,33 @@ async fn serve(
     Ok(())
 }
 
+/// Where the process is in its life, as each connection sees it (a `watch` channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    Serving,
+    /// SIGTERM/SIGINT: stop accepting; each connection finishes its requests and closes
+    /// (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY).
+    Draining,
+    /// `shutdown_grace` ran out: every connection still open is closed at once.
+    Cut,
+}
+
+/// How long, after the cut at `shutdown_grace`, the exit waits for the cut requests' access
+/// lines (their connections' tasks and HTTP/2 stream tasks to end).
+const CUT_LOGGED_WITHIN: Duration = Duration::from_secs(2);
+
 /// One worker's accept loop: until the drain starts, takes connections from the shared listener
 /// and serves each on a task of this worker's runtime.
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     table: Arc<ConnTable>,
-    mut drain_rx: watch::Receiver<bool>,
+    mut drain_rx: watch::Receiver<Drain>,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            _ = drain_rx.wait_for(|draining| *draining) => return,
+            _ = drain_rx.wait_for(|d| *d != Drain::Serving) => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -452,7 +479,7 @@ async fn serve_connection(
     peer: SocketAddr,
     snap: Arc<Snapshot>,
     shared: Arc<Shared>,
-    mut drain: watch::Receiver<bool>,
+    mut drain: watch::Receiver<Drain>,
     slot: &ConnSlot,
 ) {
     let _ = stream.set_nodelay(true);
@@ -1004,7 +1031,7 @@ impl Watch {
         &self,
         mut http: std::pin::Pin<&mut C>,
         shut: impl Fn(std::pin::Pin<&mut C>),
-        drain: &mut watch::Receiver<bool>,
+        drain: &mut watch::Receiver<Drain>,
         slot: &ConnSlot,
         park: Option<&IoState>,
     ) -> Driven
@@ -1071,9 +1098,17 @@ impl Watch {
                     let now = std::time::Instant::now();
                     send_check = tokio::time::Instant::from_std(if io.write_blocked.load(Relaxed) { last } else { now }) + send_timeout;
                 }
-                _ = drain.changed(), if !closing => {
-                    shut(http.as_mut());
-                    closing = true;
+                changed = drain.changed() => {
+                    let now = if changed.is_ok() { *drain.borrow_and_update() } else { Drain::Cut };
+                    if now == Drain::Cut {
+                        // shutdown_grace is over: what is still in flight is cut (logged so).
+                        conn.closing(crate::log::Cut::Shutdown);
+                        return Driven::Ended;
+                    }
+                    if !closing {
+                        shut(http.as_mut());
+                        closing = true;
+                    }
                 }
                 // The table took this slot for a newcomer (only when idle: see conn_limits.rs).
                 () = slot.reclaimed(), if !closing => {
@@ -1084,6 +1119,8 @@ impl Watch {
                     // such connections no longer counted in the table but were still open: a
                     // fresh user's guessers kept 1,536 open against a table of 512.
                     if conn.admitted.load(Relaxed) == 0 {
+                        // What it held back is logged `cut_by: reclaimed`, not as the client's.
+                        conn.closing(crate::log::Cut::Reclaimed);
                         return Driven::Ended;
                     }
                     shut(http.as_mut());
