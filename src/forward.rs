@@ -818,7 +818,11 @@ impl Upstream {
         (&self.scheme, &self.authority, &self.base_path)
     }
 
-    /// Whether a TCP connection to the upstream can be opened now (for `/readyz`).
+    /// Whether a TCP connection to the upstream can be opened now (for `/readyz`), name
+    /// resolution included, within `within`. Timed on the side runtime
+    /// ([`crate::side_runtime`]), not on the worker serving the admin request: a worker busy
+    /// with a flood makes `/readyz` answer late, never say "upstream unreachable" (fresh user
+    /// T5-17's kind: a health verdict from a latency the upstream does not alone determine).
     pub async fn reachable(&self, within: Duration) -> bool {
         let port = self
             .authority
@@ -832,10 +836,15 @@ impl Upstream {
             .authority
             .host()
             .trim_start_matches('[')
-            .trim_end_matches(']');
-        matches!(
-            tokio::time::timeout(within, tokio::net::TcpStream::connect((host, port))).await,
-            Ok(Ok(_))
-        )
+            .trim_end_matches(']')
+            .to_string();
+        crate::side_runtime::run(async move {
+            matches!(
+                tokio::time::timeout(within, tokio::net::TcpStream::connect((host, port))).await,
+                Ok(Ok(_))
+            )
+        })
+        .await
+        .unwrap_or(false)
     }
 }
