@@ -1174,7 +1174,7 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
         let vouch = cluster
             .cloned()
             .zip(proof)
-            .map(|(c, p)| (c, p, key.id.clone()));
+            .map(|(c, p)| (c, p, key.verified.clone(), key.id.clone()));
         let on_verdict: crate::auth::verify::OnVerdict = Box::new(move |verdict| {
             let wrong = verdict == Some(Settled::Invalid);
             match (verdict, reservation) {
@@ -1189,10 +1189,11 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
             {
                 runtime.spawn(async move { cluster.guess_refund(ip, rate).await });
             }
-            if let Some((cluster, proof, key_id)) = vouch
+            if let Some((cluster, proof, verified, key_id)) = vouch
                 && verdict == Some(Settled::Valid)
             {
-                runtime.spawn(async move { cluster.vouch(&key_id, proof).await });
+                let _enter = runtime.enter();
+                cluster.vouch(&verified, &key_id, proof);
             }
         });
         let outcome = Box::pin(ctx.shared.verifier.verify(
@@ -1224,6 +1225,11 @@ async fn authenticate<B>(req: &Request<B>, ctx: &mut Ctx<'_>) -> Result<Arc<Key>
     // The clock is read only for a key that can expire.
     if key.expires.is_some() && key.is_expired(jiff::Timestamp::now()) {
         return Err(fail(AuthFailure::Expired, Some(&key.id)));
+    }
+    // Cluster mode: the token's proof for the other instances is written again when this
+    // instance has not written it lately (T6-5; two atomic loads when it has).
+    if let Some(cluster) = ctx.shared.cluster.as_ref() {
+        cluster.vouch_again(key, token.expose());
     }
     Ok(key.clone())
 }

@@ -97,7 +97,7 @@ async fn three_instances_share_one_rate_limit() {
         .await;
     assert!(r.status == 200 || r.status == 429);
     assert!(
-        !redis.cli(&["GET", "keygate:rl:shared"]).is_empty(),
+        !redis.cli(&["GET", "keygate:rl:shared:10000:10"]).is_empty(),
         "bucket in Redis"
     );
 }
@@ -164,7 +164,11 @@ async fn redis_killed_and_restarted_under_load_with_local_fallback() {
     assert!(before > 0 && during > 0 && after > 0);
     // Shared counting resumed: the bucket is back in the restarted (empty) Redis.
     load(Duration::from_millis(50)).await;
-    assert!(!redis.cli(&["GET", "keygate:rl:steady"]).is_empty());
+    assert!(
+        !redis
+            .cli(&["GET", "keygate:rl:steady:10:100000"])
+            .is_empty()
+    );
     let m = metrics(&kg).await;
     assert!(m.contains("keygate_cluster_degraded 0"), "{m}");
     assert_no_secrets(&kg.logs(), &[&token]);

@@ -169,9 +169,10 @@ pub struct Key {
     /// The id as the identity header's value, made once.
     pub id_header: http::HeaderValue,
     pub hash: PhcHash,
-    /// The keyed digest of the one token known to match `hash`, once verified. Shared with the
-    /// next snapshot when the hash is unchanged; a removed key takes its entry with it.
-    pub verified: Arc<OnceLock<Digest>>,
+    /// The verified cache of this key and hash: the keyed digest of the one token known to
+    /// match `hash`, once verified. Shared with the next snapshot when the hash is unchanged; a
+    /// removed key or a new hash takes it with it.
+    pub verified: Arc<Verified>,
     pub limiter: Option<Arc<KeyLimiter>>,
     /// Requests of this key in flight at once, at most (`max_concurrent`, 429 beyond).
     pub max_concurrent: u32,
@@ -189,6 +190,18 @@ pub struct Key {
     pub quota: Option<crate::quota::Quota>,
     /// Its own or its role's; `None`: `[state] rotation_period` applies.
     pub rotation_period: Option<std::time::Duration>,
+}
+
+/// A key's verified cache (per key and hash, see [`Key::verified`]).
+#[derive(Debug, Default)]
+pub struct Verified {
+    /// The keyed digest ([`Verifier::digest`]) of the one token known to match the hash. Only
+    /// one token can match a hash, so a set-once slot is enough.
+    pub digest: OnceLock<Digest>,
+    /// Cluster mode: when this instance last wrote the token's proof for the other instances
+    /// (`cluster/throttle.rs`, T6-5: written again when the token is used later, so that the
+    /// proof outlives a Redis data loss and its own TTL).
+    pub vouched: crate::cluster::throttle::VouchMark,
 }
 
 impl Key {

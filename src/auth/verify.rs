@@ -212,7 +212,7 @@ impl Verification {
             crate::metrics::global().argon2_verified(ok);
             if ok {
                 // Only one token can match a hash, so a set-once slot is enough.
-                let _ = key.verified.set(digest);
+                let _ = key.verified.digest.set(digest);
                 settlement.settle(Settled::Valid);
                 leading.settle(Settled::Valid);
             } else {
@@ -332,6 +332,7 @@ impl Verifier {
     /// changed since: a changed hash makes a new, empty slot).
     pub fn is_cached(key: &Key, digest: &Digest) -> bool {
         key.verified
+            .digest
             .get()
             .is_some_and(|known| bool::from(known.ct_eq(digest)))
     }

@@ -297,6 +297,8 @@ impl Cluster {
             let _ = self.flush_uses(&policy(), crate::clock::now()).await;
             // Quota counters: local units added, what this instance saw re-asserted.
             let _ = self.quota_sync(crate::clock::now(), false).await;
+            // Verified tokens' proofs: a new round when due or when Redis lost its data.
+            self.vouch_tick().await;
         }
     }
 

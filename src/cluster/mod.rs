@@ -185,6 +185,8 @@ pub struct Cluster {
     announced: AtomicBool,
     quota_leases: quota::QuotaLeases,
     pending_uses: history::PendingUses,
+    /// When verified tokens are vouched for again (`throttle.rs`).
+    vouch_rounds: throttle::VouchRounds,
 }
 
 impl Cluster {
@@ -210,6 +212,7 @@ impl Cluster {
             announced: AtomicBool::new(false),
             quota_leases: Default::default(),
             pending_uses: Default::default(),
+            vouch_rounds: Default::default(),
         }))
     }
 

@@ -19,6 +19,18 @@
 //! than their lease time, at most `instances × 2n` at any instant (≈ 20 ms of rate per
 //! instance, with the block renewed ahead).
 //! Unspent leases can only under-admit.
+//!
+//! The bucket is named by the limit it enforces: `<prefix>rl:<key id>:<interval µs>:<burst>`.
+//! A reload that changes a key's `rate_limit` or `burst` (its own or its role's) therefore
+//! starts a new, full bucket on every instance that loads it, as without cluster mode (the
+//! key's local bucket is kept only while its rate and burst are unchanged): a TAT stored in
+//! intervals of the old rate would hold a raised limit back for up to burst × old interval
+//! (fresh user T5-21: `1/min, burst 2` raised to `100/s` still refused for 118 s). Lowering a
+//! limit likewise gives the key one full burst at the new rate, then the new rate. The cells
+//! this instance leased under the old limit go with the old [`KeyLimiter`]. During a rolling
+//! reload, instances on the old and the new limit count in different buckets, so for those
+//! seconds the key can get up to both limits together (never more than the sum); the old
+//! bucket expires once it would be full again (at most burst × old interval + 1 s).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -230,14 +242,11 @@ impl Cluster {
         take_one: bool,
     ) -> Result<RateInfo, ClusterError> {
         let lease = limiter.lease();
-        let bucket = self.key(&["rl", key_id]);
+        let interval = interval_us(limiter.rate());
+        let limit = format!("{interval}:{}", limiter.burst());
+        let bucket = self.key(&["rl", key_id, &limit]);
         let (granted, remaining, wait_us) = self
-            .gcra_take(
-                bucket,
-                interval_us(limiter.rate()),
-                limiter.burst(),
-                lease_size(limiter),
-            )
+            .gcra_take(bucket, interval, limiter.burst(), lease_size(limiter))
             .await?;
         let mut s = lease.lock();
         if granted == 0 {

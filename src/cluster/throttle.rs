@@ -18,10 +18,35 @@
 //! whose proof matches is verified there all the same (argon2, uncharged). A guess never
 //! matches, so the budget holds for guessers; the proof only lets a token skip the budget,
 //! never authentication (argon2 still decides), so whoever can write to Redis gains no key.
+//!
+//! The proof is written again while the token is in use (fresh user T6-5: it was written only
+//! when argon2 ran, so a token served from the verified caches was never proved again, and after
+//! Redis lost its data, or after [`VOUCH_TTL`], its exemption was gone for good): an instance
+//! that serves a token from its verified cache writes the proof again when it has not written it
+//! in the current *vouch round* ([`VouchMark`]). A round ends every [`VOUCH_REFRESH`], when the
+//! instance sees that Redis lost its data (the random `<prefix>epoch` marker is gone or
+//! replaced, [`Cluster::vouch_tick`]) and when the cluster recovers from degraded. So each
+//! instance writes each key's proof at most once per round (one `SET`, in a task of its own,
+//! off the request's path; the request itself does two atomic loads), and at the first use of
+//! the key after a loss is seen (within one write-behind tick, 2 s).
+//!
+//! A proof belongs to a key *and its hash*: the round mark lives in the key's verified cache
+//! ([`crate::auth::Verified`]), which a new hash replaces, and the proof is keyed by the hash's
+//! fingerprint, so a proof made under a replaced hash (a key rotated, or removed and re-added
+//! with a new hash) never matches a token again; the new hash's first verification overwrites
+//! it. A key removed from the config leaves its proof to expire: nothing consults it (an unknown
+//! key id is a guess). The same key removed and re-added with the same hash keeps its proof,
+//! which is still true.
+//!
+//! The shared budget's bucket is named by its rate (`<prefix>fa:<client>:<interval µs>:<burst>`),
+//! so a reload that changes `failed_auth_limit` starts every client's shared budget afresh, as
+//! the local throttle does (`config/build`: kept only while the rate is unchanged): GCRA state
+//! in units of the old rate would otherwise hold a raised budget back (T5-21's kind).
 
 use std::net::IpAddr;
-
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
 use redis::{AsyncCommands, Script};
@@ -30,12 +55,72 @@ use subtle::ConstantTimeEq;
 
 use super::rate::interval_us;
 use super::{Cluster, ClusterError};
-use crate::auth::Key;
+use crate::auth::{Key, Verified};
 use crate::limits::{Rate, client_key};
 
 /// How long a recorded proof exempts its token on the other instances; each instance that
-/// verifies the token writes it again.
+/// verifies or serves the token writes it again (at most once per vouch round).
 pub const VOUCH_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A vouch round lasts at most this long: an instance serving a token writes its proof again
+/// at most this often (and after Redis lost its data, see the module doc).
+pub const VOUCH_REFRESH: Duration = Duration::from_secs(600);
+
+/// A mark on a key's verified cache: the vouch round in which this instance last wrote the
+/// token's proof (0: never; `u64::MAX`: a write is under way).
+#[derive(Debug, Default)]
+pub struct VouchMark(AtomicU64);
+
+const IN_FLIGHT: u64 = u64::MAX;
+
+/// The instance's vouch round and what ends it (see the module doc). Part of [`Cluster`].
+pub struct VouchRounds {
+    /// The current round (≥ 1, never [`IN_FLIGHT`]).
+    round: AtomicU64,
+    /// For [`Cluster::vouch_tick`] only.
+    tick: Mutex<TickState>,
+}
+
+struct TickState {
+    /// The epoch marker's value as this instance last read it.
+    seen: Option<String>,
+    round_started: Instant,
+    /// Whether the cluster was healthy at the last tick; `None` before it first was (the
+    /// first connection is no recovery: a degraded instance writes no proof and marks none).
+    was_healthy: Option<bool>,
+}
+
+impl Default for VouchRounds {
+    fn default() -> Self {
+        VouchRounds {
+            round: AtomicU64::new(1),
+            tick: Mutex::new(TickState {
+                seen: None,
+                round_started: Instant::now(),
+                was_healthy: None,
+            }),
+        }
+    }
+}
+
+/// KEYS[1] = the epoch marker; ARGV = a fresh value, TTL seconds. Returns the marker's value,
+/// set to the fresh one if it is missing (Redis lost its data, or no instance ran for the TTL).
+/// An instance that reads a value other than the one it read before knows that Redis lost its
+/// data since.
+const EPOCH_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return ARGV[1]
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return v
+";
+
+fn epoch_script() -> &'static Script {
+    static S: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    S.get_or_init(|| Script::new(EPOCH_LUA))
+}
 
 /// What instances share about a token they verified: HMAC-SHA256 over the token, keyed with
 /// the fingerprint of the key's argon2id hash (a SHA-256 of its PHC string, which only the
@@ -63,14 +148,23 @@ fn refund_script() -> &'static Script {
 }
 
 impl Cluster {
-    fn guess_bucket(&self, ip: IpAddr) -> String {
-        self.key(&["fa", &format!("{:032x}", client_key(ip))])
+    /// The client's shared budget at `rate` (named by its rate, see the module doc).
+    fn guess_bucket(&self, ip: IpAddr, rate: Rate) -> String {
+        self.key(&[
+            "fa",
+            &format!(
+                "{:032x}:{}:{}",
+                client_key(ip),
+                interval_us(rate),
+                rate.count.max(1)
+            ),
+        ])
     }
 
     /// Takes one cell of the client's shared guess budget before hashing: `Ok(None)` taken,
     /// `Ok(Some(seconds ≥ 1))` the budget is used up cluster-wide.
     pub async fn guess_reserve(&self, ip: IpAddr, rate: Rate) -> Result<Option<u64>, ClusterError> {
-        let bucket = self.guess_bucket(ip);
+        let bucket = self.guess_bucket(ip, rate);
         let (_, _, wait_us) = self
             .gcra_take(bucket, interval_us(rate), rate.count.max(1), 1)
             .await?;
@@ -80,7 +174,7 @@ impl Cluster {
     /// Gives the cell back (the token was right). Best effort: a failure only costs the client
     /// one cell of its budget.
     pub async fn guess_refund(&self, ip: IpAddr, rate: Rate) {
-        let bucket = self.guess_bucket(ip);
+        let bucket = self.guess_bucket(ip, rate);
         let interval = interval_us(rate);
         let _ = self
             .run(move |mut c| async move {
@@ -97,16 +191,123 @@ impl Cluster {
         self.key(&["vk", key_id])
     }
 
-    /// Records that this instance verified the token whose [`vouch_proof`] is `proof`.
-    /// Best effort: without it, the token meets the budget on instances that never verified it.
-    pub async fn vouch(&self, key_id: &str, proof: [u8; 32]) {
-        let entry = self.vouch_entry(key_id);
-        let _ = self
+    /// Records, for the other instances, that this instance verified the token whose
+    /// [`vouch_proof`] is `proof` (argon2 just said so): written in a task of its own, unless
+    /// this round's write is done or under way. Best effort: a failed write is tried again by
+    /// the token's next use here.
+    pub fn vouch(self: &Arc<Self>, verified: &Arc<Verified>, key_id: &Arc<str>, proof: [u8; 32]) {
+        if let Some((round, before)) = self.vouch_claim(verified) {
+            self.vouch_write(verified.clone(), key_id.clone(), proof, round, before);
+        }
+    }
+
+    /// For a token served from this instance's verified cache: writes its proof again if this
+    /// instance has not written it in the current round (module doc, T6-5). The steady path
+    /// (written this round, or the cluster degraded) is two atomic loads: no allocation, no
+    /// Redis call. Otherwise one HMAC here and a task that writes the proof.
+    pub fn vouch_again(self: &Arc<Self>, key: &Key, token: &[u8]) {
+        if let Some((round, before)) = self.vouch_claim(&key.verified) {
+            let proof = vouch_proof(key, token);
+            self.vouch_write(key.verified.clone(), key.id.clone(), proof, round, before);
+        }
+    }
+
+    /// The right to write the proof in this round: `(round, the mark before)`; `None` when it
+    /// is written or being written, or Redis cannot be asked now.
+    fn vouch_claim(&self, verified: &Verified) -> Option<(u64, u64)> {
+        let round = self.vouch_rounds.round.load(Relaxed);
+        let mark = &verified.vouched.0;
+        let before = mark.load(Relaxed);
+        if before == round || before == IN_FLIGHT || !self.healthy() {
+            return None;
+        }
+        mark.compare_exchange(before, IN_FLIGHT, Relaxed, Relaxed)
+            .ok()
+            .map(|_| (round, before))
+    }
+
+    fn vouch_write(
+        self: &Arc<Self>,
+        verified: Arc<Verified>,
+        key_id: Arc<str>,
+        proof: [u8; 32],
+        round: u64,
+        before: u64,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            verified.vouched.0.store(before, Relaxed);
+            return;
+        };
+        let cluster = self.clone();
+        runtime.spawn(async move {
+            let entry = cluster.vouch_entry(&key_id);
+            let done = cluster
+                .run(move |mut c| async move {
+                    c.set_ex::<_, _, ()>(entry, hex::encode(proof), VOUCH_TTL.as_secs())
+                        .await
+                })
+                .await;
+            // A failed write is tried again by the token's next use.
+            let mark = if done.is_ok() { round } else { before };
+            verified.vouched.0.store(mark, Relaxed);
+        });
+    }
+
+    /// Ends the vouch round when due: [`VOUCH_REFRESH`] after it began, when the cluster has
+    /// recovered since the last tick, or when the `<prefix>epoch` marker (a random value that
+    /// any instance sets when it is missing, kept [`VOUCH_TTL`] and refreshed by every tick)
+    /// reads other than before: Redis lost its data (restarted without persistence, flushed,
+    /// failed over to a replica without it), proofs included; logged `cluster_data_lost`. One
+    /// script call; called on the write-behind tick (`history.rs`, every 2 s).
+    pub async fn vouch_tick(&self) {
+        let healthy = self.healthy();
+        // A value never used before: a marker set from it is new to every instance.
+        let fresh = format!("{:032x}", rand::random::<u128>());
+        {
+            let mut t = self
+                .vouch_rounds
+                .tick
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let recovered = healthy && t.was_healthy == Some(false);
+            if healthy || t.was_healthy.is_some() {
+                t.was_healthy = Some(healthy);
+            }
+            if recovered || t.round_started.elapsed() >= VOUCH_REFRESH {
+                t.round_started = Instant::now();
+                self.vouch_rounds.round.fetch_add(1, Relaxed);
+            }
+        }
+        if !healthy {
+            return;
+        }
+        let marker = self.key(&["epoch"]);
+        let read = self
             .run(move |mut c| async move {
-                c.set_ex::<_, _, ()>(entry, hex::encode(proof), VOUCH_TTL.as_secs())
+                epoch_script()
+                    .key(marker)
+                    .arg(fresh)
+                    .arg(VOUCH_TTL.as_secs())
+                    .invoke_async::<String>(&mut c)
                     .await
             })
             .await;
+        let Ok(value) = read else { return };
+        let mut t = self
+            .vouch_rounds
+            .tick
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if t.seen.as_ref().is_some_and(|s| *s != value) {
+            t.round_started = Instant::now();
+            self.vouch_rounds.round.fetch_add(1, Relaxed);
+            tracing::warn!(
+                event = "cluster_data_lost",
+                instance = %self.settings.instance,
+                "Redis lost its data (its epoch marker is new): verified tokens are vouched for again as they are used"
+            );
+        }
+        t.seen = Some(value);
     }
 
     /// True if some instance verified the token whose proof is `proof` (constant-time
