@@ -196,3 +196,71 @@ async fn a_changed_rate_limit_applies_at_once_on_every_instance() {
         assert_no_secrets(&kg.logs(), &[&token]);
     }
 }
+
+/// Fresh user T5-20: a reload that lowered a key's quota did not touch the block of units an
+/// instance had leased under the old one (`100000/day` cut to `5/day`: the instance holding a
+/// block of 100 served 98 more; without cluster mode the cut applies at once). Now a lease is
+/// bounded by the limit it was granted under: the instance keeps only what the new limit leaves
+/// after everything leased anywhere, so the cut holds across the cluster at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lowered_quota_clips_the_block_an_instance_leased() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (one, one_hash) = new_key("one");
+    let (two, two_hash) = new_key("two");
+    let big = "quota = \"100000/day\"";
+    let keys = [
+        ("one", one_hash.as_str(), big),
+        ("two", two_hash.as_str(), big),
+    ];
+    let a = instance(&up, &redis, "a", &keys);
+    let b = instance(&up, &redis, "b", &keys);
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    // `one` is used through a only (a holds a block of 100, 98 unspent); `two` through both
+    // (each holds a block: the counter says 200, 4 units spent).
+    assert_eq!(served(&a, &one, 2).await, 2);
+    assert_eq!(served(&a, &two, 2).await, 2);
+    assert_eq!(served(&b, &two, 2).await, 2);
+    let day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400
+        * 86_400;
+    assert_eq!(redis.cli(&["GET", &format!("keygate:q:one:{day}")]), "100");
+    assert_eq!(redis.cli(&["GET", &format!("keygate:q:two:{day}")]), "200");
+
+    reload_all(&[&a, &b], big, "quota = \"5/day\"").await;
+    // `one`: 2 used, so 3 more, all from a's clipped block; b has none to give.
+    assert_eq!(
+        served(&a, &one, 20).await,
+        3,
+        "the lowered limit holds (old code: 20, from the block leased under the old limit)"
+    );
+    assert_eq!(served(&b, &one, 5).await, 0);
+    let r = a
+        .client()
+        .get(&a.url("/.well-known/keygate/key"), &[("x-api-key", &one)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let q = &r.json()["quota"];
+    assert_eq!(
+        (&q["limit"], &q["used"], &q["remaining"]),
+        (&5.into(), &5.into(), &0.into()),
+        "{q}"
+    );
+    // `two`: 4 used, each instance counts the other's block as spent: never more than the
+    // limit over both (under-use is the price: at most the other instances' blocks).
+    let more = served(&a, &two, 10).await + served(&b, &two, 10).await;
+    assert!(4 + more <= 5, "{more} more after 4 used of 5");
+    assert_eq!(up.count(), 2 + 2 + 2 + 3 + more);
+
+    // Raised again: the new limit applies at once, on both.
+    reload_all(&[&a, &b], "quota = \"5/day\"", "quota = \"1000/day\"").await;
+    assert_eq!(served(&a, &one, 3).await, 3);
+    assert_eq!(served(&b, &one, 3).await, 3);
+    for kg in [&a, &b] {
+        assert_no_secrets(&kg.logs(), &[&one, &two]);
+    }
+}

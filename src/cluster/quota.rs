@@ -31,6 +31,21 @@
 //! `used` as shown (introspection, `RateLimit`) is the shared counter minus this instance's
 //! unspent lease plus its unsynced local units: other instances' unspent leases count as used
 //! (ahead of real spending by at most (instances − 1) × lease size, docs/cluster.md).
+//!
+//! A lease is bounded by the limit it was granted under (fresh user T5-20: `100000/day` cut to
+//! `5/day` by a reload, and the instance holding a block of 100 served 98 more). When the key's
+//! limit is now lower than the one its units were leased under, the next charge first reads the
+//! window's counter `C` (one `GET`, under the key's single flight) and keeps of its `u` unspent
+//! units only `min(u, limit − (C + local − u))`: what the new limit leaves after everything
+//! leased anywhere (others' unspent blocks counted as spent) except its own block
+//! ([`clip_lease`]). The rest stays in the counter, written off (this instance's figures do not
+//! count it as used). So the lowered limit holds across the cluster as soon as the instances
+//! have the new config: if one instance keeps `k > 0` units, the counter minus `u` plus `k` is
+//! the limit, and with several instances each keeping `k_i`, the total is the limit minus the
+//! others' blocks, never more (each counts the others' blocks as spent). What it can cost is
+//! under-admission, at most the other instances' unspent blocks. A raised limit needs nothing:
+//! the lease script grants against the new limit. While Redis is unavailable the clip uses the
+//! highest counter this instance saw.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -171,9 +186,38 @@ struct KeyLease {
     /// The nonce of a lease request whose reply never came (timeout, connection lost): Redis
     /// may have granted it; the next sync finds out from the receipt.
     uncertain: u64,
+    /// The highest limit under which the units held were leased: above the key's limit now
+    /// (a reload lowered it), the lease is clipped before it is spent ([`clip_lease`]).
+    granted_under: u64,
+    /// The key's limit at its last charge here (for units of a lease that turns out granted
+    /// after its reply was lost).
+    limit: u64,
+    /// Units in the shared counter that this instance leased and gave up when a reload
+    /// lowered the limit: never spent, so not shown as used by this instance.
+    written_off: u64,
 }
 
-/// A new window (or a changed period) starts from an empty lease.
+/// A lease granted under a higher limit than the key has now must be clipped before use.
+fn needs_clip(l: &KeyLease, q: Quota) -> bool {
+    l.units > 0 && l.granted_under > q.limit
+}
+
+/// Keeps of the unspent lease only what `q`'s (lowered) limit leaves after everything else the
+/// window's counter holds (`counter`: fresh from Redis, or the highest this instance saw), this
+/// instance's unsynced local units included; the rest is written off (module doc).
+fn clip_lease(l: &mut KeyLease, q: Quota, counter: u64) {
+    l.used_shared = l.used_shared.max(counter);
+    let elsewhere = (l.used_shared + l.local).saturating_sub(l.units);
+    let keep = l.units.min(q.limit.saturating_sub(elsewhere));
+    l.written_off += l.units - keep;
+    l.units = keep;
+    l.granted_under = q.limit;
+}
+
+/// A new window starts from an empty lease. The counter is named by the window's start, so a
+/// reload that changes the period keeps the lease when the new window starts at the same
+/// instant (`/day` to `/month`, or back, on the 1st of a month): what was counted since then
+/// is the new window's usage too; only its end moves.
 fn reset_on_new_window(l: &mut KeyLease, start: i64, end: i64) {
     if l.window_start != start {
         *l = KeyLease {
@@ -181,6 +225,8 @@ fn reset_on_new_window(l: &mut KeyLease, start: i64, end: i64) {
             window_end: end,
             ..KeyLease::default()
         };
+    } else {
+        l.window_end = end;
     }
 }
 
@@ -214,7 +260,7 @@ fn state(q: Quota, l: &KeyLease, now: i64, end: i64, refused: Option<bool>) -> Q
     // Units this instance holds are not used yet; units it admitted while Redis was
     // unavailable are, though the shared counter does not show them yet.
     let used = (l.used_shared + l.local)
-        .saturating_sub(l.units)
+        .saturating_sub(l.units + l.written_off)
         .min(q.limit);
     QuotaState {
         quota: q,
@@ -239,7 +285,11 @@ impl Cluster {
         let (start, end) = window(quota.period, now);
         let take = |l: &mut KeyLease| {
             reset_on_new_window(l, start, end);
-            if l.units >= cost {
+            l.limit = quota.limit;
+            if needs_clip(l, quota) {
+                // Leased under a higher limit (a reload lowered it): clipped first, below.
+                None
+            } else if l.units >= cost {
                 l.units -= cost;
                 // Running low: lease the next block in the background (see `prefetch`).
                 let low = cost > 0
@@ -272,6 +322,21 @@ impl Cluster {
                 }
                 continue;
             };
+            // A reload lowered the limit since this block was leased: clip it against the
+            // counter as it is now, then look again.
+            if self.quota_leases.with(key_id, |l| {
+                reset_on_new_window(l, start, end);
+                needs_clip(l, quota)
+            }) {
+                let counter = self.quota_counter(key_id, start).await?;
+                self.quota_leases.with(key_id, |l| {
+                    if l.window_start == start && needs_clip(l, quota) {
+                        clip_lease(l, quota, counter);
+                    }
+                });
+                drop(turn);
+                continue;
+            }
             let (taken, held, lease) = self.quota_leases.with(key_id, |l| {
                 let taken = take(l);
                 let lease = next_lease(quota, l, Instant::now());
@@ -297,6 +362,9 @@ impl Cluster {
         Ok(self.quota_leases.with(key_id, |l| {
             reset_on_new_window(l, start, end);
             l.units += granted;
+            if granted > 0 {
+                l.granted_under = l.granted_under.max(quota.limit);
+            }
             l.used_shared = l.used_shared.max(used);
             if l.units >= cost {
                 l.units -= cost;
@@ -388,6 +456,11 @@ impl Cluster {
                     cluster.quota_leases.with(&key_id, |l| {
                         if l.window_start == start {
                             l.units += granted;
+                            if granted > 0 {
+                                // Under the limit the prefetch began with (a reload since
+                                // may have lowered it: the next charge clips).
+                                l.granted_under = l.granted_under.max(quota.limit);
+                            }
                             l.used_shared = l.used_shared.max(used);
                         }
                     });
@@ -407,6 +480,16 @@ impl Cluster {
         now: i64,
     ) -> Result<QuotaState, ClusterError> {
         let (start, end) = window(quota.period, now);
+        let used = self.quota_counter(key_id, start).await?;
+        Ok(self.quota_leases.with(key_id, |l| {
+            reset_on_new_window(l, start, end);
+            l.used_shared = l.used_shared.max(used);
+            state(quota, l, now, end, None)
+        }))
+    }
+
+    /// The window's shared counter as Redis holds it now (0 if it has none). One `GET`.
+    async fn quota_counter(&self, key_id: &str, start: i64) -> Result<u64, ClusterError> {
         let counter = self.key(&["q", key_id, &start.to_string()]);
         let used: Option<u64> = self
             .run(move |mut c| async move {
@@ -416,11 +499,7 @@ impl Cluster {
                     .await
             })
             .await?;
-        Ok(self.quota_leases.with(key_id, |l| {
-            reset_on_new_window(l, start, end);
-            l.used_shared = l.used_shared.max(used.unwrap_or(0));
-            state(quota, l, now, end, None)
-        }))
+        Ok(used.unwrap_or(0))
     }
 
     /// What this instance knows of the key's window without asking Redis: the highest shared
@@ -456,6 +535,11 @@ impl Cluster {
         let (start, end) = window(quota.period, now);
         self.quota_leases.with(key_id, |l| {
             reset_on_new_window(l, start, end);
+            l.limit = quota.limit;
+            if needs_clip(l, quota) {
+                // Lowered by a reload: clipped against the highest counter this instance saw.
+                clip_lease(l, quota, 0);
+            }
             if l.units >= cost {
                 l.units -= cost;
                 return state(quota, l, now, end, None);
@@ -532,8 +616,13 @@ impl Cluster {
                     l.used_shared = l.used_shared.max(used);
                     l.local = l.local.saturating_sub(sent.local);
                     // A lease granted after its reply was lost paid for the local units
-                    // first (the script added only the rest); what is left of it is ours.
-                    l.units += late.saturating_sub(sent.local);
+                    // first (the script added only the rest); what is left of it is ours
+                    // (granted under the limit of the time: clipped if it was lowered since).
+                    let ours = late.saturating_sub(sent.local);
+                    if ours > 0 {
+                        l.units += ours;
+                        l.granted_under = l.granted_under.max(sent.limit);
+                    }
                     if l.uncertain == sent.uncertain {
                         l.uncertain = 0;
                     }
@@ -582,6 +671,62 @@ impl QuotaLeases {
 mod tests {
     use super::*;
     use crate::quota::parse_quota;
+
+    #[test]
+    fn a_lease_granted_under_a_higher_limit_is_clipped_to_the_lowered_one() {
+        let old = parse_quota("100000/day").unwrap();
+        let new = parse_quota("5/day").unwrap();
+        // One instance leased 100 and spent 2 (fresh user T5-20): 3 left of the new limit.
+        let mut l = KeyLease {
+            units: 98,
+            used_shared: 100,
+            granted_under: old.limit,
+            ..KeyLease::default()
+        };
+        assert!(needs_clip(&l, new) && !needs_clip(&l, old));
+        clip_lease(&mut l, new, 100);
+        assert_eq!((l.units, l.written_off), (3, 95));
+        assert!(!needs_clip(&l, new));
+        let s = state(new, &l, 0, 86_400, None);
+        assert_eq!((s.used, s.remaining), (2, 3), "what this instance shows");
+        // Another instance leased too (counter 200, its block of 100 counted as spent): the
+        // new limit leaves nothing here.
+        let mut l = KeyLease {
+            units: 98,
+            used_shared: 100,
+            granted_under: old.limit,
+            ..KeyLease::default()
+        };
+        clip_lease(&mut l, new, 200);
+        assert_eq!(l.units, 0);
+        // Several instances clipping against one counter never keep more than the limit
+        // allows: 3 instances holding 40, 30, 20 of a counter of 100 (10 spent), cut to 60.
+        let cut = parse_quota("60/day").unwrap();
+        let kept: u64 = [40, 30, 20]
+            .iter()
+            .map(|&u| {
+                let mut l = KeyLease {
+                    units: u,
+                    used_shared: 100,
+                    granted_under: 1000,
+                    ..KeyLease::default()
+                };
+                clip_lease(&mut l, cut, 100);
+                l.units
+            })
+            .sum();
+        assert!(10 + kept <= 60, "spent 10, kept {kept}");
+        // Units admitted locally during an outage count as spent.
+        let mut l = KeyLease {
+            units: 10,
+            used_shared: 10,
+            local: 4,
+            granted_under: 1000,
+            ..KeyLease::default()
+        };
+        clip_lease(&mut l, parse_quota("8/day").unwrap(), 10);
+        assert_eq!(l.units, 4);
+    }
 
     #[test]
     fn leases_grow_for_busy_keys_within_a_thousandth_of_the_quota() {
