@@ -264,3 +264,40 @@ async fn a_lowered_quota_clips_the_block_an_instance_leased() {
         assert_no_secrets(&kg.logs(), &[&one, &two]);
     }
 }
+
+/// The same kind for the shared failed-auth budget: its GCRA state, in intervals of the old
+/// `failed_auth_limit`, survived a reload that raised the limit, so a client whose budget was
+/// spent stayed refused for up to the old period although the new budget allows it (the local
+/// throttle starts afresh when the limit changes). Now the shared bucket is named by its rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_raised_failed_auth_limit_applies_at_once_on_every_instance() {
+    let up = Upstream::start().await;
+    let redis = Redis::start();
+    let (token, hash) = new_key("k");
+    let wrong: Vec<String> = (0..3).map(|_| new_key("k").0).collect();
+    let keys = [("k", hash.as_str(), "")];
+    let a = instance(&up, &redis, "a", &keys);
+    let b = instance(&up, &redis, "b", &keys);
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    // Lower the budget to 2/h on both, spend it on a: b refuses a valid, unverified key.
+    reload_all(&[&a, &b], "\"6/h\"", "\"2/h\"").await;
+    let mut statuses = Vec::new();
+    for w in &wrong {
+        statuses.push(status(&a, w).await);
+    }
+    assert_eq!(statuses, [401, 401, 429]);
+    assert_eq!(status(&b, &token).await, 429, "the shared budget is spent");
+    // Raised to 20/h: at once, on every instance.
+    reload_all(&[&a, &b], "\"2/h\"", "\"20/h\"").await;
+    assert_eq!(
+        status(&b, &token).await,
+        200,
+        "old code: 429 (the stored state, 2 × 30 min ahead, exceeds the new tolerance)"
+    );
+    let mut secrets: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    secrets.push(&token);
+    for kg in [&a, &b] {
+        assert_no_secrets(&kg.logs(), &secrets);
+    }
+}
