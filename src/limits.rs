@@ -398,6 +398,54 @@ impl FailedAuthThrottle {
         }
     }
 
+    /// A throttle at the new `rate` and `max_clients` that keeps what `previous` knows, for a
+    /// reload that changes `[auth] failed_auth_limit` or `failed_auth_max_clients` (a fresh
+    /// table would hand every throttled client a full budget, also when the operator tightens
+    /// the limit during an attack). Each client's and network's outstanding failures are kept
+    /// as a count: `n` failures still counting under the old rule count as `n` under the new
+    /// one (the GCRA theoretical arrival time is re-scaled from the old emission interval to
+    /// the new), capped at the new budget, so a client throttled before is throttled after
+    /// (for at most one new interval when the new budget is smaller than its debt) and a
+    /// raised limit gives it only the difference. The failure history ([`Standing`]) and the
+    /// attempt clocks carry over as they are. Verifications in flight settle on `previous`
+    /// (their reservation holds it), so its in-flight counts are not copied.
+    pub fn carried_over(previous: &FailedAuthThrottle, rate: Rate, max_clients: usize) -> Self {
+        let mut next = Self::with_capacity(rate, max_clients);
+        next.base = previous.base;
+        let now = previous.now();
+        let (old_interval, new_interval) = (previous.interval, next.interval);
+        let cap = next.tolerance.saturating_add(next.interval);
+        let rescale = |tat: u64| -> Option<u64> {
+            let debt = tat.checked_sub(now).filter(|d| *d > 0)?;
+            // Outstanding failures, rounded up so a partly refilled one still counts.
+            let failures = debt.div_ceil(old_interval);
+            Some(now.saturating_add(failures.saturating_mul(new_interval).min(cap)))
+        };
+        let prev = previous.lock();
+        let t = next.table.get_mut().unwrap_or_else(|p| p.into_inner());
+        t.tat = prev
+            .tat
+            .iter()
+            .filter_map(|(k, tat)| Some((*k, rescale(*tat)?)))
+            .collect();
+        t.networks = prev
+            .networks
+            .iter()
+            .filter_map(|(k, tat)| Some((*k, rescale(*tat)?)))
+            .collect();
+        t.failed_clients = prev.failed_clients.clone();
+        t.failed_networks = prev.failed_networks.clone();
+        t.history_full_until = prev.history_full_until;
+        t.history_pruned = prev.history_pruned;
+        t.attempts = prev.attempts.clone();
+        t.full_until = prev.full_until;
+        t.last_full_warning = prev.last_full_warning;
+        t.last_prune = prev.last_prune;
+        t.next_prune = (t.tat.len() * 2).clamp(PRUNE_AT.min(next.max_clients), next.max_clients);
+        drop(prev);
+        next
+    }
+
     pub fn rate(&self) -> Rate {
         self.rate
     }
@@ -762,6 +810,58 @@ mod tests {
         assert!(t.throttled(ip).is_none(), "lifts after the interval");
         t.prune();
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn a_changed_limit_keeps_each_clients_outstanding_failures() {
+        let per_min = |count| Rate {
+            count,
+            period: Duration::from_secs(60),
+        };
+        let (a, b, fresh): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+        );
+        let old = FailedAuthThrottle::new(per_min(22));
+        for _ in 0..22 {
+            old.record_failure(a);
+        }
+        for _ in 0..3 {
+            old.record_failure(b);
+        }
+        assert!(old.throttled(a).is_some());
+
+        // Raised by one: `a` gets one more failure, not 23 (fresh user T8-1).
+        let raised = Arc::new(FailedAuthThrottle::carried_over(&old, per_min(23), 100));
+        assert_eq!(raised.standing(a), old.standing(a), "history kept");
+        assert!(raised.throttled(a).is_none(), "one failure of room");
+        assert!(raised.record_failure(a), "the 23rd uses it up");
+        assert!(raised.throttled(a).is_some());
+        assert!(raised.throttled(fresh).is_none());
+
+        // Tightened during an attack: `a` stays throttled, for at most one new interval.
+        let tight = FailedAuthThrottle::carried_over(
+            &old,
+            Rate {
+                count: 5,
+                period: Duration::from_secs(3600),
+            },
+            100,
+        );
+        let wait = tight.throttled(a).expect("still throttled");
+        assert!(
+            (719..=720).contains(&wait),
+            "one interval of 5/h, not 22 of them: {wait}"
+        );
+        // `b` had 3 failures outstanding: 2 of 5 left.
+        assert!(!tight.record_failure(b));
+        assert!(tight.record_failure(b), "3 + 2 = 5 uses the budget up");
+
+        // Unchanged rule, another table size: the same state.
+        let same = FailedAuthThrottle::carried_over(&old, per_min(22), 1000);
+        assert!(same.throttled(a).is_some());
+        assert!(!same.record_failure(b));
     }
 
     #[test]

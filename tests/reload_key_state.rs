@@ -214,3 +214,53 @@ async fn a_webhook_route_removed_and_put_back_still_knows_its_deliveries() {
     }
     assert_no_secrets(&kg.logs(), &[&secret]);
 }
+
+/// The failed-auth budget of SPEC §3 across a reload that changes `[auth] failed_auth_limit`
+/// (fresh user T8-1): each client keeps its outstanding failures. Before, a changed limit built
+/// a fresh table, so every throttled address got a whole new budget, also when the operator
+/// tightened the limit during an attack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_failed_auth_limit_keeps_each_clients_failures() {
+    let up = Upstream::start().await;
+    let (_, hash) = new_key("k");
+    let with_limit = |limit: &str| {
+        Keygate::builder()
+            .upstream(&up)
+            .auth(&format!("failed_auth_limit = \"{limit}\""))
+            .key("k", &hash, "")
+    };
+    let kg = with_limit("4/h").start();
+    let c = kg.client();
+    let url = kg.url("/");
+    let guess = || async {
+        let wrong = wrong_token("k");
+        c.get(&url, &[("x-api-key", wrong.as_str())]).await.status
+    };
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(guess().await);
+    }
+    assert_eq!(seen, [401, 401, 401, 401, 429]);
+
+    // Raised by one: one more guess is hashed, not five.
+    let raised = with_limit("5/h").config_text();
+    assert_eq!(reload_with(&kg, &raised).await["event"], "config_reloaded");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(guess().await);
+    }
+    assert_eq!(seen, [401, 429, 429], "old code: 401 401 401");
+
+    // Tightened: still throttled, nothing hashed.
+    let tight = with_limit("2/h").config_text();
+    assert_eq!(reload_with(&kg, &tight).await["event"], "config_reloaded");
+    let r = c
+        .get(&url, &[("x-api-key", wrong_token("k").as_str())])
+        .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (600..=1800).contains(&wait),
+        "at most one interval of 2/h: {wait}"
+    );
+}

@@ -646,7 +646,14 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         {
             prev.auth.failed_auth.clone()
         }
-        _ => Arc::new(FailedAuthThrottle::with_capacity(failed_rate, failed_max)),
+        // A changed limit keeps each client's outstanding failures (fresh user T8-1: a
+        // reload handed every throttled address a new budget).
+        Some(prev) => Arc::new(FailedAuthThrottle::carried_over(
+            &prev.auth.failed_auth,
+            failed_rate,
+            failed_max,
+        )),
+        None => Arc::new(FailedAuthThrottle::with_capacity(failed_rate, failed_max)),
     };
 
     // [access]
