@@ -191,6 +191,31 @@ impl RequestBody {
         }
     }
 
+    /// A second copy of this body, for a replay on a new upstream connection (`forward.rs`,
+    /// RFC 9110 §9.2.2): `Some` when the whole body is in memory before it is sent (read ahead
+    /// in full by [`read_prefix`], or [`buffered`](Self::buffered)), `None` while part of it
+    /// would still come from the client (a streamed body cannot be sent twice). The bytes are
+    /// reference-counted, not copied; trailers, if any, are.
+    pub fn replay_copy(&self) -> Option<RequestBody> {
+        let inner = match &self.inner {
+            Source::Buffered(b) => Source::Buffered(b.clone()),
+            Source::Stream(_) if self.complete => Source::Buffered(None),
+            Source::Stream(_) => return None,
+        };
+        Some(RequestBody {
+            inner,
+            prefix: self.prefix.clone(),
+            trailers: self.trailers.clone(),
+            complete: self.complete,
+            seen: 0,
+            limit: self.limit,
+            read_timeout: self.read_timeout,
+            stall: None,
+            stall_armed: false,
+            stats: self.stats.clone(),
+        })
+    }
+
     /// Called when the client has no frame ready: starts (or checks) the stall clock.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.stats.waiting_on_client.store(true, Relaxed);

@@ -8,7 +8,8 @@
 //! common upstream keep-alive), and a request that fails on a *reused* connection before any
 //! response byte arrived is sent once more on a new connection, when that is safe: it was never
 //! written (the connection was found closed first), or its method is idempotent (RFC 9110
-//! §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and it has no body (one that was streamed
+//! §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and its body, if any, is in memory in full
+//! (read ahead by request buffering, `[server] request_buffer_bytes`; a body that was streamed
 //! cannot be replayed). A POST that was written is never sent twice; a failure on a connection
 //! opened for the request is not retried either (the upstream really is failing).
 //!
@@ -257,7 +258,15 @@ impl Upstream {
     ) -> Result<Answer, UpstreamError> {
         let fut = self.send_or_retry(req, stats);
         tokio::pin!(fut);
+        // Upstream silence is measured from the last request-body progress, sampled every
+        // `tick`: a 504 comes between `request_timeout` and `request_timeout + tick` after it
+        // (fresh user T8-3: restarting a whole `request_timeout` whenever bytes had moved
+        // doubled it for every request with a body).
+        let tick = (self.request_timeout / 4).min(Duration::from_secs(1));
         let mut seen = stats.bytes();
+        let mut quiet_since = tokio::time::Instant::now();
+        let wake = tokio::time::sleep(self.request_timeout.min(tick));
+        tokio::pin!(wake);
         loop {
             tokio::select! {
                 res = &mut fut => {
@@ -276,12 +285,15 @@ impl Upstream {
                         }
                     });
                 }
-                () = tokio::time::sleep(self.request_timeout) => {
-                    let now = stats.bytes();
-                    if now == seen && !stats.waiting_on_client() {
+                () = &mut wake => {
+                    let (bytes, now) = (stats.bytes(), tokio::time::Instant::now());
+                    if bytes != seen || stats.waiting_on_client() {
+                        seen = bytes;
+                        quiet_since = now;
+                    } else if now >= quiet_since + self.request_timeout {
                         return Err(UpstreamError::Timeout);
                     }
-                    seen = now;
+                    wake.as_mut().reset((quiet_since + self.request_timeout).min(now + tick));
                 }
             }
         }
@@ -321,7 +333,18 @@ impl Upstream {
         // reused connection. The fields as a list (one allocation; the names and values are
         // reference counts): a `HeaderMap` clone costs two (its index and its entries), for a
         // copy that is almost never used (issue 10).
-        let replay = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
+        // The body too when it is in memory in full (fresh user T8-2: a PUT with a small,
+        // read-ahead body got 502 where nginx retries it); `None` for no body (the common GET:
+        // no allocation), a streamed one is never replayed.
+        let body = req.body();
+        let replay_body = if !is_idempotent(req.method()) {
+            None
+        } else if body.is_end_stream() {
+            Some(None)
+        } else {
+            body.replay_copy().map(|b| Some(Box::new(b)))
+        };
+        let replay = replay_body.map(|body| {
             (
                 req.method().clone(),
                 req.uri().clone(),
@@ -329,6 +352,7 @@ impl Upstream {
                     .iter()
                     .map(|(n, v)| (n.clone(), v.clone()))
                     .collect::<Vec<_>>(),
+                body,
             )
         });
         let pacing = conn.pacer.begin(stats);
@@ -348,10 +372,11 @@ impl Upstream {
                     return Box::pin(self.send_on_new(pool, unsent, Kind::Renewable)).await;
                 }
                 match replay {
-                    Some((method, uri, headers)) if failed_before_response(e.error()) => {
+                    Some((method, uri, headers, body)) if failed_before_response(e.error()) => {
                         stats.set_retried();
-                        let mut again =
-                            http::Request::new(Box::new(RequestBody::empty(stats.clone())));
+                        let body =
+                            body.unwrap_or_else(|| Box::new(RequestBody::empty(stats.clone())));
+                        let mut again = http::Request::new(body);
                         *again.method_mut() = method;
                         *again.uri_mut() = uri;
                         let h = again.headers_mut();

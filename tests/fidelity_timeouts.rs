@@ -2,7 +2,9 @@
 //! - a client that stalls its request body gets 408 and is counted as a client timeout, never as
 //!   an upstream error; an upstream that stops reading is still the upstream's fault (504);
 //! - a request that fails on a reused upstream connection before any response byte is sent once
-//!   more on a new connection when it is idempotent and has no body; a POST never is.
+//!   more on a new connection when it is idempotent and its body, if any, is in memory in full
+//!   (request buffering); a POST never is, nor a streamed body;
+//! - `request_timeout` runs once, from the last request-body progress.
 //!
 //! The misbehaving upstreams are small raw-socket servers below, so each misbehaviour is exact.
 
@@ -186,6 +188,39 @@ async fn upstream_that_stops_reading_the_body_is_still_the_upstreams_fault() {
     let ev = kg.wait_log("upstream_error", |v| v["event"] == "upstream_error");
     assert_eq!(ev["kind"], "timeout");
     assert!(kg.events("client_timeout").is_empty());
+}
+
+/// `request_timeout` is the upstream's silence after the last request-body byte went out, once
+/// (README, config.example.toml): a request with a small body gets its 504 as soon as a bodiless
+/// one does (fresh user T8-3: after 2 × `request_timeout`, since the wait restarted whenever
+/// body bytes had moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_runs_once_whether_or_not_the_request_has_a_body() {
+    let addr = deaf_upstream().await;
+    let (token, hash) = new_key("up");
+    let kg = Keygate::builder()
+        .upstream_url(&format!("http://{addr}"))
+        .upstream_line("request_timeout = \"3s\"")
+        .key("up", &hash, "")
+        .start();
+    for (method, body) in [("GET", ""), ("POST", "hello"), ("PUT", "hello")] {
+        let req = Request::builder()
+            .method(method)
+            .uri(kg.url("/x"))
+            .header("x-api-key", &token)
+            .body(full(body))
+            .unwrap();
+        let t = std::time::Instant::now();
+        let r = kg.client().send(req).await;
+        let took = t.elapsed();
+        assert_eq!(r.status, 504, "{method}");
+        // 3 s, sampled at most 0.75 s late; the old code took 6 s with a body.
+        assert!(
+            took >= Duration::from_millis(2900) && took < Duration::from_millis(5000),
+            "{method} with {} body bytes: 504 after {took:?}",
+            body.len()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -424,17 +459,56 @@ async fn a_post_is_never_sent_twice() {
         let n = up.seen().iter().filter(|r| r.starts_with(method)).count();
         assert_eq!(n, 1, "{method} sent more than once: {:?}", up.seen());
     }
-    // A PUT with a body cannot be replayed either (its body was streamed away).
+    // A PUT whose body was streamed (larger than request_buffer_bytes, 64 KiB) cannot be
+    // replayed either: part of it came from the client while it was sent.
     assert_eq!(call(&kg, &c, &token, "GET", "/warm").await, 200);
     let req = Request::put(kg.url("/doc"))
         .header("x-api-key", &token)
-        .body(full("some body"))
+        .body(full(vec![b'x'; 100_000]))
         .unwrap();
     assert_eq!(c.send(req).await.status, 502);
     assert_eq!(up.seen().iter().filter(|r| r.starts_with("PUT")).count(), 1);
     assert_eq!(
         metric_present(&metrics(&kg).await, "keygate_upstream_retries_total"),
         0
+    );
+}
+
+/// An idempotent request whose body was read in full before the upstream was contacted
+/// (request buffering) is replayed like a bodiless one (RFC 9110 §9.2.2; SPEC §3's retry
+/// rule; fresh user T8-2: PUTs with a 10-byte body got 502 where nginx retries them), over
+/// HTTP/1.1 and HTTP/2, Content-Length or not; the retry carries the same body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_request_with_a_buffered_body_is_retried_with_that_body() {
+    let up = FlakyUpstream::start(Flaky::ClosesOnSecondRequest).await;
+    let (kg, token) = flaky_keygate(&up, &[]);
+    for h2 in [false, true] {
+        let c = if h2 { kg.client_h2() } else { kg.client() };
+        for method in ["PUT", "DELETE", "OPTIONS"] {
+            assert_eq!(call(&kg, &c, &token, "GET", "/warm").await, 200);
+            let before = up.heads.lock().unwrap().len();
+            let req = Request::builder()
+                .method(method)
+                .uri(kg.url("/doc"))
+                .header("x-api-key", &token)
+                .body(full("some body"))
+                .unwrap();
+            let r = c.send(req).await;
+            assert_eq!(r.status, 200, "{method} (h2={h2}): {}", r.text());
+            let heads = up.heads.lock().unwrap()[before..].to_vec();
+            assert_eq!(heads.len(), 2, "dropped attempt and retry: {heads:?}");
+            assert_eq!(heads[0], heads[1], "the retry's head differs");
+            assert!(
+                heads[1].to_ascii_lowercase().contains("content-length: 9"),
+                "{}",
+                heads[1]
+            );
+        }
+    }
+    // Every request but the very first found a connection its predecessor left: 2 × 6 − 1.
+    assert_eq!(
+        metric_present(&metrics(&kg).await, "keygate_upstream_retries_total"),
+        11
     );
 }
 
