@@ -68,8 +68,24 @@ fn calls(redis: &Redis, command: &str) -> u64 {
 /// sees the loss (at most once per key and vouch round; not per request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_verified_token_is_vouched_for_again_after_redis_loses_its_data() {
+    vouched_again_after(Loss::Flush).await;
+}
+
+/// The same through a Redis restarted without persistence: the instances see it as an outage
+/// and a recovery (and the epoch marker as new).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_verified_token_is_vouched_for_again_after_redis_restarts_empty() {
+    vouched_again_after(Loss::Restart).await;
+}
+
+enum Loss {
+    Flush,
+    Restart,
+}
+
+async fn vouched_again_after(loss: Loss) {
     let up = Upstream::start().await;
-    let redis = Redis::start();
+    let mut redis = Redis::start();
     let (token, hash) = new_key("target");
     let wrong: Vec<String> = (0..8).map(|_| new_key("target").0).collect();
     let keys = [("target", hash.as_str(), "")];
@@ -102,7 +118,21 @@ async fn a_verified_token_is_vouched_for_again_after_redis_loses_its_data() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    redis.cli(&["FLUSHALL"]);
+    match loss {
+        Loss::Flush => {
+            redis.cli(&["FLUSHALL"]);
+        }
+        Loss::Restart => {
+            redis.kill();
+            for kg in [&a, &b] {
+                kg.wait_log("cluster_degraded", |v| v["event"] == "cluster_degraded");
+            }
+            redis.restart();
+            for kg in [&a, &b] {
+                kg.wait_log("cluster_recovered", |v| v["event"] == "cluster_recovered");
+            }
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         assert_eq!(status(&a, &token).await, 200);

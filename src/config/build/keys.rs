@@ -13,7 +13,11 @@
 //! The in-flight count bounds live resources (tunnels, upstream work), so no sequence may reset
 //! it. A rate-limit bucket of a removed key is not kept: removing a key ends its policy, and a
 //! re-added key gets at most one burst more than a key that stayed (SPEC §8 keeps the state of
-//! keys that remain). The verified cache is a cache: losing it costs one verification. A
+//! keys that remain). In cluster mode the same holds for the shared state (docs/cluster.md): the
+//! shared bucket is named by its limit (a changed limit starts a full one, `cluster/rate.rs`), a
+//! quota block leased under a limit a reload lowered is clipped before use (`cluster/quota.rs`),
+//! and the proof that vouches for a verified token belongs to its hash (`cluster/throttle.rs`).
+//! The verified cache is a cache: losing it costs one verification. A
 //! webhook route's delivery ids are kept the same way as the in-flight counts
 //! (`webhooks.rs`, [`crate::webhook::replay::DeliveryStores`]): forgetting them would forward a
 //! delivery the upstream already accepted.
