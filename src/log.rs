@@ -854,10 +854,14 @@ pub enum ClientEvent {
     ConcurrencyLimited,
     /// `upstream_saturated`: no upstream connection free within `queue_timeout`.
     UpstreamSaturated,
+    /// `quota_insufficient`: a request refused because it costs more than its key's quota has
+    /// left (or than the whole quota) while units remain (`quota_exceeded`, once per key and
+    /// window, is for the quota used up).
+    QuotaInsufficient,
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 26] = [
+    pub const ALL: [ClientEvent; 27] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -884,6 +888,7 @@ impl ClientEvent {
         ClientEvent::AcceptFailed,
         ClientEvent::ConcurrencyLimited,
         ClientEvent::UpstreamSaturated,
+        ClientEvent::QuotaInsufficient,
     ];
 
     /// The name in `log_suppressed` lines and the metric's `event` label.
@@ -915,6 +920,7 @@ impl ClientEvent {
             ClientEvent::AcceptFailed => "accept_failed",
             ClientEvent::ConcurrencyLimited => "concurrency_limited",
             ClientEvent::UpstreamSaturated => "upstream_saturated",
+            ClientEvent::QuotaInsufficient => "quota_insufficient",
         }
     }
 

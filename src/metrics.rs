@@ -310,7 +310,7 @@ impl Metrics {
         let quota_exceeded = Family::<KeyLabel, Counter>::default();
         registry.register(
             "keygate_quota_exceeded",
-            "Requests refused because the key's quota for the current window is used up",
+            "Requests refused by the key's quota (used up, or less left than the request costs)",
             quota_exceeded.clone(),
         );
         let key_new_network = Family::<KeyLabel, Counter>::default();

@@ -785,7 +785,9 @@ fn check_protocol<B>(req: &Request<B>, ctx: &Ctx<'_>) -> Result<(), Reject> {
 }
 
 /// Quota (SPEC §9): the request's cost from `[quota_costs]` against the key's window. Refused:
-/// 429 with `Retry-After` until the window resets, `quota_exceeded` once per key and window.
+/// 429 with `Retry-After` until the window resets (none for a cost above the whole quota);
+/// `quota_exceeded` once per key and window, at the first refusal that finds no unit left,
+/// `quota_insufficient` (client log budget) for a refusal while units remain.
 async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Result<(), Reject> {
     let Some(quota) = key.quota else {
         return Ok(());
@@ -834,8 +836,16 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
         return Ok(());
     };
     metrics::global().quota_exceeded(&key.id);
+    // A request that costs more than the whole quota can never pass: no Retry-After promising
+    // that it will after the reset (fresh user T5-18). Still 429, the quota's status (SPEC §3).
+    let never = cost > quota.limit;
     if first {
         tracing::warn!(event = "quota_exceeded", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, limit = quota.limit, period = quota.period.as_str(), used = state.used, cost, reset_secs = state.reset_secs, "quota used up for this window; requests that cost something get 429 until it resets");
+    } else if state.remaining > 0 || never {
+        // Units are left, but not enough for this request: the key is not used up (its
+        // cheaper requests pass), so this is no `quota_exceeded`; anyone holding the key can
+        // cause it at will, so it is logged under the client's log budget.
+        client_event!(ClientEvent::QuotaInsufficient, ctx.client_ip, Level::WARN, event = "quota_insufficient", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, key_id = &*key.id, limit = quota.limit, period = quota.period.as_str(), used = state.used, cost, never, "request costs more than the key's quota has left (never: more than the whole quota); refused");
     } else {
         tracing::debug!(
             request_id = request_id_str(ctx.request_id),
@@ -845,7 +855,7 @@ async fn charge_quota<B>(req: &Request<B>, key: &Key, ctx: &mut Ctx<'_>) -> Resu
         );
     }
     Err(Reject::QuotaExceeded {
-        retry_after: state.reset_secs,
+        retry_after: (!never).then_some(state.reset_secs),
     })
 }
 

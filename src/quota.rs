@@ -221,8 +221,11 @@ pub struct QuotaState {
     pub reset_secs: u64,
     /// The window's length in seconds (86 400 for a day; 28 to 31 days for a month).
     pub window_secs: u64,
-    /// `Some` when this request was refused: true the first time in this window (the one
-    /// `quota_exceeded` event per key and window).
+    /// `Some` when this request was refused: true for the window's first refusal that finds
+    /// the quota **used up** (no unit left: the one `quota_exceeded` event per key and window).
+    /// A refusal while units remain (the request costs more than is left) is `Some(false)`
+    /// and does not spend the event (fresh user T5-18: a cost-10 request at `used: 0/5` logged
+    /// "used up", and the real exhaustion later that window was silent).
     pub refused: Option<bool>,
 }
 
@@ -277,7 +280,7 @@ pub struct QuotaRecord {
     /// Window start, unix seconds.
     pub window_start: i64,
     pub used: u64,
-    /// The once-per-window `quota_exceeded` event has been logged.
+    /// The once-per-window `quota_exceeded` event (the quota used up) has been logged.
     #[serde(default)]
     pub exceeded_logged: bool,
     /// Window end, unix seconds: cached so that the hot path does no calendar arithmetic
@@ -355,8 +358,9 @@ impl LocalQuotas {
             let mut refused = None;
             if cost > 0 {
                 if c.used.saturating_add(cost) > quota.limit {
-                    refused = Some(!c.exceeded_logged);
-                    if !c.exceeded_logged {
+                    let first = c.used >= quota.limit && !c.exceeded_logged;
+                    refused = Some(first);
+                    if first {
                         c.exceeded_logged = true;
                         self.dirty.store(true, Relaxed);
                     }
@@ -496,9 +500,14 @@ mod tests {
         let t = ts("2026-03-15T23:59:58Z");
         assert_eq!(l.charge("a", q, 2, t).remaining, 1);
         let s = l.charge("a", q, 2, t);
-        assert_eq!(s.refused, Some(true), "over: refused, first time");
+        assert_eq!(s.refused, Some(false), "over: refused, but a unit is left");
         assert_eq!((s.used, s.remaining, s.reset_secs), (2, 1, 2));
         assert_eq!(l.charge("a", q, 1, t).remaining, 0);
+        assert_eq!(
+            l.charge("a", q, 1, t + 1).refused,
+            Some(true),
+            "used up: the window's event"
+        );
         assert_eq!(
             l.charge("a", q, 1, t + 1).refused,
             Some(false),

@@ -24,9 +24,11 @@ pub enum Reject {
     Throttled {
         retry_after: u64,
     },
-    /// The key's quota for the current window is used up; `Retry-After` until it resets.
+    /// The request costs more than the key's quota has left in this window; `Retry-After`
+    /// until it resets, or none when the request costs more than the whole quota (it can
+    /// never pass, so no time would make it: fresh user T5-18).
     QuotaExceeded {
-        retry_after: u64,
+        retry_after: Option<u64>,
     },
     /// A path keygate answers itself (introspection) asked with another method.
     MethodNotAllowed {
@@ -123,7 +125,9 @@ impl Reject {
             }
             Reject::RateLimited { retry_after }
             | Reject::Throttled { retry_after }
-            | Reject::QuotaExceeded { retry_after }
+            | Reject::QuotaExceeded {
+                retry_after: Some(retry_after),
+            }
             | Reject::Unavailable { retry_after } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
             }

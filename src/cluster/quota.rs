@@ -15,8 +15,9 @@
 //! `limit / 1000` units (0.15% of the quota per instance), at most instances × 15 000.
 //!
 //! `quota_exceeded` is logged once per key and window **cluster-wide**: the refusal that finds
-//! the window's flag (`<prefix>qx:<key id>:<window start>`, `SET NX` in the lease script) unset
-//! logs it. Once the shared counter is at the limit an instance refuses without asking Redis
+//! the quota used up (nothing left to lease, nothing held by the instance) and the window's
+//! flag (`<prefix>qx:<key id>:<window start>`, `SET NX` in the lease script) unset logs it; a
+//! refusal of a request costing more than is left sets no flag (fresh user T5-18). Once the shared counter is at the limit an instance refuses without asking Redis
 //! until the window ends (the counter never goes down within a window), so an over-quota
 //! client costs Redis nothing.
 //!
@@ -57,7 +58,8 @@ use super::{Cluster, ClusterError};
 use crate::quota::{Quota, QuotaState, window};
 
 /// KEYS[1] = counter, KEYS[2] = the window's "exceeded" flag; ARGV = limit, units wanted,
-/// TTL seconds, units needed now, 1 for a prefetch (a refusal then sets no flag), and the
+/// TTL seconds, units needed now, 1 for a prefetch or when the instance still holds units (a
+/// refusal then sets no flag), and the
 /// counter this instance last saw in this window. Grants `wanted` (or what is left, if at
 /// least `needed`) or nothing: {granted, used after, 1 when this is the window's first refusal
 /// cluster-wide}. A counter below what the instance saw (Redis lost its data: restarted
@@ -83,7 +85,7 @@ if avail >= tonumber(ARGV[4]) and avail > 0 then
   redis.call('SET', KEYS[3], ARGV[7] .. ' ' .. grant, 'EX', ARGV[8])
   return {grant, used, 0}
 end
-if ARGV[5] == '1' then return {0, used, 0} end
+if ARGV[5] == '1' or avail > 0 then return {0, used, 0} end
 local first = redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3])
 return {0, used, first and 1 or 0}
 ";
@@ -175,6 +177,10 @@ struct KeyLease {
     local: u64,
     /// `quota_exceeded` was logged by this instance while Redis was unavailable.
     local_refused: bool,
+    /// A refusal found the quota used up (nothing left in Redis, nothing held here) and asked
+    /// Redis for the window's `quota_exceeded` flag. A refusal while units remain (a request
+    /// costing more than is left) does not: the event is for the quota used up (T5-18).
+    flag_asked: bool,
     /// Redis refused a lease because the counter is at the limit: later refusals in this
     /// window need not ask (the first one did, for the once-per-cluster `quota_exceeded`).
     exhausted: bool,
@@ -299,8 +305,9 @@ impl Cluster {
                     && !l.exhausted;
                 l.prefetching |= low;
                 Some((state(quota, l, now, end, None), low))
-            } else if l.exhausted && l.used_shared >= quota.limit {
-                // Used up cluster-wide: no Redis call until the window ends.
+            } else if l.exhausted && l.used_shared >= quota.limit && (l.units > 0 || l.flag_asked) {
+                // Used up cluster-wide: no Redis call until the window ends (once the flag of
+                // the window has been asked for, with this instance's units spent).
                 Some((state(quota, l, now, end, Some(false)), false))
             } else {
                 None
@@ -356,8 +363,9 @@ impl Cluster {
             break (held, lease, turn);
         };
         let need = cost - held;
+        // Units still held here: a refusal is not the quota used up, and sets no flag.
         let (granted, used, first) = self
-            .quota_lease(key_id, quota, now, need, need.max(lease), false)
+            .quota_lease(key_id, quota, now, need, need.max(lease), held > 0)
             .await?;
         Ok(self.quota_leases.with(key_id, |l| {
             reset_on_new_window(l, start, end);
@@ -371,12 +379,14 @@ impl Cluster {
                 return state(quota, l, now, end, None);
             }
             l.exhausted = l.used_shared >= quota.limit;
+            l.flag_asked |= held == 0 && l.exhausted;
             state(quota, l, now, end, Some(first == 1))
         }))
     }
 
-    /// One lease script call: `(granted, used after, first refusal of the window)`. A
-    /// prefetch never sets the window's `quota_exceeded` flag (no request was refused).
+    /// One lease script call: `(granted, used after, first refusal of the window)`. With
+    /// `no_flag` (a prefetch: no request was refused; or units still held here: the quota is
+    /// not used up) a refusal never sets the window's `quota_exceeded` flag.
     async fn quota_lease(
         &self,
         key_id: &str,
@@ -384,7 +394,7 @@ impl Cluster {
         now: i64,
         need: u64,
         want: u64,
-        prefetch: bool,
+        no_flag: bool,
     ) -> Result<(u64, u64, u8), ClusterError> {
         let (start, end) = window(quota.period, now);
         let counter = self.key(&["q", key_id, &start.to_string()]);
@@ -409,7 +419,7 @@ impl Cluster {
                     .arg(want)
                     .arg(ttl)
                     .arg(need)
-                    .arg(u8::from(prefetch))
+                    .arg(u8::from(no_flag))
                     .arg(seen)
                     .arg(nonce)
                     .arg(ttl.min(RECEIPT_TTL))
@@ -522,8 +532,9 @@ impl Cluster {
     /// leased for this window knows nothing and starts from zero), and what it admitted is
     /// added to the shared counter by the next [`quota_sync`](Self::quota_sync) (at the
     /// latest when Redis answers again, before shared counting resumes). `refused` is
-    /// `Some(true)` for this instance's first refusal in the window (logged `quota_exceeded`
-    /// on its own, as without cluster mode), unless the cluster already logged it. No Redis
+    /// `Some(true)` for this instance's first refusal in the window that finds nothing left
+    /// (logged `quota_exceeded` on its own, as without cluster mode), unless the cluster
+    /// already logged it. No Redis
     /// call, no await.
     pub fn quota_charge_degraded(
         &self,
@@ -550,7 +561,11 @@ impl Cluster {
                 l.local += extra;
                 return state(quota, l, now, end, None);
             }
-            let first = !l.exhausted && !l.local_refused;
+            // Only a refusal that finds nothing left is the quota used up (T5-18).
+            if l.units > 0 || l.used_shared.saturating_add(l.local) < quota.limit {
+                return state(quota, l, now, end, Some(false));
+            }
+            let first = !l.flag_asked && !l.local_refused;
             l.local_refused = true;
             state(quota, l, now, end, Some(first))
         })
@@ -593,7 +608,7 @@ impl Cluster {
                     .arg(l.used_shared)
                     .arg(l.local)
                     .arg((l.window_end - now).max(1) + 86_400)
-                    .arg(u8::from(l.exhausted || l.local_refused))
+                    .arg(u8::from(l.flag_asked || l.local_refused))
                     .arg(l.uncertain);
             }
             let invoke = move |mut c: redis::aio::MultiplexedConnection| async move {

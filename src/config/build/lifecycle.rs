@@ -1,6 +1,12 @@
 //! Key-lifecycle sections: `[quota_costs]`, `[key_networks]`, `[introspection]`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::Method;
+
 use super::Errors;
+use crate::auth::Key;
 use crate::config::raw::{RawIntrospection, RawKeyNetworks, RawQuotaCosts};
 use crate::networks::NetworkPolicy;
 use crate::quota::{CostRule, CostTable};
@@ -8,8 +14,16 @@ use crate::quota::{CostRule, CostTable};
 /// The introspection endpoint's default path (an RFC 8615 well-known URI).
 pub const DEFAULT_INTROSPECTION_PATH: &str = "/.well-known/keygate/key";
 
-pub(super) fn quota_costs(raw: &RawQuotaCosts, errs: &mut Errors) -> CostTable {
-    let rules = raw
+/// `[quota_costs]`, and a warning for every cost above the whole quota of a key that may send
+/// such a request (its scope allows a method and path of the rule): that request can never
+/// pass, which `check` should say before a client finds out (fresh user T5-18).
+pub(super) fn quota_costs(
+    raw: &RawQuotaCosts,
+    keys: &HashMap<Box<str>, Arc<Key>>,
+    errs: &mut Errors,
+    warnings: &mut Vec<String>,
+) -> CostTable {
+    let rules: Vec<(usize, CostRule)> = raw
         .rules
         .iter()
         .enumerate()
@@ -20,14 +34,88 @@ pub(super) fn quota_costs(raw: &RawQuotaCosts, errs: &mut Errors) -> CostTable {
                 .as_ref()
                 .map(|m| super::keys::parse_methods(m, &p("methods"), errs));
             let path = super::keys::parse_path_prefix(&r.path, &p("path"), errs)?;
-            Some(CostRule {
-                methods,
-                path,
-                cost: r.cost,
-            })
+            Some((
+                i,
+                CostRule {
+                    methods,
+                    path,
+                    cost: r.cost,
+                },
+            ))
         })
         .collect();
-    CostTable::new(raw.default.unwrap_or(1), rules)
+    let default = raw.default.unwrap_or(1);
+    let mut ids: Vec<&Arc<Key>> = keys.values().filter(|k| k.quota.is_some()).collect();
+    ids.sort_by(|a, b| a.id.cmp(&b.id));
+    let over = |cost: u64, reaches: &dyn Fn(&Key) -> bool| -> Vec<String> {
+        ids.iter()
+            .filter(|k| !k.disabled && k.quota.is_some_and(|q| cost > q.limit) && reaches(k))
+            .map(|k| {
+                let q = k.quota.expect("filtered");
+                let role = k
+                    .role
+                    .as_ref()
+                    .map(|r| format!(", role \"{r}\""))
+                    .unwrap_or_default();
+                format!("key \"{}\" ({}/{}{role})", k.id, q.limit, q.period.as_str())
+            })
+            .collect()
+    };
+    let warn = |path: String, cost: u64, what: &str, keys: Vec<String>, w: &mut Vec<String>| {
+        if !keys.is_empty() {
+            w.push(format!(
+                "{path}: {cost} is more than the whole quota of {}: its {what} can never pass \
+                 (429 without Retry-After)",
+                keys.join(", ")
+            ));
+        }
+    };
+    for (i, rule) in &rules {
+        let what = format!(
+            "{} {} requests",
+            rule.methods.as_ref().map_or("all".to_string(), |ms| ms
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join("/")),
+            rule.path
+        );
+        let keys = over(rule.cost, &|k| reaches(k, rule));
+        warn(
+            format!("quota_costs.rules[{i}].cost"),
+            rule.cost,
+            &what,
+            keys,
+            warnings,
+        );
+    }
+    let keys = over(default, &|_| true);
+    warn(
+        "quota_costs.default".into(),
+        default,
+        "requests without a cheaper rule",
+        keys,
+        warnings,
+    );
+    CostTable::new(default, rules.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Whether `key`'s scope lets it send a request `rule` prices: a method of the rule (GET
+/// standing for HEAD too) that the scope allows, and a path under both the rule's prefix and
+/// one of the scope's (either may be the longer).
+fn reaches(key: &Key, rule: &CostRule) -> bool {
+    let methods = match (&rule.methods, key.scope.methods()) {
+        (_, None) | (None, Some(_)) => true,
+        (Some(rm), Some(km)) => rm
+            .iter()
+            .any(|m| km.contains(m) || (*m == Method::GET && km.contains(&Method::HEAD))),
+    };
+    let has = crate::access::path_has_prefix;
+    methods
+        && key
+            .scope
+            .paths()
+            .is_none_or(|ps| ps.iter().any(|p| has(&rule.path, p) || has(p, &rule.path)))
 }
 
 pub(super) fn key_networks(raw: &RawKeyNetworks, errs: &mut Errors) -> NetworkPolicy {

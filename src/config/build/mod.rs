@@ -790,7 +790,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
     });
 
     // [quota_costs], [key_networks], [introspection]
-    let quota_costs = lifecycle::quota_costs(&raw.quota_costs, &mut errs);
+    let quota_costs = lifecycle::quota_costs(&raw.quota_costs, &keys, &mut errs, &mut warnings);
     let key_networks = lifecycle::key_networks(&raw.key_networks, &mut errs);
     let introspection_path = lifecycle::introspection(&raw.introspection, &mut errs);
 
