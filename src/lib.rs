@@ -15,6 +15,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn_limits;
+pub mod cors;
 pub mod echo;
 pub mod exposure;
 pub mod forward;

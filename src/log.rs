@@ -858,10 +858,12 @@ pub enum ClientEvent {
     /// left (or than the whole quota) while units remain (`quota_exceeded`, once per key and
     /// window, is for the quota used up).
     QuotaInsufficient,
+    /// `cors_preflight_limited`: a client over `[auth] cors_preflight_limit`.
+    CorsPreflight,
 }
 
 impl ClientEvent {
-    pub const ALL: [ClientEvent; 27] = [
+    pub const ALL: [ClientEvent; 28] = [
         ClientEvent::AuthFailed,
         ClientEvent::AuthThrottled,
         ClientEvent::AuthBusy,
@@ -889,6 +891,7 @@ impl ClientEvent {
         ClientEvent::ConcurrencyLimited,
         ClientEvent::UpstreamSaturated,
         ClientEvent::QuotaInsufficient,
+        ClientEvent::CorsPreflight,
     ];
 
     /// The name in `log_suppressed` lines and the metric's `event` label.
@@ -921,6 +924,7 @@ impl ClientEvent {
             ClientEvent::ConcurrencyLimited => "concurrency_limited",
             ClientEvent::UpstreamSaturated => "upstream_saturated",
             ClientEvent::QuotaInsufficient => "quota_insufficient",
+            ClientEvent::CorsPreflight => "cors_preflight_limited",
         }
     }
 

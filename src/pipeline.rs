@@ -503,6 +503,32 @@ pub async fn handle(
                 own(reject.into_response(&request_id))
             }
         },
+        // `[auth] cors_preflight = "forward"`: a CORS preflight reaches the upstream without a
+        // key (`cors.rs`), after the same gate; its access line has no key id.
+        None if snap.auth.cors_preflight.is_some()
+            && crate::cors::is_preflight(&req, &snap.auth.header) =>
+        {
+            match gate(&req, &ctx) {
+                Ok(()) => {
+                    let budget = snap.auth.cors_preflight.as_deref().expect("checked above");
+                    let arrival = crate::webhook::Arrival {
+                        snap: &snap,
+                        peer: conn.peer.ip(),
+                        client_ip,
+                        request_id: &request_id,
+                        buffer_budget: &ctx.shared.buffer_budget,
+                        upstream_cap: &ctx.shared.upstream_cap,
+                    };
+                    let out = Box::pin(crate::cors::forward(req, budget, &arrival)).await;
+                    ctx.upstream_status = out.upstream_status;
+                    ctx.stats = out.stats;
+                    ctx.held = out.held;
+                    out.response
+                        .unwrap_or_else(|reject| own(reject.into_response(&request_id)))
+                }
+                Err(reject) => own(reject.into_response(&request_id)),
+            }
+        }
         None => match admit(&req, &mut ctx).await {
             Ok(key) if ctx.introspect => {
                 linger(req.into_body());

@@ -214,6 +214,9 @@ pub struct AuthSettings {
     pub identity_header: HeaderName,
     pub failed_auth: Arc<FailedAuthThrottle>,
     pub verify_concurrency: usize,
+    /// `cors_preflight = "forward"`: CORS preflights go to the upstream without a key, within
+    /// this per-client budget (`src/cors.rs`); `None`: they need a key like any request.
+    pub cors_preflight: Option<Arc<crate::cors::PreflightBudget>>,
 }
 
 pub struct LogSettings {

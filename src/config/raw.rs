@@ -108,6 +108,8 @@ pub struct RawAuth {
     pub default_rate_limit: Option<String>,
     pub verify_concurrency: Option<usize>,
     pub default_max_concurrent: Option<u32>,
+    pub cors_preflight: Option<String>,
+    pub cors_preflight_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

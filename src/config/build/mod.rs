@@ -7,6 +7,7 @@ mod roles;
 
 mod caps;
 mod cluster;
+mod cors;
 mod webhooks;
 pub use webhooks::webhook_route;
 
@@ -594,6 +595,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             }
         }
     };
+    let cors_preflight = cors::build(a, &mut errs);
     let default_rate = a
         .default_rate_limit
         .as_deref()
@@ -829,6 +831,7 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             identity_header,
             failed_auth,
             verify_concurrency,
+            cors_preflight,
         },
         access,
         keys,
