@@ -475,6 +475,19 @@ fn keys(path: &Path) -> ExitCode {
     // be able to read (`check` and `run` still resolve them). A throwaway certificate stands
     // in for the configured one.
     raw.webhooks.clear();
+    // Nor the Redis password, which with `{ credential = … }` (systemd `LoadCredential=`, the
+    // preferred way) resolves only inside the unit, and with `{ env = … }` only in its
+    // environment (fresh user T5-23: the listing refused to run at all). Without it the cluster
+    // is not asked: this host's state file is shown, as when Redis cannot be read.
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut cluster_skipped = None;
+    if let Some(c) = &raw.cluster
+        && let Some(reference) = &c.password
+        && let Err(why) = reference.resolve(&base)
+    {
+        cluster_skipped = Some(why);
+        raw.cluster = None;
+    }
     let stand_in = match rcgen::generate_simple_self_signed(vec!["localhost".into()]) {
         Ok(ck) => TlsSource::Pem {
             cert: ck.cert.pem().into_bytes(),
@@ -485,7 +498,7 @@ fn keys(path: &Path) -> ExitCode {
     let snap = match config::build(
         raw,
         &BuildContext {
-            base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            base_dir: base,
             tls_override: Some(stand_in),
             ..Default::default()
         },
@@ -506,6 +519,20 @@ fn keys(path: &Path) -> ExitCode {
     };
     let mut usage = usage;
     let mut note = crate::keys_report::FRESHNESS_NOTE;
+    let local_only = if has_state {
+        "this host's state file only"
+    } else {
+        "empty (no [state] path in this config)"
+    };
+    if let Some(why) = cluster_skipped {
+        eprintln!(
+            "warning: cluster mode, but cluster.password cannot be resolved here ({why}); \
+             LAST USED, NETWORKS and QUOTA below are {local_only}. For the cluster's figures run \
+             it with the unit's credential, e.g. `systemd-run --pipe --wait -p \
+             LoadCredential=NAME:/etc/keygate/NAME keygate keys -c {}` (docs/operations.md)",
+            path.display()
+        );
+    }
     if let Some(settings) = &snap.cluster {
         match cluster_figures(&snap, settings) {
             Ok((ids, shared)) => {
@@ -520,12 +547,7 @@ fn keys(path: &Path) -> ExitCode {
             }
             Err(e) => eprintln!(
                 "warning: cluster mode, but Redis could not be read ({e}); \
-                 LAST USED, NETWORKS and QUOTA below are {}",
-                if has_state {
-                    "this host's state file only"
-                } else {
-                    "empty (no [state] path in this config)"
-                }
+                 LAST USED, NETWORKS and QUOTA below are {local_only}"
             ),
         }
     }
