@@ -99,10 +99,16 @@ impl Scheme {
                 // (spaces, a file of blank lines) carries no secret: anyone could sign with it
                 // (a fresh user, T5-13). GitHub and Stripe generate 32+ characters.
                 let s = secret.expose();
-                if s.trim_ascii().is_empty() {
+                // Stripe's `whsec_` prefix is public: it is no part of what must be secret.
+                let s = match self {
+                    Scheme::Stripe => s.strip_prefix(b"whsec_").unwrap_or(s),
+                    _ => s,
+                };
+                let meaningful = meaningful_len(s);
+                if meaningful == 0 {
                     return Err("is only whitespace: it would let anyone sign deliveries");
                 }
-                if s.len() < MIN_SECRET_BYTES {
+                if meaningful < MIN_SECRET_BYTES {
                     return Err(
                         "is shorter than 16 bytes: too short to keep deliveries unforgeable (GitHub and Stripe generate 32 or more characters)",
                     );
@@ -114,8 +120,30 @@ impl Scheme {
 }
 
 /// The shortest HMAC secret `check` accepts for the hex, GitHub and Stripe schemes (Standard
-/// Webhooks secrets carry their own 16-byte minimum, after base64).
+/// Webhooks secrets carry their own 16-byte minimum, after base64), counted by
+/// [`meaningful_len`].
 pub const MIN_SECRET_BYTES: usize = 16;
+
+/// A secret's length in bytes without what carries no secret however it is spelled (fresh
+/// user T8-6): Unicode white space (`char::is_whitespace`: ASCII blanks, NBSP U+00A0, the
+/// U+2000 spaces, U+3000, …) and the invisible format characters a copy and paste or an
+/// editor leaves (soft hyphen U+00AD, U+180E, zero-width U+200B–U+200F, bidi controls
+/// U+202A–U+202E and U+2066–U+2069, U+2060–U+2064, BOM U+FEFF). A secret that is not UTF-8 is
+/// binary and counted as it is, less its ASCII white space.
+pub fn meaningful_len(secret: &[u8]) -> usize {
+    let invisible = |c: char| {
+        c.is_whitespace()
+            || matches!(c, '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}')
+    };
+    match std::str::from_utf8(secret) {
+        Ok(text) => text
+            .chars()
+            .filter(|c| !invisible(*c))
+            .map(char::len_utf8)
+            .sum(),
+        Err(_) => secret.iter().filter(|b| !b.is_ascii_whitespace()).count(),
+    }
+}
 
 /// Why a delivery's signature was refused (logged as `webhook_rejected.reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -658,5 +686,61 @@ mod tests {
                     .is_ok()
             );
         }
+    }
+
+    /// The same rule whatever the blank is spelled with (fresh user T8-6): Unicode white
+    /// space, invisible format characters, padding around a short core, and for Stripe the
+    /// public `whsec_` prefix.
+    #[test]
+    fn secrets_blank_or_short_in_any_spelling_are_refused() {
+        let weak = [
+            "\u{00A0}".repeat(12),
+            "\u{200B}".repeat(6),
+            "\u{FEFF}".repeat(6),
+            format!("{}\n", "\u{00A0}".repeat(8)),
+            "short12345      ".to_string(),
+            format!("{}abc{}", "\n".repeat(10), "\n".repeat(7)),
+            "\u{3000}\u{2003}\u{202F}abc\u{2060}\u{200D}def".repeat(2),
+        ];
+        for scheme in [Scheme::HmacSha256Hex, Scheme::Github, Scheme::Stripe] {
+            for w in &weak {
+                assert!(
+                    scheme
+                        .key_from_secret(&Secret::new(w.as_bytes().to_vec()))
+                        .is_err(),
+                    "{scheme:?} accepted {w:?}"
+                );
+            }
+        }
+        let stripe_blank = format!("whsec_{}", " ".repeat(20));
+        assert!(
+            Scheme::Stripe
+                .key_from_secret(&Secret::new(stripe_blank.into_bytes()))
+                .is_err()
+        );
+        assert!(
+            Scheme::Stripe
+                .key_from_secret(&Secret::new(b"whsec_0123456789abcde".to_vec()))
+                .is_err(),
+            "15 bytes after the public prefix"
+        );
+        assert!(
+            Scheme::Stripe
+                .key_from_secret(&Secret::new(b"whsec_0123456789abcdef".to_vec()))
+                .is_ok()
+        );
+        // Non-ASCII secrets count by their bytes; a binary one too.
+        assert!(
+            Scheme::Github
+                .key_from_secret(&Secret::new("ключ-ключ-ключ".as_bytes().to_vec()))
+                .is_ok()
+        );
+        assert!(
+            Scheme::Github
+                .key_from_secret(&Secret::new(
+                    (0u8..=255).step_by(13).map(|b| b | 0x80).collect::<Vec<u8>>()
+                ))
+                .is_ok()
+        );
     }
 }
