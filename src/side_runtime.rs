@@ -11,7 +11,12 @@
 //! nothing else queues: the time charged to Redis is Redis' (and the network's and the
 //! kernel's), not keygate's. A request hands its command over and awaits the answer; while
 //! its own runtime is overloaded that await can last longer than `timeout`, which is
-//! keygate's latency and is not a failure of Redis.
+//! keygate's latency and is not a failure of Redis. The same trap elsewhere: Kong's Redis
+//! rate limiting with a 50 ms `redis_timeout` timed out while tcpdump showed Redis answering
+//! within 5 ms (Kong/kong#13473, openresty/lua-resty-redis#279: the nginx worker's event loop
+//! was busy), and StackExchange.Redis's timeout guide names a busy thread pool as the usual
+//! cause of its "timeouts"; Envoy's ratelimit service added a Redis circuit breaker
+//! (envoyproxy/ratelimit#978) that a latency measured this way would trip the same way.
 //!
 //! Cost: one hand-over per call ([`run`]: a task spawned here, woken through the runtime's
 //! inject queue, and the request woken back by its `JoinHandle`), which is one allocation
