@@ -155,35 +155,60 @@ impl Scope {
     }
 }
 
-/// Every `_method` parameter of a query (any case, percent-encoded up to 3 times), as the
-/// method an application with a method override would run: `None` for a value that is no
-/// method. Empty (and no allocation) for a query without "method" in it. Used by scopes
-/// ([`Scope::permits_overrides`]) and quota costs (`quota::CostTable::cost`).
+/// Every `_method` parameter of a query, as the method an application with a method override
+/// would run: `None` for a value that is no method. A name counts in every spelling a server
+/// reads as `_method` ([`names_method_override`]: any case, percent-encoded up to 3 times,
+/// PHP's name mangling). Empty, and no allocation, for a query with neither "method" nor a
+/// `%` in it. Used by scopes ([`Scope::permits_overrides`]) and quota costs
+/// (`quota::CostTable::cost`).
 pub fn method_overrides(q: &str) -> impl Iterator<Item = Option<Method>> + '_ {
-    // Cheap test first: no "method" anywhere, nothing to look at.
-    let any = q
-        .as_bytes()
-        .windows(6)
-        .any(|w| w.eq_ignore_ascii_case(b"method"));
-    let decode = |s: &str| {
-        let mut d = s.to_string();
-        for _ in 0..3 {
-            if !d.contains('%') && !d.contains('+') {
-                break;
-            }
-            d = crate::log::percent_decode_lossy(&d);
-        }
-        d
-    };
+    // Cheap test first: "method" spelled out, or escapes that could spell it (`_%6Dethod`).
+    let any = q.contains('%')
+        || q.as_bytes()
+            .windows(6)
+            .any(|w| w.eq_ignore_ascii_case(b"method"));
     q.split(['&', ';'])
         .filter(move |_| any)
         .filter_map(move |pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if !decode(name).trim().eq_ignore_ascii_case("_method") {
+            if !names_method_override(name) {
                 return None;
             }
-            let v = decode(value).trim().to_ascii_uppercase();
+            let v = decode_up_to_3(value).trim().to_ascii_uppercase();
             Some(Method::from_bytes(v.as_bytes()).ok())
+        })
+}
+
+fn decode_up_to_3(s: &str) -> std::borrow::Cow<'_, str> {
+    let mut d = std::borrow::Cow::Borrowed(s);
+    for _ in 0..3 {
+        if !d.contains('%') && !d.contains('+') {
+            break;
+        }
+        d = std::borrow::Cow::Owned(crate::log::percent_decode_lossy(&d));
+    }
+    d
+}
+
+/// Whether a query parameter name is read as `_method` by some server, after percent-decoding
+/// (up to 3 times) and ASCII case folding: PHP (Laravel, Symfony) reads a name as a C string
+/// (up to its first NUL: `_method%00x`), drops leading spaces, turns `.`, ` ` and an unclosed
+/// `[` into `_` (`.method`, `%20.method`), and reads `_method[…]` as `_method` (fresh user
+/// T8-8: each of these ran DELETE for a GET/POST key). Surrounding white space is ignored.
+pub fn names_method_override(name: &str) -> bool {
+    let d = decode_up_to_3(name);
+    let d = d.split('\0').next().unwrap_or_default().trim();
+    let d = d
+        .split_once('[')
+        .filter(|(_, rest)| rest.contains(']'))
+        .map_or(d, |(head, _)| head);
+    d.len() == 7
+        && d.bytes().zip(b"_method").all(|(a, b)| {
+            let a = match a {
+                b'.' | b' ' | b'[' => b'_',
+                a => a.to_ascii_lowercase(),
+            };
+            a == *b
         })
 }
 
@@ -631,6 +656,19 @@ mod tests {
             "x=1;_method=PATCH",
             "_method=",
             "_method",
+            // PHP's reading of names (fresh user T8-8).
+            "_method%00=DELETE",
+            "_method%00x=DELETE",
+            "_method%00%00=DELETE",
+            ".method=DELETE",
+            "%2Emethod=DELETE",
+            "%20.method=DELETE",
+            " _method=DELETE",
+            "_method[]=DELETE",
+            "_method[a]=DELETE",
+            "_%6Dethod=DELETE",
+            "%5F%6D%65%74%68%6F%64=DELETE",
+            "%255F%256Dethod=DELETE",
         ] {
             assert!(!get_post.permits_overrides(Some(q)), "{q}");
         }
@@ -641,6 +679,9 @@ mod tests {
             "x_method=DELETE",
             "a=1&b=2",
             "",
+            "_method_=DELETE",
+            "_methods=DELETE",
+            "q=%41%42",
         ] {
             assert!(get_post.permits_overrides(Some(q)), "{q}");
         }

@@ -453,6 +453,13 @@ async fn scope_methods_and_paths_cannot_be_escaped() {
         "_METHOD=put",
         "%5Fmethod=PATCH",
         "a=1&_method=%44ELETE",
+        // As PHP reads names (fresh user T8-8): cut at a NUL, `.`/space as `_`, arrays.
+        "_method%00=DELETE",
+        "_method%00x=DELETE",
+        ".method=DELETE",
+        "%20.method=DELETE",
+        "_method[]=DELETE",
+        "_%6Dethod=DELETE",
     ] {
         let target = format!("/v1/docs?{q}");
         let mut s = kg.tls_stream().await;

@@ -738,7 +738,10 @@ mod tests {
         assert!(
             Scheme::Github
                 .key_from_secret(&Secret::new(
-                    (0u8..=255).step_by(13).map(|b| b | 0x80).collect::<Vec<u8>>()
+                    (0u8..=255)
+                        .step_by(13)
+                        .map(|b| b | 0x80)
+                        .collect::<Vec<u8>>()
                 ))
                 .is_ok()
         );
