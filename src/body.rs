@@ -10,7 +10,8 @@
 //! * [`ResponseBody`] is every response keygate sends: an upstream body or a small JSON error.
 //!   It counts bytes out and writes the access record when it ends or is dropped, except for an
 //!   upgraded connection (WebSocket): its record goes to the tunnel, which writes it when the
-//!   tunnel closes, with the bytes carried each way and the whole duration ([`splice`]).
+//!   tunnel closes, with the bytes carried each way and the whole duration
+//!   ([`crate::tunnel::splice`]).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -590,146 +591,18 @@ pub fn tunnel_log() -> (TunnelRecord, TunnelLog) {
 
 impl TunnelLog {
     /// Writes the access line of a closed tunnel: `bytes_in`/`bytes_out` grow by what it
-    /// carried from the client / to the client, and the duration runs to now.
-    pub async fn closed(self, carried: Carried) {
+    /// carried from the client / to the client, and the duration runs to now. `cut`: keygate
+    /// closed it (`tunnel.rs`).
+    pub async fn closed(self, carried: crate::tunnel::Carried, cut: Option<crate::log::Cut>) {
         if let Ok(record) = self.0.await {
             if let Some(stats) = &record.bytes_in {
                 stats.bytes.fetch_add(carried.from_client, Relaxed);
             }
             let mut record = record;
             record.bytes_out += carried.to_client;
+            record.cut = cut;
             record.emit();
         }
-    }
-}
-
-/// Bytes an upgraded connection carried each way.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Carried {
-    pub from_client: u64,
-    pub to_client: u64,
-}
-
-/// How an upgraded connection ended.
-#[derive(Debug)]
-pub enum TunnelEnd {
-    /// Both sides closed their half.
-    Closed,
-    /// One side failed (a reset is how many WebSocket sessions end).
-    Failed(std::io::Error),
-    /// No byte went either way for `[upstream] tunnel_idle_timeout`: both sides were closed.
-    Idle,
-}
-
-/// Copies both ways between the client and the upstream until both sides are done, one fails,
-/// or nothing has moved either way for `idle` (`[upstream] tunnel_idle_timeout`, as nginx's
-/// `proxy_read_timeout` closes a silent WebSocket): then both are shut down, so a client that
-/// vanished or just sits gives back its key slot and upstream connection. A byte read from
-/// either side, or written to either side, is activity, so a server-push stream with a silent
-/// client lives on, and a client that stops reading stalls the copy and times out too.
-/// Returns what was carried, counted as read from each side, however it ended.
-pub async fn splice(
-    client: hyper::upgrade::Upgraded,
-    upstream: hyper::upgrade::Upgraded,
-    idle: Duration,
-) -> (Carried, TunnelEnd) {
-    use tokio::io::AsyncWriteExt as _;
-    let start = tokio::time::Instant::now();
-    // Milliseconds from `start` to the last byte that moved.
-    let moved = AtomicU64::new(0);
-    let mut client = Counted::new(hyper_util::rt::TokioIo::new(client), &moved, start);
-    let mut upstream = Counted::new(hyper_util::rt::TokioIo::new(upstream), &moved, start);
-    let end = {
-        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-        tokio::pin!(copy);
-        let mut deadline = start + idle;
-        loop {
-            tokio::select! {
-                r = &mut copy => break r.map_or_else(TunnelEnd::Failed, |_| TunnelEnd::Closed),
-                () = tokio::time::sleep_until(deadline) => {
-                    let last = start + Duration::from_millis(moved.load(Relaxed));
-                    if last + idle <= tokio::time::Instant::now() {
-                        break TunnelEnd::Idle;
-                    }
-                    deadline = last + idle;
-                }
-            }
-        }
-    };
-    if matches!(end, TunnelEnd::Idle) {
-        // TLS close_notify and FIN to the client, FIN to the upstream; bounded, as a peer that
-        // reads nothing may never take them.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = tokio::join!(client.io.shutdown(), upstream.io.shutdown());
-        })
-        .await;
-    }
-    let carried = Carried {
-        from_client: client.read,
-        to_client: upstream.read,
-    };
-    (carried, end)
-}
-
-/// An I/O object that counts the bytes read from it, and notes when bytes last moved through
-/// it either way (in `moved`, milliseconds from `start`, shared by both sides of a tunnel).
-struct Counted<'a, T> {
-    io: T,
-    read: u64,
-    moved: &'a AtomicU64,
-    start: tokio::time::Instant,
-}
-
-impl<'a, T> Counted<'a, T> {
-    fn new(io: T, moved: &'a AtomicU64, start: tokio::time::Instant) -> Self {
-        Counted {
-            io,
-            read: 0,
-            moved,
-            start,
-        }
-    }
-
-    fn note(&self, n: usize) {
-        if n > 0 {
-            self.moved
-                .store(self.start.elapsed().as_millis() as u64, Relaxed);
-        }
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.read += n as u64;
-        self.note(n);
-        polled
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.note(n);
-        }
-        polled
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -34,6 +34,7 @@ pub mod server;
 pub mod side_runtime;
 pub mod stall;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream_cap;
 pub mod usage;
 pub mod webhook;

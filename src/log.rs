@@ -724,12 +724,17 @@ pub enum Cut {
     /// body for a whole one.
     Upstream,
     /// keygate was stopping (SIGTERM/SIGINT) and `[server] shutdown_grace` ran out before the
-    /// response was complete: keygate closed the connection.
+    /// response was complete: keygate closed the connection. An upgraded connection still open
+    /// when the drain ends is closed too (a WebSocket with close code 1001, "going away").
     Shutdown,
     /// The connection table (`conn_limits.rs`) took the connection for a newcomer while keygate
     /// held this request back (a throttled client's pause, a wait for verification): only
     /// connections with no admitted request in flight are reclaimed.
     Reclaimed,
+    /// An upgraded connection (WebSocket) that a reload took access away from (its client's
+    /// network denied, its client CA replaced, its key removed, replaced, disabled or narrowed),
+    /// or whose key expired: keygate closed it (`tunnel.rs`, event `tunnel_closed`).
+    Revoked,
 }
 
 impl Cut {
@@ -740,6 +745,7 @@ impl Cut {
             Cut::Upstream => "upstream",
             Cut::Shutdown => "shutdown",
             Cut::Reclaimed => "reclaimed",
+            Cut::Revoked => "revoked",
         }
     }
 }

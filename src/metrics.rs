@@ -148,6 +148,7 @@ pub struct Metrics {
     upgrades_refused: Family<ProtocolLabel, Counter>,
     upstream_retries: Counter,
     client_timeouts: Family<PhaseLabel, Counter>,
+    tunnels_closed: Family<ReasonLabel, Counter>,
     open_connections: Gauge<i64, AtomicI64>,
     config_reloads: Family<ResultLabel, Counter>,
     cert_not_after: Gauge<i64, AtomicI64>,
@@ -295,6 +296,19 @@ impl Metrics {
             "keygate_client_timeouts",
             "Requests ended because the client stalled, by phase (body, request_buffer: 408; send: response aborted; tunnel_idle: upgraded connection closed)",
             client_timeouts.clone(),
+        );
+        let tunnels_closed = Family::<ReasonLabel, Counter>::default();
+        for why in crate::tunnel::Closed::ALL {
+            tunnels_closed
+                .get_or_create(&ReasonLabel {
+                    reason: why.as_str(),
+                })
+                .inc_by(0);
+        }
+        registry.register(
+            "keygate_tunnels_closed",
+            "Upgraded connections (WebSocket) keygate closed, by reason: access taken away by a reload or the key's expiry (ip_denied, client_cert, key_removed, key_replaced, key_disabled, key_expired, key_ip_denied, scope_denied, upgrade_refused), or shutdown",
+            tunnels_closed.clone(),
         );
         let config_reloads = Family::<ResultLabel, Counter>::default();
         for result in ["success", "failure"] {
@@ -514,6 +528,7 @@ impl Metrics {
             upgrades_refused,
             upstream_retries,
             client_timeouts,
+            tunnels_closed,
             open_connections,
             config_reloads,
             cert_not_after,
@@ -621,6 +636,20 @@ impl Metrics {
     /// A request sent again on a new connection after a reused one failed (forward.rs).
     pub fn upstream_retried(&self) {
         self.upstream_retries.inc();
+    }
+    /// An upgraded connection keygate closed; `reason` is one of [`crate::tunnel::Closed`]'s
+    /// words (anything else is not counted).
+    pub fn tunnel_closed(&self, reason: &str) {
+        if let Some(why) = crate::tunnel::Closed::ALL
+            .iter()
+            .find(|w| w.as_str() == reason)
+        {
+            self.tunnels_closed
+                .get_or_create(&ReasonLabel {
+                    reason: why.as_str(),
+                })
+                .inc();
+        }
     }
     /// `phase` is one of [`CLIENT_TIMEOUTS`]; anything else is not counted.
     pub fn client_timeout(&self, phase: &str) {

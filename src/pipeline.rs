@@ -69,6 +69,8 @@ pub struct Shared {
     /// Bytes of request bodies held at once
     /// ([`crate::buffer_budget::REQUEST_BUFFER_BUDGET`], webhook deliveries at most half).
     pub buffer_budget: crate::buffer_budget::BufferBudget,
+    /// What upgraded connections listen to: reloads and the shutdown (`tunnel.rs`).
+    pub tunnels: crate::tunnel::Tunnels,
 }
 
 impl Shared {
@@ -77,6 +79,7 @@ impl Shared {
         state: State,
         cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Self {
+        let snapshot = Arc::new(snapshot);
         Shared {
             cluster,
             verifier: Verifier::new(snapshot.auth.verify_concurrency),
@@ -84,7 +87,8 @@ impl Shared {
             key_in_flight: Default::default(),
             delivery_stores: Default::default(),
             buffer_budget: crate::buffer_budget::BufferBudget::default(),
-            snapshot: ArcSwap::from_pointee(snapshot),
+            tunnels: crate::tunnel::Tunnels::new(snapshot.clone()),
+            snapshot: ArcSwap::new(snapshot),
             state,
         }
     }
@@ -187,6 +191,27 @@ impl Conn {
     /// The first reason given stands.
     pub fn closing(&self, why: crate::log::Cut) {
         let _ = self.closed_by.set(why);
+    }
+
+    /// Whether the client certificate chain of this connection (if any) satisfies `snap`'s
+    /// `[tls] client_ca`: verified once per connection and CA bundle (see `check_client_cert`).
+    /// True when `snap` requires no client certificate.
+    pub fn client_cert_admitted(&self, snap: &Snapshot) -> bool {
+        let Some(auth) = &snap.client_auth else {
+            return true;
+        };
+        let mut verified = self
+            .verified_ca
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *verified == Some(auth.ca_digest) {
+            return true;
+        }
+        if self.client_chain.as_deref().is_some_and(|c| auth.admits(c)) {
+            *verified = Some(auth.ca_digest);
+            return true;
+        }
+        false
     }
 
     /// Why keygate is closing this connection, if it is ([`Self::closing`]).
@@ -978,22 +1003,10 @@ async fn rate_check(
 /// indefinitely; nginx closes them at the reload). Verified once per connection and CA bundle;
 /// a connection without a certificate is refused once `client_ca` is required.
 fn check_client_cert(ctx: &Ctx<'_>) -> Result<(), Reject> {
-    let Some(auth) = &ctx.snap.client_auth else {
-        return Ok(());
-    };
     let conn = ctx.conn;
-    let mut verified = conn
-        .verified_ca
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if *verified == Some(auth.ca_digest) {
+    if conn.client_cert_admitted(ctx.snap) {
         return Ok(());
     }
-    if conn.client_chain.as_deref().is_some_and(|c| auth.admits(c)) {
-        *verified = Some(auth.ca_digest);
-        return Ok(());
-    }
-    drop(verified);
     client_event!(ClientEvent::TlsHandshake, ctx.client_ip, Level::WARN, event = "client_cert_refused", request_id = request_id_str(ctx.request_id), client_ip = %ctx.client_ip, presented = conn.client_chain.is_some(), "the connection's client certificate does not verify against the reloaded tls.client_ca");
     Err(Reject::Forbidden)
 }
@@ -1292,6 +1305,18 @@ async fn forward(
         .forward
         .is_some()
         .then(|| hyper::upgrade::on(&mut req));
+    // What the upgrade request is admitted on, as received, for the tunnel to check again
+    // after each reload (`tunnel.rs`); copies, taken only for an upgrade.
+    let grant_inputs = client_upgrade.is_some().then(|| {
+        let forwarded_for: Box<[HeaderValue]> = req
+            .headers()
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+            .collect();
+        let path = req.uri().path_and_query().cloned().map(own_path);
+        (forwarded_for, req.method().clone(), path)
+    });
 
     // The presented credential, wherever else the client also put it, never reaches the upstream.
     let echoes = credential(&req, &snap.auth.header).ok().and_then(|token| {
@@ -1457,40 +1482,36 @@ async fn forward(
             return Err(Reject::BadGateway);
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let request_id = ctx.request_id.clone();
-        let client_ip = ctx.client_ip;
         // The access line is written when the tunnel closes (bytes each way, whole duration).
         let (record, log) = crate::body::tunnel_log();
-        // The tunnel keeps the key's slot and the upstream connection while it lasts.
-        let held = std::mem::take(&mut ctx.held);
-        let idle = snap.caps.tunnel_idle_timeout;
-        let key_id = key.id.clone();
-        tokio::spawn(async move {
-            let _held = held;
-            let mut carried = crate::body::Carried::default();
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let (c, end) = crate::body::splice(client, upstream, idle).await;
-                    carried = c;
-                    match end {
-                        crate::body::TunnelEnd::Closed => {}
-                        crate::body::TunnelEnd::Failed(e) => {
-                            tracing::debug!(request_id = request_id_str(&request_id), error = %e, "upgraded connection ended with an error");
-                        }
-                        // Counted with the client timeouts: the client holds the slots, and a
-                        // client that vanished is the usual cause.
-                        crate::body::TunnelEnd::Idle => {
-                            metrics::global().client_timeout("tunnel_idle");
-                            client_event!(ClientEvent::ClientTimeout, client_ip, Level::INFO, event = "client_timeout", phase = "tunnel_idle", request_id = request_id_str(&request_id), client_ip = %client_ip, key_id = &*key_id, timeout_ms = idle.as_millis() as u64, "no byte either way through the upgraded connection within upstream.tunnel_idle_timeout; closed");
-                        }
-                    }
-                }
-                Err(e) => {
-                    client_event!(ClientEvent::UpgradeFailed, client_ip, Level::WARN, request_id = request_id_str(&request_id), error = %e, "protocol upgrade failed")
-                }
-            }
-            log.closed(carried).await;
-        });
+        let (forwarded_for, method, path) = grant_inputs.unwrap_or_default();
+        let protocol = resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split('/').next())
+            .map(|p| p.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let start = crate::tunnel::Start {
+            client: client_upgrade,
+            upstream: upstream_upgrade,
+            grant: crate::tunnel::Grant {
+                conn: ctx.conn.clone(),
+                key: key.clone(),
+                forwarded_for,
+                method,
+                path: path.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                protocol: protocol.into(),
+            },
+            watch: ctx.shared.tunnels.subscribe(),
+            // The tunnel keeps the key's slot and the upstream connection while it lasts.
+            held: std::mem::take(&mut ctx.held),
+            log,
+            request_id: ctx.request_id.clone(),
+            client_ip: ctx.client_ip,
+            idle: snap.caps.tunnel_idle_timeout,
+        };
+        tokio::spawn(crate::tunnel::run(start));
         let upgrade = resp.headers().get(header::UPGRADE).cloned();
         strip_hop_by_hop(resp.headers_mut(), upgrade);
         return Ok(resp.map(|b| ResponseBody::upstream(b).upgraded(record)));

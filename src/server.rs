@@ -259,6 +259,9 @@ async fn serve(
         // cuts is logged `cut_by: shutdown` (before, the process just ended: no access line).
         let _ = drain_tx.send(Drain::Cut);
     }
+    // Tunnels (WebSockets) do not hold the drain up (they never end by themselves): those still
+    // open are closed now, cleanly (close code 1001) and logged `cut_by: shutdown`.
+    shared.tunnels.stop();
     // The access lines of what was cut are written before the log is flushed (bounded: a
     // stream task that does not end is not waited for).
     let _ = tokio::time::timeout(CUT_LOGGED_WITHIN, async {
@@ -1241,7 +1244,11 @@ async fn reload_on_sighup(
                 let not_after = new.cert_not_after;
                 spawn_exposure_check(&new.upstream_url);
                 metrics::global().set_config_hash(&new.config_hash);
-                shared.snapshot.store(Arc::new(new));
+                let new = Arc::new(new);
+                shared.snapshot.store(new.clone());
+                // Upgraded connections carry no more requests: each checks its upgrade's
+                // admission against the new config itself (`tunnel.rs`).
+                shared.tunnels.reloaded(new);
                 shared.verifier.forget_bad();
                 metrics::global().reloaded(true);
                 if restart_needed.is_empty() {

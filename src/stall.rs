@@ -22,7 +22,7 @@
 //! `request_id`; its access line says `completed: false`, `cut_by: "send_timeout"`) and counted in
 //! `keygate_client_timeouts_total{phase="send"}`, never as an upstream error. Upgraded
 //! connections (WebSocket) have their own clock, `[upstream] tunnel_idle_timeout`
-//! (`body::splice`).
+//! (`tunnel::splice`).
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -514,9 +514,13 @@ async fn download_and_websocket_in_progress_survive_a_reload() {
     let up = Upstream::start().await;
     let (token, hash) = new_key("alpha");
     let (_, other_hash) = new_key("other");
+    // The WebSocket's key stays (a reload that removes a tunnel's key closes the tunnel:
+    // tests/reload_tunnels.rs); the download's is removed under it.
+    let (ws_token, ws_hash) = new_key("sockets");
     let kg = Keygate::builder()
         .upstream(&up)
         .key("alpha", &hash, "")
+        .key("sockets", &ws_hash, "")
         .start();
     let c = kg.client();
 
@@ -548,7 +552,7 @@ async fn download_and_websocket_in_progress_survive_a_reload() {
     let mut ws = kg.tls_stream().await;
     ws.write_all(
         format!(
-            "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-API-Key: {token}\r\n\r\n"
+            "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-API-Key: {ws_token}\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -565,13 +569,14 @@ async fn download_and_websocket_in_progress_survive_a_reload() {
     );
     echo(&mut ws, b"before reload").await;
 
-    // The reload removes the very key both are using, and swaps the certificate.
+    // The reload removes the very key the download is using, and swaps the certificate.
     write_cert(kg.dir.path(), None);
     let ev = reload_with(
         &kg,
         &Keygate::builder()
             .upstream(&up)
             .key("other", &other_hash, "")
+            .key("sockets", &ws_hash, "")
             .config_text(),
     )
     .await;

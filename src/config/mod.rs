@@ -205,7 +205,7 @@ pub struct Caps {
     /// (HTTP/1.1: connection closed; HTTP/2: stream reset), see `stall.rs`.
     pub send_timeout: Duration,
     /// `upstream.tunnel_idle_timeout`: an upgraded connection (WebSocket) that carries no byte
-    /// either way for this long is closed, see `body::splice`.
+    /// either way for this long is closed, see `tunnel::splice`.
     pub tunnel_idle_timeout: Duration,
 }
 

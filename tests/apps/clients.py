@@ -4,6 +4,10 @@
     python clients.py sse URL --ca PEM [-H ...]            # each event with its arrival time
     python clients.py ws-echo URL --ca PEM [-H ...] [--messages N] [--size BYTES] [--pause-ms MS]
                                          [--idle-s S]  # then silence (no pings) for up to S s
+    python clients.py ws-stream URL --ca PEM [-H ...] [--pause-ms MS] [--max-s S]
+        # one message every MS ms; one JSON line per echo ({"echo": i}) as it comes back, then
+        # one line when the connection closes ({"closed": {"code", "reason", "by_server"}}) or
+        # after S s ({"done": n}, closed normally)
 
 Trust is the keygate test certificate given by --ca (never verification turned off).
 """
@@ -98,9 +102,51 @@ async def ws_echo(args):
     print(json.dumps(results))
 
 
+async def ws_stream(args):
+    import websockets
+
+    ctx = ssl.create_default_context(cafile=args.ca)
+
+    def say(doc):
+        print(json.dumps(doc), flush=True)
+
+    async with websockets.connect(
+        args.url,
+        ssl=ctx,
+        additional_headers=headers_of(args),
+        compression=None,
+        ping_interval=None,
+    ) as ws:
+        deadline = time.monotonic() + args.max_s
+        i = 0
+        try:
+            while time.monotonic() < deadline:
+                await ws.send(f"m{i}")
+                back = await ws.recv()
+                if back != f"m{i}":
+                    say({"mismatch": i})
+                    return
+                say({"echo": i})
+                i += 1
+                await asyncio.sleep(args.pause_ms / 1000)
+        except websockets.ConnectionClosed as e:
+            rcvd = e.rcvd
+            say(
+                {
+                    "closed": {
+                        "code": rcvd.code if rcvd else None,
+                        "reason": rcvd.reason if rcvd else None,
+                        "by_server": rcvd is not None,
+                    }
+                }
+            )
+            return
+        say({"done": i})
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=["get", "sse", "ws-echo"])
+    p.add_argument("cmd", choices=["get", "sse", "ws-echo", "ws-stream"])
     p.add_argument("url")
     p.add_argument("--ca", required=True)
     p.add_argument("-H", "--header", action="append")
@@ -109,11 +155,14 @@ def main():
     p.add_argument("--size", type=int, default=1000)
     p.add_argument("--pause-ms", type=int, default=0)
     p.add_argument("--idle-s", type=float, default=0)
+    p.add_argument("--max-s", type=float, default=60)
     args = p.parse_args()
     if args.cmd == "get":
         cmd_get(args)
     elif args.cmd == "sse":
         cmd_sse(args)
+    elif args.cmd == "ws-stream":
+        asyncio.run(ws_stream(args))
     else:
         asyncio.run(ws_echo(args))
 
