@@ -294,9 +294,11 @@ enum Drain {
     Cut,
 }
 
-/// How long, after the cut at `shutdown_grace`, the exit waits for the cut requests' access
-/// lines (their connections' tasks and HTTP/2 stream tasks to end).
-const CUT_LOGGED_WITHIN: Duration = Duration::from_secs(2);
+/// How long, after the drain (or the cut at `shutdown_grace`), the exit waits for the access
+/// lines of what it ended: connections' tasks and HTTP/2 stream tasks, and tunnels closing
+/// (`tunnel.rs`: at most 0.5 s to finish a frame, 1 s to send the Close frames, 1 s for the
+/// replies).
+const CUT_LOGGED_WITHIN: Duration = Duration::from_secs(3);
 
 /// One worker's accept loop: until the drain starts, takes connections from the shared listener
 /// and serves each on a task of this worker's runtime.

@@ -326,3 +326,137 @@ async fn a_tunnel_is_closed_at_its_keys_expiry_instant() {
     let ev = kg.wait_log("tunnel_closed", |v| v["event"] == "tunnel_closed");
     assert_eq!(ev["reason"], "key_expired", "{ev}");
 }
+
+/// Opens a tunnel on `s` with a hand-written upgrade request (and `extra` header lines).
+async fn upgrade_on(s: &mut Tls, token: &str, extra: &str) {
+    s.write_all(
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-API-Key: {token}\r\n{extra}\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, head, _) = common::raw::read_response(s).await;
+    assert_eq!(status, 101, "{head}");
+}
+
+/// Behind a trusted proxy the client is the `X-Forwarded-For` address of the upgrade request:
+/// a reload denying that client's network closes its tunnel (found again from the same
+/// header), and leaves the tunnel of another client through the same proxy up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_forwarded_client_is_checked_again() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let base = || {
+        Keygate::builder()
+            .upstream(&up)
+            .access(r#"trusted_proxies = ["127.0.0.0/8"]"#)
+            .key("k", &hash, "")
+    };
+    let kg = base().start();
+    let mut denied = kg.tls_stream().await;
+    upgrade_on(&mut denied, &token, "X-Forwarded-For: 203.0.113.5\r\n").await;
+    let mut other = kg.tls_stream().await;
+    upgrade_on(&mut other, &token, "X-Forwarded-For: 198.51.100.7\r\n").await;
+    round_trip(&mut denied, b"before").await;
+    round_trip(&mut other, b"before").await;
+    let denying = base().access(r#"deny = ["203.0.113.0/24"]"#).config_text();
+    assert_eq!(reload_with(&kg, &denying).await["event"], "config_reloaded");
+    assert_eq!(read_to_close(&mut denied).await, CLOSE_1008);
+    let ev = kg.wait_log("tunnel_closed", |v| v["event"] == "tunnel_closed");
+    assert_eq!(ev["reason"], "ip_denied", "{ev}");
+    assert_eq!(ev["client_ip"], "203.0.113.5", "{ev}");
+    round_trip(&mut other, b"after").await;
+    assert_eq!(kg.events("tunnel_closed").len(), 1, "{}", kg.logs());
+    // Upgrades switched off altogether (`upgrade_protocols = []`): the other one goes too.
+    let no_upgrades = base()
+        .access(r#"deny = ["203.0.113.0/24"]"#)
+        .upstream_line("upgrade_protocols = []")
+        .config_text();
+    assert_eq!(
+        reload_with(&kg, &no_upgrades).await["event"],
+        "config_reloaded"
+    );
+    assert_eq!(read_to_close(&mut other).await, CLOSE_1008);
+    let ev = kg.wait_log("second tunnel_closed", |v| {
+        v["event"] == "tunnel_closed" && v["client_ip"] == "198.51.100.7"
+    });
+    assert_eq!(ev["reason"], "upgrade_refused", "{ev}");
+}
+
+/// A client CA (PEM) and a client certificate it issued, with its key.
+fn client_pki(
+    name: &str,
+) -> (
+    String,
+    rustls_pki_types::CertificateDer<'static>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} client CA"));
+    let ca = p.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(p, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut cp = rcgen::CertificateParams::new(vec!["client.example".to_string()]).unwrap();
+    cp.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = cp.signed_by(&key, &issuer).unwrap();
+    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    (ca.pem(), cert.der().clone(), der)
+}
+
+/// T6-1's second half (T5-11's kind): a reload that replaces `[tls] client_ca` closes the
+/// tunnels whose client certificate the new bundle no longer accepts; a bundle that still
+/// holds their CA keeps them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_client_ca_is_revoked_is_closed() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("k");
+    let base = || Keygate::builder().upstream(&up).key("k", &hash, "");
+    let kg = base().start();
+    let (ca1, cert1, key1) = client_pki("one");
+    let (ca2, _, _) = client_pki("two");
+    std::fs::write(kg.dir.path().join("ca1.pem"), &ca1).unwrap();
+    std::fs::write(kg.dir.path().join("ca2.pem"), &ca2).unwrap();
+    std::fs::write(kg.dir.path().join("both.pem"), format!("{ca1}{ca2}")).unwrap();
+    let with_ca = |file: &str| {
+        base().config_text().replace(
+            "key = \"key.pem\"\n",
+            &format!("key = \"key.pem\"\nclient_ca = \"{file}\"\n"),
+        )
+    };
+    assert_eq!(
+        reload_with(&kg, &with_ca("ca1.pem")).await["event"],
+        "config_reloaded"
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(kg.ca.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert1], key1)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(kg.addr).await.unwrap();
+    let mut t = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    upgrade_on(&mut t, &token, "").await;
+    round_trip(&mut t, b"verified by ca1").await;
+    assert_eq!(
+        reload_with(&kg, &with_ca("both.pem")).await["event"],
+        "config_reloaded"
+    );
+    round_trip(&mut t, b"ca1 still in the bundle").await;
+    assert!(kg.events("tunnel_closed").is_empty(), "{}", kg.logs());
+    assert_eq!(
+        reload_with(&kg, &with_ca("ca2.pem")).await["event"],
+        "config_reloaded"
+    );
+    assert_eq!(read_to_close(&mut t).await, CLOSE_1008);
+    let ev = kg.wait_log("tunnel_closed", |v| v["event"] == "tunnel_closed");
+    assert_eq!(ev["reason"], "client_cert", "{ev}");
+}
