@@ -31,7 +31,14 @@ impl IpList {
 pub struct AccessRules {
     allow: IpList,
     deny: IpList,
+    /// The TCP peers that may say who the client is: by `X-Forwarded-For`, or, with
+    /// `[server] proxy_protocol`, by a PROXY protocol header (the load balancers).
     trusted_proxies: IpList,
+    /// The peers whose `X-Forwarded-For` is believed, as the pipeline sees its peer (the
+    /// address a PROXY header named, behind the PROXY protocol): `trusted_proxies`, or with
+    /// the PROXY protocol `[access] trusted_http_proxies` (fresh user T8-10: one list for both
+    /// hops let any client inside the balancers' range name its own address).
+    forwarders: IpList,
 }
 
 impl AccessRules {
@@ -39,8 +46,23 @@ impl AccessRules {
         AccessRules {
             allow,
             deny,
+            forwarders: trusted_proxies.clone(),
             trusted_proxies,
         }
+    }
+
+    /// Behind the PROXY protocol: `trusted_proxies` are the load balancers that send the
+    /// header, and only a client the header names inside `http_proxies` (HTTP proxies in front
+    /// of the balancer, e.g. a CDN) has its `X-Forwarded-For` believed.
+    #[must_use]
+    pub fn behind_proxy_protocol(mut self, http_proxies: IpList) -> Self {
+        self.forwarders = http_proxies;
+        self
+    }
+
+    /// A TCP peer that may send a PROXY protocol header (`[access] trusted_proxies`).
+    pub fn is_balancer(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.contains(ip)
     }
 
     /// Deny wins; an empty allow list admits everyone.
@@ -55,8 +77,10 @@ impl AccessRules {
         self.trusted_proxies.is_empty()
     }
 
+    /// Whether `ip`, the peer as the pipeline sees it, is a proxy whose `X-Forwarded-For` is
+    /// believed (and appended to).
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.contains(ip)
+        self.forwarders.contains(ip)
     }
 
     /// SPEC §5: the TCP peer, unless it is a trusted proxy; then the right-most address in

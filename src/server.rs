@@ -326,7 +326,7 @@ async fn accept_loop(
         let snap = shared.snapshot.load_full();
         if snap.server.proxy_protocol {
             // Only the load balancers may say who the client is; nobody else gets a byte read.
-            if !snap.access.is_trusted_proxy(peer.ip()) {
+            if !snap.access.is_balancer(peer.ip()) {
                 metrics::global().ip_denied();
                 client_event!(ClientEvent::IpDenied, peer.ip(), Level::WARN, event = "ip_denied", client_ip = %peer.ip().to_canonical(), scope = "proxy_protocol", "connection from a peer not in access.trusted_proxies closed (server.proxy_protocol is on)");
                 continue;
@@ -340,7 +340,7 @@ async fn accept_loop(
         let Some(slot) = table.admit(
             peer.ip(),
             per_ip,
-            snap.access.is_trusted_proxy(peer.ip().to_canonical()),
+            snap.access.is_balancer(peer.ip().to_canonical()),
         ) else {
             continue;
         };

@@ -939,6 +939,82 @@ async fn proxy_protocol_v1_v2_source_is_the_client() {
     assert_no_secrets(&kg.logs(), &[&token, &hash]);
 }
 
+/// Behind the PROXY protocol the two hops have two lists (fresh user T8-10): `trusted_proxies`
+/// are the balancers that may send the header; a client the header names inside that range
+/// (an internal client reaching keygate through the balancer) does NOT get its own
+/// `X-Forwarded-For` believed. Only an address in `trusted_http_proxies` (an HTTP proxy in
+/// front of the balancer) does. Before, 127.0.0.9 named by the header and sending
+/// `X-Forwarded-For: 10.99.1.1` passed a key's `allow = ["10.99.0.0/16"]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_proxy_protocol_only_http_proxies_may_name_the_client() {
+    let up = Upstream::start().await;
+    let (token, hash) = new_key("far");
+    let start = |http_proxies: &str| {
+        Keygate::builder()
+            .upstream(&up)
+            .server("proxy_protocol = true")
+            .access(r#"trusted_proxies = ["127.0.0.0/8"]"#)
+            .access(http_proxies)
+            .key("far", &hash, r#"allow = ["10.99.0.0/16"]"#)
+            .start()
+    };
+    let key = ("x-api-key", token.as_str());
+    let kg = start("");
+    for named in ["127.0.0.9", "203.0.113.5"] {
+        let mut s = tls_after(&kg, &v1(named, 40000)).await.unwrap();
+        let (status, head) = raw_request(
+            &mut s,
+            "GET",
+            "/pp",
+            &[key, ("x-forwarded-for", "10.99.1.1")],
+        )
+        .await;
+        assert_eq!(status, 403, "named {named}: {head}");
+    }
+    // UNKNOWN: the balancer itself is the client; its X-Forwarded-For is not believed either.
+    let mut s = tls_after(&kg, b"PROXY UNKNOWN\r\n").await.unwrap();
+    let (status, _) = raw_request(
+        &mut s,
+        "GET",
+        "/pp",
+        &[key, ("x-forwarded-for", "10.99.1.1")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(up.count(), 0);
+
+    // A CDN in front of the balancer, listed as an HTTP proxy: its X-Forwarded-For names the
+    // client.
+    let kg = start(r#"trusted_http_proxies = ["198.51.100.0/24"]"#);
+    let mut s = tls_after(&kg, &v1("198.51.100.7", 40000)).await.unwrap();
+    let (status, head) = raw_request(
+        &mut s,
+        "GET",
+        "/pp",
+        &[key, ("x-forwarded-for", "10.99.1.1")],
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(
+        up.requests().last().unwrap().header("x-forwarded-for"),
+        Some("10.99.1.1, 198.51.100.7")
+    );
+
+    // Without the PROXY protocol the list means nothing: check refuses it.
+    let (_dir, config) = Keygate::builder()
+        .access(r#"trusted_http_proxies = ["198.51.100.0/24"]"#)
+        .key("far", &hash, "")
+        .config_dir();
+    let (code, out, err) = keygate_cli(&["check"], &config);
+    assert_eq!(code, 1);
+    assert!(
+        format!("{out}{err}")
+            .contains("access.trusted_http_proxies: only applies with server.proxy_protocol"),
+        "{out}{err}"
+    );
+    assert_no_secrets(&kg.logs(), &[&token, &hash]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_is_accepted_only_from_trusted_proxies() {
     let up = Upstream::start().await;

@@ -121,6 +121,8 @@ pub struct RawAccess {
     pub deny: Vec<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub trusted_http_proxies: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -675,6 +675,22 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
             "needs access.trusted_proxies: only those peers may send a PROXY protocol header",
         );
     }
+    let http_proxies = cidr_list(
+        &raw.access.trusted_http_proxies,
+        "access.trusted_http_proxies",
+        &mut errs,
+    );
+    let access = if server.proxy_protocol {
+        access.behind_proxy_protocol(http_proxies)
+    } else {
+        if !raw.access.trusted_http_proxies.is_empty() {
+            errs.push(
+                "access.trusted_http_proxies",
+                "only applies with server.proxy_protocol = true (without it, access.trusted_proxies lists the proxies whose X-Forwarded-For is believed)",
+            );
+        }
+        access
+    };
 
     // [roles.NAME], [[keys]]
     let roles = roles::build_roles(&raw.roles, &mut errs);
