@@ -42,8 +42,8 @@ fn instance(up_url: &str, redis: &Redis, hash: &str, timeout: &str) -> Keygate {
 
 /// `conns` HTTP/2 connections (each from its own loopback address) with `streams` requests in
 /// flight on each, every request without credentials and with 400 extra fields (T5-17:
-/// `h2load -c 8 -m 50` with 400 `-H`), until `stop`. Counts the 401s in `unauthorized` and any
-/// other status in `other`.
+/// `h2load -c 8 -m 50` with 400 `-H`), and 16 HTTP/1.1 connections, until `stop`. Counts the
+/// 401s in `unauthorized` and any other status in `other`.
 async fn flood(
     kg: &Keygate,
     conns: u8,
@@ -78,6 +78,28 @@ async fn flood(
                 }
             }));
         }
+    }
+    // HTTP/1.1 too (the worker's queue does not care which protocol filled it): keep-alive
+    // connections, a request at a time each, 50 extra fields (hyper's default cap is 100).
+    for _ in 0..16 {
+        let client = kg.client();
+        let url = kg.url("/x");
+        let (stop, unauthorized, other) = (stop.clone(), unauthorized.clone(), other.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                let mut req = http::Request::get(&url);
+                for i in 0..50 {
+                    req = req.header(format!("x-h{i}"), "v");
+                }
+                let Ok(resp) = client.send_raw(req.body(empty()).unwrap()).await else {
+                    return;
+                };
+                let status = resp.status().as_u16();
+                let _ = resp.into_body().collect().await;
+                let counter = if status == 401 { &unauthorized } else { &other };
+                counter.fetch_add(1, Relaxed);
+            }
+        }));
     }
     tasks
 }
