@@ -156,7 +156,7 @@ fn a_reload_that_changes_nothing_relevant_keeps_the_websocket() {
     let (token, hash) = new_key("ws");
     let (_, other) = new_key("other");
     let kg = keygate_for(&app, &hash).start();
-    let mut ws = WsClient::start(&kg, &token, 12);
+    let mut ws = WsClient::start(&kg, &token, 20);
     ws.more_echoes(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let changed = Keygate::builder()
@@ -172,7 +172,7 @@ fn a_reload_that_changes_nothing_relevant_keeps_the_websocket() {
     let ev = rt.block_on(reload_with(&kg, &changed));
     assert_eq!(ev["event"], "config_reloaded", "{ev}");
     ws.more_echoes(10);
-    let end = ws.end(Duration::from_secs(30));
+    let end = ws.end(Duration::from_secs(60));
     assert!(end["done"].is_number(), "{end}");
     assert!(kg.events("tunnel_closed").is_empty(), "{}", kg.logs());
     let line = tunnel_line(&kg, "ws");
