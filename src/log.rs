@@ -776,9 +776,12 @@ impl AccessRecord {
         let pq = self.path.as_ref().map_or("/", |p| p.as_str());
         let bytes_in = self.bytes_in.as_ref().map_or(0, |s| s.bytes());
         crate::metrics::global().observe_request(self.status, self.key_id.as_ref(), duration);
-        // Refused before any key authenticated: anyone can cause these, so they are budgeted
-        // per client (the metric above stays complete). Authenticated requests always log.
-        let refused = self.status >= 400 && self.key_id.is_none();
+        // Answered by keygate itself with no key authenticated (refusals; a replayed webhook
+        // delivery answered as a duplicate, fresh user T8-9: 2,000 replays wrote 2,000 lines
+        // in a second): anyone can cause these, so they are budgeted per client (the metric
+        // above stays complete). Authenticated and forwarded requests always log.
+        let refused =
+            self.key_id.is_none() && (self.status >= 400 || self.upstream_status.is_none());
         if refused && !budget().allow(ClientEvent::AccessRefused, self.client_ip) {
             return;
         }
@@ -836,8 +839,9 @@ pub enum ClientEvent {
     /// Lines from the HTTP/2 and TLS libraries while serving a client's connection (e.g. h2's
     /// "recv PING ack that we never sent", reset-flood GOAWAYs).
     Protocol,
-    /// Access lines of requests refused before any key was authenticated (401, 400, 403, 429
-    /// without a key): anyone can cause them. Requests that authenticated are always logged.
+    /// Access lines of requests keygate answered itself before any key was authenticated
+    /// (401, 400, 403, 429 without a key; a webhook replay answered as a duplicate): anyone
+    /// can cause them. Requests that authenticated, or were forwarded, are always logged.
     AccessRefused,
     /// `key_new_network`: a key holder can cause one per network it can send from (an IPv6
     /// holder has many /64s).

@@ -319,6 +319,57 @@ async fn forged_webhook_deliveries_are_bounded_in_the_log_and_all_counted() {
     assert_no_secrets(&kg.logs(), &[&secret, &forged["sha256=".len()..]]);
 }
 
+/// A captured signed delivery replayed at will (fresh user T8-9): each replay is answered 200
+/// `duplicate` by keygate without reaching the upstream, and each wrote an access line without
+/// limit (2,000 lines in a second). Such lines are budgeted like refusals; the request metric
+/// stays complete, and the forwarded original is always logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_webhook_deliveries_are_bounded_in_the_log() {
+    use common::webhooks::{post, sign_github};
+    let up = Upstream::start().await;
+    let (_, hash) = new_key("k");
+    let secret = format!("replay-secret-{:016x}", rand::random::<u64>());
+    let kg = Keygate::builder()
+        .upstream(&up)
+        .key("k", &hash, "")
+        .log("client_event_limit = \"10/s\"")
+        .admin()
+        .raw("[[webhooks]]\nid = \"gh\"\npath = \"/hooks/gh\"\nscheme = \"github\"\nsecret = { env = \"REPLAY_WH\" }\n")
+        .start_with(&[("REPLAY_WH", secret.as_str())], None);
+    let c = kg.client_h2();
+    let url = kg.url("/hooks/gh");
+    let body = br#"{"zen":"replay"}"#;
+    let headers = sign_github(&secret, body, "delivery-t8-9");
+    assert_eq!(c.send(post(&url, &headers, body)).await.status, 200);
+    assert_eq!(up.count(), 1);
+    let started = Instant::now();
+    for _ in 0..3 {
+        let replies =
+            futures_util::future::join_all((0..100).map(|_| c.send(post(&url, &headers, body))))
+                .await;
+        assert!(replies.iter().all(|r| r.status == 200));
+    }
+    let lines = |kg: &Keygate| {
+        kg.logs()
+            .lines()
+            .filter(|l| l.contains("\"path\":\"/hooks/gh\"") && l.contains("\"status\":200"))
+            .count() as u64
+    };
+    let (written, suppressed) = settle(&kg, "access_refused", 301, lines);
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        written + suppressed,
+        301,
+        "every answer written or summarised"
+    );
+    assert!(
+        written <= bound(secs) + 1,
+        "{written} access lines for 300 replays in {secs:.1} s (old code: 301)"
+    );
+    assert_eq!(up.count(), 1, "no replay reached the upstream");
+    assert_no_secrets(&kg.logs(), &[&secret]);
+}
+
 /// Issue 9 §5 leftovers: requests refused by the protocol checks (here `TRACE`, 501) wrote an
 /// info line each without limit; they are budgeted as `malformed_request` like the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
