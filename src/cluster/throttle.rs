@@ -38,10 +38,13 @@
 //! key id is a guess). The same key removed and re-added with the same hash keeps its proof,
 //! which is still true.
 //!
-//! The shared budget's bucket is named by its rate (`<prefix>fa:<client>:<interval µs>:<burst>`),
-//! so a reload that changes `failed_auth_limit` starts every client's shared budget afresh, as
-//! the local throttle does (`config/build`: kept only while the rate is unchanged): GCRA state
-//! in units of the old rate would otherwise hold a raised budget back (T5-21's kind).
+//! A reload that changes `failed_auth_limit` carries each client's outstanding failures over
+//! as a count, as the local throttle does (`limits.rs`, fresh user T8-1): the bucket stores
+//! its emission interval with its TAT (`"<tat µs> <interval µs>"`), and a take at another
+//! interval re-scales the TAT to the failures it stands for, capped at the new budget. So a
+//! raised limit gives a throttled client the difference at once (before, the TAT in intervals
+//! of the old rate held it back: `2/h` raised to `20/h` refused for an hour, T5-21's kind), and
+//! a limit tightened during an attack keeps every throttled client throttled.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -133,40 +136,78 @@ pub fn vouch_proof(key: &Key, token: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// KEYS[1] bucket; ARGV = interval µs. Gives one cell back.
+/// Reads a guess bucket `"<tat> <interval>"` (a bare TAT, as before intervals were stored, is
+/// taken at ARGV[1]) into `tat`, `iv`.
+const GUESS_READ_LUA: &str = r"
+local function read(v, default_iv)
+  if not v then return 0, default_iv end
+  local sp = string.find(v, ' ')
+  if not sp then return tonumber(v) or 0, default_iv end
+  return tonumber(string.sub(v, 1, sp - 1)) or 0, tonumber(string.sub(v, sp + 1)) or default_iv
+end
+";
+
+/// KEYS[1] bucket; ARGV = interval µs, burst. Takes one cell: {1, cells left, 0} or
+/// {0, 0, µs until the next cell}. State kept at another interval (the limit changed) is
+/// re-scaled first: its outstanding cells, capped at the burst, at the new interval.
+const GUESS_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat, iv = read(redis.call('GET', KEYS[1]), interval)
+if tat < now then
+  tat = now
+elseif iv ~= interval then
+  tat = now + math.min(math.ceil((tat - now) / iv), burst) * interval
+end
+local avail = math.floor((now + burst * interval - tat) / interval)
+if avail < 1 then
+  return {0, 0, tat - (burst - 1) * interval - now}
+end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f %d', tat, interval), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return {1, avail - 1, 0}
+";
+
+/// KEYS[1] bucket; ARGV = interval µs. Gives one cell back (at the interval it was kept at).
 const REFUND_LUA: &str = r"
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tat, iv = read(redis.call('GET', KEYS[1]), tonumber(ARGV[1]))
 if tat > 0 then
-  redis.call('SET', KEYS[1], string.format('%.0f', tat - tonumber(ARGV[1])), 'KEEPTTL')
+  redis.call('SET', KEYS[1], string.format('%.0f %d', tat - iv, iv), 'KEEPTTL')
 end
 return 0
 ";
 
+fn guess_script() -> &'static Script {
+    static S: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    S.get_or_init(|| Script::new(&format!("{GUESS_READ_LUA}{GUESS_LUA}")))
+}
+
 fn refund_script() -> &'static Script {
     static S: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
-    S.get_or_init(|| Script::new(REFUND_LUA))
+    S.get_or_init(|| Script::new(&format!("{GUESS_READ_LUA}{REFUND_LUA}")))
 }
 
 impl Cluster {
-    /// The client's shared budget at `rate` (named by its rate, see the module doc).
-    fn guess_bucket(&self, ip: IpAddr, rate: Rate) -> String {
-        self.key(&[
-            "fa",
-            &format!(
-                "{:032x}:{}:{}",
-                client_key(ip),
-                interval_us(rate),
-                rate.count.max(1)
-            ),
-        ])
+    fn guess_bucket(&self, ip: IpAddr) -> String {
+        self.key(&["fa", &format!("{:032x}", client_key(ip))])
     }
 
     /// Takes one cell of the client's shared guess budget before hashing: `Ok(None)` taken,
     /// `Ok(Some(seconds ≥ 1))` the budget is used up cluster-wide.
     pub async fn guess_reserve(&self, ip: IpAddr, rate: Rate) -> Result<Option<u64>, ClusterError> {
-        let bucket = self.guess_bucket(ip, rate);
-        let (_, _, wait_us) = self
-            .gcra_take(bucket, interval_us(rate), rate.count.max(1), 1)
+        let bucket = self.guess_bucket(ip);
+        let (interval, burst) = (interval_us(rate), rate.count.max(1));
+        let (_, _, wait_us): (u32, u32, u64) = self
+            .run(move |mut c| async move {
+                guess_script()
+                    .key(bucket)
+                    .arg(interval)
+                    .arg(burst)
+                    .invoke_async(&mut c)
+                    .await
+            })
             .await?;
         Ok((wait_us > 0).then(|| wait_us.div_ceil(1_000_000).max(1)))
     }
@@ -174,7 +215,7 @@ impl Cluster {
     /// Gives the cell back (the token was right). Best effort: a failure only costs the client
     /// one cell of its budget.
     pub async fn guess_refund(&self, ip: IpAddr, rate: Rate) {
-        let bucket = self.guess_bucket(ip, rate);
+        let bucket = self.guess_bucket(ip);
         let interval = interval_us(rate);
         let _ = self
             .run(move |mut c| async move {
