@@ -735,6 +735,10 @@ pub enum Cut {
     /// network denied, its client CA replaced, its key removed, replaced, disabled or narrowed),
     /// or whose key expired: keygate closed it (`tunnel.rs`, event `tunnel_closed`).
     Revoked,
+    /// An upgraded connection (WebSocket) through which nothing moved either way for
+    /// `[upstream] tunnel_idle_timeout`: keygate closed both sides (`client_timeout` event,
+    /// `phase: tunnel_idle`).
+    TunnelIdle,
 }
 
 impl Cut {
@@ -746,6 +750,7 @@ impl Cut {
             Cut::Shutdown => "shutdown",
             Cut::Reclaimed => "reclaimed",
             Cut::Revoked => "revoked",
+            Cut::TunnelIdle => "tunnel_idle",
         }
     }
 }

@@ -314,6 +314,7 @@ pub async fn run(start: Start) {
                 // Counted with the client timeouts: the client holds the slots, and a client
                 // that vanished is the usual cause.
                 TunnelEnd::Idle => {
+                    cut = Some(crate::log::Cut::TunnelIdle);
                     metrics::global().client_timeout("tunnel_idle");
                     client_event!(ClientEvent::ClientTimeout, client_ip, Level::INFO, event = "client_timeout", phase = "tunnel_idle", request_id = request_id_str(&request_id), client_ip = %client_ip, key_id = &*key_id, timeout_ms = idle.as_millis() as u64, "no byte either way through the upgraded connection within upstream.tunnel_idle_timeout; closed");
                 }

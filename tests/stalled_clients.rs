@@ -305,6 +305,16 @@ fn a_silent_websocket_is_closed_after_tunnel_idle_timeout_and_a_busy_one_is_not(
     });
     assert_eq!(ev["key_id"], "ws", "{ev}");
     assert_eq!(kg.events("client_timeout").len(), 1, "{}", kg.logs());
+    // The sessions' access lines: the busy one whole, the silent one cut by keygate.
+    let silent_line = kg.wait_log("the silent session's access line", |v| {
+        v["msg"] == "request" && v["status"] == 101 && v["request_id"] == ev["request_id"]
+    });
+    assert_eq!(silent_line["completed"], false, "{silent_line}");
+    assert_eq!(silent_line["cut_by"], "tunnel_idle", "{silent_line}");
+    let busy_line = kg.wait_log("the busy session's access line", |v| {
+        v["msg"] == "request" && v["status"] == 101 && v["request_id"] != ev["request_id"]
+    });
+    assert_eq!(busy_line["completed"], true, "{busy_line}");
 
     let (code, out, err) = curl(&[
         "-sS",
