@@ -170,6 +170,7 @@ pub struct Metrics {
     failed_auth_tracked: Family<TableLabel, Gauge<i64, AtomicI64>>,
     request_buffer_bytes: Family<UseLabel, Gauge<i64, AtomicI64>>,
     request_buffer_exhausted: Family<UseLabel, Counter>,
+    request_buffer_client_share_spent: Family<UseLabel, Counter>,
     log_suppressed: Family<EventLabel, Counter>,
     cluster_degraded: Gauge<i64, AtomicI64>,
     config_info: Family<HashLabel, Gauge<i64, AtomicI64>>,
@@ -398,7 +399,11 @@ impl Metrics {
         );
         let request_buffer_bytes = Family::<UseLabel, Gauge<i64, AtomicI64>>::default();
         let request_buffer_exhausted = Family::<UseLabel, Counter>::default();
+        let request_buffer_client_share_spent = Family::<UseLabel, Counter>::default();
         for r#use in REQUEST_BUFFER_USES {
+            request_buffer_client_share_spent
+                .get_or_create(&UseLabel { r#use })
+                .inc_by(0);
             request_buffer_bytes
                 .get_or_create(&UseLabel { r#use })
                 .set(0);
@@ -415,6 +420,11 @@ impl Metrics {
             "keygate_request_buffer_exhausted",
             "Requests that found their share of the request-buffer budget spent: an API request then streams unbuffered, a webhook delivery is refused 503",
             request_buffer_exhausted.clone(),
+        );
+        registry.register(
+            "keygate_request_buffer_client_share_spent",
+            "Requests whose client (address, or API key) already held its share (1/16) of its use's half of the request-buffer budget: an API request then streams unbuffered, a webhook delivery is refused 503",
+            request_buffer_client_share_spent.clone(),
         );
         let log_suppressed = Family::<EventLabel, Counter>::default();
         for kind in crate::log::ClientEvent::ALL {
@@ -512,6 +522,7 @@ impl Metrics {
             failed_auth_tracked,
             request_buffer_bytes,
             request_buffer_exhausted,
+            request_buffer_client_share_spent,
             log_suppressed,
             cluster_degraded,
             config_info,
@@ -770,6 +781,12 @@ impl Metrics {
     /// A request found its share of the request-buffer budget spent.
     pub fn request_buffer_exhausted(&self, r#use: &'static str) {
         self.request_buffer_exhausted
+            .get_or_create(&UseLabel { r#use })
+            .inc();
+    }
+    /// A request's client held its share of the request-buffer budget (`crate::buffer_budget`).
+    pub fn request_buffer_client_share_spent(&self, r#use: &'static str) {
+        self.request_buffer_client_share_spent
             .get_or_create(&UseLabel { r#use })
             .inc();
     }

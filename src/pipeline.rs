@@ -1539,8 +1539,11 @@ fn options_reply() -> Response<ResponseBody> {
 /// Request buffering (README "Request buffering"): a body that fits in
 /// `server.request_buffer_bytes` is read completely before the upstream is contacted, within
 /// `server.request_buffer_timeout` (else 408), so a slow client costs the upstream nothing until
-/// its request is complete. A larger body streams; so does any body while the global budget
-/// ([`crate::buffer_budget::REQUEST_BUFFER_BUDGET`]) is spent. Returns what was read ahead.
+/// its request is complete. A larger body streams; so does any body while the API half of the
+/// request-buffer budget, or its client's share of it (its address's, its key's), is spent
+/// ([`crate::buffer_budget`]): a body refused midway streams from where it was. Memory is
+/// reserved as bytes arrive ([`crate::buffer_budget::ChargedBuf`]), not by declared length.
+/// Returns what was read ahead.
 ///
 /// Called only when [`buffers_body`] says there is a body to read.
 async fn buffer_small_body(
@@ -1555,25 +1558,34 @@ async fn buffer_small_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let reserve = match declared {
+    let ceiling = match declared {
         Some(n) if n > limit as u64 => return Ok(Default::default()),
-        Some(n) => n as u32,
-        None => limit as u32,
+        Some(n) => n as usize,
+        None => limit,
     };
-    let Some(budget) = ctx
-        .shared
-        .buffer_budget
-        .try_reserve(crate::buffer_budget::Use::Api, reserve as usize)
-    else {
-        tracing::debug!(
-            request_id = request_id_str(ctx.request_id),
-            "request-buffer budget spent; streaming the body"
-        );
+    let Some(key) = ctx.key.as_ref() else {
         return Ok(Default::default());
     };
-    ctx.held.buffer = Some(budget);
+    let who = crate::buffer_budget::Claimant::api(ctx.client_ip, &key.id);
+    let budget = &ctx.shared.buffer_budget;
+    let spent = |why: crate::buffer_budget::Full| {
+        tracing::debug!(
+            request_id = request_id_str(ctx.request_id),
+            why = ?why,
+            "request-buffer budget (or this client's share) spent; streaming the body"
+        );
+    };
+    let held = &mut ctx.held.buffer;
+    let buf = match crate::buffer_budget::ChargedBuf::start(budget, &who, held, ceiling) {
+        Ok(buf) => buf,
+        Err(why) => {
+            spent(why);
+            return Ok(Default::default());
+        }
+    };
     let read_timeout = ctx.snap.server.body_read_timeout;
-    let read = crate::body::read_prefix(body, limit, read_timeout);
+    let read = read_charged(body, buf, limit, read_timeout, (budget, &who), held);
+    let result = tokio::time::timeout(caps.request_buffer_timeout, read).await;
     let timed_out = |phase: &'static str, timeout: std::time::Duration| {
         metrics::global().client_timeout(phase);
         client_event!(
@@ -1589,8 +1601,12 @@ async fn buffer_small_body(
         );
         Reject::RequestTimeout
     };
-    match tokio::time::timeout(caps.request_buffer_timeout, read).await {
-        Ok(Ok(prefix)) => Ok(prefix),
+    match result {
+        Ok(Ok((prefix, None))) => Ok(prefix),
+        Ok(Ok((prefix, Some(why)))) => {
+            spent(why);
+            Ok(prefix)
+        }
         Ok(Err(crate::body::PrefixError::Stalled)) => Err(timed_out("body", read_timeout)),
         Ok(Err(e)) => {
             client_event!(ClientEvent::ClientBody, ctx.client_ip, Level::INFO, request_id = request_id_str(ctx.request_id), error = %e, "the client's request body failed (malformed framing or aborted) before the upstream was contacted");
@@ -1598,6 +1614,56 @@ async fn buffer_small_body(
         }
         Err(_) => Err(timed_out("request_buffer", caps.request_buffer_timeout)),
     }
+}
+
+/// Reads `body` into `buf` until it ends or more than `limit` bytes have arrived (the prefix
+/// may exceed `limit` by one frame), each step of `buf` reserved for `who` in `held` first.
+/// Each wait for the next frame is bounded by `read_timeout`. When a step is refused, returns
+/// what was read (with the frame in hand, unreserved: it goes upstream at once) as an
+/// incomplete prefix, and why.
+async fn read_charged(
+    body: &mut Incoming,
+    mut buf: crate::buffer_budget::ChargedBuf,
+    limit: usize,
+    read_timeout: std::time::Duration,
+    budget: (
+        &crate::buffer_budget::BufferBudget,
+        &crate::buffer_budget::Claimant,
+    ),
+    held: &mut Option<crate::buffer_budget::BufferReservation>,
+) -> Result<(crate::body::Prefix, Option<crate::buffer_budget::Full>), crate::body::PrefixError> {
+    use crate::body::{Prefix, PrefixError};
+    use http_body_util::BodyExt as _;
+    let (budget, who) = budget;
+    let done = |buf: crate::buffer_budget::ChargedBuf, trailers, complete| Prefix {
+        data: buf.into_inner().freeze(),
+        trailers,
+        complete,
+    };
+    while buf.len() <= limit {
+        let frame = tokio::time::timeout(read_timeout, body.frame())
+            .await
+            .map_err(|_| PrefixError::Stalled)?;
+        let Some(frame) = frame else {
+            return Ok((done(buf, None, true), None));
+        };
+        match frame?.into_data() {
+            Ok(d) => {
+                if let Err(why) = buf.push(budget, who, held, &d) {
+                    let mut data = buf.into_inner();
+                    data.extend_from_slice(&d);
+                    let prefix = Prefix {
+                        data: data.freeze(),
+                        trailers: None,
+                        complete: false,
+                    };
+                    return Ok((prefix, Some(why)));
+                }
+            }
+            Err(f) => return Ok((done(buf, f.into_trailers().ok(), true), None)),
+        }
+    }
+    Ok((done(buf, None, false), None))
 }
 
 /// Whether [`buffer_small_body`] has anything to do: a request with a body, no upgrade, and

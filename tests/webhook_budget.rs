@@ -4,8 +4,9 @@
 //! connections. A second fresh user's 70 unauthenticated connections, each declaring a 1 MiB
 //! delivery and stalling after 1 KB, reserved the whole 64 MiB (declared lengths were reserved
 //! up front): every real delivery got 503 and API bodies streamed again, invisibly. Now a
-//! delivery is charged by the bytes it has sent (from a 16 KiB allowance), webhooks together
-//! hold at most half of the budget, and the budget in use is a metric. Real TLS, raw
+//! delivery is charged by the bytes it has sent (from 1 KiB before its first byte), webhooks
+//! together hold at most half of the budget, and the budget in use is a metric (the share per
+//! client is tests/buffer_budget_share.rs'). Real TLS, raw
 //! HTTP/1.1 senders.
 
 mod common;
@@ -105,7 +106,7 @@ async fn gauge_reaches(kg: &Keygate, series: &str, want: u64) {
 
 /// An API upload of `len` bytes with a key, sent in two halves: returns the response status
 /// and what `keygate_request_buffer_bytes{use="api"}` read between the halves (the upload's
-/// reservation if it is being buffered, 0 if it streams).
+/// reservation, charged as its bytes arrive, if it is being buffered; 0 if it streams).
 async fn api_upload(kg: &Keygate, token: &str, len: usize) -> (u16, u64) {
     let mut tls = kg.tls_from([127, 0, 0, 2]).await.unwrap();
     let head = format!(
@@ -128,7 +129,7 @@ async fn api_upload(kg: &Keygate, token: &str, len: usize) -> (u16, u64) {
     (status, reserved)
 }
 
-/// 70 stalled deliveries (1 MiB declared, 1 KB sent) hold 70 × 16 KiB, not 70 MiB, and so do
+/// 70 stalled deliveries (1 MiB declared, 1 KB sent) hold 70 × 1 KiB, not 70 MiB, and so do
 /// chunked ones and HTTP/2 streams: a real delivery is forwarded meanwhile, and an API upload
 /// is still buffered. Senders that do send
 /// their bytes hold at most the webhooks' half of the budget: API buffering keeps the other.
@@ -139,7 +140,7 @@ async fn unauthenticated_senders_cannot_spend_the_api_clients_buffer_budget() {
     let (token, hash) = new_key("api");
     let kg = start(&up, &secret, &hash);
 
-    // 1. Stalled after 1 KB: charged what they sent (a 16 KiB allowance each). HTTP/1.1 with
+    // 1. Stalled after 1 KB: charged what they sent (1 KiB each). HTTP/1.1 with
     // Content-Length and chunked, and HTTP/2 streams with and without content-length.
     let mut stalled = Vec::new();
     for i in 0..70 {
@@ -152,7 +153,7 @@ async fn unauthenticated_senders_cannot_spend_the_api_clients_buffer_budget() {
     for i in 0..10 {
         stalled.push(h2_delivery(&h2, kg.url("/hooks/github"), i % 2 == 0));
     }
-    gauge_reaches(&kg, WEBHOOK_BYTES, 90 * 16 * 1024).await;
+    gauge_reaches(&kg, WEBHOOK_BYTES, 90 * 1024).await;
     let body = br#"{"action":"opened"}"#;
     let mut req = hyper::Request::post(kg.url("/hooks/github"));
     for (n, v) in sign_github(&secret, body, "d-real") {
@@ -166,7 +167,10 @@ async fn unauthenticated_senders_cannot_spend_the_api_clients_buffer_budget() {
     );
     let (status, reserved) = api_upload(&kg, &token, 30_000).await;
     assert_eq!(status, 200);
-    assert_eq!(reserved, 30_000, "the API upload was buffered");
+    assert!(
+        (1..=30_000).contains(&reserved),
+        "the API upload was buffered, charged as it arrived: {reserved}"
+    );
     for s in stalled {
         assert_eq!(s.await.unwrap(), 408, "held until request_buffer_timeout");
     }
@@ -192,7 +196,10 @@ async fn unauthenticated_senders_cannot_spend_the_api_clients_buffer_budget() {
     assert!(metric(&m, WEBHOOK_BYTES) <= 32 * 1024 * 1024, "{m}");
     let (status, reserved) = api_upload(&kg, &token, 30_000).await;
     assert_eq!(status, 200);
-    assert_eq!(reserved, 30_000, "the API upload was buffered");
+    assert!(
+        (1..=30_000).contains(&reserved),
+        "the API upload was buffered, charged as it arrived: {reserved}"
+    );
     let mut statuses = Vec::new();
     for s in full_senders {
         statuses.push(s.await.unwrap());

@@ -67,8 +67,8 @@ pub enum Reason {
     /// The route's delivery id header (`X-GitHub-Delivery`, an `id_from` header) came more
     /// than once: which one the application reads is anyone's guess, so the request is refused.
     AmbiguousId,
-    /// Deliveries being read whole already hold the webhooks' share of the request-buffer
-    /// budget, or bodies together the whole budget ([`crate::buffer_budget`]): 503.
+    /// Deliveries being read whole already hold the webhooks' half of the request-buffer
+    /// budget, or the sender's address holds its share of it ([`crate::buffer_budget`]): 503.
     Busy,
     /// The client's address sent more unverified deliveries (no, a wrong or a stale signature)
     /// than `[auth] failed_auth_limit` allows: 429 before its body is read.
@@ -383,13 +383,16 @@ async fn deliver_inner(
     // (a fresh user's 400 unsigned 1 MB bodies trickled by one client held 444 MiB), charged
     // as it arrives (a second one's 70 stalled deliveries declaring 1 MiB each reserved all
     // 64 MiB with 70 KB sent). The bytes stay reserved until the delivery is done.
+    // One address holds at most its share of that (T8-4: ~2,000 stalled deliveries from 10
+    // addresses held all of it), and a delivery reserves 1 KiB before its first byte.
     let held = &mut held_out.buffer;
+    let who = crate::buffer_budget::Claimant::webhook(a.client_ip, route.max_body_bytes);
     let read = read_body(
         body,
         route.max_body_bytes,
         a.snap.server.body_read_timeout,
         &stats,
-        a.buffer_budget,
+        (a.buffer_budget, &who),
         held,
     );
     let whole = a.snap.caps.request_buffer_timeout;
@@ -737,7 +740,8 @@ fn duplicate_response(request_id: &HeaderValue) -> Response<ResponseBody> {
 enum BodyError {
     /// Over the limit; the rest of the body, to drain.
     TooLarge(Incoming),
-    /// The global request-buffer budget is spent; the rest of the body, to drain.
+    /// The webhooks' half of the request-buffer budget, or the sender's share of it, is spent;
+    /// the rest of the body, to drain.
     Busy(Incoming),
     /// Malformed framing, or aborted.
     Client,
@@ -749,38 +753,42 @@ enum BodyError {
 /// leaves keygate waiting longer than `stall` for the next bytes (`body_read_timeout`, as for
 /// every other body).
 ///
-/// Memory is reserved in `budget` (the webhooks' share, see [`crate::buffer_budget`]) before
-/// it is allocated, and grows with what has *arrived*, not with what the sender declared: the
-/// buffer starts at [`WEBHOOK_ALLOWANCE`] (or the declared length, if smaller) and doubles as
-/// bytes come in, up to the declared length (or `limit`). So a sender that declares 1 MiB and
-/// stalls after 1 KB holds 16 KiB, not 1 MiB. The reservation accumulates in `held`, which
-/// the caller keeps until the delivery is done; when the share has no room, `Busy`.
+/// Memory is reserved in `budget` for `who` (the webhooks' half, and the sender's address's
+/// share of it, see [`crate::buffer_budget`]) before it is allocated, and grows with what has
+/// *arrived*, not with what the sender declared ([`ChargedBuf`]: 1 KiB before the first byte,
+/// then doubling, up to the declared length or `limit`). So a sender that declares 1 MiB and
+/// stalls after 1 byte holds 1 KiB, not 1 MiB. The reservation accumulates in `held`, which
+/// the caller keeps until the delivery is done; when the half or the sender's share has no
+/// room, `Busy`.
+///
+/// [`ChargedBuf`]: crate::buffer_budget::ChargedBuf
 async fn read_body(
     mut body: Incoming,
     limit: u64,
     stall: Duration,
     stats: &RequestStats,
-    budget: &crate::buffer_budget::BufferBudget,
+    budget: (
+        &crate::buffer_budget::BufferBudget,
+        &crate::buffer_budget::Claimant,
+    ),
     held: &mut Option<crate::buffer_budget::BufferReservation>,
 ) -> Result<Bytes, BodyError> {
-    use crate::buffer_budget::{Use, WEBHOOK_ALLOWANCE};
+    use crate::buffer_budget::ChargedBuf;
     use http_body::Body as _;
     use http_body_util::BodyExt as _;
-    // Capacity is what is reserved: a growing buffer holds up to twice what it has read.
+    let (budget, who) = budget;
     let ceiling = body
         .size_hint()
         .exact()
         .filter(|&n| n <= limit)
         .unwrap_or(limit) as usize;
-    let first = ceiling.min(WEBHOOK_ALLOWANCE);
-    if !budget.grow(Use::Webhook, held, first) {
+    let Ok(mut buf) = ChargedBuf::start(budget, who, held, ceiling) else {
         return Err(BodyError::Busy(body));
-    }
-    let mut buf = bytes::BytesMut::with_capacity(first);
+    };
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
             Err(_) => return Err(BodyError::Stalled),
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(buf.into_inner().freeze()),
             Ok(Some(Err(_))) => return Err(BodyError::Client),
             Ok(Some(Ok(f))) => f,
         };
@@ -790,22 +798,9 @@ async fn read_body(
             if seen > limit {
                 return Err(BodyError::TooLarge(body));
             }
-            if buf.capacity() - buf.len() < d.len() {
-                // Grows as `extend_from_slice` would (doubling), up to the declared length
-                // (a body longer than it declared is a framing error hyper reports), reserved
-                // first.
-                let want = (buf.len() + d.len())
-                    .max(buf.capacity() * 2)
-                    .min(ceiling.max(buf.len() + d.len()));
-                if !budget.grow(Use::Webhook, held, want) {
-                    return Err(BodyError::Busy(body));
-                }
-                // Exactly `want` (`reserve` may round a vector up to twice its capacity).
-                let mut grown = bytes::BytesMut::with_capacity(want);
-                grown.extend_from_slice(&buf);
-                buf = grown;
+            if buf.push(budget, who, held, d).is_err() {
+                return Err(BodyError::Busy(body));
             }
-            buf.extend_from_slice(d);
         }
     }
 }
