@@ -171,6 +171,13 @@ impl Upstream {
                 "URL {shown:?} must not have a query (not repeated here)"
             ));
         }
+        // A fragment is never sent, so whatever it holds would be dropped silently (fresh user
+        // T8: `http://…/base#frag?token=x` passed `check`).
+        if url.contains('#') {
+            return Err(format!(
+                "URL {shown:?} must not have a fragment (#…; not repeated here)"
+            ));
+        }
         let base_path = uri.path().trim_end_matches('/').to_string();
 
         let mut http = HttpConnector::new();

@@ -532,6 +532,8 @@ fn upstream_url_errors_never_repeat_its_query() {
     for url in [
         "http://127.0.0.1:8000/api?api_key=LeakMe9secret",
         "ftp://127.0.0.1:8000/?token=LeakMe9secret",
+        "http://127.0.0.1:8000/base#frag?token=LeakMe9secret",
+        "http://127.0.0.1:8000/#LeakMe9secret",
     ] {
         let (_dir, cfg) = Keygate::builder()
             .upstream_url(url)
