@@ -128,12 +128,14 @@ pub const MIN_SECRET_BYTES: usize = 16;
 /// user T8-6): Unicode white space (`char::is_whitespace`: ASCII blanks, NBSP U+00A0, the
 /// U+2000 spaces, U+3000, …) and the invisible format characters a copy and paste or an
 /// editor leaves (soft hyphen U+00AD, U+180E, zero-width U+200B–U+200F, bidi controls
-/// U+202A–U+202E and U+2066–U+2069, U+2060–U+2064, BOM U+FEFF). A secret that is not UTF-8 is
+/// U+202A–U+202E and U+2066–U+2069, U+2060–U+2064, BOM U+FEFF), and the characters that
+/// render as blanks without being white space (Hangul fillers U+115F, U+1160, U+3164, U+FFA0;
+/// Braille blank U+2800; U+034F, U+17B4, U+17B5; variation selectors U+FE00–U+FE0F). A secret that is not UTF-8 is
 /// binary and counted as it is, less its ASCII white space.
 pub fn meaningful_len(secret: &[u8]) -> usize {
     let invisible = |c: char| {
         c.is_whitespace()
-            || matches!(c, '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}')
+            || matches!(c, '\u{00AD}' | '\u{034F}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}')
     };
     match std::str::from_utf8(secret) {
         Ok(text) => text
@@ -701,6 +703,9 @@ mod tests {
             "short12345      ".to_string(),
             format!("{}abc{}", "\n".repeat(10), "\n".repeat(7)),
             "\u{3000}\u{2003}\u{202F}abc\u{2060}\u{200D}def".repeat(2),
+            "\u{3164}".repeat(8),
+            "\u{2800}".repeat(8),
+            format!("abc{}", "\u{FFA0}\u{115F}".repeat(4)),
         ];
         for scheme in [Scheme::HmacSha256Hex, Scheme::Github, Scheme::Stripe] {
             for w in &weak {
