@@ -217,19 +217,7 @@ async fn forward_inner(
 
     match a.upstream_cap.acquire_for(&snap.caps).await {
         Ok(p) => held.upstream = Some(p),
-        Err(why) => {
-            client_event!(
-                ClientEvent::UpstreamSaturated,
-                a.client_ip,
-                Level::WARN,
-                event = "upstream_saturated",
-                reason = why.as_str(),
-                request_id = request_id_str(a.request_id),
-                max_connections = snap.caps.upstream_max_connections,
-                "no upstream connection free: {why}"
-            );
-            return Err(Reject::Unavailable { retry_after: 1 });
-        }
+        Err(why) => return Err(why.refuse(&snap.caps, a.client_ip, a.request_id, None, None)),
     }
     let (mut resp, pacing) = match crate::pipeline::Exchange::start(snap, up, stats, held).await {
         Ok(r) => r,

@@ -1684,20 +1684,7 @@ async fn upstream_permit(
         .upstream_cap
         .acquire_for(caps)
         .await
-        .map_err(|why| {
-            client_event!(
-                ClientEvent::UpstreamSaturated,
-                ctx.client_ip,
-                Level::WARN,
-                event = "upstream_saturated",
-                reason = why.as_str(),
-                request_id = request_id_str(ctx.request_id),
-                key_id = &*key.id,
-                max_connections = caps.upstream_max_connections,
-                "no upstream connection free: {why}"
-            );
-            Reject::Unavailable { retry_after: 1 }
-        })
+        .map_err(|why| why.refuse(caps, ctx.client_ip, ctx.request_id, Some(&key.id), None))
 }
 
 /// Headers every response gets: request id, HSTS, and the key's rate-limit state.

@@ -148,6 +148,32 @@ impl Saturated {
             Saturated::QueueTimeout => "queue_timeout",
         }
     }
+
+    /// The one `upstream_saturated` line (under the client's log budget) and the client's 503,
+    /// for every path that asks for an upstream permit: keyed requests (`key_id`), webhook
+    /// deliveries (`route`), forwarded CORS preflights (neither).
+    pub fn refuse(
+        self,
+        caps: &crate::config::Caps,
+        client_ip: std::net::IpAddr,
+        request_id: &http::HeaderValue,
+        key_id: Option<&str>,
+        route: Option<&str>,
+    ) -> crate::reject::Reject {
+        crate::log::client_event!(
+            crate::log::ClientEvent::UpstreamSaturated,
+            client_ip,
+            tracing::Level::WARN,
+            event = "upstream_saturated",
+            reason = self.as_str(),
+            request_id = crate::log::request_id_str(request_id),
+            key_id,
+            route,
+            max_connections = caps.upstream_max_connections,
+            "no upstream connection free: {self}"
+        );
+        crate::reject::Reject::Unavailable { retry_after: 1 }
+    }
 }
 
 /// The upstream connection cap: one per process, owned by the runtime (not the config

@@ -558,18 +558,7 @@ async fn deliver_inner(
             if let Some(g) = guard.as_mut() {
                 g.settle(false).await;
             }
-            client_event!(
-                ClientEvent::UpstreamSaturated,
-                a.client_ip,
-                Level::WARN,
-                event = "upstream_saturated",
-                reason = why.as_str(),
-                request_id = request_id_str(a.request_id),
-                route = &*route.id,
-                max_connections = caps.upstream_max_connections,
-                "no upstream connection free: {why}"
-            );
-            return Err(Reject::Unavailable { retry_after: 1 });
+            return Err(why.refuse(caps, a.client_ip, a.request_id, None, Some(&route.id)));
         }
     }
     // Held until the upstream answers, even if the sender goes away (`pipeline::Exchange`).
