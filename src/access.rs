@@ -20,6 +20,17 @@ impl IpList {
         self.0.is_empty()
     }
 
+    /// Whether some address is in both lists (two networks overlap when one holds the other's
+    /// first address).
+    pub fn overlaps(&self, other: &IpList) -> bool {
+        self.0.iter().any(|a| {
+            other
+                .0
+                .iter()
+                .any(|b| a.contains(&b.network()) || b.contains(&a.network()))
+        })
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.0.iter().any(|n| n.contains(&ip))
@@ -58,6 +69,13 @@ impl AccessRules {
     pub fn behind_proxy_protocol(mut self, http_proxies: IpList) -> Self {
         self.forwarders = http_proxies;
         self
+    }
+
+    /// Whether a network is in both `trusted_proxies` and the HTTP proxies behind the PROXY
+    /// protocol: a client inside it, reaching keygate through the balancer, could name its own
+    /// address (fresh user T9-1: T8-10's configuration in another spelling).
+    pub fn http_proxies_overlap_balancers(&self) -> bool {
+        self.forwarders.overlaps(&self.trusted_proxies)
     }
 
     /// A TCP peer that may send a PROXY protocol header (`[access] trusted_proxies`).

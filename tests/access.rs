@@ -1000,6 +1000,28 @@ async fn behind_the_proxy_protocol_only_http_proxies_may_name_the_client() {
         Some("10.99.1.1, 198.51.100.7")
     );
 
+    // The balancers' own range as HTTP proxies is T8-10's configuration again (T9-1): refused,
+    // also when spelled wider (everyone).
+    for overlapping in [
+        r#"["127.0.0.0/8"]"#,
+        r#"["127.0.0.9/32"]"#,
+        r#"["0.0.0.0/0", "::/0"]"#,
+    ] {
+        let (_dir, config) = Keygate::builder()
+            .server("proxy_protocol = true")
+            .access(r#"trusted_proxies = ["127.0.0.0/8"]"#)
+            .access(&format!("trusted_http_proxies = {overlapping}"))
+            .key("far", &hash, "")
+            .config_dir();
+        let (code, out, err) = keygate_cli(&["check"], &config);
+        assert_eq!(code, 1, "{overlapping}: {out}{err}");
+        assert!(
+            format!("{out}{err}")
+                .contains("access.trusted_http_proxies: overlaps access.trusted_proxies"),
+            "{out}{err}"
+        );
+    }
+
     // Without the PROXY protocol the list means nothing: check refuses it.
     let (_dir, config) = Keygate::builder()
         .access(r#"trusted_http_proxies = ["198.51.100.0/24"]"#)

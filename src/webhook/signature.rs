@@ -125,25 +125,39 @@ impl Scheme {
 pub const MIN_SECRET_BYTES: usize = 16;
 
 /// A secret's length in bytes without what carries no secret however it is spelled (fresh
-/// user T8-6): Unicode white space (`char::is_whitespace`: ASCII blanks, NBSP U+00A0, the
-/// U+2000 spaces, U+3000, …) and the invisible format characters a copy and paste or an
-/// editor leaves (soft hyphen U+00AD, U+180E, zero-width U+200B–U+200F, bidi controls
-/// U+202A–U+202E and U+2066–U+2069, U+2060–U+2064, BOM U+FEFF), and the characters that
-/// render as blanks without being white space (Hangul fillers U+115F, U+1160, U+3164, U+FFA0;
-/// Braille blank U+2800; U+034F, U+17B4, U+17B5; variation selectors U+FE00–U+FE0F). A secret that is not UTF-8 is
-/// binary and counted as it is, less its ASCII white space.
+/// users T8-6, T9-2): white space (`char::is_whitespace`), control characters (`char::is_control`:
+/// NUL, what `truncate -s 16 FILE` leaves, C0, DEL, C1), Unicode's Default_Ignorable_Code_Point
+/// characters (soft hyphen, zero-width and bidi controls, BOM, variation selectors, tags,
+/// Hangul fillers, …; DerivedCoreProperties.txt) and the Braille blank U+2800. A secret that is
+/// not UTF-8 is binary: its bytes count unless they are NUL or ASCII white space, and a binary
+/// secret of one repeated byte counts as one byte.
 pub fn meaningful_len(secret: &[u8]) -> usize {
-    let invisible = |c: char| {
+    let blank = |c: char| {
         c.is_whitespace()
-            || matches!(c, '\u{00AD}' | '\u{034F}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}')
+            || c.is_control()
+            || matches!(c,
+                '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}' | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
     };
     match std::str::from_utf8(secret) {
         Ok(text) => text
             .chars()
-            .filter(|c| !invisible(*c))
+            .filter(|c| !blank(*c))
             .map(char::len_utf8)
             .sum(),
-        Err(_) => secret.iter().filter(|b| !b.is_ascii_whitespace()).count(),
+        Err(_) => {
+            let first = secret[0];
+            if secret.iter().all(|b| *b == first) {
+                return 1;
+            }
+            secret
+                .iter()
+                .filter(|b| **b != 0 && !b.is_ascii_whitespace())
+                .count()
+        }
     }
 }
 
@@ -706,6 +720,15 @@ mod tests {
             "\u{3164}".repeat(8),
             "\u{2800}".repeat(8),
             format!("abc{}", "\u{FFA0}\u{115F}".repeat(4)),
+            // T9-2: control bytes, and default-ignorable code points outside the first list.
+            "\0".repeat(16),
+            "\u{1b}".repeat(16),
+            "\u{7f}".repeat(16),
+            "\u{1b}[8m".repeat(4),
+            "\u{E0020}".repeat(4),
+            "\u{1D173}\u{1D174}\u{1D175}\u{1D176}".to_string(),
+            "\u{E0100}\u{E0101}\u{E0102}\u{E0103}".to_string(),
+            "\u{180B}\u{180C}\u{180D}".repeat(2),
         ];
         for scheme in [Scheme::HmacSha256Hex, Scheme::Github, Scheme::Stripe] {
             for w in &weak {
@@ -717,6 +740,12 @@ mod tests {
                 );
             }
         }
+        assert!(
+            Scheme::Github
+                .key_from_secret(&Secret::new(vec![0xff; 16]))
+                .is_err(),
+            "one repeated binary byte"
+        );
         let stripe_blank = format!("whsec_{}", " ".repeat(20));
         assert!(
             Scheme::Stripe

@@ -681,7 +681,14 @@ pub fn build(raw: RawConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, ConfigE
         &mut errs,
     );
     let access = if server.proxy_protocol {
-        access.behind_proxy_protocol(http_proxies)
+        let access = access.behind_proxy_protocol(http_proxies);
+        if access.http_proxies_overlap_balancers() {
+            errs.push(
+                "access.trusted_http_proxies",
+                "overlaps access.trusted_proxies: a client behind the load balancers, inside that range, could name any address in X-Forwarded-For; list only the HTTP proxies in front of the balancers",
+            );
+        }
+        access
     } else {
         if !raw.access.trusted_http_proxies.is_empty() {
             errs.push(
