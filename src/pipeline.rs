@@ -508,19 +508,8 @@ pub async fn handle(
     let mut resp = match webhook {
         Some(route) => match gate(&req, &ctx) {
             Ok(()) => {
-                let arrival = crate::webhook::Arrival {
-                    snap: &snap,
-                    peer: conn.peer.ip(),
-                    client_ip,
-                    request_id: &request_id,
-                    buffer_budget: &ctx.shared.buffer_budget,
-                    upstream_cap: &ctx.shared.upstream_cap,
-                };
-                let out = Box::pin(crate::webhook::deliver(req, &route, &arrival)).await;
-                ctx.upstream_status = out.upstream_status;
-                ctx.stats = out.stats;
-                ctx.held = out.held;
-                out.response
+                let out = Box::pin(crate::webhook::deliver(req, &route, &ctx.arrival())).await;
+                ctx.take_outcome(out)
                     .unwrap_or_else(|reject| own(reject.into_response(&request_id)))
             }
             Err(reject) => {
@@ -536,19 +525,8 @@ pub async fn handle(
             match gate(&req, &ctx) {
                 Ok(()) => {
                     let budget = snap.auth.cors_preflight.as_deref().expect("checked above");
-                    let arrival = crate::webhook::Arrival {
-                        snap: &snap,
-                        peer: conn.peer.ip(),
-                        client_ip,
-                        request_id: &request_id,
-                        buffer_budget: &ctx.shared.buffer_budget,
-                        upstream_cap: &ctx.shared.upstream_cap,
-                    };
-                    let out = Box::pin(crate::cors::forward(req, budget, &arrival)).await;
-                    ctx.upstream_status = out.upstream_status;
-                    ctx.stats = out.stats;
-                    ctx.held = out.held;
-                    out.response
+                    let out = Box::pin(crate::cors::forward(req, budget, &ctx.arrival())).await;
+                    ctx.take_outcome(out)
                         .unwrap_or_else(|reject| own(reject.into_response(&request_id)))
                 }
                 Err(reject) => own(reject.into_response(&request_id)),
@@ -583,6 +561,31 @@ pub async fn handle(
 }
 
 impl Ctx<'_> {
+    /// What the keyless paths (webhook deliveries, forwarded CORS preflights) need of this
+    /// request and the runtime.
+    fn arrival(&self) -> crate::webhook::Arrival<'_> {
+        crate::webhook::Arrival {
+            snap: self.snap,
+            peer: self.conn.peer.ip(),
+            client_ip: self.client_ip,
+            request_id: self.request_id,
+            buffer_budget: &self.shared.buffer_budget,
+            upstream_cap: &self.shared.upstream_cap,
+        }
+    }
+
+    /// A keyless path's outcome: what the access record needs is kept here; the response or
+    /// the refusal is returned.
+    fn take_outcome(
+        &mut self,
+        out: crate::webhook::Outcome,
+    ) -> Result<Response<ResponseBody>, Reject> {
+        self.upstream_status = out.upstream_status;
+        self.stats = out.stats;
+        self.held = out.held;
+        out.response
+    }
+
     /// The access record of this request with `status` (taken once: method and path move in).
     fn record(&mut self, status: u16) -> AccessRecord {
         AccessRecord {
